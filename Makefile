@@ -1,0 +1,27 @@
+# `make demo` runs the offline quickstart, `make test` the test suite; both create
+# .venv from requirements.txt on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m negclip_jax.demo --workdir $(WORKDIR)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/eval_throughput.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,352 @@
+"""Flax CLIP whose parameter tree maps one-to-one onto Hugging Face's `CLIPModel`.
+
+A Flax path such as ``text_model/encoder/layers/3/self_attn/q_proj/kernel`` is the
+state-dict key ``text_model.encoder.layers.3.self_attn.q_proj.weight`` (transposed);
+`negclip_jax.convert` owns that mapping. Numerics follow
+`transformers.models.clip.modeling_clip` (pre-LayerNorm blocks, causal text mask,
+EOT pooling, class-token pooling with a post-LayerNorm).
+
+Images are NHWC float32, already normalized (`negclip_jax.preprocess`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+OPENAI_EOS_TOKEN_ID = 2  # HF's marker for "pool at argmax(input_ids)" (OpenAI configs).
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  vocab_size: int = 49408
+  hidden_size: int = 512
+  intermediate_size: int = 2048
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 8
+  max_position_embeddings: int = 77
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  eos_token_id: int = 49407  # 2 means argmax(input_ids), as in OpenAI configs.
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  image_size: int = 224
+  patch_size: int = 32
+  num_channels: int = 3
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  text: TextConfig = TextConfig()
+  vision: VisionConfig = VisionConfig()
+  projection_dim: int = 512
+  logit_scale_init_value: float = math.log(1 / 0.07)
+
+  def replace(self, **kw) -> "CLIPConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def _b(patch, image_size=224, vision_width=768, vision_layers=12, heads=12):
+  return CLIPConfig(
+      text=TextConfig(),
+      vision=VisionConfig(hidden_size=vision_width, intermediate_size=4 * vision_width,
+                          num_hidden_layers=vision_layers, num_attention_heads=heads,
+                          image_size=image_size, patch_size=patch),
+      projection_dim=512)
+
+
+def _l(image_size):
+  return CLIPConfig(
+      text=TextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
+      vision=VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                          num_attention_heads=16, image_size=image_size, patch_size=14),
+      projection_dim=768)
+
+
+PRESETS = {
+    "vit-b-32": _b(32),  # openai/clip-vit-base-patch32, the paper's model.
+    "vit-b-16": _b(16),
+    "vit-l-14": _l(224),
+    "vit-l-14-336": _l(336),
+    # Demo: 64px images, 8px patches; 12 text layers so the paper's layer presets apply.
+    "small": CLIPConfig(
+        text=TextConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=12,
+                        num_attention_heads=4, max_position_embeddings=32),
+        vision=VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                            num_attention_heads=4, image_size=64, patch_size=8),
+        projection_dim=128),
+    # Tests: seconds to compile and run.
+    "tiny": CLIPConfig(
+        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=2, max_position_embeddings=16),
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=16),
+}
+
+
+def get_config(name: str) -> CLIPConfig:
+  """Returns a preset `CLIPConfig` by name (see `PRESETS`)."""
+  if name not in PRESETS:
+    raise KeyError(f"Unknown CLIP preset {name!r}; known: {sorted(PRESETS)}")
+  return PRESETS[name]
+
+
+def _activation(name: str):
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name in ("gelu_new", "gelu_pytorch_tanh"):
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  raise ValueError(f"Unsupported hidden_act {name!r} (quick_gelu, gelu, gelu_new)")
+
+
+_normal = nn.initializers.normal
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention; x [N, L, D] -> [N, L, D]."""
+  hidden_size: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, causal: bool):
+    head_dim = self.hidden_size // self.num_heads
+    dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  kernel_init=_normal(0.02), name=name)
+    split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, head_dim))
+    q = split(dense("q_proj")(x)) * (head_dim ** -0.5)
+    k = split(dense("k_proj")(x))
+    v = split(dense("v_proj")(x))
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32)
+    if causal:
+      length = x.shape[1]
+      mask = jnp.tril(jnp.ones((length, length), bool))
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(x.shape[:2] + (self.hidden_size,))
+    return dense("out_proj")(out)
+
+
+class MLP(nn.Module):
+  hidden_size: int
+  intermediate_size: int
+  hidden_act: str
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_normal(0.02))
+    x = nn.Dense(self.intermediate_size, name="fc1", **kw)(x)
+    x = _activation(self.hidden_act)(x)
+    return nn.Dense(self.hidden_size, name="fc2", **kw)(x)
+
+
+class EncoderLayer(nn.Module):
+  """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+  hidden_size: int
+  intermediate_size: int
+  num_heads: int
+  hidden_act: str
+  layer_norm_eps: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, causal: bool):
+    ln = lambda name: nn.LayerNorm(self.layer_norm_eps, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name=name)
+    x = x + Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype,
+                      name="self_attn")(ln("layer_norm1")(x), causal)
+    return x + MLP(self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype,
+                   self.param_dtype, name="mlp")(ln("layer_norm2")(x))
+
+
+class Layers(nn.Module):
+  """The block stack; children are named "0".."L-1" like `encoder.layers.{i}`."""
+  config: Any  # TextConfig | VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, causal: bool):
+    """x [N, L, D] -> tuple of num_hidden_layers + 1 hidden states, input first."""
+    c = self.config
+    states = [x]
+    for i in range(c.num_hidden_layers):
+      x = EncoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.hidden_act,
+                       c.layer_norm_eps, self.dtype, self.param_dtype, name=str(i))(x, causal)
+      states.append(x)
+    return tuple(states)
+
+
+class Encoder(nn.Module):
+  config: Any
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, causal: bool):
+    return Layers(self.config, self.dtype, self.param_dtype, name="layers")(x, causal)
+
+
+class TextEmbeddings(nn.Module):
+  config: TextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids):
+    c = self.config
+    tok = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                   embedding_init=_normal(0.02), name="token_embedding")
+    pos = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=self.dtype,
+                   param_dtype=self.param_dtype, embedding_init=_normal(0.01),
+                   name="position_embedding")
+    return tok(input_ids) + pos(jnp.arange(input_ids.shape[-1]))[None]
+
+
+class TextTransformer(nn.Module):
+  """`CLIPTextTransformer`: input_ids [N, L] int32 with L <= max_position_embeddings."""
+  config: TextConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, input_ids):
+    """Returns (pooled [N, D], last_hidden_state [N, L, D], hidden_states tuple)."""
+    c = self.config
+    if input_ids.shape[-1] > c.max_position_embeddings:
+      raise ValueError(f"input_ids length {input_ids.shape[-1]} exceeds "
+                       f"max_position_embeddings={c.max_position_embeddings}")
+    x = TextEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(input_ids)
+    states = Encoder(c, self.dtype, self.param_dtype, name="encoder")(x, causal=True)
+    last = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="final_layer_norm")(states[-1])
+    pooled = last[jnp.arange(last.shape[0]), eot_positions(input_ids, c.eos_token_id)]
+    return pooled, last, states
+
+
+def eot_positions(input_ids, eos_token_id: int):
+  """[N, L] -> [N] pooling index, as `CLIPTextTransformer` picks it."""
+  if eos_token_id == OPENAI_EOS_TOKEN_ID:
+    return jnp.argmax(input_ids, axis=-1)
+  return jnp.argmax(input_ids == eos_token_id, axis=-1)
+
+
+class VisionEmbeddings(nn.Module):
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixel_values):
+    c = self.config
+    want = (c.image_size, c.image_size, c.num_channels)
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+      raise ValueError(f"pixel_values has shape {pixel_values.shape}; the model expects "
+                       f"[N, {c.image_size}, {c.image_size}, {c.num_channels}] (NHWC, normalized)")
+    width = c.hidden_size
+    cls = self.param("class_embedding", _normal(width ** -0.5), (width,), self.param_dtype)
+    patches = nn.Conv(width, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
+                      padding="VALID", use_bias=False, dtype=self.dtype,
+                      param_dtype=self.param_dtype, kernel_init=_normal(0.02),
+                      name="patch_embedding")(pixel_values.astype(self.dtype))
+    n = patches.shape[0]
+    patches = patches.reshape(n, -1, width)
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (n, 1, width))
+    x = jnp.concatenate([cls, patches], axis=1)
+    num_positions = (c.image_size // c.patch_size) ** 2 + 1
+    pos = nn.Embed(num_positions, width, dtype=self.dtype, param_dtype=self.param_dtype,
+                   embedding_init=_normal(0.02), name="position_embedding")
+    return x + pos(jnp.arange(num_positions))[None]
+
+
+class VisionTransformer(nn.Module):
+  """`CLIPVisionTransformer`: pixel_values [N, H, W, 3] -> pooled [N, D]."""
+  config: VisionConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixel_values):
+    c = self.config
+    ln = lambda name: nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype,
+                                   param_dtype=self.param_dtype, name=name)
+    x = VisionEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(pixel_values)
+    x = ln("pre_layrnorm")(x)  # sic: Hugging Face's spelling.
+    x = Encoder(c, self.dtype, self.param_dtype, name="encoder")(x, causal=False)[-1]
+    return ln("post_layernorm")(x[:, 0])
+
+
+class CLIP(nn.Module):
+  """CLIP with Hugging Face `CLIPModel` parameter names.
+
+  Methods (use with `model.apply({"params": p}, x, method=...)`):
+    get_text_features(input_ids [N, L] int32) -> [N, projection_dim] (not normalized)
+    get_image_features(pixel_values [N, H, W, 3] f32) -> [N, projection_dim]
+    get_text_hidden_states(input_ids) -> tuple of L_text + 1 arrays [N, L, D]
+    __call__(input_ids, pixel_values) -> (image_features, text_features, logit_scale)
+  `logit_scale` is stored in log space, like the PyTorch original.
+  """
+  config: CLIPConfig
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.text_model = TextTransformer(c.text, self.dtype, self.param_dtype)
+    self.vision_model = VisionTransformer(c.vision, self.dtype, self.param_dtype)
+    proj = lambda: nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
+                            param_dtype=self.param_dtype, kernel_init=_normal(0.02))
+    self.text_projection = proj()
+    self.visual_projection = proj()
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value),
+                                  (), self.param_dtype)
+
+  def get_text_features(self, input_ids):
+    pooled, _, _ = self.text_model(input_ids)
+    return self.text_projection(pooled).astype(jnp.float32)
+
+  def get_image_features(self, pixel_values):
+    return self.visual_projection(self.vision_model(pixel_values)).astype(jnp.float32)
+
+  def get_text_hidden_states(self, input_ids):
+    _, _, states = self.text_model(input_ids)
+    return states
+
+  def __call__(self, input_ids, pixel_values):
+    return (self.get_image_features(pixel_values), self.get_text_features(input_ids),
+            self.logit_scale)
+
+
+def init_params(model: CLIP, rng: jax.Array) -> dict:
+  """Random parameters for `model` (abstract-free, on the default device)."""
+  c = model.config
+  ids = jnp.zeros((1, c.text.max_position_embeddings), jnp.int32)
+  pixels = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels))
+  return jax.jit(model.init)(rng, ids, pixels)["params"]
+
+
+def text_layer_names(config: CLIPConfig) -> Sequence[str]:
+  """Flax path prefixes of the text blocks, in order."""
+  return [f"text_model/encoder/layers/{i}" for i in range(config.text.num_hidden_layers)]
