@@ -1,0 +1,372 @@
+"""NegShapes: a deterministic, seeded, offline, procedurally generated negation dataset.
+
+Scenes
+  An object is a ``(colour, shape)`` pair from `COLOURS` x `SHAPES`; a `Scene` is a tuple
+  of 1-3 objects with pairwise distinct shapes. Images are uint8 RGB [S, S, 3]: a dark gray
+  background (level 25-75, random per image, plus per-pixel, per-channel noise uniform in
+  0-15) and flat-colour objects (`RGB`, each channel offset per object by up to +-15) whose
+  bounding boxes are 14-26 px wide at S=64 (scaled with S), lie inside the image and share
+  at most 2 px (at S=64) with each other along each axis, so each object's centre pixel
+  shows its colour. Shapes: a disc, an axis-aligned square, an apex-up triangle, a plus.
+
+Caption grammar (lowercase; an object mention is "a red circle" or, negated, "no red circle")
+  plain     PREFIX LIST                    "a photo of a red circle and a blue square"
+  negation  PREFIX LIST CLAUSE(x)          "a red circle, a blue square but not a green cross"
+            ALONE(x)                       "no red circle", "an image without a red circle"
+  PREFIX is one of `PREFIXES`; LIST is "A", "A and B" or "A, B and C" (objects asserted
+  present); CLAUSE(x) / ALONE(x) is one of `NEGATION_CLAUSES` / `NEGATION_ALONE`, which
+  assert that object x is absent, using the cues "not", "no", "without" and "but not".
+  A caption is true for a scene iff every asserted-present object is in the scene and no
+  asserted-absent object is (`caption_is_true`; `parse_caption` rejects other text).
+
+Per example (`generate_pairs`)
+  caption  plain caption listing every object of the scene, in random order: true.
+  negated  negation caption over the scene's objects whose absence clause names one
+           present object (``negated_object``): false (CC-Neg style).
+  updated  ``caption`` + an absence clause naming an object not in the scene
+           (``absent_object``), chosen to share its shape, its colour, or nothing with the
+           present objects: true (NegationCLIP style).
+
+Randomness: every dataset draws from its own stream, ``SeedSequence([seed, stream])``, with
+one stream per `generate_pairs` split and per evaluation task; equal arguments give equal
+arrays and strings, and example i does not depend on ``num`` in `generate_pairs`,
+`presence_task` and `absence_task`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import re
+from typing import Iterator, Sequence
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
+RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 70),
+    "blue": (50, 90, 240),
+    "yellow": (235, 220, 50),
+    "purple": (165, 60, 215),
+    "white": (240, 240, 240),
+}
+MAX_OBJECTS = 3
+PREFIXES = ("", "a photo of ", "an image of ", "a picture of ")
+NEGATION_CLAUSES = (
+    " but not a {}",
+    ", not a {}",
+    " and no {}",
+    ", but no {}",
+    " without a {}",
+    ", without a {}",
+    ", with no {}",
+    " and not a {}",
+)
+NEGATION_ALONE = ("not a {}", "no {}", "an image without a {}", "a photo with no {}")
+
+Object = tuple[str, str]  # (colour, shape)
+Scene = tuple[Object, ...]
+
+_OBJECTS = tuple((c, s) for c in COLOURS for s in SHAPES)
+_STREAMS = {"train": 0, "eval": 1, "presence": 2, "absence": 3, "retrieval": 4}
+_REF_SIZE = 64  # image size at which the pixel constants below hold
+_MIN_SIZE, _MAX_SIZE = 14.0, 26.0  # object bounding-box side, px
+_MAX_OVERLAP = 2.0  # px two bounding boxes may share along each axis
+_LAYOUT_CANDIDATES = 8
+_COLOUR_JITTER = 15  # max |offset| per channel, levels
+_BACKGROUND_LEVEL = (25.0, 75.0)  # gray level, before noise
+_BACKGROUND_NOISE = 15  # bit mask: per-pixel, per-channel noise uniform in 0..15 levels
+
+_OBJECT_PHRASE = re.compile(rf"({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
+_PAIRS = {n: np.triu_indices(n, 1) for n in range(1, MAX_OBJECTS + 1)}  # box index pairs
+
+
+def _joins(templates: Sequence[str]) -> frozenset[str]:
+  """Text a template puts before the colour of its object."""
+  return frozenset(t[:t.index("{}")] for t in templates)
+
+
+# Text allowed before an object's colour, by (first object?, asserted present?).
+_JOINS = {
+    (True, True): frozenset(p + "a " for p in PREFIXES),
+    (False, True): frozenset((", a ", " and a ")),
+    (True, False): _joins(NEGATION_ALONE),
+    (False, False): _joins(NEGATION_CLAUSES),
+}
+
+
+# ----------------------------------------------------------------------------- captions
+
+def parse_caption(text: str) -> tuple[tuple[Object, ...], tuple[Object, ...]]:
+  """(objects asserted present, objects asserted absent) of a caption in our grammar.
+
+  Raises ValueError for text the grammar does not produce (see the module docstring).
+  """
+  present, absent = [], []
+  end = 0
+  for match in _OBJECT_PHRASE.finditer(text):
+    join = text[end:match.start()]
+    if join in _JOINS[end == 0, True]:
+      present.append(match.groups())
+    elif join in _JOINS[end == 0, False]:
+      absent.append(match.groups())
+    else:
+      raise ValueError(f"not a NegShapes caption: {text!r} (unexpected {join!r})")
+    end = match.end()
+  if end == 0 or end != len(text):
+    raise ValueError(f"not a NegShapes caption: {text!r}")
+  return tuple(present), tuple(absent)
+
+
+def caption_is_true(text: str, scene: Scene) -> bool:
+  """Whether the scene holds every object the caption asserts present and none it denies."""
+  present, absent = parse_caption(text)
+  return all(o in scene for o in present) and not any(o in scene for o in absent)
+
+
+def _pick(options: Sequence, rng: np.random.Generator):
+  return options[rng.integers(len(options))]
+
+
+def _object_list(objects: Sequence[Object]) -> str:
+  """"a red circle", "a red circle and a blue square", "a, b and c"."""
+  items = [f"a {c} {s}" for c, s in objects]
+  return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _plain_caption(objects: Sequence[Object], rng: np.random.Generator) -> str:
+  """PREFIX LIST over `objects` in random order."""
+  order = rng.permutation(len(objects))
+  return _pick(PREFIXES, rng) + _object_list([objects[i] for i in order])
+
+
+def _absence_clause(obj: Object, rng: np.random.Generator) -> str:
+  return _pick(NEGATION_CLAUSES, rng).format(f"{obj[0]} {obj[1]}")
+
+
+def _negation_caption(positives: Sequence[Object], negated: Object,
+                      rng: np.random.Generator) -> str:
+  """Caption asserting `positives` present and `negated` absent."""
+  if not positives:
+    return _pick(NEGATION_ALONE, rng).format(f"{negated[0]} {negated[1]}")
+  return _plain_caption(positives, rng) + _absence_clause(negated, rng)
+
+
+# ------------------------------------------------------------------------------- scenes
+
+def _sample_scene(num_objects: int, rng: np.random.Generator) -> Scene:
+  """Distinct shapes, independent uniform colours."""
+  shapes = rng.permutation(len(SHAPES))[:num_objects]
+  colours = rng.integers(len(COLOURS), size=num_objects)
+  return tuple((COLOURS[c], SHAPES[s]) for c, s in zip(colours, shapes))
+
+
+def _sample_absent(scene: Scene, rng: np.random.Generator, new_shape: bool) -> Object:
+  """An object not in `scene`: its group (shares a shape / shares only a colour / shares
+  nothing with the scene) uniform over the non-empty groups, then uniform in the group.
+  With `new_shape`, only objects whose shape is not in the scene."""
+  shapes = {s for _, s in scene}
+  colours = {c for c, _ in scene}
+  groups = ([], [], [])
+  for obj in _OBJECTS:
+    if obj in scene or (new_shape and obj[1] in shapes):
+      continue
+    groups[0 if obj[1] in shapes else 1 if obj[0] in colours else 2].append(obj)
+  return _pick(_pick([g for g in groups if g], rng), rng)
+
+
+# ------------------------------------------------------------------------------ drawing
+
+@dataclasses.dataclass(frozen=True)
+class _Drawing:
+  """A sampled canvas for up to n objects; `_draw` paints the first len(scene) of them."""
+  background: np.ndarray  # uint8 [S, S, 3]
+  centres: np.ndarray  # float64 [n, 2], (x, y) px
+  sizes: np.ndarray  # float64 [n], bounding-box side, px
+  jitter: np.ndarray  # int64 [n, 3], colour offset, levels
+
+
+def _sample_drawing(num_objects: int, rng: np.random.Generator, image_size: int) -> _Drawing:
+  """Background plus a layout of `num_objects` boxes, rejection-sampled for small overlap."""
+  s = float(image_size)
+  scale = s / _REF_SIZE
+  noise = np.frombuffer(rng.bytes(image_size * image_size * 3), np.uint8)
+  level = np.uint8(rng.uniform(*_BACKGROUND_LEVEL))
+  background = ((noise & _BACKGROUND_NOISE) + level).reshape(image_size, image_size, 3)
+  first, second = _PAIRS[num_objects]
+  while True:
+    sizes = rng.uniform(_MIN_SIZE, _MAX_SIZE, (_LAYOUT_CANDIDATES, num_objects)) * scale
+    half = sizes[..., None] / 2
+    centres = half + rng.random((_LAYOUT_CANDIDATES, num_objects, 2)) * (s - 2 * half)
+    gap = np.abs(centres[:, first] - centres[:, second]).max(-1)  # Chebyshev, [C, pairs]
+    need = half[:, first, 0] + half[:, second, 0] - _MAX_OVERLAP * scale
+    valid = (gap >= need).all(1)
+    if valid.any():
+      i = int(valid.argmax())
+      jitter = rng.integers(-_COLOUR_JITTER, _COLOUR_JITTER + 1, (num_objects, 3))
+      return _Drawing(background, centres[i], sizes[i], jitter)
+
+
+def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, half: float) -> np.ndarray:
+  """Pixels of `shape` at offsets (u, v) px from the box centre (v grows downwards)."""
+  au, av = np.abs(u), np.abs(v)
+  if shape == "circle":
+    return u * u + v * v <= half * half
+  if shape == "square":
+    return np.maximum(au, av) <= 0.85 * half
+  if shape == "triangle":  # apex up, base 2*half wide
+    return (av <= half) & (au <= (v + half) / 2)
+  arm = 0.3 * half  # cross: a plus sign
+  return ((au <= half) & (av <= arm)) | ((au <= arm) & (av <= half))
+
+
+def _draw(scene: Scene, drawing: _Drawing) -> np.ndarray:
+  """uint8 [S, S, 3]: `scene[i]` painted in box i of `drawing`, in order."""
+  canvas = drawing.background.copy()
+  size = canvas.shape[0]
+  pixel_centres = np.arange(size) + 0.5
+  for (colour, shape), (cx, cy), side, jitter in zip(scene, drawing.centres, drawing.sizes,
+                                                     drawing.jitter):
+    half = side / 2
+    x0, y0 = max(int(cx - half), 0), max(int(cy - half), 0)
+    x1, y1 = min(int(cx + half) + 1, size), min(int(cy + half) + 1, size)
+    u = pixel_centres[None, x0:x1] - cx
+    v = pixel_centres[y0:y1, None] - cy
+    canvas[y0:y1, x0:x1][_shape_mask(shape, u, v, half)] = RGB[colour] + jitter
+  return canvas
+
+
+def render(scene: Scene, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
+  """uint8 [S, S, 3] image of `scene` with a random background and layout."""
+  return _draw(scene, _sample_drawing(len(scene), rng, image_size))
+
+
+# ------------------------------------------------------------------------------ datasets
+
+def _rng(seed: int, stream: str) -> np.random.Generator:
+  return np.random.default_rng(np.random.SeedSequence([seed, _STREAMS[stream]]))
+
+
+def _num_objects(rng: np.random.Generator, probs: Sequence[float]) -> int:
+  """1 + an index drawn with probabilities `probs`."""
+  return 1 + bisect.bisect(list(itertools.accumulate(probs[:-1])), rng.random())
+
+
+def _examples(num: int, rng: np.random.Generator, image_size: int,
+              probs: Sequence[float]) -> Iterator[tuple[Scene, _Drawing]]:
+  for _ in range(num):
+    scene = _sample_scene(_num_objects(rng, probs), rng)
+    yield scene, _sample_drawing(len(scene), rng, image_size)
+
+
+def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "train") -> dict:
+  """Training data for the plain, negated and updated objectives (seed >= 0).
+
+  Returns images uint8 [N, S, S, 3]; captions, negated, updated: list[str] of N (true,
+  false, true for image i); scenes: list[Scene]; negated_objects, absent_objects:
+  list[Object]; centres: list of float [n_i, 2] (x, y) px of scene i's objects.
+  `split` is "train" or "eval" (independent streams). Scenes have 1-3 objects, uniformly.
+  """
+  if split not in ("train", "eval"):
+    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  rng = _rng(seed, split)
+  out = {k: [] for k in ("captions", "negated", "updated", "scenes", "negated_objects",
+                         "absent_objects", "centres")}
+  images = np.empty((num, image_size, image_size, 3), np.uint8)
+  for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (1 / 3,) * 3)):
+    images[i] = _draw(scene, drawing)
+    caption = _plain_caption(scene, rng)
+    negated = scene[rng.integers(len(scene))]
+    absent = _sample_absent(scene, rng, new_shape=False)
+    out["captions"].append(caption)
+    out["negated"].append(_negation_caption([o for o in scene if o != negated], negated, rng))
+    out["updated"].append(caption + _absence_clause(absent, rng))
+    out["scenes"].append(scene)
+    out["negated_objects"].append(negated)
+    out["absent_objects"].append(absent)
+    out["centres"].append(drawing.centres)
+  return {"images": images, **out}
+
+
+def presence_task(num: int, seed: int, image_size: int = 64) -> dict:
+  """Affirmation vs negation of a present object (CC-Neg style).
+
+  Returns images uint8 [N, S, S, 3]; captions (plain, true) and negated (same objects,
+  one present object negated, false): list[str]; scenes; negated_objects. Correct when
+  sim(image, caption) > sim(image, negated); both texts mention exactly the scene's
+  objects, so a negation-blind score ties on every example (count ties as wrong or half).
+  Scenes have 1/2/3 objects w.p. .1/.45/.45.
+  """
+  rng = _rng(seed, "presence")
+  images = np.empty((num, image_size, image_size, 3), np.uint8)
+  captions, negated_captions, scenes, negated_objects = [], [], [], []
+  for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (0.1, 0.45, 0.45))):
+    images[i] = _draw(scene, drawing)
+    negated = scene[rng.integers(len(scene))]
+    captions.append(_plain_caption(scene, rng))
+    negated_captions.append(
+        _negation_caption([o for o in scene if o != negated], negated, rng))
+    scenes.append(scene)
+    negated_objects.append(negated)
+  return {"images": images, "captions": captions, "negated": negated_captions,
+          "scenes": scenes, "negated_objects": negated_objects}
+
+
+def absence_task(num: int, seed: int, image_size: int = 64) -> dict:
+  """Which image satisfies an absence-updated caption (NegationCLIP style).
+
+  Returns texts: list[str] like "a red circle, but no blue square"; images_pos uint8
+  [N, S, S, 3] showing scenes_pos (true for the text); images_neg, the same image with
+  absent_objects[i] painted in (scenes_neg = scenes_pos + (absent,), false for the text).
+  Correct when sim(text, pos) > sim(text, neg). Positive scenes have 1/2 objects w.p.
+  .3/.7; the absent object has a shape not in the scene (shapes stay distinct).
+  """
+  rng = _rng(seed, "absence")
+  images_pos = np.empty((num, image_size, image_size, 3), np.uint8)
+  images_neg = np.empty_like(images_pos)
+  texts, scenes_pos, scenes_neg, absent_objects = [], [], [], []
+  for i in range(num):
+    scene = _sample_scene(_num_objects(rng, (0.3, 0.7)), rng)
+    absent = _sample_absent(scene, rng, new_shape=True)
+    drawing = _sample_drawing(len(scene) + 1, rng, image_size)
+    images_pos[i] = _draw(scene, drawing)
+    images_neg[i] = _draw(scene + (absent,), drawing)
+    texts.append(_plain_caption(scene, rng) + _absence_clause(absent, rng))
+    scenes_pos.append(scene)
+    scenes_neg.append(scene + (absent,))
+    absent_objects.append(absent)
+  return {"texts": texts, "images_pos": images_pos, "images_neg": images_neg,
+          "scenes_pos": scenes_pos, "scenes_neg": scenes_neg, "absent_objects": absent_objects}
+
+
+def _all_scenes() -> list[Scene]:
+  """Every scene up to order (1104 of them), shapes in `SHAPES` order."""
+  return [tuple(zip(colours, shapes))
+          for k in range(1, MAX_OBJECTS + 1)
+          for shapes in itertools.combinations(SHAPES, k)
+          for colours in itertools.product(COLOURS, repeat=k)]
+
+
+def retrieval_task(num: int, seed: int, image_size: int = 64) -> dict:
+  """Image-text retrieval with plain captions over `num` pairwise distinct scenes.
+
+  Returns images uint8 [N, S, S, 3], captions list[str], scenes. No two scenes hold the
+  same set of objects (num <= 1104), so caption i lists exactly the objects of image i
+  and of no other image: the target of caption i is image i, and vice versa. Object
+  counts 1/2/3 each get a third of the probability mass (sampling without replacement).
+  """
+  scenes = _all_scenes()
+  if num > len(scenes):
+    raise ValueError(f"retrieval_task has only {len(scenes)} distinct scenes, asked {num}")
+  counts = np.bincount([len(s) for s in scenes])
+  probs = np.array([1 / (MAX_OBJECTS * counts[len(s)]) for s in scenes])
+  rng = _rng(seed, "retrieval")
+  chosen = [scenes[i] for i in rng.choice(len(scenes), size=num, replace=False, p=probs)]
+  images = np.empty((num, image_size, image_size, 3), np.uint8)
+  for i, scene in enumerate(chosen):
+    images[i] = render(scene, rng, image_size)
+  return {"images": images, "captions": [_plain_caption(s, rng) for s in chosen],
+          "scenes": chosen}

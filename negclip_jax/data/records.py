@@ -1,0 +1,201 @@
+"""Plain-Python records produced by the dataset readers, plus shared validation.
+
+Readers in this package parse annotation files into the frozen dataclasses below;
+they never decode images (that is the input pipeline's job) and never drop bad
+records silently: every problem raises :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+Box = tuple[float, float, float, float]
+"""Pixel box ``(x, y, w, h)``: top-left corner, width, height (COCO convention)."""
+
+_MAX_MISSING_SHOWN = 5
+
+
+class DataError(ValueError):
+    """A dataset file is malformed or refers to missing data.
+
+    The message starts with the file, then the 0-based record index and the key at
+    fault when known, e.g. ``"ann.json, record 3, key 'caption': empty string"``.
+    The parts are also kept as attributes ``file``, ``index`` and ``key``.
+    """
+
+    def __init__(
+        self,
+        file: str | os.PathLike,
+        message: str,
+        *,
+        index: int | None = None,
+        key: str | None = None,
+    ):
+        self.file = os.fspath(file)
+        self.index = index
+        self.key = key
+        where = [self.file]
+        if index is not None:
+            where.append(f"record {index}")
+        if key is not None:
+            where.append(f"key {key!r}")
+        super().__init__(f"{', '.join(where)}: {message}")
+
+
+@dataclass(frozen=True)
+class PresenceRecord:
+    """CC-Neg sample: an image, its true caption and a negated (false) caption."""
+
+    image_path: str
+    caption: str
+    negated: str
+
+
+@dataclass(frozen=True)
+class AbsenceRecord:
+    """NegationCLIP COCO sample: original caption and its negation-augmented update."""
+
+    image_path: str
+    caption: str
+    updated: str
+
+
+@dataclass(frozen=True)
+class RefRecord:
+    """NegRefCOCOg sample: a phrase referring to ``ref_bbox``, one of ``bbox_list``.
+
+    Boxes are ``(x, y, w, h)`` in pixels of the original image.
+    """
+
+    image_path: str
+    phrase: str
+    ref_bbox: Box
+    bbox_list: tuple[Box, ...]
+
+    @property
+    def ref_index(self) -> int:
+        """Position of ``ref_bbox`` in ``bbox_list`` (first match)."""
+        return self.bbox_list.index(self.ref_bbox)
+
+
+@dataclass(frozen=True)
+class McqRecord:
+    """NegBench multiple-choice sample: 4 candidate captions, index of the right one."""
+
+    image_path: str
+    captions: tuple[str, ...]
+    correct: int
+    template: str
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    """Image-text retrieval gallery.
+
+    ``captions[j]`` describes ``image_paths[caption_to_image[j]]``. Sequences are
+    stored as tuples (lists are accepted and converted).
+    """
+
+    image_paths: tuple[str, ...]
+    captions: tuple[str, ...]
+    caption_to_image: tuple[int, ...]
+
+    def __post_init__(self):
+        for name in ("image_paths", "captions", "caption_to_image"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.captions) != len(self.caption_to_image):
+            raise ValueError(
+                f"{len(self.captions)} captions but {len(self.caption_to_image)} "
+                "caption_to_image entries"
+            )
+        n = len(self.image_paths)
+        bad = [i for i in self.caption_to_image if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"caption_to_image has indices outside [0, {n}): {bad[:5]}")
+
+    @cached_property
+    def image_to_captions(self) -> tuple[tuple[int, ...], ...]:
+        """For each image, the indices of its captions in increasing order."""
+        out: list[list[int]] = [[] for _ in self.image_paths]
+        for j, i in enumerate(self.caption_to_image):
+            out[i].append(j)
+        return tuple(tuple(c) for c in out)
+
+
+def resolve_path(path: str, root: str | os.PathLike) -> str:
+    """Absolute ``path`` is kept as is; a relative one is joined to ``root``."""
+    return path if os.path.isabs(path) else os.path.join(os.fspath(root), path)
+
+
+def check_images_exist(
+    file: str | os.PathLike, image_paths: Sequence[str], indices: Sequence[int] | None = None
+) -> None:
+    """Raise DataError (count + first few, with record indices) if any path is missing.
+
+    ``indices[k]`` is the record index reported for ``image_paths[k]`` (default ``k``).
+    """
+    exists: dict[str, bool] = {}
+    missing = []
+    for k, p in enumerate(image_paths):
+        if p not in exists:
+            exists[p] = os.path.isfile(p)
+        if not exists[p]:
+            missing.append((k if indices is None else indices[k], p))
+    if missing:
+        shown = "; ".join(f"record {i}: {p}" for i, p in missing[:_MAX_MISSING_SHOWN])
+        raise DataError(
+            file,
+            f"{len(missing)} of {len(image_paths)} image paths do not exist "
+            f"(first {min(len(missing), _MAX_MISSING_SHOWN)}: {shown}); check the "
+            "image root, or pass check_images=False to skip this check",
+        )
+
+
+def get_field(
+    file: str | os.PathLike, obj: Any, key: str, *, index: int | None, label: str | None = None
+) -> Any:
+    """``obj[key]`` for a JSON-like mapping, else DataError naming ``label`` (default ``key``)."""
+    label = key if label is None else label
+    if not isinstance(obj, Mapping):
+        raise DataError(
+            file, f"expected an object holding this key, got {type(obj).__name__}",
+            index=index, key=label,
+        )
+    if key not in obj:
+        raise DataError(file, "missing key", index=index, key=label)
+    return obj[key]
+
+
+def require_text(
+    file: str | os.PathLike, value: Any, *, index: int | None, key: str
+) -> str:
+    """Return ``value`` if it is a string with non-whitespace content, else DataError."""
+    if not isinstance(value, str):
+        raise DataError(file, f"expected a string, got {type(value).__name__}",
+                        index=index, key=key)
+    if not value.strip():
+        raise DataError(file, "empty string", index=index, key=key)
+    return value
+
+
+def require_list(
+    file: str | os.PathLike, value: Any, *, index: int | None, key: str
+) -> list:
+    """Return ``value`` if it is a list, else DataError."""
+    if not isinstance(value, list):
+        raise DataError(file, f"expected a list, got {type(value).__name__}", index=index, key=key)
+    return value
+
+
+def load_json(file: str | os.PathLike) -> Any:
+    """Parse a UTF-8 JSON file; syntax errors become DataError with line/column."""
+    with open(file, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(file, f"invalid JSON: {e}") from e

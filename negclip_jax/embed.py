@@ -1,0 +1,105 @@
+"""Jitted, pmapped embedding of many texts or images with static shapes.
+
+Inputs are split across processes (contiguous blocks), then into fixed-size batches
+of `batch_size` per process (a multiple of the local device count); the last batch is
+padded and its padding dropped, so every example counts exactly once on any number of
+devices and hosts. Every process returns the full [N, D] result.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import jax_utils
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from negclip_jax import losses
+
+TEXT_BUCKETS = (16, 32, 48, 64, 77)
+
+
+def bucket_length(ids: np.ndarray, buckets: Sequence[int] = TEXT_BUCKETS) -> int:
+  """Smallest bucket >= the longest sequence (last non-zero token) in ids [N, L].
+
+  The causal mask makes every token's features depend only on earlier tokens, so
+  running the text tower on ids[:, :bucket] gives the same EOT features.
+  """
+  length = ids.shape[-1]
+  nonzero = ids != 0
+  used = int((length - np.argmax(nonzero[..., ::-1], axis=-1)).max()) if ids.size else 1
+  return next((b for b in buckets if b >= used and b <= length), length)
+
+
+@functools.lru_cache(maxsize=None)
+def _pmapped(model, kind: str, normalize: bool):
+  method = "get_text_features" if kind == "text" else "get_image_features"
+
+  def fn(params, x):
+    out = model.apply({"params": params}, x, method=method)
+    return losses.l2_normalize(out) if normalize else out.astype(jnp.float32)
+  return jax.pmap(fn)
+
+
+class Embedder:
+  """Embeds with `model`/`params` replicated on local devices.
+
+  texts(ids [N, L] int32) -> [N, D]; images(items, load) -> [N, D] where `load(item)`
+  returns one preprocessed float32 [S, S, 3] image (items may be arrays or paths).
+  Outputs are L2-normalized float32 unless normalize=False.
+  """
+
+  def __init__(self, model, params, batch_size: int = 256, normalize: bool = True,
+               progress: bool = True):
+    self.model = model
+    self.n_local = jax.local_device_count()
+    self.batch_size = math.ceil(batch_size / self.n_local) * self.n_local
+    self.normalize = normalize
+    self.progress = progress and jax.process_index() == 0
+    self.params = jax_utils.replicate(params)
+
+  def texts(self, ids: np.ndarray, desc: str = "texts") -> np.ndarray:
+    ids = np.asarray(ids, np.int32)
+    ids = ids[:, :bucket_length(ids)]
+    return self._run("text", len(ids), lambda lo, hi: ids[lo:hi], desc)
+
+  def images(self, items: Sequence, load: Callable | None = None, desc: str = "images") -> np.ndarray:
+    load = load or (lambda x: x)
+    return self._run("image", len(items),
+                     lambda lo, hi: np.stack([load(items[i]) for i in range(lo, hi)]), desc)
+
+  def _run(self, kind, n, get, desc) -> np.ndarray:
+    if n == 0:
+      raise ValueError(f"Nothing to embed: no {desc}")
+    fn = _pmapped(self.model, kind, self.normalize)
+    procs, me = jax.process_count(), jax.process_index()
+    per_proc = math.ceil(n / procs)
+    lo, hi = min(n, me * per_proc), min(n, (me + 1) * per_proc)
+    steps = max(1, math.ceil(per_proc / self.batch_size))  # same count on every process
+    outs = []
+    for s in tqdm(range(steps), desc=f"embed {desc}", disable=not self.progress):
+      a, b = min(hi, lo + s * self.batch_size), min(hi, lo + (s + 1) * self.batch_size)
+      # A process past its last example still joins the collective batch (with filler).
+      x = get(a, b) if b > a else get(0, 1)
+      outs.append(self._apply(fn, x, b - a))
+    local = np.concatenate(outs)[:hi - lo]
+    if procs == 1:
+      return local
+    padded = np.zeros((per_proc,) + local.shape[1:], local.dtype)
+    padded[:len(local)] = local
+    every = multihost_utils.process_allgather(padded)  # [procs, per_proc, D]
+    return np.concatenate([every[p][:max(0, min(n, (p + 1) * per_proc) - p * per_proc)]
+                           for p in range(procs)])
+
+  def _apply(self, fn, x, count):
+    pad = self.batch_size - len(x)
+    x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
+    x = x.reshape((self.n_local, -1) + x.shape[1:])
+    out = np.asarray(fn(self.params, x))
+    return out.reshape((self.batch_size,) + out.shape[2:])[:count]
+

@@ -1,0 +1,122 @@
+"""Omni-NegCLIP objectives: pure functions of L2-normalized embeddings.
+
+Every embedding argument is [B, D] and L2-normalized; `logit_scale` is the scalar
+temperature already exponentiated (the original multiplies by `logit_scale.exp()`).
+Each function returns `(loss, metrics)`: a scalar and a dict of scalar components.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def cross_entropy(logits, labels):
+  """Mean softmax cross-entropy; logits [N, C], integer labels [N]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def l2_normalize(x, eps=1e-12):
+  """x [..., D] / ||x||, computed in float32."""
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def clip_loss(image_emb, text_emb, logit_scale):
+  """Symmetric CLIP loss: (CE(image -> texts) + CE(text -> images)) / 2, label = own index."""
+  logits = logit_scale * image_emb @ text_emb.T
+  labels = jnp.arange(image_emb.shape[0])
+  loss = (cross_entropy(logits, labels) + cross_entropy(logits.T, labels)) / 2
+  return loss, {"clip": loss}
+
+
+def presence_loss(image_emb, caption_emb, negated_emb, logit_scale, use_l3=True):
+  """CC-Neg presence objective, (L1 + L2 + L3) / 3 ((L1 + L2) / 2 without L3).
+
+  L1: each image over all 2B texts [captions; negated], label i.
+  L2: each caption over the B images, label i.
+  L3: 2-way CE over logit_scale * [sim(img_i, caption_i), sim(img_i, negated_i)], label 0.
+  """
+  b = image_emb.shape[0]
+  labels = jnp.arange(b)
+  texts = jnp.concatenate([caption_emb, negated_emb], axis=0)
+  l1 = cross_entropy(logit_scale * image_emb @ texts.T, labels)
+  l2 = cross_entropy(logit_scale * caption_emb @ image_emb.T, labels)
+  pair = logit_scale * jnp.stack([jnp.sum(image_emb * caption_emb, -1),
+                                  jnp.sum(image_emb * negated_emb, -1)], axis=-1)
+  l3 = cross_entropy(pair, jnp.zeros(b, jnp.int32))
+  loss = (l1 + l2 + l3) / 3 if use_l3 else (l1 + l2) / 2
+  return loss, {"L1": l1, "L2": l2, "L3": l3, "presence": loss}
+
+
+def absence_loss(image_emb, caption_emb, updated_emb, logit_scale, lambda_orig=1.0,
+                 lambda_text=1.0, margin=0.9):
+  """NegationCLIP-style absence objective.
+
+  L_neg = CLIP loss image <-> updated caption; L_orig = CLIP loss image <-> caption;
+  L_text = mean(relu(cos(caption_i, updated_i) + margin)).
+  Returns L_neg + lambda_orig * L_orig + lambda_text * L_text.
+  """
+  l_neg, _ = clip_loss(image_emb, updated_emb, logit_scale)
+  l_orig, _ = clip_loss(image_emb, caption_emb, logit_scale)
+  l_text = jnp.mean(jax.nn.relu(jnp.sum(caption_emb * updated_emb, -1) + margin))
+  loss = l_neg + lambda_orig * l_orig + lambda_text * l_text
+  return loss, {"L_neg": l_neg, "L_orig": l_orig, "L_text": l_text, "absence": loss}
+
+
+def conclip_loss(image_emb, caption_emb, negated_emb, distractor_emb, logit_scale):
+  """CoN-CLIP's distractor-image variant, (L1 + L2 + L3) / 3.
+
+  distractor_emb [B, D] embeds an image for which negated_i is true.
+  L1: each image over [captions; negated], label i.
+  L2: each caption over [images; distractors], label i.
+  L3: each negated caption over [images; distractors], label B + i.
+  """
+  b = image_emb.shape[0]
+  labels = jnp.arange(b)
+  texts = jnp.concatenate([caption_emb, negated_emb], axis=0)
+  images = jnp.concatenate([image_emb, distractor_emb], axis=0)
+  l1 = cross_entropy(logit_scale * image_emb @ texts.T, labels)
+  l2 = cross_entropy(logit_scale * caption_emb @ images.T, labels)
+  l3 = cross_entropy(logit_scale * negated_emb @ images.T, labels + b)
+  loss = (l1 + l2 + l3) / 3
+  return loss, {"L1": l1, "L2": l2, "L3": l3, "presence": loss}
+
+
+OBJECTIVES = ("omni_negclip", "presence_no_l3", "plain_clip", "conclip")
+
+
+def total_loss(emb, logit_scale, objective="omni_negclip", lambda_stage2=1.0, lambda_orig=1.0,
+               lambda_text=1.0, margin=0.9):
+  """The training objective on one presence and one absence batch.
+
+  emb: dict of normalized [B, D] embeddings with keys `presence_image`, `presence_caption`,
+    `presence_negated` (and `presence_distractor` for "conclip"), `absence_image`,
+    `absence_caption`, `absence_updated`.
+  objective:
+    omni_negclip: presence + lambda_stage2 * absence (the paper).
+    presence_no_l3: presence without L3, + lambda_stage2 * absence.
+    plain_clip: CLIP loss on true captions of both batches (plain fine-tuning).
+    conclip: CoN-CLIP's loss on the presence batch + lambda_stage2 * absence.
+  """
+  if objective == "plain_clip":
+    lp, _ = clip_loss(emb["presence_image"], emb["presence_caption"], logit_scale)
+    la, _ = clip_loss(emb["absence_image"], emb["absence_caption"], logit_scale)
+    loss = (lp + la) / 2
+    return loss, {"clip_presence": lp, "clip_absence": la, "total": loss}
+  if objective == "conclip":
+    presence, metrics = conclip_loss(emb["presence_image"], emb["presence_caption"],
+                                     emb["presence_negated"], emb["presence_distractor"],
+                                     logit_scale)
+  elif objective in ("omni_negclip", "presence_no_l3"):
+    presence, metrics = presence_loss(emb["presence_image"], emb["presence_caption"],
+                                      emb["presence_negated"], logit_scale,
+                                      use_l3=objective == "omni_negclip")
+  else:
+    raise ValueError(f"Unknown objective {objective!r}; choose from {OBJECTIVES}")
+  absence, absence_metrics = absence_loss(emb["absence_image"], emb["absence_caption"],
+                                          emb["absence_updated"], logit_scale, lambda_orig,
+                                          lambda_text, margin)
+  loss = presence + lambda_stage2 * absence
+  return loss, {**metrics, **absence_metrics, "total": loss}

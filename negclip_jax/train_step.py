@@ -1,0 +1,125 @@
+"""The Omni-NegCLIP training step: one presence batch + one absence batch -> one update.
+
+`make_train_step` returns a per-device function written with named-axis collectives
+(`lax.all_gather`, `lax.pmean` over `axis_name`), so the same code runs under
+`jax.pmap` (`pmap_train_step`) and under `jax.shard_map` on a `Mesh` (`shard_map_train_step`).
+
+Batch keys (per device, b examples, L text tokens):
+  presence_caption_ids, presence_negated_ids, absence_caption_ids, absence_updated_ids: int32 [b, L]
+  presence_pixels / absence_pixels: float32 [b, S, S, 3]   (or, from the frozen-tower cache,)
+  presence_image_emb / absence_image_emb: float32 [b, D]    (`get_image_features` outputs)
+  presence_distractor_pixels or presence_distractor_image_emb (objective "conclip" only)
+
+Global-batch negatives: embeddings are all-gathered over `axis_name` (across hosts too),
+so every device evaluates the loss of the whole global batch. The gradient of
+`all_gather` is a reduce-scatter, so each device's local shard receives D times its
+share of d(loss)/d(embedding); `pmean` of the parameter gradients then gives exactly the
+single-device gradient of the global loss. With `global_negatives=False` each device uses
+only its own b examples as negatives (what a per-GPU PyTorch loss without gather does):
+the loss is then the mean of per-device losses, a different (easier) objective.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from negclip_jax import losses, partition
+
+MAX_LOGIT_SCALE = math.log(100.0)
+AXIS = "batch"
+_TEXT_KEYS = ("presence_caption_ids", "presence_negated_ids", "absence_caption_ids",
+              "absence_updated_ids")
+_IMAGE_PREFIXES = ("presence", "absence", "presence_distractor")
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array  # int32 []
+  params: Any      # full CLIP params (nested dict)
+  opt_state: Any   # optax.multi_transform state; adam moments for trainable leaves only
+
+
+def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def image_embeddings(model, params, batch) -> dict:
+  """Raw (un-normalized) image features per prefix, from the cache or the frozen tower."""
+  out = {}
+  for prefix in _IMAGE_PREFIXES:
+    if f"{prefix}_image_emb" in batch:
+      out[prefix] = batch[f"{prefix}_image_emb"]
+    elif f"{prefix}_pixels" in batch:
+      out[prefix] = model.apply({"params": params}, batch[f"{prefix}_pixels"],
+                                method="get_image_features")
+  return out
+
+
+def make_train_step(model, labels, tx: optax.GradientTransformation, *, objective="omni_negclip",
+                    lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1.0, margin=0.9,
+                    global_negatives=True, axis_name=AXIS):
+  """Returns step(state, batch) -> (state, metrics), to run under pmap/shard_map."""
+
+  def gather(x):
+    return lax.all_gather(x, axis_name, axis=0, tiled=True) if global_negatives else x
+
+  def step(state: TrainState, batch):
+    trainable, frozen = partition.split(state.params, labels)
+    # The image tower is frozen: its features are computed outside the differentiated function.
+    images = {k: gather(losses.l2_normalize(v))
+              for k, v in image_embeddings(model, state.params, batch).items()}
+    ids = [batch[k] for k in _TEXT_KEYS]
+    b = ids[0].shape[0]
+
+    def loss_fn(trainable):
+      params = partition.merge(trainable, frozen)
+      text = model.apply({"params": params}, jnp.concatenate(ids, axis=0),
+                         method="get_text_features")
+      text = gather_rows(losses.l2_normalize(text).reshape(len(ids), b, -1))
+      emb = {"presence_image": images["presence"], "absence_image": images["absence"],
+             **{k.removesuffix("_ids"): t for k, t in zip(_TEXT_KEYS, text)}}
+      if "presence_distractor" in images:
+        emb["presence_distractor"] = images["presence_distractor"]
+      scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
+      loss, metrics = losses.total_loss(emb, scale, objective, lambda_stage2, lambda_orig,
+                                        lambda_text, margin)
+      return loss, {**metrics, "logit_scale": scale}
+
+    def gather_rows(text):  # [4, b, D] -> [4, B, D]
+      return jax.vmap(gather)(text) if global_negatives else text
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grads = lax.pmean(grads, axis_name)
+    metrics = lax.pmean(metrics, axis_name)
+    # Frozen leaves get scalar zero "gradients": nothing is computed or stored for them.
+    full_grads = partition.merge(grads, {k: jnp.zeros((), v.dtype) for k, v in frozen.items()})
+    updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
+    new_trainable = optax.apply_updates(trainable, partition.split(updates, labels)[0])
+    if "logit_scale" in new_trainable:
+      new_trainable["logit_scale"] = jnp.clip(new_trainable["logit_scale"], 0.0, MAX_LOGIT_SCALE)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    new_state = state.replace(step=state.step + 1, opt_state=opt_state,
+                              params=partition.merge(new_trainable, frozen))
+    return new_state, metrics
+
+  return step
+
+
+def pmap_train_step(step_fn):
+  """jax.pmap over local devices; state replicated [devices, ...], batch [devices, b, ...]."""
+  return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))
+
+
+def shard_map_train_step(step_fn, mesh):
+  """The same step under jax.shard_map: state replicated, batch sharded on its leading axis."""
+  P = jax.sharding.PartitionSpec
+  mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                         check_vma=False)
+  return jax.jit(mapped, donate_argnums=(0,))
+

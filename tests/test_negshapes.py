@@ -1,0 +1,234 @@
+"""NegShapes: determinism, caption truth labels, rendering and the evaluation tasks."""
+
+import re
+
+import numpy as np
+import pytest
+
+from negclip_jax.data import negshapes as ns
+
+N = 600  # examples per generated set; ~0.1 s each
+
+
+@pytest.fixture(scope="module")
+def pairs():
+  return ns.generate_pairs(N, seed=0)
+
+
+@pytest.fixture(scope="module")
+def presence():
+  return ns.presence_task(300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def absence():
+  return ns.absence_task(300, seed=0)
+
+
+def _bag_of_words(text, scene):
+  """Mentioned objects that are in the scene, ignoring negation."""
+  present, absent = ns.parse_caption(text)
+  return sum(o in scene for o in present + absent)
+
+
+# -------------------------------------------------------------------------- determinism
+
+def test_generate_pairs_deterministic(pairs):
+  again = ns.generate_pairs(N, seed=0)
+  assert set(again) == set(pairs)
+  np.testing.assert_array_equal(again["images"], pairs["images"])
+  for key in ("captions", "negated", "updated", "scenes", "negated_objects", "absent_objects"):
+    assert again[key] == pairs[key], key
+  prefix = ns.generate_pairs(10, seed=0)
+  np.testing.assert_array_equal(prefix["images"], pairs["images"][:10])
+  assert prefix["updated"] == pairs["updated"][:10]
+
+
+@pytest.mark.parametrize("kwargs", [dict(seed=1), dict(seed=0, split="eval")])
+def test_generate_pairs_streams_differ(pairs, kwargs):
+  other = ns.generate_pairs(20, **kwargs)
+  assert other["captions"] != pairs["captions"][:20]
+  assert all((a != b).any() for a, b in zip(other["images"], pairs["images"][:20]))
+
+
+def test_tasks_deterministic(presence, absence):
+  again = ns.presence_task(300, seed=0)
+  np.testing.assert_array_equal(again["images"], presence["images"])
+  assert again["negated"] == presence["negated"]
+  again = ns.absence_task(300, seed=0)
+  np.testing.assert_array_equal(again["images_neg"], absence["images_neg"])
+  assert again["texts"] == absence["texts"]
+  a, b = ns.retrieval_task(50, seed=3), ns.retrieval_task(50, seed=3)
+  np.testing.assert_array_equal(a["images"], b["images"])
+  assert a["captions"] == b["captions"]
+  assert ns.retrieval_task(50, seed=4)["captions"] != a["captions"]
+
+
+def test_bad_split():
+  with pytest.raises(ValueError):
+    ns.generate_pairs(1, seed=0, split="test")
+
+
+# ----------------------------------------------------------------------------- captions
+
+@pytest.mark.parametrize("text, expected", [
+    ("a red circle", True),
+    ("a photo of a red circle and a blue square", True),
+    ("a blue square and a red circle and a green cross", False),
+    ("an image of a red circle, a blue square and a green cross", False),
+    ("a red circle but not a blue square", False),
+    ("a red circle but not a green cross", True),
+    ("a red circle, but no red square", True),
+    ("a red circle, with no blue square", False),
+    ("a blue square without a red circle", False),
+    ("a blue square, without a blue circle", True),
+    ("a picture of a red circle and a blue square and not a white triangle", True),
+    ("not a red circle", False),
+    ("no green circle", True),
+    ("an image without a blue square", False),
+    ("a photo with no purple cross", True),
+])
+def test_caption_is_true_handwritten(text, expected):
+  assert ns.caption_is_true(text, (("red", "circle"), ("blue", "square"))) is expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "a red star", "a red circle.", "a red circle or a blue square", "A red circle",
+    "a red circle a blue square", "a photo of no red circle", "an image of not a red circle",
+    "a red circle and without a blue square",
+])
+def test_parse_caption_rejects(text):
+  with pytest.raises(ValueError):
+    ns.parse_caption(text)
+
+
+def test_parse_caption():
+  assert ns.parse_caption("a photo of a red circle and a white cross, but no green square") == (
+      (("red", "circle"), ("white", "cross")), (("green", "square"),))
+
+
+def test_caption_labels(pairs):
+  for i, scene in enumerate(pairs["scenes"]):
+    caption, negated, updated = pairs["captions"][i], pairs["negated"][i], pairs["updated"][i]
+    assert ns.caption_is_true(caption, scene), caption
+    assert not ns.caption_is_true(negated, scene), negated
+    assert ns.caption_is_true(updated, scene), updated
+    assert sorted(ns.parse_caption(caption)[0]) == sorted(scene)
+    asserted, denied = ns.parse_caption(negated)
+    assert denied == (pairs["negated_objects"][i],)
+    assert sorted(asserted + denied) == sorted(scene)
+    assert ns.parse_caption(updated)[1] == (pairs["absent_objects"][i],)
+    assert updated.startswith(caption)
+    assert pairs["negated_objects"][i] in scene
+    assert pairs["absent_objects"][i] not in scene
+    for text in (caption, negated, updated):
+      assert text == text.lower()
+
+
+def test_templates_and_cues(pairs):
+  texts = pairs["negated"] + pairs["updated"]
+  for cue in ("not", "no", "without", "but not"):
+    assert any(re.search(rf"\b{cue}\b", t) for t in texts), cue
+  used = set(pairs["negated"] + pairs["updated"])
+  for template in ns.NEGATION_CLAUSES:
+    pattern = re.escape(template).replace(r"\{\}", r"\w+ \w+") + "$"
+    assert any(re.search(pattern, t) for t in used), template
+  for template in ns.NEGATION_ALONE:
+    pattern = "^" + re.escape(template).replace(r"\{\}", r"\w+ \w+") + "$"
+    assert any(re.match(pattern, t) for t in pairs["negated"]), template
+  for prefix in ns.PREFIXES[1:]:
+    assert any(t.startswith(prefix) for t in pairs["captions"]), prefix
+
+
+def test_absent_object_kinds(pairs):
+  kinds = set()
+  for scene, (colour, shape) in zip(pairs["scenes"], pairs["absent_objects"]):
+    kinds.add((shape in {s for _, s in scene}, colour in {c for c, _ in scene}))
+  assert kinds >= {(True, False), (False, True), (False, False)}
+
+
+# ------------------------------------------------------------------------------- scenes
+
+def test_scenes(pairs):
+  counts = np.bincount([len(s) for s in pairs["scenes"]], minlength=4)
+  assert counts[0] == 0 and (counts[1:] > N // 5).all()
+  for scene in pairs["scenes"]:
+    assert 1 <= len(scene) <= ns.MAX_OBJECTS
+    assert len({s for _, s in scene}) == len(scene)
+    assert all(c in ns.COLOURS and s in ns.SHAPES for c, s in scene)
+
+
+def test_images(pairs):
+  images = pairs["images"]
+  assert images.shape == (N, 64, 64, 3) and images.dtype == np.uint8
+  for image, scene, centres in zip(images, pairs["scenes"], pairs["centres"]):
+    assert centres.shape == (len(scene), 2)
+    for (colour, _), (x, y) in zip(scene, centres):
+      pixel = image[int(y), int(x)].astype(int)
+      assert np.abs(pixel - ns.RGB[colour]).max() <= 15, (colour, pixel)
+    assert np.median(image) < 100  # objects cover under half the dark background
+
+
+def test_white_differs_from_background():
+  scene = (("white", "square"),)
+  for seed in range(20):
+    image = ns.render(scene, np.random.default_rng(seed))
+    assert (image.min(-1) >= 225).sum() >= 100  # >= 10x10 px of white
+    assert np.median(image) < 100
+
+
+def test_image_size():
+  data = ns.generate_pairs(20, seed=0, image_size=32)
+  assert data["images"].shape == (20, 32, 32, 3)
+  for image, scene, centres in zip(data["images"], data["scenes"], data["centres"]):
+    for (colour, _), (x, y) in zip(scene, centres):
+      assert np.abs(image[int(y), int(x)].astype(int) - ns.RGB[colour]).max() <= 15
+
+
+# -------------------------------------------------------------------------------- tasks
+
+def test_presence_task(presence):
+  assert presence["images"].shape == (300, 64, 64, 3)
+  assert np.mean([len(s) >= 2 for s in presence["scenes"]]) > 0.8
+  for i, scene in enumerate(presence["scenes"]):
+    assert ns.caption_is_true(presence["captions"][i], scene)
+    assert not ns.caption_is_true(presence["negated"][i], scene)
+    mentioned = sum(ns.parse_caption(presence["negated"][i]), ())
+    assert sorted(mentioned) == sorted(scene)
+
+
+def test_absence_task(absence):
+  for i, text in enumerate(absence["texts"]):
+    pos, neg = absence["scenes_pos"][i], absence["scenes_neg"][i]
+    absent = absence["absent_objects"][i]
+    assert absent not in pos
+    assert neg == pos + (absent,)
+    assert len({s for _, s in neg}) == len(neg) <= ns.MAX_OBJECTS
+    assert ns.caption_is_true(text, pos) and not ns.caption_is_true(text, neg)
+    assert ns.parse_caption(text)[1] == (absent,)
+    # The images differ only inside the added object's box.
+    changed = np.argwhere((absence["images_pos"][i] != absence["images_neg"][i]).any(-1))
+    assert len(changed) > 0
+    assert (changed.max(0) - changed.min(0) < 27).all()
+    painted = absence["images_neg"][i][tuple(changed.T)].astype(int)
+    assert np.abs(painted - ns.RGB[absent[0]]).max() <= 15
+
+
+def test_retrieval_task():
+  data = ns.retrieval_task(200, seed=0)
+  assert data["images"].shape == (200, 64, 64, 3)
+  assert len({frozenset(s) for s in data["scenes"]}) == 200
+  for caption, scene in zip(data["captions"], data["scenes"]):
+    assert sorted(ns.parse_caption(caption)[0]) == sorted(scene)
+  with pytest.raises(ValueError):
+    ns.retrieval_task(1105, seed=0)  # 1104 distinct scenes
+
+
+def test_bag_of_words_fails(presence, absence):
+  """A text score blind to negation is at chance on presence and always wrong on absence."""
+  ties = [_bag_of_words(c, s) == _bag_of_words(n, s)
+          for c, n, s in zip(presence["captions"], presence["negated"], presence["scenes"])]
+  assert all(ties)  # both texts mention exactly the scene's objects
+  wins = [_bag_of_words(t, p) > _bag_of_words(t, n)
+          for t, p, n in zip(absence["texts"], absence["scenes_pos"], absence["scenes_neg"])]
+  assert not any(wins)
