@@ -1,0 +1,63 @@
+"""The paper's run: Omni-NegCLIP on ViT-B/32, CC-Neg + NegationCLIP COCO, front text layers.
+
+python -m negclip_jax.train --config configs/omni_negclip_vitb32.py --workdir runs/vitb32 \
+  --config.init=/path/to/clip-vit-base-patch32 \
+  --config.data.ccneg_path=ccneg_preprocessed.pt --config.data.ccneg_image_root=/data/cc3m \
+  --config.data.coco_json=negationclip_captions_train2014.json \
+  --config.data.coco_image_dir=/data/coco/train2014
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  # Model: `init` is a HF CLIP directory or an OpenAI/PyTorch checkpoint; empty = random
+  # weights of the `model` preset (see negclip_jax.model.PRESETS).
+  c.init = ""
+  c.model = "vit-b-32"
+  c.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU
+
+  c.data = ml_collections.ConfigDict()
+  c.data.presence = "ccneg"          # ccneg | negshapes
+  c.data.absence = "coco_negation"   # coco_negation | negshapes
+  c.data.ccneg_path = ""             # ccneg_preprocessed.pt or .jsonl
+  c.data.ccneg_image_root = ""
+  c.data.ccneg_eval_size = 40000     # the last 40k samples are held out
+  c.data.coco_json = ""              # NegationCLIP COCO captions with updated_caption
+  c.data.coco_image_dir = ""
+  c.data.negshapes_num = 20000
+  c.data.on_error = "raise"          # raise | skip (skipped examples are counted and reported)
+  c.data.image_cache = True          # embed the frozen image tower's inputs once
+  c.data.cache_dir = ""              # default: <workdir>/image_cache
+
+  # Optimization (the paper's defaults).
+  c.batch_size = 128                 # global, per stream (presence and absence)
+  c.num_epochs = 30
+  c.total_steps = 0                  # > 0 overrides num_epochs
+  c.learning_rate = 1e-6
+  c.weight_decay = 0.2
+  c.warmup_steps = 50
+  c.grad_clip_norm = 0.0             # 0 = off
+
+  # Which parameters learn: front | middle | back | whole, or a list of block indices.
+  c.layers = "front"
+  c.extra_trainable = ()             # regexes over "/"-joined parameter paths
+
+  # Objective.
+  c.objective = "omni_negclip"       # omni_negclip | presence_no_l3 | plain_clip | conclip
+  c.lambda_stage2 = 1.0
+  c.lambda_orig = 1.0
+  c.lambda_text = 1.0
+  c.margin = 0.9
+  c.global_negatives = True          # gather embeddings over all devices/hosts
+
+  # Bookkeeping.
+  c.log_every = 50
+  c.save_every = 1000
+  c.max_to_keep = 3
+  c.eval_every = 0                   # 0 = only at the end
+  c.eval_task = ""                   # e.g. "negshapes"; empty = no periodic eval
+  c.eval_num = 500
+  return c

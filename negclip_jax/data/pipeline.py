@@ -1,0 +1,370 @@
+"""Training input pipeline: exact, resumable, host-sharded batches through tf.data.
+
+Tables
+  `PresenceTable(images, captions, negated)` and `AbsenceTable(images, captions, updated)`
+  hold N examples; `images` is uint8 [N, H, W, 3] (in memory) or N file paths. A table
+  with `image_emb` float32 [N, D] (`image_cache.embed_table`) feeds `get_image_features`
+  outputs instead of pixels. Build tables with `presence_table`, `absence_table` or
+  `negshapes_tables`: an empty caption / negated / updated text or a missing image file
+  raises `DataError` (record index + field); with ``on_error="skip"`` such examples are
+  dropped, logged, and listed in ``table.dropped`` (record index -> reason).
+
+Sampling (a pure function of the step)
+  Stream k (presence 0, absence 1) of N examples has ``steps_per_epoch = N // B`` (B the
+  global batch, remainder dropped); step s uses epoch ``e = s // steps_per_epoch`` and
+  positions ``[(s % steps_per_epoch) * B, ... + B)`` of
+  ``np.random.default_rng([seed, k, e]).permutation(N)``. The streams are zipped per step,
+  each wrapping into its next epoch on its own. Process p of P takes the contiguous slice
+  ``[p * B / P, (p + 1) * B / P)`` of each global batch, so over an epoch the processes
+  together see every non-dropped example exactly once.
+
+Batches (one step, one host; b = B / P, d local devices)
+  presence_caption_ids, presence_negated_ids, absence_caption_ids, absence_updated_ids:
+      int32 [d, b / d, L], L the `embed.bucket_length` of the four global-batch arrays
+      together (the same on every host; ``truncate_text=False`` keeps L = context_length)
+  presence_pixels, absence_pixels: float32 [d, b / d, S, S, 3] (`preprocess_image`), or
+  presence_image_emb, absence_image_emb: float32 [d, b / d, D] for tables with embeddings
+  step: int32 [d], the global step (repeated, so the whole dict can go through pmap)
+
+Checkpointing
+  The iterator position is the step: the checkpoint stores `TrainPipeline.state_dict()`
+  and a restarted run calls `load_state_dict` (or passes ``start_step=next_step``) to get
+  exactly the batches an uninterrupted run would have produced next, on any process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import ClassVar, Mapping, Sequence, Union
+
+import jax
+import numpy as np
+
+from negclip_jax.data.records import AbsenceRecord, DataError, PresenceRecord
+from negclip_jax.embed import bucket_length
+from negclip_jax.preprocess import preprocess_image
+
+logger = logging.getLogger(__name__)
+
+Images = Union[np.ndarray, Sequence[str]]
+STREAMS = {"presence": 0, "absence": 1}
+ON_ERROR = ("raise", "skip")
+_SHOWN = 5  # dropped examples named in a warning
+
+
+def check_on_error(on_error: str) -> None:
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+def load_example_image(images: Images, i: int, image_size: int,
+                       record: int | None = None) -> np.ndarray:
+  """Image i preprocessed to float32 [S, S, 3]; an unreadable file -> DataError(path, record)."""
+  image = images[i]
+  try:
+    return preprocess_image(image, image_size)
+  except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
+    if isinstance(image, np.ndarray):
+      raise
+    raise DataError(image, str(e), index=i if record is None else record, key="image") from e
+
+
+class _Table:
+  """Behaviour shared by the two tables; `SECOND` names the second text field."""
+  PREFIX: ClassVar[str]
+  SECOND: ClassVar[str]
+
+  def __post_init__(self):
+    n = len(self.captions)
+    array = isinstance(self.images, np.ndarray)
+    if array and (self.images.ndim != 4 or self.images.dtype != np.uint8):
+      raise ValueError(f"image arrays must be uint8 [N, H, W, 3], got {self.images.dtype} "
+                       f"{self.images.shape}")
+    if len(self.images) != n or len(getattr(self, self.SECOND)) != n:
+      raise ValueError(f"{self.PREFIX} table: {len(self.images)} images, {n} captions, "
+                       f"{len(getattr(self, self.SECOND))} {self.SECOND} texts")
+    if self.record_index is None:
+      object.__setattr__(self, "record_index", np.arange(n))
+    if self.image_emb is not None:
+      emb = np.asarray(self.image_emb, np.float32)
+      if emb.ndim != 2 or len(emb) != n:
+        raise ValueError(f"image_emb must be [{n}, D], got {emb.shape}")
+      object.__setattr__(self, "image_emb", emb)
+
+  def __len__(self) -> int:
+    return len(self.captions)
+
+  def texts(self) -> dict[str, Sequence[str]]:
+    """Field name -> N texts, in the train step's order ("caption" first)."""
+    return {"caption": self.captions, self.SECOND: getattr(self, self.SECOND)}
+
+  def pixels(self, i: int, image_size: int) -> np.ndarray:
+    """Example i's image, float32 [S, S, 3]; DataError naming path and record if unreadable."""
+    return load_example_image(self.images, i, image_size, int(self.record_index[i]))
+
+  def drop(self, reasons: Mapping[int, str]):
+    """A copy without the examples at positions `reasons` (position -> why), logged."""
+    if not reasons:
+      return self
+    keep = np.array([i for i in range(len(self)) if i not in reasons], np.int64)
+    by_record = {int(self.record_index[i]): r for i, r in sorted(reasons.items())}
+    shown = "; ".join(f"record {i}: {r}" for i, r in list(by_record.items())[:_SHOWN])
+    logger.warning("%s: dropped %d of %d examples (first %d: %s)", self.source, len(reasons),
+                   len(self), min(len(reasons), _SHOWN), shown)
+    take = lambda seq: seq[keep] if isinstance(seq, np.ndarray) else [seq[i] for i in keep]
+    return dataclasses.replace(
+        self, images=take(self.images), captions=take(self.captions),
+        **{self.SECOND: take(getattr(self, self.SECOND))},
+        image_emb=None if self.image_emb is None else self.image_emb[keep],
+        record_index=self.record_index[keep], dropped={**self.dropped, **by_record})
+
+  def with_image_emb(self, emb: np.ndarray, kept: Sequence[int] | None = None):
+    """A copy using `emb` float32 [K, D] for the rows `kept` (positions; default all).
+
+    Rows not in `kept` (images the cache could not load) are dropped and reported.
+    """
+    kept = set(range(len(self)) if kept is None else np.asarray(kept).tolist())
+    table = self.drop({i: "image could not be loaded" for i in range(len(self)) if i not in kept})
+    return dataclasses.replace(table, image_emb=emb)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PresenceTable(_Table):
+  """CC-Neg-style examples: image i, its true caption, a negated (false) caption."""
+  PREFIX: ClassVar[str] = "presence"
+  SECOND: ClassVar[str] = "negated"
+  images: Images
+  captions: Sequence[str]
+  negated: Sequence[str]
+  image_emb: np.ndarray | None = dataclasses.field(default=None, kw_only=True)
+  record_index: np.ndarray | None = dataclasses.field(default=None, kw_only=True)  # int [N]
+  dropped: Mapping[int, str] = dataclasses.field(default_factory=dict, kw_only=True)
+  source: str = dataclasses.field(default="presence", kw_only=True)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AbsenceTable(_Table):
+  """NegationCLIP-style examples: image i, its caption, the updated (absence) caption."""
+  PREFIX: ClassVar[str] = "absence"
+  SECOND: ClassVar[str] = "updated"
+  images: Images
+  captions: Sequence[str]
+  updated: Sequence[str]
+  image_emb: np.ndarray | None = dataclasses.field(default=None, kw_only=True)
+  record_index: np.ndarray | None = dataclasses.field(default=None, kw_only=True)  # int [N]
+  dropped: Mapping[int, str] = dataclasses.field(default_factory=dict, kw_only=True)
+  source: str = dataclasses.field(default="absence", kw_only=True)
+
+
+def _problems(table: _Table, check_images: bool):
+  """Yields (position, field, message) for each empty text or missing image file."""
+  exists: dict[str, bool] = {}
+  paths = check_images and not isinstance(table.images, np.ndarray)
+  for i in range(len(table)):
+    for key, texts in table.texts().items():
+      if not isinstance(texts[i], str) or not texts[i].strip():
+        yield i, key, f"empty or whitespace-only text {texts[i]!r}"
+    if paths:
+      path = table.images[i]
+      if path not in exists:
+        exists[path] = os.path.isfile(path)
+      if not exists[path]:
+        yield i, "image_path", f"image file not found: {path}"
+
+
+def validate(table: _Table, on_error: str = "raise", check_images: bool = True) -> _Table:
+  """`table` checked for empty texts and missing files: DataError, or dropped if "skip"."""
+  check_on_error(on_error)
+  bad: dict[int, str] = {}
+  for i, key, message in _problems(table, check_images):
+    if on_error == "raise":
+      raise DataError(table.source, message, index=int(table.record_index[i]), key=key)
+    bad.setdefault(i, f"{key}: {message}")
+  return table.drop(bad)
+
+
+def presence_table(records: Sequence[PresenceRecord], *, on_error: str = "raise",
+                   check_images: bool = True, source: str = "presence") -> PresenceTable:
+  """Validated table of CC-Neg records (record index i = position in `records`)."""
+  table = PresenceTable([r.image_path for r in records], [r.caption for r in records],
+                        [r.negated for r in records], source=source)
+  return validate(table, on_error, check_images)
+
+
+def absence_table(records: Sequence[AbsenceRecord], *, on_error: str = "raise",
+                  check_images: bool = True, source: str = "absence") -> AbsenceTable:
+  """Validated table of NegationCLIP COCO records (record index i = position in `records`)."""
+  table = AbsenceTable([r.image_path for r in records], [r.caption for r in records],
+                       [r.updated for r in records], source=source)
+  return validate(table, on_error, check_images)
+
+
+def negshapes_tables(data: Mapping, *,
+                     on_error: str = "raise") -> tuple[PresenceTable, AbsenceTable]:
+  """`negshapes.generate_pairs` output -> (presence, absence) tables sharing its images."""
+  images = np.asarray(data["images"])
+  presence = PresenceTable(images, list(data["captions"]), list(data["negated"]),
+                           source="negshapes presence")
+  absence = AbsenceTable(images, list(data["captions"]), list(data["updated"]),
+                         source="negshapes absence")
+  return validate(presence, on_error), validate(absence, on_error)
+
+
+@functools.lru_cache(maxsize=8)
+def epoch_permutation(n: int, seed: int, stream: int, epoch: int) -> np.ndarray:
+  """int64 [n] read-only: the order of stream `stream`'s examples in epoch `epoch`."""
+  perm = np.random.default_rng([seed, stream, epoch]).permutation(n)
+  perm.flags.writeable = False
+  return perm
+
+
+def step_indices(step: int, n: int, global_batch: int, seed: int, stream: int) -> np.ndarray:
+  """int64 [global_batch]: the examples of global step `step` of a stream of n examples."""
+  steps_per_epoch = n // global_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f"stream {stream} has {n} examples, fewer than global_batch={global_batch}")
+  epoch, position = divmod(step, steps_per_epoch)
+  return epoch_permutation(n, seed, stream, epoch)[position * global_batch:
+                                                   (position + 1) * global_batch]
+
+
+def host_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+  """Process p's contiguous share [p * B / P, (p + 1) * B / P) of a global batch [B]."""
+  b = len(indices) // process_count
+  return indices[process_index * b:(process_index + 1) * b]
+
+
+def _tensorflow():
+  """TensorFlow, imported on first use and kept off accelerators (JAX owns them)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:  # TF already initialized its devices elsewhere in this process.
+    if tf.config.get_visible_devices("GPU"):
+      logger.warning("TensorFlow was initialized with GPUs visible; tf.data may use GPU memory")
+  return tf
+
+
+class TrainPipeline:
+  """Batches of global steps start_step .. num_steps - 1 for this host (see the module doc).
+
+  Texts are tokenized once here (`tokenizer(texts, context_length)`). Iterating runs
+  `build_host_batch` in tf.data (parallel, deterministic order, prefetched); an error
+  while building step s's batch (e.g. a DataError for a corrupt image) is raised unchanged
+  when step s is reached. process_index / process_count / local_devices default to jax's
+  values; global_batch must divide by process_count * local_devices. `context_length` is
+  the text tower's max_position_embeddings (or less).
+  """
+
+  def __init__(self, presence: PresenceTable, absence: AbsenceTable, *, tokenizer,
+               context_length: int, global_batch: int, seed: int, image_size: int,
+               num_steps: int, start_step: int = 0, process_index: int | None = None,
+               process_count: int | None = None, local_devices: int | None = None,
+               truncate_text: bool = True, prefetch: int = 2):
+    self.tables = {"presence": presence, "absence": absence}
+    self.context_length, self.global_batch = context_length, global_batch
+    self.seed, self.image_size, self.num_steps = seed, image_size, num_steps
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    self.local_devices = jax.local_device_count() if local_devices is None else local_devices
+    self.truncate_text, self.prefetch = truncate_text, prefetch
+    if seed < 0 or start_step < 0:
+      raise ValueError(f"seed and start_step must be >= 0, got {seed} and {start_step}")
+    if global_batch % (self.process_count * self.local_devices):
+      raise ValueError(f"global_batch={global_batch} must be divisible by process_count * "
+                       f"local_devices = {self.process_count} * {self.local_devices}")
+    if not 0 <= self.process_index < self.process_count:
+      raise ValueError(f"process_index={self.process_index} not in [0, {self.process_count})")
+    for name, table in self.tables.items():
+      if len(table) < global_batch:
+        raise ValueError(f"the {name} table has {len(table)} examples, fewer than "
+                         f"global_batch={global_batch}")
+    self._ids = {f"{name}_{field}_ids": tokenizer(list(texts), context_length)
+                 for name, table in self.tables.items() for field, texts in table.texts().items()}
+    self._next_step = start_step
+
+  @property
+  def steps_per_epoch(self) -> dict[str, int]:
+    """Stream name -> N // global_batch."""
+    return {name: len(t) // self.global_batch for name, t in self.tables.items()}
+
+  def global_indices(self, step: int) -> dict[str, np.ndarray]:
+    """Stream name -> int64 [global_batch] table positions used by global step `step`."""
+    return {name: step_indices(step, len(t), self.global_batch, self.seed, STREAMS[name])
+            for name, t in self.tables.items()}
+
+  def host_indices(self, step: int) -> dict[str, np.ndarray]:
+    """Stream name -> int64 [global_batch / process_count]: this process's share."""
+    return {name: host_slice(idx, self.process_index, self.process_count)
+            for name, idx in self.global_indices(step).items()}
+
+  def build_host_batch(self, step: int) -> dict[str, np.ndarray]:
+    """This host's batch of global step `step` (keys and shapes in the module doc)."""
+    glob = self.global_indices(step)
+    ids = {key: table_ids[glob[key.split("_")[0]]] for key, table_ids in self._ids.items()}
+    length = (bucket_length(np.concatenate(list(ids.values()))) if self.truncate_text
+              else self.context_length)
+    mine = lambda idx: host_slice(idx, self.process_index, self.process_count)
+    batch = {key: np.ascontiguousarray(mine(v)[:, :length]) for key, v in ids.items()}
+    for name, table in self.tables.items():
+      idx = mine(glob[name])
+      if table.image_emb is not None:
+        batch[f"{name}_image_emb"] = table.image_emb[idx]
+      else:
+        batch[f"{name}_pixels"] = np.stack([table.pixels(i, self.image_size) for i in idx])
+    batch = {k: v.reshape((self.local_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+    batch["step"] = np.full(self.local_devices, step, np.int32)
+    return batch
+
+  def _output_dtypes(self) -> dict[str, type]:
+    """Batch key -> dtype, in `build_host_batch`'s key order."""
+    images = {f"{name}_{'image_emb' if t.image_emb is not None else 'pixels'}": np.float32
+              for name, t in self.tables.items()}
+    return {**{key: np.int32 for key in self._ids}, **images, "step": np.int32}
+
+  def __iter__(self):
+    tf = _tensorflow()
+    start = self._next_step
+    spec = self._output_dtypes()
+    keys, dtypes = list(spec), [tf.as_dtype(d) for d in spec.values()]
+    errors: dict[int, Exception] = {}
+
+    def build(step):
+      try:
+        batch = self.build_host_batch(int(step))
+      except Exception as e:  # raised by the loop below, in step order, without TF's wrapping
+        errors[int(step)] = e
+        return [np.zeros(0, d) for d in spec.values()]
+      return [batch[k] for k in keys]
+
+    def to_dict(step):
+      return dict(zip(keys, tf.numpy_function(build, [step], dtypes)))
+
+    dataset = (tf.data.Dataset.range(start, self.num_steps)
+               .map(to_dict, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+               .prefetch(self.prefetch))
+    for step, batch in zip(range(start, self.num_steps), dataset.as_numpy_iterator()):
+      if step in errors:
+        raise errors[step]
+      self._next_step = step + 1
+      yield batch
+
+  def state_dict(self) -> dict:
+    """{"next_step": the step after the last batch handed out, "seed", "global_batch",
+    "presence_size", "absence_size"}: what a checkpoint stores to resume exactly."""
+    return {"next_step": self._next_step, "seed": self.seed, "global_batch": self.global_batch,
+            "presence_size": len(self.tables["presence"]),
+            "absence_size": len(self.tables["absence"])}
+
+  def load_state_dict(self, state: Mapping) -> None:
+    """Resume at state["next_step"]; ValueError if the sampling would differ from the saved run."""
+    mine = self.state_dict()
+    for key in mine.keys() - {"next_step"}:
+      if state[key] != mine[key]:
+        raise ValueError(f"cannot resume exactly: the checkpoint's pipeline has {key}="
+                         f"{state[key]}, this one {mine[key]}")
+    self._next_step = int(state["next_step"])

@@ -1,0 +1,285 @@
+r"""Omni-NegCLIP training: config -> data -> pmapped steps -> logs -> Orbax checkpoints.
+
+python -m negclip_jax.train --config configs/omni_negclip_vitb32.py --workdir DIR \
+    [--config.key=value ...]
+
+Re-running the same command resumes from the latest checkpoint in DIR. Multi-process
+runs (TPU pods, SLURM, `launch/local_cluster.sh`) call `jax.distributed.initialize`
+first; only process 0 writes logs and exports, every process takes part in saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from flax import jax_utils
+from ml_collections import config_flags
+from tqdm.auto import tqdm
+
+from negclip_jax import checkpoint, convert, model as model_lib, partition, train_step
+from negclip_jax.data import image_cache, negshapes, pipeline
+from negclip_jax.tokenizer import ClipTokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN/Inf; the checkpoints on disk predate it."""
+
+
+# ------------------------------------------------------------------------- set-up
+
+
+def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
+  """The initial model: `config.init` (HF dir / OpenAI checkpoint) or a random preset."""
+  dtype = jnp.dtype(config.dtype)
+  if config.init:
+    model, params = convert.load_pretrained(config.init, dtype=dtype)
+    init = Path(config.init)
+    tokenizer = (ClipTokenizer.from_pretrained(init)
+                 if init.is_dir() and (init / "vocab.json").is_file() else ClipTokenizer())
+  else:
+    model = model_lib.CLIP(model_lib.get_config(config.model), dtype=dtype)
+    params = model_lib.init_params(model, jax.random.key(config.seed))
+    tokenizer = ClipTokenizer()
+  return model, params, tokenizer
+
+
+def load_tables(config, image_size: int):
+  """(PresenceTable, AbsenceTable) from `config.data`."""
+  d = config.data
+  need = lambda key: getattr(d, key) or _missing(key)
+  if "negshapes" in (d.presence, d.absence):
+    shapes = pipeline.negshapes_tables(
+        negshapes.generate_pairs(d.negshapes_num, config.seed, image_size, split="train"),
+        on_error=d.on_error)
+  if d.presence == "negshapes":
+    presence = shapes[0]
+  elif d.presence == "ccneg":
+    from negclip_jax.data import ccneg
+    presence = pipeline.presence_table(
+        ccneg.load_ccneg(need("ccneg_path"), need("ccneg_image_root"), split="train",
+                         eval_size=d.ccneg_eval_size), on_error=d.on_error)
+  else:
+    raise ValueError(f"config.data.presence must be 'ccneg' or 'negshapes', got {d.presence!r}")
+  if d.absence == "negshapes":
+    absence = shapes[1]
+  elif d.absence == "coco_negation":
+    from negclip_jax.data import coco_negation
+    absence = pipeline.absence_table(
+        coco_negation.load_coco_negation(need("coco_json"), need("coco_image_dir")),
+        on_error=d.on_error)
+  else:
+    raise ValueError(f"config.data.absence must be 'coco_negation' or 'negshapes', got {d.absence!r}")
+  return presence, absence
+
+
+def _missing(key):
+  raise ValueError(f"config.data.{key} must be set for this data source")
+
+
+def num_train_steps(config, presence_size: int, absence_size: int) -> int:
+  """total_steps, or num_epochs over the longer stream (the shorter one restarts)."""
+  if config.total_steps > 0:
+    return config.total_steps
+  return config.num_epochs * max(presence_size, absence_size) // config.batch_size
+
+
+# --------------------------------------------------------------------------- loop
+
+
+class MetricsLog:
+  """metrics.jsonl + TensorBoard events under workdir (process 0 only)."""
+
+  def __init__(self, workdir: Path):
+    self.enabled = jax.process_index() == 0
+    if not self.enabled:
+      return
+    self.jsonl = open(workdir / "metrics.jsonl", "a")
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.flush()
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int):
+  """Fetches queued step metrics (one host sync), checks them, logs their mean."""
+  if not pending:
+    return None
+  steps, values = zip(*pending)
+  values = jax.device_get([jax.tree.map(lambda x: x[0], v) for v in values])
+  for step, m in zip(steps, values):
+    if not all(np.isfinite(x) for x in m.values()):
+      raise NonFiniteLossError(
+          f"non-finite metrics at step {step}: {({k: float(v) for k, v in m.items()})}; "
+          "stopping. Checkpoints on disk are from earlier steps; lower the learning rate or "
+          "enable grad_clip_norm.")
+  mean = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
+  mean["samples_per_s"] = samples_per_step * len(steps) / max(time.perf_counter() - t0, 1e-9)
+  log.write(steps[-1] + 1, mean)
+  bar.set_postfix({k: f"{mean[k]:.3g}" for k in ("total", "L3", "L_neg", "L_text", "samples_per_s")
+                   if k in mean})
+  pending.clear()
+  return mean
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, eval_fn=None) -> dict:
+  """Runs (or resumes) training. Returns {"step", "last_metrics", "stopped_early"}.
+
+  eval_fn(model, params, tokenizer) -> dict, if given, runs every `config.eval_every`
+  steps and at the end (the demo passes NegShapes evaluation).
+  """
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  main = jax.process_index() == 0
+  model, params, tokenizer = load_model(config)
+  image_size = model.config.vision.image_size
+  presence, absence = load_tables(config, image_size)
+
+  labels = partition.label_params(params, config.layers, extra_trainable=config.extra_trainable)
+  if main:
+    print(partition.summary(params, labels), flush=True)
+  total_steps = num_train_steps(config, len(presence), len(absence))
+  tx = partition.make_optimizer(labels, config.learning_rate, config.weight_decay,
+                                config.warmup_steps, total_steps, config.grad_clip_norm or None)
+  state = train_step.create_train_state(params, tx)
+
+  ckpt = checkpoint.Checkpointer(workdir, config.save_every, config.max_to_keep)
+  restored = ckpt.restore_latest(jax.device_get(state))
+  start = 0
+  if restored is not None:
+    state, data_state, start = restored
+    if main:
+      print(f"Resuming from {ckpt.directory}/{start}", flush=True)
+  if main:
+    (workdir / checkpoint.MODEL_CONFIG_FILE).write_text(
+        json.dumps(checkpoint.model_config_to_json(model.config), indent=2))
+    tokenizer.save_pretrained(workdir / checkpoint.TOKENIZER_DIR)
+
+  if config.data.image_cache:  # frozen tower: embed every image once
+    cache_dir = config.data.cache_dir or str(workdir / "image_cache")
+    presence, absence = (image_cache.embed_table(t, model, params, image_size, cache_dir=cache_dir,
+                                                 on_error=config.data.on_error)
+                         for t in (presence, absence))
+  data = pipeline.TrainPipeline(presence, absence, tokenizer=tokenizer,
+                                context_length=model.config.text.max_position_embeddings,
+                                global_batch=config.batch_size, seed=config.seed,
+                                image_size=image_size, num_steps=total_steps, start_step=start)
+  if restored is not None:
+    data.load_state_dict(data_state)
+
+  step_fn = train_step.pmap_train_step(train_step.make_train_step(
+      model, labels, tx, objective=config.objective, lambda_stage2=config.lambda_stage2,
+      lambda_orig=config.lambda_orig, lambda_text=config.lambda_text, margin=config.margin,
+      global_negatives=config.global_negatives))
+  rstate = jax_utils.replicate(state)
+  del state, params
+  config_json = json.loads(config.to_json())
+  log = MetricsLog(workdir)
+  preempt = checkpoint.PreemptionWatcher()
+  pending, last, stopped_early = [], None, False
+  bar = tqdm(total=total_steps, initial=start, desc="train", disable=not main, dynamic_ncols=True)
+  t0 = time.perf_counter()
+  step = start
+  try:
+    for batch in data:
+      batch.pop("step")
+      rstate, metrics = step_fn(rstate, batch)
+      pending.append((step, metrics))
+      step += 1
+      bar.update(1)
+      stop = preempt.should_stop(step, ckpt)
+      save = stop or ckpt.should_save(step) or step == total_steps
+      if save or step % config.log_every == 0:
+        last = _flush(pending, log, bar, t0, config.batch_size) or last
+        t0 = time.perf_counter()
+      if save:
+        ckpt.save(step, jax.tree.map(lambda x: x[0], rstate), data.state_dict(), config_json,
+                  force=True)
+      if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+        log.write(step, eval_fn(model, _host_params(rstate), tokenizer))
+      if stop:
+        stopped_early = step < total_steps
+        break
+  finally:
+    bar.close()
+    ckpt.close()
+    preempt.close()
+  if eval_fn is not None and not stopped_early:
+    log.write(step, eval_fn(model, _host_params(rstate), tokenizer))
+  log.close()
+  return {"step": step, "last_metrics": last, "stopped_early": stopped_early,
+          "model": model, "params": _host_params(rstate), "tokenizer": tokenizer}
+
+
+def _host_params(rstate):
+  return jax.device_get(jax.tree.map(lambda x: x[0], rstate.params))
+
+
+# ---------------------------------------------------------------------------- CLI
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 for multi-process runs; on TPU pods "
+                                   "and SLURM leave unset and pass --distributed.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the cluster.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with auto-detection "
+                                 "(TPU pods, SLURM).")
+
+
+def initialize_distributed():
+  """jax.distributed.initialize from flags (explicit) or auto-detection (--distributed)."""
+  if _COORDINATOR.value:
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value,
+                               initialization_timeout=120)
+  elif _DISTRIBUTED.value:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("negclip_jax").setLevel(logging.INFO)
+  initialize_distributed()
+  if jax.process_index() == 0:
+    print(f"JAX {jax.__version__}: {jax.process_count()} process(es), "
+          f"{jax.device_count()} device(s) ({jax.devices()[0].platform})", flush=True)
+  result = train(_CONFIG.value, _WORKDIR.value)
+  if jax.process_index() == 0:
+    print(json.dumps({"step": result["step"], "stopped_early": result["stopped_early"],
+                      **(result["last_metrics"] or {})}), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

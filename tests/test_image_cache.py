@@ -1,0 +1,133 @@
+"""Frozen image-tower cache: exactness, hits and misses, bad images, train-step parity."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import jax_utils
+from PIL import Image
+
+from negclip_jax import partition, train_step
+from negclip_jax.data import image_cache, negshapes
+from negclip_jax.data import pipeline as pl
+from negclip_jax.data.records import DataError
+from negclip_jax.model import CLIP, get_config, init_params
+from negclip_jax.tokenizer import ClipTokenizer
+
+SIZE = 32  # the tiny preset's image size
+
+
+@pytest.fixture(scope="module")
+def model():
+  return CLIP(get_config("tiny"))
+
+
+@pytest.fixture(scope="module")
+def params(model):
+  return init_params(model, jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def images():
+  return np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def _no_model(*args, **kwargs):
+  raise AssertionError("the image tower ran on a cache hit")
+
+
+def _perturbed(params, top, leaf_path):
+  out = jax.tree_util.tree_map(lambda x: x, params)  # new containers, same leaves
+  node = out[top]
+  for key in leaf_path[:-1]:
+    node = node[key]
+  node[leaf_path[-1]] = node[leaf_path[-1]] + 1e-3
+  return out
+
+
+def test_cached_equals_uncached_and_second_call_hits(model, params, images, tmp_path, monkeypatch):
+  plain, kept = image_cache.image_embeddings(model, params, images, SIZE)
+  assert plain.shape == (5, 16) and plain.dtype == np.float32
+  np.testing.assert_array_equal(kept, np.arange(5))
+  first, _ = image_cache.image_embeddings(model, params, images, SIZE, cache_dir=str(tmp_path))
+  monkeypatch.setattr(image_cache, "Embedder", _no_model)
+  second, kept2 = image_cache.image_embeddings(model, params, images, SIZE, cache_dir=str(tmp_path))
+  np.testing.assert_array_equal(first, plain)
+  np.testing.assert_array_equal(second, plain)
+  np.testing.assert_array_equal(kept2, kept)
+  (meta,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+  assert (meta["num_images"], meta["num_kept"], meta["dim"], meta["dropped"]) == (5, 5, 16, {})
+  assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_vision_weights_and_image_size_change_the_key(model, params, images, tmp_path, monkeypatch):
+  key = image_cache.cache_key(model, params, images, SIZE)
+  assert image_cache.cache_key(model, params, images, 64) != key
+  assert image_cache.cache_key(model, params, images[::-1].copy(), SIZE) != key
+  vision = _perturbed(params, "vision_model", ("encoder", "layers", "1", "mlp", "fc2", "bias"))
+  assert image_cache.cache_key(model, vision, images, SIZE) != key
+  projection = _perturbed(params, "visual_projection", ("kernel",))
+  assert image_cache.cache_key(model, projection, images, SIZE) != key
+  text = _perturbed(params, "text_projection", ("kernel",))
+  assert image_cache.cache_key(model, text, images, SIZE) == key  # text weights don't matter
+
+  image_cache.image_embeddings(model, params, images, SIZE, cache_dir=str(tmp_path))
+  moved, _ = image_cache.image_embeddings(model, vision, images, SIZE, cache_dir=str(tmp_path))
+  assert len(list(tmp_path.glob("*.npy"))) == 2  # a miss wrote a second entry
+  monkeypatch.setattr(image_cache, "Embedder", _no_model)
+  again, _ = image_cache.image_embeddings(model, vision, images, SIZE, cache_dir=str(tmp_path))
+  np.testing.assert_array_equal(again, moved)
+
+
+def test_unreadable_images_raise_or_are_skipped(model, params, tmp_path, monkeypatch):
+  paths = []
+  for i in range(4):
+    paths.append(str(tmp_path / f"{i}.png"))
+    Image.fromarray(np.full((40, SIZE, 3), 60 * i, np.uint8)).save(paths[-1])
+  (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+  paths[1] = str(tmp_path / "bad.jpg")
+  cache = str(tmp_path / "cache")
+  with pytest.raises(DataError, match=r"bad\.jpg, record 1, key 'image'"):
+    image_cache.image_embeddings(model, params, paths, SIZE, cache_dir=cache)
+  assert not os.path.exists(cache)
+  emb, kept = image_cache.image_embeddings(model, params, paths, SIZE, cache_dir=cache,
+                                           on_error="skip")
+  np.testing.assert_array_equal(kept, [0, 2, 3])
+  good, _ = image_cache.image_embeddings(model, params, [paths[i] for i in kept], SIZE)
+  np.testing.assert_allclose(emb, good, rtol=1e-6, atol=1e-6)
+  monkeypatch.setattr(image_cache, "Embedder", _no_model)
+  with pytest.raises(DataError, match=r"bad\.jpg, record 1"):  # the stored skip result
+    image_cache.image_embeddings(model, params, paths, SIZE, cache_dir=cache)
+
+  table = pl.PresenceTable(paths, [f"c{i}" for i in range(4)], [f"n{i}" for i in range(4)])
+  embedded = image_cache.embed_table(table, model, params, SIZE, cache_dir=cache, on_error="skip")
+  assert list(embedded.dropped) == [1] and embedded.images == [paths[0], paths[2], paths[3]]
+  np.testing.assert_array_equal(embedded.image_emb, emb)
+
+
+def test_train_step_on_cached_embeddings_matches_pixels(model, params, tmp_path):
+  devices = jax.local_device_count()
+  batch_size = 2 * devices
+  data = negshapes.generate_pairs(max(8, batch_size), seed=0, image_size=SIZE)
+  presence, absence = pl.negshapes_tables(data)
+  embedded = [image_cache.embed_table(t, model, params, SIZE, cache_dir=str(tmp_path))
+              for t in (presence, absence)]
+  assert len(list(tmp_path.glob("*.npy"))) == 1  # both tables share the images
+  args = dict(tokenizer=ClipTokenizer(), context_length=model.config.text.max_position_embeddings,
+              global_batch=batch_size, seed=0, image_size=SIZE, num_steps=1)
+  pixel_batch = pl.TrainPipeline(presence, absence, **args).build_host_batch(0)
+  emb_batch = pl.TrainPipeline(*embedded, **args).build_host_batch(0)
+  assert "presence_pixels" in pixel_batch and "presence_image_emb" in emb_batch
+
+  labels = partition.label_params(params)
+  tx = partition.make_optimizer(labels, learning_rate=1e-3, warmup_steps=0, total_steps=10)
+  step = train_step.pmap_train_step(train_step.make_train_step(model, labels, tx))
+  state = train_step.create_train_state(params, tx)
+  _, from_pixels = step(jax_utils.replicate(state), pixel_batch)
+  _, from_cache = step(jax_utils.replicate(state), emb_batch)
+  from_pixels, from_cache = jax.device_get((from_pixels, from_cache))
+  assert from_pixels.keys() == from_cache.keys()
+  for k in from_pixels:
+    np.testing.assert_allclose(from_cache[k], from_pixels[k], rtol=1e-6, atol=1e-6, err_msg=k)

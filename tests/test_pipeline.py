@@ -1,0 +1,220 @@
+"""Training input pipeline: sampler, host sharding, resume, batch layout, data errors."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from negclip_jax.data import pipeline as pl
+from negclip_jax.data.records import DataError, PresenceRecord
+from negclip_jax.preprocess import preprocess_image
+from negclip_jax.tokenizer import ClipTokenizer
+
+SIZE = 8  # image side, px
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  return ClipTokenizer()
+
+
+def _tables(n_presence, n_absence, seed=0):
+  rng = np.random.default_rng(seed)
+  image = lambda n: rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+  presence = pl.PresenceTable(image(n_presence),
+                              [f"a photo of {i} red circles" for i in range(n_presence)],
+                              [f"{i} circles but no square" for i in range(n_presence)])
+  absence = pl.AbsenceTable(image(n_absence), [f"{i} blue squares" for i in range(n_absence)],
+                            [f"{i} blue squares and no cross" for i in range(n_absence)])
+  return presence, absence
+
+
+def _pipeline(tokenizer, presence, absence, **kw):
+  args = dict(tokenizer=tokenizer, context_length=77, global_batch=4, seed=3, image_size=SIZE,
+              num_steps=6, process_index=0, process_count=1, local_devices=1)
+  return pl.TrainPipeline(presence, absence, **{**args, **kw})
+
+
+def _assert_batches_equal(a, b):
+  assert a.keys() == b.keys()
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert np.array_equal(a[k], b[k]), k
+
+
+def test_sampler_is_a_pure_function_of_the_step(tokenizer):
+  pipe = _pipeline(tokenizer, *_tables(10, 10))
+  forward = [pipe.global_indices(s) for s in range(7)]
+  pl.epoch_permutation.cache_clear()
+  other = _pipeline(tokenizer, *_tables(10, 10))
+  for s in (6, 2, 0, 5, 2, 1, 3, 4):
+    for name in ("presence", "absence"):
+      np.testing.assert_array_equal(other.global_indices(s)[name], forward[s][name])
+
+
+def test_each_epoch_is_a_permutation():
+  n, b = 10, 3  # 3 steps per epoch, one example dropped per epoch
+  for epoch in range(3):
+    seen = np.concatenate([pl.step_indices(epoch * 3 + s, n, b, 0, 0) for s in range(3)])
+    perm = pl.epoch_permutation(n, 0, 0, epoch)
+    np.testing.assert_array_equal(seen, perm[:9])
+    np.testing.assert_array_equal(np.sort(perm), np.arange(n))
+  assert not np.array_equal(pl.epoch_permutation(n, 0, 0, 0), pl.epoch_permutation(n, 0, 0, 1))
+  assert not np.array_equal(pl.epoch_permutation(n, 0, 0, 0), pl.epoch_permutation(n, 0, 1, 0))
+
+
+def test_two_processes_split_each_batch_and_cover_the_epoch(tokenizer):
+  presence, absence = _tables(13, 16)
+  long_caption = " ".join(["red"] * 30)  # 32 tokens: only this example needs bucket 32
+  presence = pl.PresenceTable(presence.images, [long_caption] + presence.captions[1:],
+                              presence.negated)
+  pipes = [_pipeline(tokenizer, presence, absence, process_index=p, process_count=2)
+           for p in range(2)]
+  assert pipes[0].steps_per_epoch == {"presence": 3, "absence": 4}
+  seen = []
+  for step in range(3):
+    glob = pipes[0].global_indices(step)["presence"]
+    halves = [p.host_indices(step)["presence"] for p in pipes]
+    np.testing.assert_array_equal(np.concatenate(halves), glob)
+    assert not set(halves[0]) & set(halves[1])
+    seen.extend(np.concatenate(halves))
+    widths = {p.build_host_batch(step)["presence_caption_ids"].shape[-1] for p in pipes}
+    assert widths == ({32} if 0 in glob else {16})  # one bucket per step on every host
+  assert sorted(seen) == sorted(pl.epoch_permutation(13, 3, 0, 0)[:12])
+  assert len(set(seen)) == 12
+
+
+def test_resume_gives_the_same_batches_through_tf_data(tokenizer):
+  tables = _tables(9, 14)
+  full = list(_pipeline(tokenizer, *tables))
+  assert [int(b["step"][0]) for b in full] == list(range(6))
+  for start, batch in enumerate(full):
+    _assert_batches_equal(batch, _pipeline(tokenizer, *tables).build_host_batch(start))
+  resumed = _pipeline(tokenizer, *tables, start_step=3)
+  for a, b in zip(list(resumed), full[3:], strict=True):
+    _assert_batches_equal(a, b)
+  assert resumed.state_dict()["next_step"] == 6
+
+
+def test_state_dict_round_trip(tokenizer):
+  tables = _tables(9, 14)
+  pipe = _pipeline(tokenizer, *tables)
+  it = iter(pipe)
+  next(it), next(it)
+  state = pipe.state_dict()
+  assert state == {"next_step": 2, "seed": 3, "global_batch": 4, "presence_size": 9,
+                   "absence_size": 14}
+  restored = _pipeline(tokenizer, *tables)
+  restored.load_state_dict(state)
+  _assert_batches_equal(next(iter(restored)), next(it))
+  with pytest.raises(ValueError, match="seed"):
+    _pipeline(tokenizer, *tables, seed=4).load_state_dict(state)
+
+
+def test_shorter_stream_wraps_into_its_next_epoch(tokenizer):
+  pipe = _pipeline(tokenizer, *_tables(8, 20))
+  assert pipe.steps_per_epoch == {"presence": 2, "absence": 5}
+  first = np.concatenate([pipe.global_indices(s)["presence"] for s in (0, 1)])
+  assert sorted(first) == list(range(8))
+  step2 = pipe.global_indices(2)
+  np.testing.assert_array_equal(step2["presence"], pl.epoch_permutation(8, 3, 0, 1)[:4])
+  np.testing.assert_array_equal(step2["absence"], pl.epoch_permutation(20, 3, 1, 0)[8:12])
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_batch_layout(tokenizer, devices):
+  presence, absence = _tables(8, 8)
+  pipe = _pipeline(tokenizer, presence, absence, local_devices=devices)
+  full = _pipeline(tokenizer, presence, absence, local_devices=devices, truncate_text=False)
+  batch, untruncated = pipe.build_host_batch(1), full.build_host_batch(1)
+  keys = ("presence_caption_ids", "presence_negated_ids", "absence_caption_ids",
+          "absence_updated_ids")
+  length = batch[keys[0]].shape[-1]
+  assert length == 16  # every text is short; the context is 77
+  for k in keys:
+    assert batch[k].shape == (devices, 4 // devices, length) and batch[k].dtype == np.int32
+    assert untruncated[k].shape == (devices, 4 // devices, 77)
+    np.testing.assert_array_equal(batch[k], untruncated[k][..., :length])
+    assert not untruncated[k][..., length:].any()
+  idx = pipe.host_indices(1)
+  for name, table in (("presence", presence), ("absence", absence)):
+    pixels = batch[f"{name}_pixels"]
+    assert pixels.shape == (devices, 4 // devices, SIZE, SIZE, 3) and pixels.dtype == np.float32
+    want = np.stack([preprocess_image(table.images[i], SIZE) for i in idx[name]])
+    np.testing.assert_array_equal(pixels.reshape(want.shape), want)
+  np.testing.assert_array_equal(batch["step"], np.full(devices, 1, np.int32))
+  assert set(batch) == {*keys, "presence_pixels", "absence_pixels", "step"}
+
+
+def test_image_embeddings_replace_pixels(tokenizer):
+  presence, absence = _tables(8, 8)
+  emb = np.arange(8 * 5, dtype=np.float32).reshape(8, 5)
+  pipe = _pipeline(tokenizer, presence.with_image_emb(emb), absence, local_devices=2)
+  batch = pipe.build_host_batch(0)
+  assert "presence_pixels" not in batch and "absence_pixels" in batch
+  np.testing.assert_array_equal(batch["presence_image_emb"].reshape(4, 5),
+                                emb[pipe.host_indices(0)["presence"]])
+
+
+def test_batch_size_errors(tokenizer):
+  tables = _tables(8, 8)
+  with pytest.raises(ValueError, match="divisible"):
+    _pipeline(tokenizer, *tables, global_batch=6, local_devices=4)
+  with pytest.raises(ValueError, match="fewer than global_batch"):
+    _pipeline(tokenizer, *tables, global_batch=12, local_devices=1)
+
+
+def test_empty_text_raises_with_index_and_field():
+  presence, _ = _tables(4, 4)
+  negated = list(presence.negated)
+  negated[2] = "  "
+  with pytest.raises(DataError, match=r"record 2, key 'negated'") as e:
+    pl.validate(pl.PresenceTable(presence.images, presence.captions, negated))
+  assert (e.value.index, e.value.key) == (2, "negated")
+
+
+def test_skip_mode_drops_and_reports(caplog):
+  presence, _ = _tables(5, 4)
+  captions = list(presence.captions)
+  captions[1] = ""
+  captions[3] = "\n"
+  with caplog.at_level(logging.WARNING):
+    table = pl.validate(pl.PresenceTable(presence.images, captions, presence.negated), "skip")
+  assert len(table) == 3 and sorted(table.dropped) == [1, 3]
+  np.testing.assert_array_equal(table.record_index, [0, 2, 4])
+  np.testing.assert_array_equal(table.images, presence.images[[0, 2, 4]])
+  assert "dropped 2 of 5" in caplog.text and "record 1" in caplog.text
+
+
+def _write_images(tmp_path, n):
+  from PIL import Image
+  paths = []
+  for i in range(n):
+    path = tmp_path / f"{i}.png"
+    Image.fromarray(np.full((SIZE, SIZE, 3), 40 * i, np.uint8)).save(path)
+    paths.append(str(path))
+  return paths
+
+
+def test_missing_image_file(tmp_path):
+  paths = _write_images(tmp_path, 4)
+  paths[1] = str(tmp_path / "missing.jpg")
+  records = [PresenceRecord(p, f"caption {i}", f"not {i}") for i, p in enumerate(paths)]
+  with pytest.raises(DataError, match=r"record 1, key 'image_path'.*missing\.jpg"):
+    pl.presence_table(records)
+  table = pl.presence_table(records, on_error="skip")
+  assert list(table.dropped) == [1] and table.images == [paths[0], paths[2], paths[3]]
+
+
+def test_corrupt_image_raises_naming_path_and_record(tmp_path, tokenizer):
+  paths = _write_images(tmp_path, 4)
+  (tmp_path / "bad.jpg").write_bytes(b"not a jpeg at all")
+  paths[2] = str(tmp_path / "bad.jpg")
+  records = [PresenceRecord(p, f"caption {i}", f"not {i}") for i, p in enumerate(paths)]
+  presence = pl.presence_table(records)  # the file exists: caught when it is decoded
+  _, absence = _tables(4, 4)
+  pipe = _pipeline(tokenizer, presence, absence, num_steps=2)
+  with pytest.raises(DataError, match=r"bad\.jpg, record 2, key 'image'"):
+    pipe.build_host_batch(0)
+  with pytest.raises(DataError, match=r"bad\.jpg, record 2"):
+    list(pipe)
