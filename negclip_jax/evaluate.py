@@ -1,0 +1,192 @@
+"""Evaluate a CLIP on the negation benchmarks (and plain retrieval).
+
+CLI::
+
+  python -m negclip_jax.evaluate --model PATH --task TASK [task options]
+      [--out results.json] [--batch-size N]
+
+PATH is anything `load_pretrained` reads, or a training run directory holding
+`checkpoints/`. Writes ``{task: {metric: value, ..., "n": count}}`` as JSON to --out and
+a markdown table to the same path with suffix .md (also printed). `--task all` runs
+every task whose data options are given (negshapes needs none). See docs/evaluate.md.
+
+Python API: `run_task(task, model, params, tokenizer, **options)`; the per-task
+functions on loaded data live in `negclip_jax.tasks.*`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from negclip_jax.convert import load_pretrained
+from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE
+from negclip_jax.embed import Embedder
+from negclip_jax.tasks import ccneg, layers, negationclip, negbench, negrefcocog, negshapes
+from negclip_jax.tasks import retrieval
+from negclip_jax.tokenizer import ClipTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A task's `run(embedder, tokenizer, context_length, **options)` and its options.
+
+  `files` are per-task file options (CLI --data/--image-root or --<task>-data/...),
+  all required; `shared` are optional options common to several tasks.
+  """
+  run: Callable[..., dict]
+  files: dict[str, str]  # option -> help
+  shared: tuple[str, ...] = ()
+
+
+_IMAGE_ROOT = "directory the image paths are relative to"
+TASKS = {
+    "ccneg": Task(ccneg.run, {"data": "CC-Neg ccneg_preprocessed.pt or .jsonl",
+                              "image_root": "CC-Neg image folder (replaces /workspace/datasets/cc3m/)"},
+                  ("eval_size",)),
+    "negrefcocog": Task(negrefcocog.run, {"data": "NegRefCOCOg JSON",
+                                          "image_root": "COCO train2014 folder"}),
+    "negationclip": Task(negationclip.run, {"data": "COCO-captions JSON with updated_caption",
+                                            "image_root": "folder of the COCO images"}),
+    "retrieval": Task(retrieval.run, {"data": "Karpathy dataset_coco.json / dataset_flickr30k.json",
+                                      "image_root": _IMAGE_ROOT}, ("split",)),
+    "negbench-mcq": Task(negbench.run_mcq, {"data": "NegBench MCQ CSV",
+                                            "image_root": _IMAGE_ROOT}),
+    "negbench-retrieval": Task(negbench.run_retrieval, {"data": "NegBench retrieval CSV",
+                                                        "image_root": _IMAGE_ROOT}),
+    "negshapes": Task(negshapes.run, {}, ("num", "seed", "image_size")),
+    "layers": Task(layers.run, {"data": "CC-Neg .pt/.jsonl (eval split), or 'negshapes'"},
+                   ("num", "seed", "eval_size", "plot_path")),
+}
+
+
+def _flag(option: str) -> str:
+  return "--" + option.replace("_", "-")
+
+
+def missing_options(task: str, options: dict) -> list[str]:
+  """Messages naming each required option of `task` that `options` lacks (None = lacks)."""
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+  return [f"task {task!r} needs {_flag(o)} ({help_})"
+          for o, help_ in TASKS[task].files.items() if options.get(o) is None]
+
+
+def _run(task: str, embedder: Embedder, tokenizer, options: dict) -> dict:
+  missing = missing_options(task, options)
+  if missing:
+    raise ValueError("; ".join(missing))
+  spec = TASKS[task]
+  unknown = sorted(set(options) - set(spec.files) - set(spec.shared))
+  if unknown:
+    raise TypeError(f"task {task!r} takes no options {unknown}; it takes "
+                    f"{sorted([*spec.files, *spec.shared])}")
+  context_length = embedder.model.config.text.max_position_embeddings
+  return spec.run(embedder, tokenizer, context_length,
+                  **{k: v for k, v in options.items() if v is not None})
+
+
+def run_task(task: str, model, params, tokenizer, batch_size: int = 256, progress: bool = True,
+             **options) -> dict:
+  """Runs one task -> {metric: value, ..., "n": count}.
+
+  options (None = default): data, image_root (files; required where the task has them),
+  eval_size, split, num, seed, image_size, plot_path (see `TASKS`). Raises ValueError
+  naming a missing option, TypeError for options the task does not take.
+  """
+  return _run(task, Embedder(model, params, batch_size, progress=progress), tokenizer, options)
+
+
+def load_model(path: str):
+  """(model, params, tokenizer) from a run directory (with checkpoints/) or `load_pretrained`."""
+  path = Path(path)
+  if (path / "checkpoints").exists():
+    from negclip_jax.checkpoint import load_run  # only run directories need it
+    return load_run(path)
+  model, params = load_pretrained(path)
+  tokenizer = (ClipTokenizer.from_pretrained(path) if (path / "vocab.json").is_file()
+               else ClipTokenizer())
+  return model, params, tokenizer
+
+
+def markdown(results: dict) -> str:
+  """{task: {metric: value}} -> a "| task | metric | value |" markdown table."""
+  rows = ["| task | metric | value |", "| --- | --- | --- |"]
+  for task, metrics in results.items():
+    for name, value in metrics.items():
+      shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+      rows.append(f"| {task} | {name} | {shown} |")
+  return "\n".join(rows) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m negclip_jax.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", required=True, help="HF CLIP dir, state-dict file, or run dir")
+  p.add_argument("--task", required=True, choices=[*TASKS, "all"])
+  p.add_argument("--out", help="results JSON path (also writes <stem>.md, <stem>_layers.png)")
+  p.add_argument("--batch-size", type=int, default=256, help="per process")
+  p.add_argument("--data", help="the chosen task's data file (not with --task all)")
+  p.add_argument("--image-root", help="the chosen task's image folder (not with --task all)")
+  for task, spec in TASKS.items():
+    for option, help_ in spec.files.items():
+      p.add_argument(f"--{task}-{option.replace('_', '-')}", help=f"{task}: {help_}")
+  p.add_argument("--eval-size", type=int, default=CCNEG_EVAL_SIZE,
+                 help="ccneg, layers: the last N CC-Neg records are the eval split")
+  p.add_argument("--split", default="test", help="retrieval: Karpathy split")
+  p.add_argument("--num", type=int, default=500, help="negshapes, layers: examples")
+  p.add_argument("--seed", type=int, default=0, help="negshapes, layers: generator seed")
+  p.add_argument("--image-size", type=int, help="negshapes: rendered size (default model's)")
+  return p
+
+
+def _task_options(args, task: str, plot_path: str | None) -> dict:
+  """The options of `task` from parsed CLI args (per-task flags override --data/--image-root)."""
+  spec = TASKS[task]
+  options = {}
+  for option in spec.files:
+    own = getattr(args, f"{task}_{option}".replace("-", "_"))
+    options[option] = own if own is not None else getattr(args, option)
+  options.update({o: getattr(args, o) for o in spec.shared if o != "plot_path"})
+  if "plot_path" in spec.shared:
+    options["plot_path"] = plot_path
+  return options
+
+
+def main(argv: list[str] | None = None) -> dict:
+  """CLI entry point; returns {task: metrics}."""
+  parser = _parser()
+  args = parser.parse_args(argv)
+  out = Path(args.out) if args.out else None
+  plot_path = str(out.with_name(out.stem + "_layers.png")) if out else None
+  if args.task == "all":
+    if args.data or args.image_root:
+      parser.error("--data/--image-root are ambiguous with --task all; use --<task>-data and "
+                   "--<task>-image-root (e.g. --ccneg-data)")
+    tasks = [t for t in TASKS if not missing_options(t, _task_options(args, t, plot_path))]
+  else:
+    tasks = [args.task]
+    missing = missing_options(args.task, _task_options(args, args.task, plot_path))
+    if missing:
+      parser.error("; ".join(missing))
+  model, params, tokenizer = load_model(args.model)
+  embedder = Embedder(model, params, args.batch_size)
+  results = {t: _run(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks}
+  table = markdown(results)
+  if jax.process_index() != 0:
+    return results
+  print(table, end="")
+  if out:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.with_suffix(".md").write_text(table)
+  return results
+
+
+if __name__ == "__main__":
+  main()

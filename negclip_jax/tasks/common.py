@@ -1,0 +1,45 @@
+"""Embedding helpers shared by the tasks: tokenize/preprocess, then `Embedder`.
+
+All outputs are L2-normalized float32 [N, D] (the Embedder's default).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import numpy as np
+
+from negclip_jax.embed import Embedder
+from negclip_jax.preprocess import preprocess_image
+
+
+def image_size(embedder: Embedder) -> int:
+  """Side in pixels of the model's square input images."""
+  return embedder.model.config.vision.image_size
+
+
+def embed_texts(embedder: Embedder, tokenizer, context_length: int, texts: Sequence[str],
+                desc: str = "texts") -> np.ndarray:
+  """[N, D] embeddings of N texts, tokenized to `context_length`."""
+  return embedder.texts(tokenizer(list(texts), context_length), desc=desc)
+
+
+def embed_arrays(embedder: Embedder, images: np.ndarray, desc: str = "images") -> np.ndarray:
+  """[N, D] embeddings of uint8 images [N, H, W, 3], preprocessed to the model's size."""
+  load = functools.partial(preprocess_image, image_size=image_size(embedder))
+  return embedder.images(images, load, desc=desc)
+
+
+def gallery(image_paths: Sequence[str]) -> tuple[list[str], list[int]]:
+  """(distinct paths in first-seen order, index of each input path among them)."""
+  unique = list(dict.fromkeys(image_paths))
+  row = {p: i for i, p in enumerate(unique)}
+  return unique, [row[p] for p in image_paths]
+
+
+def embed_files(embedder: Embedder, paths: Sequence[str], desc: str = "images") -> np.ndarray:
+  """[N, D] embeddings of N image files; each distinct path is decoded and embedded once."""
+  unique, rows = gallery(paths)
+  load = functools.partial(preprocess_image, image_size=image_size(embedder))
+  return embedder.images(unique, load, desc=desc)[rows]
