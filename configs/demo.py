@@ -13,10 +13,10 @@ def get_config():
   c.data.presence = "negshapes"
   c.data.absence = "negshapes"
   c.data.negshapes_num = 8192
-  c.batch_size = 128
+  c.batch_size = 64
   c.num_epochs = 1
-  c.total_steps = 300
-  c.learning_rate = 2e-4
+  c.total_steps = 200
+  c.learning_rate = 5e-4
   c.weight_decay = 0.05
   c.warmup_steps = 20
   c.log_every = 20

@@ -129,7 +129,7 @@ def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int
   if not pending:
     return None
   steps, values = zip(*pending)
-  values = jax.device_get([jax.tree.map(lambda x: x[0], v) for v in values])
+  values = jax.device_get([_first_replica(v) for v in values])
   for step, m in zip(steps, values):
     if not all(np.isfinite(x) for x in m.values()):
       raise NonFiniteLossError(
@@ -151,6 +151,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, eval_fn
   eval_fn(model, params, tokenizer) -> dict, if given, runs every `config.eval_every`
   steps and at the end (the demo passes NegShapes evaluation).
   """
+  if config.objective == "conclip":
+    raise ValueError("objective 'conclip' needs a distractor image per presence example "
+                     "(batch key presence_distractor_*); none of the data sources provides one "
+                     "yet. losses.conclip_loss and the train step support it.")
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
@@ -216,7 +220,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, eval_fn
         last = _flush(pending, log, bar, t0, config.batch_size) or last
         t0 = time.perf_counter()
       if save:
-        ckpt.save(step, jax.tree.map(lambda x: x[0], rstate), data.state_dict(), config_json,
+        ckpt.save(step, _first_replica(rstate), data.state_dict(), config_json,
                   force=True)
       if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
         log.write(step, eval_fn(model, _host_params(rstate), tokenizer))
@@ -234,8 +238,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, eval_fn
           "model": model, "params": _host_params(rstate), "tokenizer": tokenizer}
 
 
+def _first_replica(tree):
+  """Host (numpy) copy of local device 0's replica of each pmapped leaf [devices, ...].
+
+  Copies the shard instead of indexing the global array: `x[0]` would compile a gather
+  over the local devices, which on multi-process CPU runs is a gloo collective that can
+  deadlock against the pmapped step.
+  """
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+
+
 def _host_params(rstate):
-  return jax.device_get(jax.tree.map(lambda x: x[0], rstate.params))
+  return _first_replica(rstate.params)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -251,6 +265,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with auto-detection "
                                  "(TPU pods, SLURM).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout", 100,
+    "Multi-process runs: seconds without heartbeats after which a process counts as dead; "
+    "the survivors then abort (non-zero exit) instead of waiting in a collective forever.")
 
 
 def initialize_distributed():
@@ -260,9 +278,10 @@ def initialize_distributed():
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                process_id=_PROCESS_ID.value,
-                               initialization_timeout=120)
+                               initialization_timeout=120,
+                               heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
 
 
 def main(argv):
@@ -275,9 +294,9 @@ def main(argv):
     print(f"JAX {jax.__version__}: {jax.process_count()} process(es), "
           f"{jax.device_count()} device(s) ({jax.devices()[0].platform})", flush=True)
   result = train(_CONFIG.value, _WORKDIR.value)
-  if jax.process_index() == 0:
-    print(json.dumps({"step": result["step"], "stopped_early": result["stopped_early"],
-                      **(result["last_metrics"] or {})}), flush=True)
+  # Every process prints the summary (multi-process runs can compare their final metrics).
+  print(json.dumps({"step": result["step"], "stopped_early": result["stopped_early"],
+                    **(result["last_metrics"] or {})}), flush=True)
 
 
 if __name__ == "__main__":
