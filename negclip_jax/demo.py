@@ -102,8 +102,9 @@ def plot(path: Path, pretrain_losses: list, finetune_log: Path, before: dict, af
   ax1.plot(pretrain_losses)
   ax1.set(title="1. pretraining on plain captions", xlabel="step", ylabel="CLIP loss")
   for key in ("total", "presence", "absence", "L3", "L_text"):
-    if rows and key in rows[0]:
-      ax2.plot([r["step"] for r in rows], [r[key] for r in rows], label=key)
+    points = [(r["step"], r[key]) for r in rows if key in r]  # eval rows carry other keys
+    if points:
+      ax2.plot(*zip(*points), label=key)
   ax2.set(title="2. Omni-NegCLIP fine-tuning", xlabel="step", ylabel="loss")
   ax2.legend()
   x = np.arange(len(METRICS))
@@ -129,7 +130,7 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
     config.total_steps, config.log_every, config.save_every = 4, 2, 4
   pretrain_steps = pretrain_steps or (10 if fast else PRETRAIN_STEPS)
   config.total_steps = finetune_steps or config.total_steps
-  eval_num = eval_num or (32 if fast else config.eval_num)
+  config.eval_num = eval_num = eval_num or (32 if fast else config.eval_num)
   tokenizer = ClipTokenizer()
   model = model_lib.CLIP(model_lib.get_config(config.model))
   size = model.config.vision.image_size
@@ -151,7 +152,7 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
 
   config.init = str(pretrained_dir)  # loaded exactly as a user loads openai/clip-vit-base-patch32
   result = train.train(config, workdir / "finetune")
-  after = evaluate_negshapes(result["model"], result["params"], result["tokenizer"], eval_num)
+  after = {k.removeprefix("eval_"): v for k, v in result["eval"].items()}  # same task and seed
   convert.save_pretrained(result["model"], result["params"], workdir / "export" / "hf",
                           tokenizer=result["tokenizer"])
   results = {"pretrained": before, "omni_negclip": after}

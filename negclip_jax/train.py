@@ -145,11 +145,25 @@ def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int
   return mean
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, eval_fn=None) -> dict:
-  """Runs (or resumes) training. Returns {"step", "last_metrics", "stopped_early"}.
+def task_eval_fn(config):
+  """`config.eval_task` (options: `eval_num`, seed 0) as eval_fn(model, params, tokenizer)."""
+  if not config.eval_task:
+    return None
+  from negclip_jax import evaluate
 
-  eval_fn(model, params, tokenizer) -> dict, if given, runs every `config.eval_every`
-  steps and at the end (the demo passes NegShapes evaluation).
+  def eval_fn(model, params, tokenizer):
+    metrics = evaluate.run_task(config.eval_task, model, params, tokenizer, progress=False,
+                                num=config.eval_num)
+    return {f"eval_{k}": v for k, v in metrics.items()}
+  return eval_fn
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Runs (or resumes) training.
+
+  Returns {"step", "last_metrics", "eval" (the final `config.eval_task` metrics or None),
+  "stopped_early", "model", "params" (host copy), "tokenizer"}. `config.eval_task` runs
+  every `config.eval_every` steps (0 = only at the end); results go to the metrics log.
   """
   if config.objective == "conclip":
     raise ValueError("objective 'conclip' needs a distractor image per presence example "
@@ -203,7 +217,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, eval_fn
   config_json = json.loads(config.to_json())
   log = MetricsLog(workdir)
   preempt = checkpoint.PreemptionWatcher()
-  pending, last, stopped_early = [], None, False
+  eval_fn = task_eval_fn(config)
+  pending, last, final_eval, stopped_early = [], None, None, False
   bar = tqdm(total=total_steps, initial=start, desc="train", disable=not main, dynamic_ncols=True)
   t0 = time.perf_counter()
   step = start
@@ -232,9 +247,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, eval_fn
     ckpt.close()
     preempt.close()
   if eval_fn is not None and not stopped_early:
-    log.write(step, eval_fn(model, _host_params(rstate), tokenizer))
+    final_eval = eval_fn(model, _host_params(rstate), tokenizer)
+    log.write(step, final_eval)
   log.close()
-  return {"step": step, "last_metrics": last, "stopped_early": stopped_early,
+  return {"step": step, "last_metrics": last, "eval": final_eval, "stopped_early": stopped_early,
           "model": model, "params": _host_params(rstate), "tokenizer": tokenizer}
 
 

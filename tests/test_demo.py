@@ -30,4 +30,5 @@ def test_demo_fast_writes_everything(tmp_path):
   np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids, method="get_text_features")),
                              want, atol=1e-4)
   rows = [json.loads(l) for l in (tmp_path / "finetune/metrics.jsonl").read_text().splitlines()]
-  assert rows and "L3" in rows[-1]
+  assert rows and "L3" in rows[0]
+  assert {f"eval_{k}" for k in demo.METRICS} <= set(rows[-1])  # the final evaluation
