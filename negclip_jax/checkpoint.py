@@ -81,11 +81,6 @@ class Checkpointer:
     self.manager.close()
 
 
-def abstract_like(tree):
-  """ShapeDtypeStructs describing `tree` (an Orbax restore target)."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
 class PreemptionWatcher:
   """Turns SIGTERM into "save and stop" at the next step, agreed by every process.
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import jax_utils
 from jax import lax
 from tqdm.auto import tqdm
 
@@ -64,7 +62,7 @@ def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> 
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1))
   step_fn = make_pretrain_step(model, tx)
-  state = jax_utils.replicate(train_step.create_train_state(params, tx))
+  state = train_step.replicate(train_step.create_train_state(params, tx))
   pixels = preprocess_images(data["images"], model.config.vision.image_size)
   ids = tokenizer(data["captions"], model.config.text.max_position_embeddings)
   ids = ids[:, :bucket_length(ids)]  # exact: causal mask (see negclip_jax.embed)
@@ -141,7 +139,7 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
     model, params = convert.load_pretrained(pretrained_dir)
     pretrain_losses = json.loads((workdir / "pretrained" / "losses.json").read_text())
   else:
-    data = negshapes.generate_pairs(config.data.negshapes_num, seed + 1, size, split="train")
+    data = negshapes.generate_pairs(config.data.negshapes_num, seed, size, split="train")
     params, pretrain_losses = pretrain(model, tokenizer, data, pretrain_steps,
                                        PRETRAIN_BATCH if not fast else config.batch_size,
                                        PRETRAIN_LR, seed)

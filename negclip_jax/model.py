@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -346,7 +346,3 @@ def init_params(model: CLIP, rng: jax.Array) -> dict:
   pixels = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels))
   return jax.jit(model.init)(rng, ids, pixels)["params"]
 
-
-def text_layer_names(config: CLIPConfig) -> Sequence[str]:
-  """Flax path prefixes of the text blocks, in order."""
-  return [f"text_model/encoder/layers/{i}" for i in range(config.text.num_hidden_layers)]

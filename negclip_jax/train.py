@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
-from flax import jax_utils
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
@@ -212,7 +210,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       model, labels, tx, objective=config.objective, lambda_stage2=config.lambda_stage2,
       lambda_orig=config.lambda_orig, lambda_text=config.lambda_text, margin=config.margin,
       global_negatives=config.global_negatives))
-  rstate = jax_utils.replicate(state)
+  rstate = train_step.replicate(state)
   del state, params
   config_json = json.loads(config.to_json())
   log = MetricsLog(workdir)

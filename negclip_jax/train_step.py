@@ -27,6 +27,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -109,6 +110,17 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
     return new_state, metrics
 
   return step
+
+
+def replicate(tree):
+  """Copies `tree` to every local device ([devices, ...]) as the pmapped step returns it.
+
+  Unlike `flax.jax_utils.replicate`, the arrays land on a mesh named after `AXIS`, the
+  sharding the step's outputs have, so the second step does not recompile.
+  """
+  n = jax.local_device_count()
+  stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+  return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
 
 
 def pmap_train_step(step_fn):

@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
 
 from negclip_jax import losses
 
