@@ -28,6 +28,10 @@ def get_config():
   c.data.coco_json = ""              # NegationCLIP COCO captions with updated_caption
   c.data.coco_image_dir = ""
   c.data.negshapes_num = 20000
+  # Distractor images, read only for objective "conclip" with presence "ccneg".
+  c.data.distractor_mapping = ""     # CoN-CLIP's distractor_image_mapping.pt
+  c.data.distractor_coco_json = ""   # captions_train2017.json: the index order of the mapping
+  c.data.distractor_image_dir = ""   # COCO train2017 images
   c.data.on_error = "raise"          # raise | skip (skipped examples are counted and reported)
   c.data.image_cache = True          # embed the frozen image tower's inputs once
   c.data.cache_dir = ""              # default: <workdir>/image_cache

@@ -63,14 +63,7 @@ extra_args=("$@")
 [[ -n $workdir ]] || { usage >&2; die "--workdir is required"; }
 [[ $nodes =~ ^[1-9][0-9]*$ && $gpus =~ ^[1-9][0-9]*$ ]] || die "--nodes/--gpus-per-node: positive integers"
 
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@,+%^-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-quote_all() { local w out=(); for w; do out+=("$(quote "$w")"); done; echo "${out[*]}"; }
-run() {
-  if ((dry_run)); then echo "$(quote_all "$@")"; else "$@"; fi
-}
+source "$(dirname "$0")/_common.sh"  # quote, quote_all, run
 
 train=("$PYTHON" -m negclip_jax.train --config "$config" --workdir "$workdir")
 

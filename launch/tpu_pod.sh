@@ -74,17 +74,7 @@ if ((!dry_run)) && ! command -v gcloud >/dev/null 2>&1; then
   die "gcloud not found (install the Google Cloud CLI, or use --dry-run)"
 fi
 
-# Shell-quote one word for display / for a remote command line.
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@,+%^-]+$ ]]; then printf '%s' "$1"
-  else printf "'%s'" "${1//\'/\'\\\'\'}"; fi
-}
-quote_all() { local w out=(); for w; do out+=("$(quote "$w")"); done; echo "${out[*]}"; }
-
-# run CMD...: execute (or print, with --dry-run).
-run() {
-  if ((dry_run)); then echo "$(quote_all "$@")"; else "$@"; fi
-}
+source "$(dirname "$0")/_common.sh"  # quote, quote_all, run
 
 loc=(--zone="$zone")
 [[ -n $project ]] && loc+=(--project="$project")

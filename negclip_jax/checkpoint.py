@@ -30,31 +30,26 @@ class Checkpointer:
   """`ocp.CheckpointManager` for TrainState + pipeline position + config."""
 
   def __init__(self, workdir: str | os.PathLike, save_interval_steps: int = 1000,
-               max_to_keep: int = 3, best_metric: str | None = None, best_mode: str = "min",
-               async_save: bool = True):
+               max_to_keep: int = 3, async_save: bool = True):
     self.directory = Path(workdir).absolute() / "checkpoints"
     policies = [save_policy.FixedIntervalPolicy(save_interval_steps),
                 save_policy.PreemptionCheckpointingPolicy()]
-    keep = preservation.LatestN(max_to_keep)
-    if best_metric:
-      keep = preservation.AnyPreservationPolicy([keep, preservation.BestN(
-          get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1)])
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "data", "config"),
         options=ocp.CheckpointManagerOptions(
             save_decision_policy=save_policy.AnySavePolicy(policies),
-            preservation_policy=keep, enable_async_checkpointing=async_save,
+            preservation_policy=preservation.LatestN(max_to_keep),
+            enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True))
 
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
 
-  def save(self, step: int, state, data_state: dict, config: dict,
-           metrics: dict | None = None, force: bool = False) -> bool:
+  def save(self, step: int, state, data_state: dict, config: dict, force: bool = False) -> bool:
     """Saves host copies of `state` (unreplicated) at `step`; async unless disabled."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(jax.device_get(state)),
                               data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config))
-    return self.manager.save(step, args=args, metrics=metrics, force=force)
+    return self.manager.save(step, args=args, force=force)
 
   def restore_latest(self, abstract_state) -> tuple[Any, dict, int] | None:
     """Restores the newest readable checkpoint -> (state, data_state, step), or None.
@@ -72,9 +67,6 @@ class Checkpointer:
         continue
       return restored.state, restored.data, step
     return None
-
-  def wait(self):
-    self.manager.wait_until_finished()
 
   def close(self):
     self.manager.wait_until_finished()

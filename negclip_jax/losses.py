@@ -66,12 +66,13 @@ def absence_loss(image_emb, caption_emb, updated_emb, logit_scale, lambda_orig=1
 
 
 def conclip_loss(image_emb, caption_emb, negated_emb, distractor_emb, logit_scale):
-  """CoN-CLIP's distractor-image variant, (L1 + L2 + L3) / 3.
+  """CoN-CLIP's distractor-image objective, (L1 + L2 + L3) / 3.
 
-  distractor_emb [B, D] embeds an image for which negated_i is true.
-  L1: each image over [captions; negated], label i.
-  L2: each caption over [images; distractors], label i.
-  L3: each negated caption over [images; distractors], label B + i.
+  distractor_emb [B, D] embeds an image for which negated_i is true (CoN-CLIP retrieves
+  it from COCO; NegShapes draws the scene without the negated object).
+  L1: each image over all 2B texts [captions; negated], label i.
+  L2: each caption over all 2B images [images; distractors], label i.
+  L3: each distractor over all 2B texts [negated; captions], label i.
   """
   b = image_emb.shape[0]
   labels = jnp.arange(b)
@@ -79,7 +80,7 @@ def conclip_loss(image_emb, caption_emb, negated_emb, distractor_emb, logit_scal
   images = jnp.concatenate([image_emb, distractor_emb], axis=0)
   l1 = cross_entropy(logit_scale * image_emb @ texts.T, labels)
   l2 = cross_entropy(logit_scale * caption_emb @ images.T, labels)
-  l3 = cross_entropy(logit_scale * negated_emb @ images.T, labels + b)
+  l3 = cross_entropy(logit_scale * distractor_emb @ texts.T, labels + b)
   loss = (l1 + l2 + l3) / 3
   return loss, {"L1": l1, "L2": l2, "L3": l3, "presence": loss}
 

@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from negclip_jax import checkpoint, convert, model as model_lib, partition, train_step
+from negclip_jax import checkpoint, convert, losses, model as model_lib, partition, train_step
 from negclip_jax.data import image_cache, negshapes, pipeline
 from negclip_jax.tokenizer import ClipTokenizer
 
@@ -54,20 +54,27 @@ def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
 
 
 def load_tables(config, image_size: int):
-  """(PresenceTable, AbsenceTable) from `config.data`."""
+  """(PresenceTable, AbsenceTable) from `config.data`; the presence table holds
+  distractor images when `config.objective` is "conclip"."""
   d = config.data
   need = lambda key: getattr(d, key) or _missing(key)
+  distractors = config.objective == "conclip"
   if "negshapes" in (d.presence, d.absence):
     shapes = pipeline.negshapes_tables(
         negshapes.generate_pairs(d.negshapes_num, config.seed, image_size, split="train"),
-        on_error=d.on_error)
+        on_error=d.on_error, distractors=distractors)
   if d.presence == "negshapes":
     presence = shapes[0]
   elif d.presence == "ccneg":
     from negclip_jax.data import ccneg
+    distractor_paths = None
+    if distractors:
+      distractor_paths = ccneg.load_distractor_paths(
+          need("distractor_mapping"), need("distractor_coco_json"), need("distractor_image_dir"))
     presence = pipeline.presence_table(
         ccneg.load_ccneg(need("ccneg_path"), need("ccneg_image_root"), split="train",
-                         eval_size=d.ccneg_eval_size), on_error=d.on_error)
+                         eval_size=d.ccneg_eval_size, distractor_paths=distractor_paths),
+        on_error=d.on_error)
   else:
     raise ValueError(f"config.data.presence must be 'ccneg' or 'negshapes', got {d.presence!r}")
   if d.absence == "negshapes":
@@ -83,7 +90,7 @@ def load_tables(config, image_size: int):
 
 
 def _missing(key):
-  raise ValueError(f"config.data.{key} must be set for this data source")
+  raise ValueError(f"config.data.{key} must be set for this data source and objective")
 
 
 def num_train_steps(config, presence_size: int, absence_size: int) -> int:
@@ -163,10 +170,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   "stopped_early", "model", "params" (host copy), "tokenizer"}. `config.eval_task` runs
   every `config.eval_every` steps (0 = only at the end); results go to the metrics log.
   """
-  if config.objective == "conclip":
-    raise ValueError("objective 'conclip' needs a distractor image per presence example "
-                     "(batch key presence_distractor_*); none of the data sources provides one "
-                     "yet. losses.conclip_loss and the train step support it.")
+  if config.objective not in losses.OBJECTIVES:
+    raise ValueError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0

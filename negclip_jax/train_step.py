@@ -8,7 +8,8 @@ Batch keys (per device, b examples, L text tokens):
   presence_caption_ids, presence_negated_ids, absence_caption_ids, absence_updated_ids: int32 [b, L]
   presence_pixels / absence_pixels: float32 [b, S, S, 3]   (or, from the frozen-tower cache,)
   presence_image_emb / absence_image_emb: float32 [b, D]    (`get_image_features` outputs)
-  presence_distractor_pixels or presence_distractor_image_emb (objective "conclip" only)
+  presence_distractor_pixels / presence_distractor_image_emb: [b, S, S, 3] / [b, D], an
+      image for which the negated caption is true (objective "conclip" only)
 
 Global-batch negatives: embeddings are all-gathered over `axis_name` (across hosts too),
 so every device evaluates the loss of the whole global batch. The gradient of
@@ -75,6 +76,9 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
     # The image tower is frozen: its features are computed outside the differentiated function.
     images = {k: gather(losses.l2_normalize(v))
               for k, v in image_embeddings(model, state.params, batch).items()}
+    if objective == "conclip" and "presence_distractor" not in images:
+      raise ValueError("objective 'conclip' needs presence_distractor_pixels or "
+                       f"presence_distractor_image_emb in the batch; got keys {sorted(batch)}")
     ids = [batch[k] for k in _TEXT_KEYS]
     b = ids[0].shape[0]
 

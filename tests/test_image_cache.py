@@ -97,6 +97,18 @@ def test_unreadable_images_raise_or_are_skipped(model, params, tmp_path, monkeyp
   np.testing.assert_array_equal(kept, [0, 2, 3])
   good, _ = image_cache.image_embeddings(model, params, [paths[i] for i in kept], SIZE)
   np.testing.assert_allclose(emb, good, rtol=1e-6, atol=1e-6)
+  # A bad distractor drops its row too; both embeddings keep the surviving rows.
+  table = pl.PresenceTable(paths, [f"c{i}" for i in range(4)], [f"n{i}" for i in range(4)],
+                           distractors=paths[::-1])
+  good_images = pl.PresenceTable([paths[i] for i in (0, 2, 3, 0)], table.captions, table.negated,
+                                 distractors=paths)
+  with pytest.raises(DataError, match=r"bad\.jpg, record 1, key 'distractor_image'"):
+    image_cache.embed_table(good_images, model, params, SIZE)
+  embedded = image_cache.embed_table(table, model, params, SIZE, cache_dir=cache, on_error="skip")
+  assert sorted(embedded.dropped) == [1, 2] and embedded.distractors == [paths[3], paths[0]]
+  assert "distractor_image could not be loaded" in embedded.dropped[2]
+  np.testing.assert_allclose(embedded.image_emb, good[[0, 2]], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(embedded.distractor_emb, good[[2, 0]], rtol=1e-6, atol=1e-6)
   monkeypatch.setattr(image_cache, "Embedder", _no_model)
   with pytest.raises(DataError, match=r"bad\.jpg, record 1"):  # the stored skip result
     image_cache.image_embeddings(model, params, paths, SIZE, cache_dir=cache)
@@ -107,23 +119,28 @@ def test_unreadable_images_raise_or_are_skipped(model, params, tmp_path, monkeyp
   np.testing.assert_array_equal(embedded.image_emb, emb)
 
 
-def test_train_step_on_cached_embeddings_matches_pixels(model, params, tmp_path):
+@pytest.mark.parametrize("objective", ["omni_negclip", "conclip"])
+def test_train_step_on_cached_embeddings_matches_pixels(model, params, tmp_path, objective):
   devices = jax.local_device_count()
   batch_size = 2 * devices
   data = negshapes.generate_pairs(max(8, batch_size), seed=0, image_size=SIZE)
-  presence, absence = pl.negshapes_tables(data)
+  distractors = objective == "conclip"
+  presence, absence = pl.negshapes_tables(data, distractors=distractors)
   embedded = [image_cache.embed_table(t, model, params, SIZE, cache_dir=str(tmp_path))
               for t in (presence, absence)]
-  assert len(list(tmp_path.glob("*.npy"))) == 1  # both tables share the images
+  # Both tables share the images; distractors are a second array.
+  assert len(list(tmp_path.glob("*.npy"))) == 1 + distractors
   args = dict(tokenizer=ClipTokenizer(), context_length=model.config.text.max_position_embeddings,
               global_batch=batch_size, seed=0, image_size=SIZE, num_steps=1)
   pixel_batch = pl.TrainPipeline(presence, absence, **args).build_host_batch(0)
   emb_batch = pl.TrainPipeline(*embedded, **args).build_host_batch(0)
   assert "presence_pixels" in pixel_batch and "presence_image_emb" in emb_batch
+  assert ("presence_distractor_image_emb" in emb_batch) == distractors
 
   labels = partition.label_params(params)
   tx = partition.make_optimizer(labels, learning_rate=1e-3, warmup_steps=0, total_steps=10)
-  step = train_step.pmap_train_step(train_step.make_train_step(model, labels, tx))
+  step = train_step.pmap_train_step(train_step.make_train_step(model, labels, tx,
+                                                               objective=objective))
   state = train_step.create_train_state(params, tx)
   _, from_pixels = step(jax_utils.replicate(state), pixel_batch)
   _, from_cache = step(jax_utils.replicate(state), emb_batch)

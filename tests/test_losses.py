@@ -52,11 +52,12 @@ def test_losses_match_numpy(b, d, scale):
   np.testing.assert_allclose(am["L_text"], np.maximum(0, (cap * upd).sum(1) + 0.3).mean(), rtol=1e-5, atol=1e-6)
   got, _ = losses.clip_loss(img, cap, scale)
   np.testing.assert_allclose(got, np_clip(img, cap, scale), rtol=1e-5, atol=1e-5)
-  # CoN-CLIP: negated captions should retrieve their distractor images.
-  images = np.concatenate([img, dis])
-  want = (np_ce(scale * img @ np.concatenate([cap, neg]).T, np.arange(b)) +
-          np_ce(scale * cap @ images.T, np.arange(b)) +
-          np_ce(scale * neg @ images.T, np.arange(b) + b)) / 3
+  # CoN-CLIP, written as its CustomLossWithNegatives: images [img; dis], texts [cap; neg].
+  image_features, text_features = np.concatenate([img, dis]), np.concatenate([cap, neg])
+  text_features_rev = np.concatenate([neg, cap])
+  want = (np_ce(scale * image_features[:b] @ text_features.T, np.arange(b)) +
+          np_ce(scale * text_features[:b] @ image_features.T, np.arange(b)) +
+          np_ce(scale * image_features[b:] @ text_features_rev.T, np.arange(b))) / 3
   got, _ = losses.conclip_loss(img, cap, neg, dis, scale)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -73,6 +74,12 @@ def test_total_combines_presence_and_absence():
   plain, _ = losses.total_loss(e, 10.0, objective="plain_clip")
   np.testing.assert_allclose(plain, (np_clip(e["presence_image"], e["presence_caption"], 10.0) +
                                      np_clip(e["absence_image"], e["absence_caption"], 10.0)) / 2, rtol=1e-5)
+  e["presence_distractor"] = unit(rng, 6, 8)
+  con, m = losses.total_loss(e, 10.0, objective="conclip", lambda_stage2=0.7)
+  want = (losses.conclip_loss(e["presence_image"], e["presence_caption"], e["presence_negated"],
+                              e["presence_distractor"], 10.0)[0] +
+          0.7 * np_absence(e["absence_image"], e["absence_caption"], e["absence_updated"], 10.0, 1.0, 1.0, 0.9))
+  np.testing.assert_allclose(con, want, rtol=1e-5)
   with pytest.raises(ValueError, match="Unknown objective 'bogus'"):
     losses.total_loss(e, 10.0, objective="bogus")
 

@@ -169,6 +169,23 @@ def test_images(pairs):
     assert np.median(image) < 100  # objects cover under half the dark background
 
 
+def test_distractor_images_drop_exactly_the_negated_object(pairs):
+  for i in range(100):
+    scene, negated = pairs["scenes"][i], pairs["negated_objects"][i]
+    rest = tuple(o for o in scene if o != negated)
+    assert ns.caption_is_true(pairs["negated"][i], rest)
+    assert not ns.caption_is_true(pairs["captions"][i], rest)
+    image, distractor = pairs["images"][i].astype(int), pairs["distractor_images"][i].astype(int)
+    changed = np.abs(image - distractor).max(-1) > 0
+    for obj, (x, y) in zip(scene, pairs["centres"][i]):
+      at_centre = distractor[int(y), int(x)]
+      if obj == negated:  # background (dark gray) where the object was
+        assert changed[int(y), int(x)] and at_centre.max() < 100, (i, obj, at_centre)
+      else:  # the other objects are untouched
+        np.testing.assert_array_equal(at_centre, image[int(y), int(x)])
+    assert changed.sum() < 0.3 * changed.size  # one object, not a new canvas
+
+
 def test_white_differs_from_background():
   scene = (("white", "square"),)
   for seed in range(20):

@@ -149,7 +149,7 @@ def test_batch_layout(tokenizer, devices):
 def test_image_embeddings_replace_pixels(tokenizer):
   presence, absence = _tables(8, 8)
   emb = np.arange(8 * 5, dtype=np.float32).reshape(8, 5)
-  pipe = _pipeline(tokenizer, presence.with_image_emb(emb), absence, local_devices=2)
+  pipe = _pipeline(tokenizer, presence.with_image_emb(image_emb=emb), absence, local_devices=2)
   batch = pipe.build_host_batch(0)
   assert "presence_pixels" not in batch and "absence_pixels" in batch
   np.testing.assert_array_equal(batch["presence_image_emb"].reshape(4, 5),
@@ -218,3 +218,49 @@ def test_corrupt_image_raises_naming_path_and_record(tmp_path, tokenizer):
     pipe.build_host_batch(0)
   with pytest.raises(DataError, match=r"bad\.jpg, record 2"):
     list(pipe)
+
+
+def test_distractors_give_their_own_batch_keys(tokenizer):
+  presence, absence = _tables(8, 8)
+  distractors = 255 - presence.images
+  presence = pl.PresenceTable(presence.images, presence.captions, presence.negated,
+                              distractors=distractors)
+  pipe = _pipeline(tokenizer, presence, absence, local_devices=2)
+  batch, idx = pipe.build_host_batch(2), pipe.host_indices(2)["presence"]
+  want = np.stack([preprocess_image(distractors[i], SIZE) for i in idx])
+  np.testing.assert_array_equal(batch["presence_distractor_pixels"].reshape(want.shape), want)
+  assert not np.array_equal(batch["presence_pixels"], batch["presence_distractor_pixels"])
+  # Through tf.data, with the embeddings of both columns.
+  image_emb = np.arange(40, dtype=np.float32).reshape(8, 5)
+  pipe = _pipeline(tokenizer, presence.with_image_emb(image_emb=image_emb,
+                                                      distractor_emb=-image_emb), absence)
+  batch, idx = next(iter(pipe)), pipe.host_indices(0)["presence"]
+  assert "presence_distractor_pixels" not in batch
+  np.testing.assert_array_equal(batch["presence_distractor_image_emb"][0], -image_emb[idx])
+  # Dropping an example drops its distractor too.
+  table = pl.validate(pl.PresenceTable(presence.images, ["", *presence.captions[1:]],
+                                       presence.negated, distractors=distractors), "skip")
+  np.testing.assert_array_equal(table.distractors, distractors[1:])
+  with pytest.raises(ValueError, match="7 distractors, 8 captions"):
+    pl.PresenceTable(presence.images, presence.captions, presence.negated,
+                     distractors=distractors[:7])
+
+
+def test_distractor_paths_are_checked(tmp_path, tokenizer):
+  paths = _write_images(tmp_path, 4)
+  records = [PresenceRecord(p, f"caption {i}", f"not {i}", distractor_path=paths[3 - i])
+             for i, p in enumerate(paths)]
+  table = pl.presence_table(records)
+  assert table.distractors == paths[::-1]
+  records[2] = PresenceRecord(paths[2], "caption", "not", str(tmp_path / "gone.png"))
+  with pytest.raises(DataError, match=r"record 2, key 'distractor_path'.*gone\.png"):
+    pl.presence_table(records)
+  records[2] = PresenceRecord(paths[2], "caption", "not")
+  with pytest.raises(DataError, match=r"record 2, key 'distractor_path': no distractor"):
+    pl.presence_table(records)
+  (tmp_path / "bad.png").write_bytes(b"not a png")
+  records[2] = PresenceRecord(paths[2], "caption", "not", str(tmp_path / "bad.png"))
+  _, absence = _tables(4, 4)
+  pipe = _pipeline(tokenizer, pl.presence_table(records), absence, num_steps=1)
+  with pytest.raises(DataError, match=r"bad\.png, record 2, key 'distractor_image'"):
+    pipe.build_host_batch(0)

@@ -257,6 +257,57 @@ def test_ccneg_eval_size_and_missing_images(ccneg_pt):
     assert len(load_ccneg(path, root, split="all", check_images=False)) == 5
 
 
+def _distractor_fixture(tmp_path, mapping):
+    """COCO train2017-like json (ids out of order) + images, and a mapping .pt."""
+    import torch
+
+    image_dir = tmp_path / "train2017"
+    ids = [30, 4, 17]  # CocoCaptions order (sorted ids): 4, 17, 30
+    for k in ids:
+        _jpeg(image_dir / f"{k:012d}.jpg", value=k)
+    coco = _write_json(tmp_path / "captions_train2017.json", {
+        "images": [{"id": k, "file_name": f"{k:012d}.jpg"} for k in ids], "annotations": []})
+    mapping_path = tmp_path / "distractor_image_mapping.pt"
+    torch.save(mapping, mapping_path)
+    return str(mapping_path), coco, image_dir
+
+
+def test_ccneg_distractors_from_coco_mapping(ccneg_pt, tmp_path):
+    import torch
+
+    path, root = ccneg_pt
+    mapping, coco, image_dir = _distractor_fixture(tmp_path, [[2, 0, 1], [0, 1, 2], [1, 2, 0],
+                                                              [2, 1, 0], [0, 2, 1]])
+    paths = ccneg.load_distractor_paths(mapping, coco, image_dir)
+    by_index = [str(image_dir / f"{k:012d}.jpg") for k in (4, 17, 30)]
+    assert paths == [by_index[j] for j in (2, 0, 1, 2, 0)]
+    train = load_ccneg(path, root, split="train", eval_size=2, distractor_paths=paths)
+    evaluation = load_ccneg(path, root, split="eval", eval_size=2, distractor_paths=paths)
+    assert [r.distractor_path for r in train + evaluation] == paths
+    assert [r.caption for r in train] == [r.caption for r in load_ccneg(path, root, eval_size=2)]
+    # A [N, k] tensor works too; the train-only mapping of the release covers "train".
+    torch.save(torch.tensor([[2, 0], [0, 1], [1, 2]]), mapping)
+    short = ccneg.load_distractor_paths(mapping, coco, image_dir)
+    assert short == paths[:3]
+    assert len(load_ccneg(path, root, eval_size=2, distractor_paths=short)) == 3
+    with pytest.raises(DataError, match=r"3 entries; the 'eval' split needs one for each of "
+                                        r"records 3..4"):
+        load_ccneg(path, root, split="eval", eval_size=2, distractor_paths=short)
+
+
+@pytest.mark.parametrize("mapping,parts", [
+    ([[0], [3]], ("record 1", "COCO index 3 is outside the 3 images", "captions_train2017.json")),
+    ([[0], []], ("record 1", "empty list of COCO indices")),
+    ([[0], ["a"]], ("record 1", "expected an integer COCO index, got 'a'")),
+    ({"a": 1}, ("expected a list (one entry per CC-Neg record), got dict",)),
+])
+def test_ccneg_distractor_mapping_errors(tmp_path, mapping, parts):
+    mapping_path, coco, image_dir = _distractor_fixture(tmp_path, mapping)
+    with pytest.raises(DataError) as err:
+        ccneg.load_distractor_paths(mapping_path, coco, image_dir)
+    _assert_names(err, mapping_path, *parts)
+
+
 # --------------------------------------------------------------------------- COCO negation
 
 

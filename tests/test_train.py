@@ -101,3 +101,81 @@ def test_unknown_config_key_is_an_error(tmp_path):
                          str(ROOT / "configs/tiny.py"), "--workdir", str(tmp_path),
                          "--config.learning_rte=1e-3"], cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode != 0 and "learning_rte" in proc.stderr
+
+
+def _write_file_datasets(root: Path, n: int, size: int) -> dict:
+  """NegShapes written as CC-Neg (.pt), NegationCLIP COCO (json) and CoN-CLIP's distractor
+  mapping over a COCO-train2017-like folder, all PNG; returns the config.data overrides."""
+  import torch
+  from PIL import Image
+
+  from negclip_jax.data import negshapes
+
+  data = negshapes.generate_pairs(n, seed=1, image_size=size)
+  for sub in ("cc3m/images", "coco"):
+    (root / sub).mkdir(parents=True)
+  for i in range(n):
+    Image.fromarray(data["images"][i]).save(root / "cc3m/images" / f"{i}.png")
+    Image.fromarray(data["distractor_images"][i]).save(root / "coco" / f"{1000 + i}.png")
+  torch.save({"image_paths": [f"/workspace/datasets/cc3m/images/{i}.png" for i in range(n)],
+              "annotations": [{"json": {"caption": c}, "sop_data": {"negative-prompt": m}}
+                              for c, m in zip(data["captions"], data["negated"])]},
+             root / "ccneg_preprocessed.pt")
+  ids = [1000 + i for i in range(n)][::-1]  # listed out of order; the mapping uses sorted ids
+  (root / "captions_train2017.json").write_text(json.dumps(
+      {"images": [{"id": k, "file_name": f"{k}.png"} for k in ids], "annotations": []}))
+  torch.save([[i, (i + 1) % n] for i in range(n)], root / "distractor_image_mapping.pt")
+  (root / "negation_coco.json").write_text(json.dumps({
+      "images": [{"id": i, "file_name": f"{i}.png"} for i in range(n)],
+      "annotations": [{"image_id": i, "caption": c, "updated_caption": u}
+                      for i, (c, u) in enumerate(zip(data["captions"], data["updated"]))]}))
+  return dict(presence="ccneg", absence="coco_negation", ccneg_path=str(root / "ccneg_preprocessed.pt"),
+              ccneg_image_root=str(root / "cc3m"), ccneg_eval_size=0,
+              coco_json=str(root / "negation_coco.json"), coco_image_dir=str(root / "cc3m/images"),
+              distractor_mapping=str(root / "distractor_image_mapping.pt"),
+              distractor_coco_json=str(root / "captions_train2017.json"),
+              distractor_image_dir=str(root / "coco"))
+
+
+def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
+  data_keys = _write_file_datasets(tmp_path / "data", 16, 32)
+  runs = {}
+  for cache in (True, False):
+    c = config(objective="conclip", total_steps=2, log_every=1, save_every=2)
+    for k, v in {**data_keys, "image_cache": cache}.items():
+      setattr(c.data, k, v)
+    if cache:
+      presence, _ = train.load_tables(c, 32)
+      assert presence.distractors == [str(tmp_path / "data/coco" / f"{1000 + i}.png")
+                                      for i in range(16)]
+    runs[cache] = train.train(c, tmp_path / f"cache_{cache}")
+  rows = [json.loads(l) for l in (tmp_path / "cache_True/metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r[k]) for r in rows for k in ("L1", "L2", "L3", "L_neg", "total"))
+  # The cached image tower (images and distractors) trains exactly as the pixel path.
+  for k, v in runs[False]["last_metrics"].items():
+    if k != "samples_per_s":
+      np.testing.assert_allclose(runs[True]["last_metrics"][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+  # One cache entry for the images (both tables list the same files), one for the distractors.
+  assert len(list((tmp_path / "cache_True/image_cache").glob("*.npy"))) == 2
+  # Without the mapping the run stops before training, naming the key.
+  c = config(objective="conclip")
+  for k, v in {**data_keys, "distractor_mapping": ""}.items():
+    setattr(c.data, k, v)
+  with pytest.raises(ValueError, match="config.data.distractor_mapping must be set"):
+    train.train(c, tmp_path / "no_mapping")
+  with pytest.raises(ValueError, match=r"config.objective='con_clip'; choose from"):
+    train.train(config(objective="con_clip"), tmp_path / "typo")
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")
+                                        if p.stem != "__init__"))
+def test_every_config_loads_with_valid_choices(name):
+  import importlib
+
+  from negclip_jax import losses, partition
+  c = importlib.import_module(f"configs.{name}").get_config()
+  assert c.objective in losses.OBJECTIVES
+  assert partition.text_layers(c.layers, 12)
+  assert {c.data.presence, c.data.absence} <= {"ccneg", "coco_negation", "negshapes"}
+  assert c.data.on_error in ("raise", "skip")

@@ -13,7 +13,7 @@ CONFIG = model_lib.get_config("tiny")
 MODEL = model_lib.CLIP(CONFIG)
 
 
-def make_batch(global_batch, seed=0, pixels=True):
+def make_batch(global_batch, seed=0, pixels=True, distractors=False):
   rng = np.random.default_rng(seed)
   c = CONFIG
 
@@ -28,11 +28,13 @@ def make_batch(global_batch, seed=0, pixels=True):
 
   batch = {k: ids() for k in ("presence_caption_ids", "presence_negated_ids",
                               "absence_caption_ids", "absence_updated_ids")}
-  if pixels:
-    batch.update(presence_pixels=images(), absence_pixels=images())
-  else:
-    batch.update(presence_image_emb=rng.standard_normal((global_batch, c.projection_dim)).astype(np.float32),
-                 absence_image_emb=rng.standard_normal((global_batch, c.projection_dim)).astype(np.float32))
+  emb = lambda: rng.standard_normal((global_batch, c.projection_dim)).astype(np.float32)
+  prefixes = ("presence", "absence") + (("presence_distractor",) if distractors else ())
+  for prefix in prefixes:
+    if pixels:
+      batch[f"{prefix}_pixels"] = images()
+    else:
+      batch[f"{prefix}_image_emb"] = emb()
   return batch
 
 
@@ -126,10 +128,11 @@ def test_frozen_weight_gradients_are_not_computed():
   assert whole - front == 6 * frozen_blocks
 
 
-@pytest.mark.parametrize("pixels", [True, False])
-def test_one_and_four_devices_agree(pixels):
-  params, _, tx, step = setup()
-  batches = [make_batch(8, s, pixels) for s in range(2)]
+@pytest.mark.parametrize("pixels,objective", [(True, "omni_negclip"), (False, "omni_negclip"),
+                                              (False, "conclip")])
+def test_one_and_four_devices_agree(pixels, objective):
+  params, _, tx, step = setup(objective=objective)
+  batches = [make_batch(8, s, pixels, distractors=objective == "conclip") for s in range(2)]
   one, m1 = run_pmap(step, params, tx, batches, jax.devices()[:1])
   four, m4 = run_pmap(step, params, tx, batches, jax.devices()[:4])
   for a, b in zip(m1, m4):
@@ -156,3 +159,10 @@ def test_shard_map_equals_pmap():
   np.testing.assert_allclose(np.asarray(m["total"]), m_pmap[0]["total"], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want.params)):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6, atol=1e-7)
+
+
+def test_conclip_without_distractors_names_the_missing_key():
+  params, _, tx, step = setup(objective="conclip")
+  with pytest.raises(ValueError, match="needs presence_distractor_pixels or "
+                                       "presence_distractor_image_emb"):
+    run_pmap(step, params, tx, [make_batch(4, pixels=False)], jax.devices()[:1])

@@ -9,6 +9,12 @@
 ``.jsonl`` layout: one ``{"image_path", "caption", "negative_prompt"}`` object per line,
 with the same raw values as the ``.pt`` (paths not rewritten, commas kept).
 
+Distractor images (CoN-CLIP's objective): ``distractor_image_mapping.pt`` is a
+``torch.save``-d list with one entry per CC-Neg record (file order): the indices of its
+top-k COCO train2017 images, best first (a list of ints or a 1-D tensor; the whole list
+may also be one [N, k] tensor). Index j is the j-th image of ``captions_train2017.json``
+in increasing id order (torchvision's ``CocoCaptions``); the top-1 image is used.
+
 CLI: ``python -m negclip_jax.data.ccneg convert IN.pt OUT.jsonl``.
 """
 
@@ -18,8 +24,9 @@ import argparse
 import json
 import os
 import pickle
-from typing import Literal
+from typing import Literal, Sequence
 
+from negclip_jax.data.coco_negation import coco_image_paths
 from negclip_jax.data.records import (
     DataError,
     PresenceRecord,
@@ -50,7 +57,12 @@ def _unpickler_reason(error: Exception) -> str:
     return type(error).__name__
 
 
-def _load_pt(path: str) -> object:
+_JSONL_HINT = ("or convert the file yourself to JSONL (one {\"image_path\", \"caption\", "
+               "\"negative_prompt\"} object per line; see docs/data_formats.md) and load that")
+
+
+def _load_pt(path: str, hint: str = _JSONL_HINT) -> object:
+    """torch.load(weights_only=True); DataError naming the file if that refuses it."""
     import torch  # Only the .pt format needs torch.
 
     try:
@@ -61,9 +73,7 @@ def _load_pt(path: str) -> object:
             f"cannot be loaded by torch's safe loader (weights_only=True): {_unpickler_reason(e)}. "
             "The file is corrupt or holds objects other than plain containers, strings, "
             "numbers and tensors; this reader never unpickles arbitrary objects. If you trust "
-            "the file, allowlist the named global with torch.serialization.add_safe_globals, "
-            "or convert the file yourself to JSONL (one {\"image_path\", \"caption\", "
-            "\"negative_prompt\"} object per line; see docs/data_formats.md) and load that",
+            f"the file, allowlist the named global with torch.serialization.add_safe_globals, {hint}",
         ) from e
     except FileNotFoundError:
         raise
@@ -131,8 +141,12 @@ def load_ccneg(
     *,
     source_prefix: str = CCNEG_SOURCE_PREFIX,
     check_images: bool = True,
+    distractor_paths: Sequence[str] | None = None,
 ) -> list[PresenceRecord]:
     """Load CC-Neg as ``PresenceRecord(image_path, caption, negated)``, in file order.
+
+    ``distractor_paths[i]`` (from :func:`load_distractor_paths`) becomes the
+    ``distractor_path`` of file record i; it must cover every selected record.
 
     Image paths starting with ``source_prefix`` have it replaced by ``image_root``;
     other relative paths are joined to ``image_root``, other absolute paths are kept.
@@ -152,17 +166,63 @@ def load_ccneg(
         cut = len(raw) - eval_size
         selected = raw[:cut] if split == "train" else raw[cut:]
 
+    first = len(raw) - eval_size if split == "eval" else 0
+    if distractor_paths is not None and len(distractor_paths) < first + len(selected):
+        raise DataError(path, f"the distractor mapping has {len(distractor_paths)} entries; the "
+                        f"{split!r} split needs one for each of records {first}.."
+                        f"{first + len(selected) - 1}")
     root = os.fspath(image_root)
     records = []
-    for image_path, caption, negative in selected:
+    for i, (image_path, caption, negative) in enumerate(selected, start=first):
         if image_path.startswith(source_prefix):
             image_path = os.path.join(root, image_path[len(source_prefix):])
         else:
             image_path = resolve_path(image_path, root)
-        records.append(PresenceRecord(image_path, caption, negative.replace(",", "")))
+        distractor = None if distractor_paths is None else distractor_paths[i]
+        records.append(PresenceRecord(image_path, caption, negative.replace(",", ""), distractor))
     if check_images:
         check_images_exist(path, [r.image_path for r in records])
     return records
+
+
+def _top1(mapping_path: str, entry, index: int) -> int:
+    """The first (best) COCO index of one mapping entry."""
+    if hasattr(entry, "tolist"):  # a tensor row or a 0-d tensor
+        entry = entry.tolist()
+    if isinstance(entry, (list, tuple)):
+        if not entry:
+            raise DataError(mapping_path, "empty list of COCO indices", index=index)
+        entry = entry[0]
+    if not isinstance(entry, int) or isinstance(entry, bool):
+        raise DataError(mapping_path, f"expected an integer COCO index, got {entry!r}", index=index)
+    return entry
+
+
+def load_distractor_paths(mapping_path: str | os.PathLike, coco_json: str | os.PathLike,
+                          coco_image_dir: str | os.PathLike) -> list[str]:
+    """Per CC-Neg record (file order), the path of its top-1 distractor image.
+
+    ``mapping_path`` is CoN-CLIP's ``distractor_image_mapping.pt`` and ``coco_json`` the
+    COCO annotation file whose images it indexes (see the module docstring); paths are
+    ``coco_image_dir/file_name``. Loaded with torch's safe loader only.
+    """
+    mapping_path = os.fspath(mapping_path)
+    mapping = _load_pt(mapping_path, hint="or re-save it as a plain list of lists of ints")
+    if hasattr(mapping, "tolist"):
+        mapping = mapping.tolist()
+    if not isinstance(mapping, (list, tuple)):
+        raise DataError(mapping_path, "expected a list (one entry per CC-Neg record), got "
+                        f"{type(mapping).__name__}")
+    id_to_path = coco_image_paths(coco_json, coco_image_dir)
+    ordered = [id_to_path[k] for k in sorted(id_to_path)]
+    paths = []
+    for i, entry in enumerate(mapping):
+        j = _top1(mapping_path, entry, i)
+        if not 0 <= j < len(ordered):
+            raise DataError(mapping_path, f"COCO index {j} is outside the {len(ordered)} images "
+                            f"of {os.fspath(coco_json)}", index=i)
+        paths.append(ordered[j])
+    return paths
 
 
 def convert_ccneg_to_jsonl(pt_path: str | os.PathLike, out_path: str | os.PathLike) -> int:

@@ -22,24 +22,13 @@ from negclip_jax.data.records import (
 )
 
 
-def load_coco_negation(
-    json_path: str | os.PathLike,
-    image_dir: str | os.PathLike,
-    *,
-    check_images: bool = True,
-) -> list[AbsenceRecord]:
-    """One ``AbsenceRecord(image_path, caption, updated)`` per annotation, in file order.
-
-    ``image_path`` is ``image_dir/file_name`` (an absolute ``file_name`` is kept).
-    Record indices in errors are positions in ``annotations`` (or ``images`` when the
-    key is an image field).
-    """
-    data = load_json(json_path)
+def coco_image_paths(json_path: str | os.PathLike, image_dir: str | os.PathLike,
+                     data=None) -> dict[int, str]:
+    """COCO image id -> ``image_dir/file_name`` (an absolute ``file_name`` is kept), from
+    the ``images`` list of a COCO annotation file (``data``: that file, already parsed)."""
+    data = load_json(json_path) if data is None else data
     images = require_list(json_path, get_field(json_path, data, "images", index=None),
                           index=None, key="images")
-    annotations = require_list(json_path, get_field(json_path, data, "annotations", index=None),
-                               index=None, key="annotations")
-
     id_to_path: dict[int, str] = {}
     for i, image in enumerate(images):
         image_id = get_field(json_path, image, "id", index=i, label="images.id")
@@ -53,7 +42,25 @@ def load_coco_negation(
             index=i, key="images.file_name",
         )
         id_to_path[image_id] = resolve_path(file_name, image_dir)
+    return id_to_path
 
+
+def load_coco_negation(
+    json_path: str | os.PathLike,
+    image_dir: str | os.PathLike,
+    *,
+    check_images: bool = True,
+) -> list[AbsenceRecord]:
+    """One ``AbsenceRecord(image_path, caption, updated)`` per annotation, in file order.
+
+    ``image_path`` is ``image_dir/file_name`` (an absolute ``file_name`` is kept).
+    Record indices in errors are positions in ``annotations`` (or ``images`` when the
+    key is an image field).
+    """
+    data = load_json(json_path)
+    id_to_path = coco_image_paths(json_path, image_dir, data)
+    annotations = require_list(json_path, get_field(json_path, data, "annotations", index=None),
+                               index=None, key="annotations")
     records = []
     for i, ann in enumerate(annotations):
         image_id = get_field(json_path, ann, "image_id", index=i)

@@ -26,7 +26,7 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from negclip_jax.data.pipeline import Images, check_on_error, load_example_image
+from negclip_jax.data.pipeline import IMAGE_COLUMNS, Images, check_on_error, load_example_image
 from negclip_jax.data.records import DataError
 from negclip_jax.embed import Embedder
 from negclip_jax.preprocess import CLIP_MEAN, CLIP_STD
@@ -111,13 +111,13 @@ def _all_failures(failed: dict[int, str], n: int) -> dict[int, str]:
                                      "loaded it)") for i in np.flatnonzero(every)}
 
 
-def _compute(model, params, images: Images, image_size, batch_size, on_error, record_index):
+def _compute(model, params, images: Images, image_size, batch_size, on_error, record_index, key):
   """(emb float32 [K, D] of the loadable images, dropped {position: reason})."""
   failed: dict[int, str] = {}
 
   def load(i):
     try:
-      return load_example_image(images, i, image_size, int(record_index[i]))
+      return load_example_image(images, i, image_size, int(record_index[i]), key)
     except DataError as e:
       if on_error == "raise":
         raise
@@ -134,11 +134,11 @@ def _compute(model, params, images: Images, image_size, batch_size, on_error, re
 
 def image_embeddings(model, params, images: Images, image_size: int, cache_dir: str | None = None,
                      batch_size: int = 64, on_error: str = "raise",
-                     record_index=None) -> tuple[np.ndarray, np.ndarray]:
+                     record_index=None, key: str = "image") -> tuple[np.ndarray, np.ndarray]:
   """Raw `get_image_features` of `images` -> (emb float32 [K, D], kept int64 [K] positions).
 
   images: uint8 [N, H, W, 3] or N file paths (preprocessed at `image_size`). An image that
-  cannot be loaded raises DataError (path, record index = record_index[i], default i), or
+  cannot be loaded raises DataError (path, record index = record_index[i], default i, `key`), or
   with on_error="skip" is left out of `kept` and logged. With `cache_dir`, a previous result
   for the same key is loaded instead of computed (a stored skip-mode result still raises
   for its dropped images when on_error="raise"). With several processes each loads its own
@@ -153,7 +153,8 @@ def image_embeddings(model, params, images: Images, image_size: int, cache_dir: 
     cached = _read_cache(stem)
     logger.info("image cache %s: %s (%s)", "hit" if cached else "miss", stem, _describe(images))
   if cached is None:
-    emb, dropped = _compute(model, params, images, image_size, batch_size, on_error, record_index)
+    emb, dropped = _compute(model, params, images, image_size, batch_size, on_error, record_index,
+                            key)
     if stem is not None:
       os.makedirs(cache_dir, exist_ok=True)
       _write_cache(stem, emb, dropped, images, image_size)
@@ -164,7 +165,7 @@ def image_embeddings(model, params, images: Images, image_size: int, cache_dir: 
     if on_error == "raise":
       where = "image array" if isinstance(images, np.ndarray) else images[first]
       raise DataError(where, f"unreadable image (found by an on_error='skip' build of this "
-                      f"cache): {dropped[first]}", index=int(record_index[first]), key="image")
+                      f"cache): {dropped[first]}", index=int(record_index[first]), key=key)
     logger.warning("image cache: dropped %d of %d images that could not be loaded (first: %s)",
                    len(dropped), n, dropped[first])
   kept = np.array([i for i in range(n) if i not in dropped], np.int64)
@@ -173,10 +174,20 @@ def image_embeddings(model, params, images: Images, image_size: int, cache_dir: 
 
 def embed_table(table, model, params, image_size: int, *, cache_dir: str | None = None,
                 batch_size: int = 64, on_error: str = "raise"):
-  """`table` (a pipeline table) with `image_emb` from `image_embeddings`; unloadable rows dropped.
+  """`table` (a pipeline table) with `image_emb` (and `distractor_emb` if it holds
+  distractors) from `image_embeddings`; rows with an unloadable image dropped.
 
   NegShapes' two tables share one image array: with `cache_dir` the second call is a hit.
   """
-  emb, kept = image_embeddings(model, params, table.images, image_size, cache_dir, batch_size,
-                               on_error, record_index=table.record_index)
-  return table.with_image_emb(emb, kept)
+  embedded, reasons = {}, {}
+  for column in table.image_columns():
+    key = "image" if column == "images" else "distractor_image"
+    emb, kept = image_embeddings(model, params, getattr(table, column), image_size, cache_dir,
+                                 batch_size, on_error, record_index=table.record_index, key=key)
+    embedded[column] = (emb, kept)
+    for i in np.setdiff1d(np.arange(len(table)), kept):
+      reasons.setdefault(int(i), f"{key} could not be loaded")
+  keep = np.setdiff1d(np.arange(len(table)), list(reasons))
+  return table.with_image_emb(reasons, **{
+      IMAGE_COLUMNS[column][0]: emb[np.searchsorted(kept, keep)]
+      for column, (emb, kept) in embedded.items()})

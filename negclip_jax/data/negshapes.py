@@ -23,6 +23,8 @@ Per example (`generate_pairs`)
   caption  plain caption listing every object of the scene, in random order: true.
   negated  negation caption over the scene's objects whose absence clause names one
            present object (``negated_object``): false (CC-Neg style).
+  distractor image  the same drawing without ``negated_object``: ``negated`` is true for
+           it, ``caption`` false (CoN-CLIP's distractor image).
   updated  ``caption`` + an absence clause naming an object not in the scene
            (``absent_object``), chosen to share its shape, its colour, or nothing with the
            present objects: true (NegationCLIP style).
@@ -223,6 +225,13 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, half: float) -> np.nda
   return ((au <= half) & (av <= arm)) | ((au <= arm) & (av <= half))
 
 
+def _without(drawing: _Drawing, index: int) -> _Drawing:
+  """`drawing` with box `index` removed: the other objects keep their places and colours."""
+  keep = np.arange(len(drawing.sizes)) != index
+  return dataclasses.replace(drawing, centres=drawing.centres[keep], sizes=drawing.sizes[keep],
+                             jitter=drawing.jitter[keep])
+
+
 def _draw(scene: Scene, drawing: _Drawing) -> np.ndarray:
   """uint8 [S, S, 3]: `scene[i]` painted in box i of `drawing`, in order."""
   canvas = drawing.background.copy()
@@ -266,8 +275,10 @@ def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "trai
   """Training data for the plain, negated and updated objectives (seed >= 0).
 
   Returns images uint8 [N, S, S, 3]; captions, negated, updated: list[str] of N (true,
-  false, true for image i); scenes: list[Scene]; negated_objects, absent_objects:
-  list[Object]; centres: list of float [n_i, 2] (x, y) px of scene i's objects.
+  false, true for image i); distractor_images uint8 [N, S, S, 3]: image i without
+  negated_objects[i] (negated i true, caption i false); scenes: list[Scene];
+  negated_objects, absent_objects: list[Object]; centres: list of float [n_i, 2] (x, y)
+  px of scene i's objects.
   `split` is "train" or "eval" (independent streams). Scenes have 1-3 objects, uniformly.
   """
   if split not in ("train", "eval"):
@@ -276,10 +287,13 @@ def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "trai
   out = {k: [] for k in ("captions", "negated", "updated", "scenes", "negated_objects",
                          "absent_objects", "centres")}
   images = np.empty((num, image_size, image_size, 3), np.uint8)
+  distractors = np.empty_like(images)
   for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (1 / 3,) * 3)):
     images[i] = _draw(scene, drawing)
     caption = _plain_caption(scene, rng)
-    negated = scene[rng.integers(len(scene))]
+    k = rng.integers(len(scene))
+    negated = scene[k]
+    distractors[i] = _draw(scene[:k] + scene[k + 1:], _without(drawing, k))
     absent = _sample_absent(scene, rng, new_shape=False)
     out["captions"].append(caption)
     out["negated"].append(_negation_caption([o for o in scene if o != negated], negated, rng))
@@ -288,7 +302,7 @@ def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "trai
     out["negated_objects"].append(negated)
     out["absent_objects"].append(absent)
     out["centres"].append(drawing.centres)
-  return {"images": images, **out}
+  return {"images": images, "distractor_images": distractors, **out}
 
 
 def presence_task(num: int, seed: int, image_size: int = 64) -> dict:

@@ -2,8 +2,10 @@
 
 Tables
   `PresenceTable(images, captions, negated)` and `AbsenceTable(images, captions, updated)`
-  hold N examples; `images` is uint8 [N, H, W, 3] (in memory) or N file paths. A table
-  with `image_emb` float32 [N, D] (`image_cache.embed_table`) feeds `get_image_features`
+  hold N examples; `images` is uint8 [N, H, W, 3] (in memory) or N file paths. A presence
+  table may also hold `distractors` (same types): per example an image for which the
+  negated caption is true, for CoN-CLIP's objective. A table with `image_emb` (and
+  `distractor_emb`) float32 [N, D] (`image_cache.embed_table`) feeds `get_image_features`
   outputs instead of pixels. Build tables with `presence_table`, `absence_table` or
   `negshapes_tables`: an empty caption / negated / updated text or a missing image file
   raises `DataError` (record index + field); with ``on_error="skip"`` such examples are
@@ -24,6 +26,8 @@ Batches (one step, one host; b = B / P, d local devices)
       together (the same on every host; ``truncate_text=False`` keeps L = context_length)
   presence_pixels, absence_pixels: float32 [d, b / d, S, S, 3] (`preprocess_image`), or
   presence_image_emb, absence_image_emb: float32 [d, b / d, D] for tables with embeddings
+  presence_distractor_pixels / presence_distractor_image_emb: the same, if the presence
+      table has distractors
   step: int32 [d], the global step (repeated, so the whole dict can go through pmap)
 
 Checkpointing
@@ -51,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 Images = Union[np.ndarray, Sequence[str]]
 STREAMS = {"presence": 0, "absence": 1}
+# Image column -> (its embedding field, what follows the table prefix in batch keys).
+IMAGE_COLUMNS = {"images": ("image_emb", ""), "distractors": ("distractor_emb", "_distractor")}
 ON_ERROR = ("raise", "skip")
 _SHOWN = 5  # dropped examples named in a warning
 
@@ -61,15 +67,15 @@ def check_on_error(on_error: str) -> None:
 
 
 def load_example_image(images: Images, i: int, image_size: int,
-                       record: int | None = None) -> np.ndarray:
-  """Image i preprocessed to float32 [S, S, 3]; an unreadable file -> DataError(path, record)."""
+                       record: int | None = None, key: str = "image") -> np.ndarray:
+  """Image i preprocessed to float32 [S, S, 3]; an unreadable file -> DataError(path, record, key)."""
   image = images[i]
   try:
     return preprocess_image(image, image_size)
   except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
     if isinstance(image, np.ndarray):
       raise
-    raise DataError(image, str(e), index=i if record is None else record, key="image") from e
+    raise DataError(image, str(e), index=i if record is None else record, key=key) from e
 
 
 class _Table:
@@ -79,20 +85,24 @@ class _Table:
 
   def __post_init__(self):
     n = len(self.captions)
-    array = isinstance(self.images, np.ndarray)
-    if array and (self.images.ndim != 4 or self.images.dtype != np.uint8):
-      raise ValueError(f"image arrays must be uint8 [N, H, W, 3], got {self.images.dtype} "
-                       f"{self.images.shape}")
-    if len(self.images) != n or len(getattr(self, self.SECOND)) != n:
-      raise ValueError(f"{self.PREFIX} table: {len(self.images)} images, {n} captions, "
-                       f"{len(getattr(self, self.SECOND))} {self.SECOND} texts")
+    if len(getattr(self, self.SECOND)) != n:
+      raise ValueError(f"{self.PREFIX} table: {n} captions, {len(getattr(self, self.SECOND))} "
+                       f"{self.SECOND} texts")
+    for column in self.image_columns():
+      images = getattr(self, column)
+      if isinstance(images, np.ndarray) and (images.ndim != 4 or images.dtype != np.uint8):
+        raise ValueError(f"{self.PREFIX} table: {column} arrays must be uint8 [N, H, W, 3], "
+                         f"got {images.dtype} {images.shape}")
+      if len(images) != n:
+        raise ValueError(f"{self.PREFIX} table: {len(images)} {column}, {n} captions")
+      field = IMAGE_COLUMNS[column][0]
+      if getattr(self, field) is not None:
+        emb = np.asarray(getattr(self, field), np.float32)
+        if emb.ndim != 2 or len(emb) != n:
+          raise ValueError(f"{self.PREFIX} table: {field} must be [{n}, D], got {emb.shape}")
+        object.__setattr__(self, field, emb)
     if self.record_index is None:
       object.__setattr__(self, "record_index", np.arange(n))
-    if self.image_emb is not None:
-      emb = np.asarray(self.image_emb, np.float32)
-      if emb.ndim != 2 or len(emb) != n:
-        raise ValueError(f"image_emb must be [{n}, D], got {emb.shape}")
-      object.__setattr__(self, "image_emb", emb)
 
   def __len__(self) -> int:
     return len(self.captions)
@@ -101,9 +111,15 @@ class _Table:
     """Field name -> N texts, in the train step's order ("caption" first)."""
     return {"caption": self.captions, self.SECOND: getattr(self, self.SECOND)}
 
-  def pixels(self, i: int, image_size: int) -> np.ndarray:
-    """Example i's image, float32 [S, S, 3]; DataError naming path and record if unreadable."""
-    return load_example_image(self.images, i, image_size, int(self.record_index[i]))
+  def image_columns(self) -> tuple[str, ...]:
+    """The image fields this table holds: "images", then "distractors" if set."""
+    return tuple(c for c in IMAGE_COLUMNS if getattr(self, c, None) is not None)
+
+  def pixels(self, i: int, image_size: int, column: str = "images") -> np.ndarray:
+    """Example i's image (or distractor), float32 [S, S, 3]; DataError naming path and
+    record if unreadable."""
+    return load_example_image(getattr(self, column), i, image_size, int(self.record_index[i]),
+                              key="image" if column == "images" else "distractor_image")
 
   def drop(self, reasons: Mapping[int, str]):
     """A copy without the examples at positions `reasons` (position -> why), logged."""
@@ -115,31 +131,34 @@ class _Table:
     logger.warning("%s: dropped %d of %d examples (first %d: %s)", self.source, len(reasons),
                    len(self), min(len(reasons), _SHOWN), shown)
     take = lambda seq: seq[keep] if isinstance(seq, np.ndarray) else [seq[i] for i in keep]
+    columns = {}
+    for column in self.image_columns():
+      field = IMAGE_COLUMNS[column][0]
+      columns[column] = take(getattr(self, column))
+      if getattr(self, field) is not None:
+        columns[field] = getattr(self, field)[keep]
     return dataclasses.replace(
-        self, images=take(self.images), captions=take(self.captions),
-        **{self.SECOND: take(getattr(self, self.SECOND))},
-        image_emb=None if self.image_emb is None else self.image_emb[keep],
-        record_index=self.record_index[keep], dropped={**self.dropped, **by_record})
+        self, captions=take(self.captions), **{self.SECOND: take(getattr(self, self.SECOND))},
+        **columns, record_index=self.record_index[keep], dropped={**self.dropped, **by_record})
 
-  def with_image_emb(self, emb: np.ndarray, kept: Sequence[int] | None = None):
-    """A copy using `emb` float32 [K, D] for the rows `kept` (positions; default all).
-
-    Rows not in `kept` (images the cache could not load) are dropped and reported.
-    """
-    kept = set(range(len(self)) if kept is None else np.asarray(kept).tolist())
-    table = self.drop({i: "image could not be loaded" for i in range(len(self)) if i not in kept})
-    return dataclasses.replace(table, image_emb=emb)
+  def with_image_emb(self, reasons: Mapping[int, str] | None = None, **embeddings):
+    """A copy without the rows `reasons` (position -> why, e.g. an unloadable image) and
+    with `embeddings` (`image_emb=` / `distractor_emb=` float32 [K, D] for the kept rows)."""
+    return dataclasses.replace(self.drop(reasons or {}), **embeddings)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PresenceTable(_Table):
-  """CC-Neg-style examples: image i, its true caption, a negated (false) caption."""
+  """CC-Neg-style examples: image i, its true caption, a negated (false) caption, and
+  optionally a distractor image for which the negated caption is true."""
   PREFIX: ClassVar[str] = "presence"
   SECOND: ClassVar[str] = "negated"
   images: Images
   captions: Sequence[str]
   negated: Sequence[str]
+  distractors: Images | None = dataclasses.field(default=None, kw_only=True)
   image_emb: np.ndarray | None = dataclasses.field(default=None, kw_only=True)
+  distractor_emb: np.ndarray | None = dataclasses.field(default=None, kw_only=True)
   record_index: np.ndarray | None = dataclasses.field(default=None, kw_only=True)  # int [N]
   dropped: Mapping[int, str] = dataclasses.field(default_factory=dict, kw_only=True)
   source: str = dataclasses.field(default="presence", kw_only=True)
@@ -162,17 +181,19 @@ class AbsenceTable(_Table):
 def _problems(table: _Table, check_images: bool):
   """Yields (position, field, message) for each empty text or missing image file."""
   exists: dict[str, bool] = {}
-  paths = check_images and not isinstance(table.images, np.ndarray)
+  paths = {("image_path" if c == "images" else "distractor_path"): getattr(table, c)
+           for c in table.image_columns()
+           if check_images and not isinstance(getattr(table, c), np.ndarray)}
   for i in range(len(table)):
     for key, texts in table.texts().items():
       if not isinstance(texts[i], str) or not texts[i].strip():
         yield i, key, f"empty or whitespace-only text {texts[i]!r}"
-    if paths:
-      path = table.images[i]
+    for key, column in paths.items():
+      path = column[i]
       if path not in exists:
         exists[path] = os.path.isfile(path)
       if not exists[path]:
-        yield i, "image_path", f"image file not found: {path}"
+        yield i, key, f"image file not found: {path}"
 
 
 def validate(table: _Table, on_error: str = "raise", check_images: bool = True) -> _Table:
@@ -188,9 +209,21 @@ def validate(table: _Table, on_error: str = "raise", check_images: bool = True) 
 
 def presence_table(records: Sequence[PresenceRecord], *, on_error: str = "raise",
                    check_images: bool = True, source: str = "presence") -> PresenceTable:
-  """Validated table of CC-Neg records (record index i = position in `records`)."""
+  """Validated table of CC-Neg records (record index i = position in `records`).
+
+  Records with `distractor_path` set give a table with distractors; a mix of records
+  with and without one raises DataError naming the first record without.
+  """
+  distractors = [r.distractor_path for r in records]
+  if any(p is not None for p in distractors):
+    first = next((i for i, p in enumerate(distractors) if p is None), None)
+    if first is not None:
+      raise DataError(source, "no distractor image, while other records have one",
+                      index=first, key="distractor_path")
+  else:
+    distractors = None
   table = PresenceTable([r.image_path for r in records], [r.caption for r in records],
-                        [r.negated for r in records], source=source)
+                        [r.negated for r in records], distractors=distractors, source=source)
   return validate(table, on_error, check_images)
 
 
@@ -202,11 +235,13 @@ def absence_table(records: Sequence[AbsenceRecord], *, on_error: str = "raise",
   return validate(table, on_error, check_images)
 
 
-def negshapes_tables(data: Mapping, *,
-                     on_error: str = "raise") -> tuple[PresenceTable, AbsenceTable]:
-  """`negshapes.generate_pairs` output -> (presence, absence) tables sharing its images."""
+def negshapes_tables(data: Mapping, *, on_error: str = "raise",
+                     distractors: bool = False) -> tuple[PresenceTable, AbsenceTable]:
+  """`negshapes.generate_pairs` output -> (presence, absence) tables sharing its images;
+  with `distractors`, the presence table holds `data["distractor_images"]`."""
   images = np.asarray(data["images"])
   presence = PresenceTable(images, list(data["captions"]), list(data["negated"]),
+                           distractors=data["distractor_images"] if distractors else None,
                            source="negshapes presence")
   absence = AbsenceTable(images, list(data["captions"]), list(data["updated"]),
                          source="negshapes absence")
@@ -312,18 +347,23 @@ class TrainPipeline:
     batch = {key: np.ascontiguousarray(mine(v)[:, :length]) for key, v in ids.items()}
     for name, table in self.tables.items():
       idx = mine(glob[name])
-      if table.image_emb is not None:
-        batch[f"{name}_image_emb"] = table.image_emb[idx]
-      else:
-        batch[f"{name}_pixels"] = np.stack([table.pixels(i, self.image_size) for i in idx])
+      for column in table.image_columns():
+        field, stem = IMAGE_COLUMNS[column]
+        if getattr(table, field) is not None:
+          batch[f"{name}{stem}_image_emb"] = getattr(table, field)[idx]
+        else:
+          batch[f"{name}{stem}_pixels"] = np.stack(
+              [table.pixels(i, self.image_size, column) for i in idx])
     batch = {k: v.reshape((self.local_devices, -1) + v.shape[1:]) for k, v in batch.items()}
     batch["step"] = np.full(self.local_devices, step, np.int32)
     return batch
 
   def _output_dtypes(self) -> dict[str, type]:
     """Batch key -> dtype, in `build_host_batch`'s key order."""
-    images = {f"{name}_{'image_emb' if t.image_emb is not None else 'pixels'}": np.float32
-              for name, t in self.tables.items()}
+    images = {f"{name}{stem}_{'image_emb' if getattr(t, field) is not None else 'pixels'}":
+              np.float32
+              for name, t in self.tables.items() for column in t.image_columns()
+              for field, stem in [IMAGE_COLUMNS[column]]}
     return {**{key: np.int32 for key in self._ids}, **images, "step": np.int32}
 
   def __iter__(self):

@@ -49,11 +49,16 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class PresenceRecord:
-    """CC-Neg sample: an image, its true caption and a negated (false) caption."""
+    """CC-Neg sample: an image, its true caption and a negated (false) caption.
+
+    ``distractor_path``, when set, is an image for which ``negated`` is true (CoN-CLIP's
+    distractor image, used by the ``conclip`` objective).
+    """
 
     image_path: str
     caption: str
     negated: str
+    distractor_path: str | None = None
 
 
 @dataclass(frozen=True)
