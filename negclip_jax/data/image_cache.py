@@ -181,7 +181,7 @@ def embed_table(table, model, params, image_size: int, *, cache_dir: str | None 
   """
   embedded, reasons = {}, {}
   for column in table.image_columns():
-    key = "image" if column == "images" else "distractor_image"
+    key = IMAGE_COLUMNS[column].image_key
     emb, kept = image_embeddings(model, params, getattr(table, column), image_size, cache_dir,
                                  batch_size, on_error, record_index=table.record_index, key=key)
     embedded[column] = (emb, kept)
@@ -189,5 +189,5 @@ def embed_table(table, model, params, image_size: int, *, cache_dir: str | None 
       reasons.setdefault(int(i), f"{key} could not be loaded")
   keep = np.setdiff1d(np.arange(len(table)), list(reasons))
   return table.with_image_emb(reasons, **{
-      IMAGE_COLUMNS[column][0]: emb[np.searchsorted(kept, keep)]
+      IMAGE_COLUMNS[column].emb_field: emb[np.searchsorted(kept, keep)]
       for column, (emb, kept) in embedded.items()})

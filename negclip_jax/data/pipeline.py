@@ -42,7 +42,7 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import ClassVar, Mapping, Sequence, Union
+from typing import ClassVar, Mapping, NamedTuple, Sequence, Union
 
 import jax
 import numpy as np
@@ -55,10 +55,21 @@ logger = logging.getLogger(__name__)
 
 Images = Union[np.ndarray, Sequence[str]]
 STREAMS = {"presence": 0, "absence": 1}
-# Image column -> (its embedding field, what follows the table prefix in batch keys).
-IMAGE_COLUMNS = {"images": ("image_emb", ""), "distractors": ("distractor_emb", "_distractor")}
 ON_ERROR = ("raise", "skip")
 _SHOWN = 5  # dropped examples named in a warning
+
+
+class ImageColumn(NamedTuple):
+  """How a table's image column is embedded, batched and named in errors."""
+  emb_field: str   # the table field holding its image-tower embeddings
+  batch_stem: str  # batch keys are f"{table prefix}{batch_stem}_pixels" / "..._image_emb"
+  path_key: str    # DataError key of a missing file
+  image_key: str   # DataError key of an unreadable image
+
+
+IMAGE_COLUMNS = {"images": ImageColumn("image_emb", "", "image_path", "image"),
+                 "distractors": ImageColumn("distractor_emb", "_distractor", "distractor_path",
+                                            "distractor_image")}
 
 
 def check_on_error(on_error: str) -> None:
@@ -95,7 +106,7 @@ class _Table:
                          f"got {images.dtype} {images.shape}")
       if len(images) != n:
         raise ValueError(f"{self.PREFIX} table: {len(images)} {column}, {n} captions")
-      field = IMAGE_COLUMNS[column][0]
+      field = IMAGE_COLUMNS[column].emb_field
       if getattr(self, field) is not None:
         emb = np.asarray(getattr(self, field), np.float32)
         if emb.ndim != 2 or len(emb) != n:
@@ -119,7 +130,7 @@ class _Table:
     """Example i's image (or distractor), float32 [S, S, 3]; DataError naming path and
     record if unreadable."""
     return load_example_image(getattr(self, column), i, image_size, int(self.record_index[i]),
-                              key="image" if column == "images" else "distractor_image")
+                              key=IMAGE_COLUMNS[column].image_key)
 
   def drop(self, reasons: Mapping[int, str]):
     """A copy without the examples at positions `reasons` (position -> why), logged."""
@@ -133,7 +144,7 @@ class _Table:
     take = lambda seq: seq[keep] if isinstance(seq, np.ndarray) else [seq[i] for i in keep]
     columns = {}
     for column in self.image_columns():
-      field = IMAGE_COLUMNS[column][0]
+      field = IMAGE_COLUMNS[column].emb_field
       columns[column] = take(getattr(self, column))
       if getattr(self, field) is not None:
         columns[field] = getattr(self, field)[keep]
@@ -181,7 +192,7 @@ class AbsenceTable(_Table):
 def _problems(table: _Table, check_images: bool):
   """Yields (position, field, message) for each empty text or missing image file."""
   exists: dict[str, bool] = {}
-  paths = {("image_path" if c == "images" else "distractor_path"): getattr(table, c)
+  paths = {IMAGE_COLUMNS[c].path_key: getattr(table, c)
            for c in table.image_columns()
            if check_images and not isinstance(getattr(table, c), np.ndarray)}
   for i in range(len(table)):
@@ -348,7 +359,7 @@ class TrainPipeline:
     for name, table in self.tables.items():
       idx = mine(glob[name])
       for column in table.image_columns():
-        field, stem = IMAGE_COLUMNS[column]
+        field, stem = IMAGE_COLUMNS[column][:2]
         if getattr(table, field) is not None:
           batch[f"{name}{stem}_image_emb"] = getattr(table, field)[idx]
         else:
@@ -363,7 +374,7 @@ class TrainPipeline:
     images = {f"{name}{stem}_{'image_emb' if getattr(t, field) is not None else 'pixels'}":
               np.float32
               for name, t in self.tables.items() for column in t.image_columns()
-              for field, stem in [IMAGE_COLUMNS[column]]}
+              for field, stem in [IMAGE_COLUMNS[column][:2]]}
     return {**{key: np.int32 for key in self._ids}, **images, "step": np.int32}
 
   def __iter__(self):
