@@ -44,13 +44,9 @@ def params_to_state_dict(params) -> dict[str, np.ndarray]:
   out = {}
   for path, value in traverse_util.flatten_dict(jax.device_get(params)).items():
     value = np.asarray(value)
-    *prefix, leaf = path
-    if leaf == "kernel":
+    if path[-1] == "kernel":
       value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
-      leaf = "weight"
-    elif leaf in ("embedding", "scale"):
-      leaf = "weight"
-    out[".".join([*prefix, leaf])] = np.array(value, order="C")  # keeps 0-d logit_scale 0-d
+    out[_flax_path_to_key(path)] = np.array(value, order="C")  # keeps 0-d logit_scale 0-d
   return out
 
 
@@ -93,12 +89,8 @@ def _flax_path_to_key(path) -> str:
 
 
 def _abstract_params(config):
-  model = model_lib.CLIP(config)
-  c = config
-  ids = jax.ShapeDtypeStruct((1, c.text.max_position_embeddings), jnp.int32)
-  pix = jax.ShapeDtypeStruct((1, c.vision.image_size, c.vision.image_size,
-                              c.vision.num_channels), jnp.float32)
-  return jax.eval_shape(model.init, jax.random.key(0), ids, pix)["params"]
+  """The params tree of `config` as shapes and dtypes, without allocating it."""
+  return jax.eval_shape(lambda: model_lib.init_params(model_lib.CLIP(config), jax.random.key(0)))
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -186,10 +178,10 @@ def is_openai_state_dict(sd: Mapping[str, Any]) -> bool:
 def openai_to_hf(sd: Mapping[str, Any], source: str = "state dict") -> dict:
   """OpenAI/open_clip-named CLIP state dict -> HF-named state dict (same arrays)."""
   out = {}
+  tower = lambda visual: "vision_model" if visual else "text_model"
   for key, value in sd.items():
     if key in _OPENAI_METADATA:
       continue
-    tower = lambda visual: "vision_model" if visual else "text_model"
     if key in _OPENAI_TOP:
       out[_OPENAI_TOP[key]] = value
     elif key in _OPENAI_TRANSPOSED:

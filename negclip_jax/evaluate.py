@@ -109,9 +109,7 @@ def load_model(path: str):
     from negclip_jax.checkpoint import load_run  # only run directories need it
     return load_run(path)
   model, params = load_pretrained(path)
-  tokenizer = (ClipTokenizer.from_pretrained(path) if (path / "vocab.json").is_file()
-               else ClipTokenizer())
-  return model, params, tokenizer
+  return model, params, ClipTokenizer.for_model_dir(path)
 
 
 def markdown(results: dict) -> str:

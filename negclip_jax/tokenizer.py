@@ -114,6 +114,12 @@ class ClipTokenizer:
     merges = [tuple(line.split()) for line in lines if line.strip()]
     return cls(vocab, merges)
 
+  @classmethod
+  def for_model_dir(cls, path: str | os.PathLike) -> ClipTokenizer:
+    """`from_pretrained(path)` if `path` is a directory with ``vocab.json`` (a HF CLIP
+    directory), else the bundled OpenAI vocabulary (e.g. for an OpenAI checkpoint file)."""
+    return cls.from_pretrained(path) if (Path(path) / "vocab.json").is_file() else cls()
+
   @property
   def sot_token_id(self) -> int:
     return self._encoder[SOT_TOKEN]

@@ -43,9 +43,7 @@ def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
   dtype = jnp.dtype(config.dtype)
   if config.init:
     model, params = convert.load_pretrained(config.init, dtype=dtype)
-    init = Path(config.init)
-    tokenizer = (ClipTokenizer.from_pretrained(init)
-                 if init.is_dir() and (init / "vocab.json").is_file() else ClipTokenizer())
+    tokenizer = ClipTokenizer.for_model_dir(config.init)
   else:
     model = model_lib.CLIP(model_lib.get_config(config.model), dtype=dtype)
     params = model_lib.init_params(model, jax.random.key(config.seed))
@@ -61,7 +59,8 @@ def load_tables(config, image_size: int):
   distractors = config.objective == "conclip"
   if "negshapes" in (d.presence, d.absence):
     shapes = pipeline.negshapes_tables(
-        negshapes.generate_pairs(d.negshapes_num, config.seed, image_size, split="train"),
+        negshapes.generate_pairs(d.negshapes_num, config.seed, image_size, split="train",
+                                 distractors=distractors),
         on_error=d.on_error, distractors=distractors)
   if d.presence == "negshapes":
     presence = shapes[0]

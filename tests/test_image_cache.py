@@ -123,8 +123,9 @@ def test_unreadable_images_raise_or_are_skipped(model, params, tmp_path, monkeyp
 def test_train_step_on_cached_embeddings_matches_pixels(model, params, tmp_path, objective):
   devices = jax.local_device_count()
   batch_size = 2 * devices
-  data = negshapes.generate_pairs(max(8, batch_size), seed=0, image_size=SIZE)
   distractors = objective == "conclip"
+  data = negshapes.generate_pairs(max(8, batch_size), seed=0, image_size=SIZE,
+                                  distractors=distractors)
   presence, absence = pl.negshapes_tables(data, distractors=distractors)
   embedded = [image_cache.embed_table(t, model, params, SIZE, cache_dir=str(tmp_path))
               for t in (presence, absence)]

@@ -12,7 +12,7 @@ N = 600  # examples per generated set; ~0.1 s each
 
 @pytest.fixture(scope="module")
 def pairs():
-  return ns.generate_pairs(N, seed=0)
+  return ns.generate_pairs(N, seed=0, distractors=True)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +34,18 @@ def _bag_of_words(text, scene):
 # -------------------------------------------------------------------------- determinism
 
 def test_generate_pairs_deterministic(pairs):
-  again = ns.generate_pairs(N, seed=0)
+  again = ns.generate_pairs(N, seed=0, distractors=True)
   assert set(again) == set(pairs)
   np.testing.assert_array_equal(again["images"], pairs["images"])
   for key in ("captions", "negated", "updated", "scenes", "negated_objects", "absent_objects"):
     assert again[key] == pairs[key], key
+  np.testing.assert_array_equal(again["distractor_images"], pairs["distractor_images"])
+  # A shorter set without distractors is a prefix of the same data.
   prefix = ns.generate_pairs(10, seed=0)
+  assert "distractor_images" not in prefix
   np.testing.assert_array_equal(prefix["images"], pairs["images"][:10])
-  assert prefix["updated"] == pairs["updated"][:10]
+  for key in ("captions", "negated", "updated"):
+    assert prefix[key] == pairs[key][:10], key
 
 
 @pytest.mark.parametrize("kwargs", [dict(seed=1), dict(seed=0, split="eval")])

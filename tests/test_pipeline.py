@@ -246,6 +246,16 @@ def test_distractors_give_their_own_batch_keys(tokenizer):
                      distractors=distractors[:7])
 
 
+def test_negshapes_tables_need_generated_distractors():
+  from negclip_jax.data import negshapes
+  plain = negshapes.generate_pairs(4, seed=0, image_size=SIZE)
+  with pytest.raises(ValueError, match=r"generate_pairs\(\.\.\., distractors=True\)"):
+    pl.negshapes_tables(plain, distractors=True)
+  presence, _ = pl.negshapes_tables(
+      negshapes.generate_pairs(4, seed=0, image_size=SIZE, distractors=True), distractors=True)
+  assert presence.distractors.shape == (4, SIZE, SIZE, 3)
+
+
 def test_distractor_paths_are_checked(tmp_path, tokenizer):
   paths = _write_images(tmp_path, 4)
   records = [PresenceRecord(p, f"caption {i}", f"not {i}", distractor_path=paths[3 - i])

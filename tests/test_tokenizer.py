@@ -143,3 +143,15 @@ def test_from_pretrained_missing_merges(hf_dir, tmp_path):
   shutil.copy(hf_dir / "vocab.json", tmp_path / "vocab.json")
   with pytest.raises(FileNotFoundError, match="merges.txt"):
     ClipTokenizer.from_pretrained(tmp_path)
+
+
+def test_for_model_dir_reads_the_directory_else_bundled(tok, hf_dir, tmp_path):
+  import json
+  vocab = json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8"))
+  vocab["a</w>"], vocab["photo</w>"] = vocab["photo</w>"], vocab["a</w>"]
+  (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+  shutil.copy(hf_dir / "merges.txt", tmp_path / "merges.txt")
+  own = ClipTokenizer.for_model_dir(tmp_path)
+  assert own(["a photo"])[0, 1] == tok(["photo"])[0, 1]
+  for bundled in (tmp_path / "openai.pt", tmp_path / "empty"):
+    np.testing.assert_array_equal(ClipTokenizer.for_model_dir(bundled)(ALL_TEXTS), tok(ALL_TEXTS))

@@ -111,7 +111,7 @@ def _write_file_datasets(root: Path, n: int, size: int) -> dict:
 
   from negclip_jax.data import negshapes
 
-  data = negshapes.generate_pairs(n, seed=1, image_size=size)
+  data = negshapes.generate_pairs(n, seed=1, image_size=size, distractors=True)
   for sub in ("cc3m/images", "coco"):
     (root / sub).mkdir(parents=True)
   for i in range(n):

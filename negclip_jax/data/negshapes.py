@@ -23,8 +23,8 @@ Per example (`generate_pairs`)
   caption  plain caption listing every object of the scene, in random order: true.
   negated  negation caption over the scene's objects whose absence clause names one
            present object (``negated_object``): false (CC-Neg style).
-  distractor image  the same drawing without ``negated_object``: ``negated`` is true for
-           it, ``caption`` false (CoN-CLIP's distractor image).
+  distractor image  (on request) the same drawing without ``negated_object``: ``negated``
+           is true for it, ``caption`` false (CoN-CLIP's distractor image).
   updated  ``caption`` + an absence clause naming an object not in the scene
            (``absent_object``), chosen to share its shape, its colour, or nothing with the
            present objects: true (NegationCLIP style).
@@ -271,12 +271,14 @@ def _examples(num: int, rng: np.random.Generator, image_size: int,
     yield scene, _sample_drawing(len(scene), rng, image_size)
 
 
-def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "train") -> dict:
+def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "train",
+                   distractors: bool = False) -> dict:
   """Training data for the plain, negated and updated objectives (seed >= 0).
 
   Returns images uint8 [N, S, S, 3]; captions, negated, updated: list[str] of N (true,
-  false, true for image i); distractor_images uint8 [N, S, S, 3]: image i without
-  negated_objects[i] (negated i true, caption i false); scenes: list[Scene];
+  false, true for image i); with `distractors`, distractor_images uint8 [N, S, S, 3]:
+  image i without negated_objects[i] (negated i true, caption i false; drawing them
+  leaves every other output unchanged); scenes: list[Scene];
   negated_objects, absent_objects: list[Object]; centres: list of float [n_i, 2] (x, y)
   px of scene i's objects.
   `split` is "train" or "eval" (independent streams). Scenes have 1-3 objects, uniformly.
@@ -287,13 +289,14 @@ def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "trai
   out = {k: [] for k in ("captions", "negated", "updated", "scenes", "negated_objects",
                          "absent_objects", "centres")}
   images = np.empty((num, image_size, image_size, 3), np.uint8)
-  distractors = np.empty_like(images)
+  distractor_images = np.empty_like(images) if distractors else None
   for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (1 / 3,) * 3)):
     images[i] = _draw(scene, drawing)
     caption = _plain_caption(scene, rng)
     k = rng.integers(len(scene))
     negated = scene[k]
-    distractors[i] = _draw(scene[:k] + scene[k + 1:], _without(drawing, k))
+    if distractors:
+      distractor_images[i] = _draw(scene[:k] + scene[k + 1:], _without(drawing, k))
     absent = _sample_absent(scene, rng, new_shape=False)
     out["captions"].append(caption)
     out["negated"].append(_negation_caption([o for o in scene if o != negated], negated, rng))
@@ -302,7 +305,8 @@ def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "trai
     out["negated_objects"].append(negated)
     out["absent_objects"].append(absent)
     out["centres"].append(drawing.centres)
-  return {"images": images, "distractor_images": distractors, **out}
+  extra = {"distractor_images": distractor_images} if distractors else {}
+  return {"images": images, **extra, **out}
 
 
 def presence_task(num: int, seed: int, image_size: int = 64) -> dict:

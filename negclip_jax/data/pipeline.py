@@ -249,7 +249,11 @@ def absence_table(records: Sequence[AbsenceRecord], *, on_error: str = "raise",
 def negshapes_tables(data: Mapping, *, on_error: str = "raise",
                      distractors: bool = False) -> tuple[PresenceTable, AbsenceTable]:
   """`negshapes.generate_pairs` output -> (presence, absence) tables sharing its images;
-  with `distractors`, the presence table holds `data["distractor_images"]`."""
+  with `distractors`, the presence table holds `data["distractor_images"]` (generate the
+  data with ``distractors=True``)."""
+  if distractors and "distractor_images" not in data:
+    raise ValueError("the NegShapes data has no distractor_images: generate it with "
+                     "generate_pairs(..., distractors=True)")
   images = np.asarray(data["images"])
   presence = PresenceTable(images, list(data["captions"]), list(data["negated"]),
                            distractors=data["distractor_images"] if distractors else None,
