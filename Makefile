@@ -11,6 +11,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+# Test reference only; --no-deps keeps torchvision (a CUDA build on PyPI) out.
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	touch $@
 
 demo: $(VENV)/.installed

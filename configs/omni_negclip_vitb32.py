@@ -36,13 +36,18 @@ def get_config():
   c.data.image_cache = True          # embed the frozen image tower's inputs once
   c.data.cache_dir = ""              # default: <workdir>/image_cache
 
-  # Optimization (the paper's defaults).
+  # Optimization: the original recipe, exactly (`torch.optim.AdamW(trainable, lr, weight_decay)`
+  # with torch's betas/eps, decay on every trainable tensor, and the original `cosine_lr`).
   c.batch_size = 128                 # global, per stream (presence and absence)
-  c.num_epochs = 30
+  c.num_epochs = 30                  # epochs of max(N1 // B, N2 // B) steps
   c.total_steps = 0                  # > 0 overrides num_epochs
   c.learning_rate = 1e-6
   c.weight_decay = 0.2
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.eps = 1e-8
   c.warmup_steps = 50
+  c.schedule = "original"            # original | warmup_cosine (optax's, warm-up from 0)
   c.grad_clip_norm = 0.0             # 0 = off
 
   # Which parameters learn: front | middle | back | whole, or a list of block indices.

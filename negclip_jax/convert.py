@@ -1,20 +1,35 @@
-"""Weights in and out: Hugging Face / OpenAI state dicts <-> our Flax params.
+"""Weights in and out: Hugging Face / OpenAI / open_clip state dicts <-> our Flax params.
 
 Flax path ``a/b/kernel`` <-> state-dict key ``a.b.weight``: Dense kernels are [in, out]
 (PyTorch Linear weights [out, in]), Conv kernels HWIO (PyTorch OIHW), `embedding` and
 LayerNorm `scale` become `weight`. OpenAI naming (`transformer.resblocks.N.attn.in_proj_weight`
-holding q, k, v stacked; `text_projection` stored [width, embed]) goes through the HF naming.
+holding q, k, v stacked; `text_projection` stored [width, embed]), which open_clip shares,
+goes through the HF naming.
+
+Loading conventions (`load_pretrained`): the architecture comes from what the source
+states -- HF ``config.json``, open_clip ``open_clip_config.json`` (GELU unless
+``quick_gelu``), or the ``model_config.json`` our OpenAI-format export writes beside
+``model.pt``. A bare OpenAI-named state dict states only shapes: widths, MLP widths,
+depths, vocabulary, context and image size are read from them, and only the head counts
+and activation follow OpenAI's CLIP (heads = width / 64, QuickGELU), unless overridden
+with `text_heads=` / `vision_heads=` / `activation=` (or a whole `config=`); a width that
+is not a multiple of 64 is then an error, never a guess. Hub ids resolve through the
+local Hugging Face cache (`negclip_jax.hub`).
 
 Everything is strict: a missing or unexpected key, or a shape mismatch, raises
-`CheckpointMismatchError` naming the key and both shapes. Pickles are read only with
-`torch.load(weights_only=True)`; the only extra global allowed is `argparse.Namespace`
-(the `args` entry of Omni-NegCLIP / CoN-CLIP training checkpoints).
+`CheckpointMismatchError` naming the key and both shapes. Torch files are read only
+through `negclip_jax.torch_io`: ``torch.load(weights_only=True)`` allowing
+``argparse.Namespace`` (the ``args`` of Omni-NegCLIP / CoN-CLIP training checkpoints),
+and TorchScript archives (OpenAI's released ``ViT-B-32.pt``) by unpickling their
+``data.pkl`` with an unpickler that admits tensors only -- ``torch.jit.load`` never runs.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import functools
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -26,6 +41,8 @@ import numpy as np
 from flax import traverse_util
 
 from negclip_jax import model as model_lib
+
+logger = logging.getLogger(__name__)
 
 # Buffers some checkpoints carry that hold no learned state.
 _IGNORED_KEYS = re.compile(r"(^|\.)position_ids$")
@@ -88,8 +105,9 @@ def _flax_path_to_key(path) -> str:
   return ".".join([*prefix, leaf])
 
 
+@functools.lru_cache(maxsize=8)
 def _abstract_params(config):
-  """The params tree of `config` as shapes and dtypes, without allocating it."""
+  """The params tree of `config` as shapes and dtypes, without allocating it (cached)."""
   return jax.eval_shape(lambda: model_lib.init_params(model_lib.CLIP(config), jax.random.key(0)))
 
 
@@ -124,7 +142,6 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> model_
 
 def config_to_hf(config: model_lib.CLIPConfig) -> dict:
   """Our `CLIPConfig` -> kwargs of `transformers.CLIPConfig`."""
-  import dataclasses
   text = dataclasses.asdict(config.text)
   text["projection_dim"] = config.projection_dim
   vision = dataclasses.asdict(config.vision)
@@ -230,35 +247,187 @@ def hf_to_openai(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def config_from_openai(sd: Mapping[str, Any]) -> model_lib.CLIPConfig:
-  """Infers the architecture from OpenAI-named shapes, as `clip.model.build_model` does."""
-  count = lambda pat: len({k.split(".")[pat.count(".")] for k in sd if k.startswith(pat)})
-  vision_width = sd["visual.conv1.weight"].shape[0]
-  patch = sd["visual.conv1.weight"].shape[-1]
-  grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+def config_from_openai(sd: Mapping[str, Any], source: str = "state dict", *,
+                       text_heads: int | None = None, vision_heads: int | None = None,
+                       activation: str | None = None) -> model_lib.CLIPConfig:
+  """Architecture of an OpenAI-named state dict: shapes, plus OpenAI's conventions.
+
+  Widths, MLP widths, depths, vocabulary, context, patch and image size come from the
+  shapes. Head counts and the activation are not in the shapes: unless given, they
+  follow OpenAI's CLIP (heads = width / 64, QuickGELU), and a width that is not a
+  multiple of 64 is refused.
+  """
+  layers = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+  mlp = lambda prefix: sd[f"{prefix}0.mlp.c_fc.weight"].shape[0] if layers(prefix) else 0
   text_width = sd["ln_final.weight"].shape[0]
+  vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
+  grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+  activation = activation or "quick_gelu"
+  model_lib._activation(activation)  # raises ValueError for an unknown name
   return model_lib.CLIPConfig(
       text=model_lib.TextConfig(
           vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=text_width,
-          intermediate_size=4 * text_width, num_hidden_layers=count("transformer.resblocks."),
-          num_attention_heads=text_width // 64,
-          max_position_embeddings=sd["positional_embedding"].shape[0],
+          intermediate_size=mlp("transformer.resblocks."),
+          num_hidden_layers=layers("transformer.resblocks."),
+          num_attention_heads=_heads(text_width, text_heads, "text", source),
+          max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act=activation,
           eos_token_id=model_lib.OPENAI_EOS_TOKEN_ID),
       vision=model_lib.VisionConfig(
-          hidden_size=vision_width, intermediate_size=4 * vision_width,
-          num_hidden_layers=count("visual.transformer.resblocks."),
-          num_attention_heads=vision_width // 64, image_size=patch * grid, patch_size=patch),
+          hidden_size=vision_width, intermediate_size=mlp("visual.transformer.resblocks."),
+          num_hidden_layers=layers("visual.transformer.resblocks."),
+          num_attention_heads=_heads(vision_width, vision_heads, "vision", source),
+          image_size=patch * grid, patch_size=patch, hidden_act=activation),
       projection_dim=sd["text_projection"].shape[1])
+
+
+def _heads(width: int, heads: int | None, tower: str, source: str) -> int:
+  if heads is None:
+    if width % 64:
+      raise ValueError(
+          f"{source}: {tower} width {width} is not a multiple of 64, so OpenAI's convention "
+          f"(heads = width / 64) does not apply; pass {tower}_heads= (or config=) to "
+          "load_pretrained")
+    return width // 64
+  if heads <= 0 or width % heads:
+    raise ValueError(f"{source}: {tower}_heads={heads} does not divide the {tower} width {width}")
+  return heads
+
+
+# ------------------------------------------------------------------------- open_clip
+
+# open_clip options that change nothing at inference, or are at the value we implement.
+_OPEN_CLIP_NEUTRAL = {
+    "ls_init_value": (None,), "attentional_pool": (False,), "no_ln_pre": (False,),
+    "pos_embed_type": ("learnable",), "final_ln_after_pool": (False,), "act_kwargs": (None,),
+    "block_type": (None, "default"), "qk_norm": (False,), "scaled_cosine_attn": (False,),
+    "scale_heads": (False,), "scale_attn_inner": (False,), "scale_attn": (False,),
+    "scale_fc": (False,), "timm_model_name": (None,), "hf_model_name": (None,),
+    "embed_cls": (False,), "no_causal_mask": (False,), "proj_bias": (False,),
+    "proj_type": ("linear",), "custom_text": (False,), "init_logit_bias": (None,),
+    "multimodal_cfg": (None,)}
+_OPEN_CLIP_IGNORED = {  # training-time or tokenizer-side options
+    "patch_dropout", "output_tokens", "pad_id", "eos_id", "hf_tokenizer_name",
+    "tokenizer_mode", "tokenizer_kwargs", "timm_model_pretrained", "hf_model_pretrained"}
+
+
+def config_from_open_clip(cfg: Mapping[str, Any],
+                          source: str = "open_clip_config.json") -> model_lib.CLIPConfig:
+  """open_clip config (``open_clip_config.json`` or its ``model_cfg``) -> `CLIPConfig`.
+
+  Follows open_clip's `CLIP(**model_cfg)`: vision heads = width / head_width, MLP
+  width = width * mlp_ratio, GELU unless ``quick_gelu`` is true, pooling at the EOT
+  token (argmax of the ids) and the class token. Any option that changes the
+  architecture otherwise (layer scale, attentional pooling, timm / HF towers, ...) is
+  refused, naming the key.
+  """
+  model_cfg = cfg.get("model_cfg", cfg)
+  vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+  _check_open_clip(model_cfg, {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu",
+                               "init_logit_scale"}, source, "")
+  _check_open_clip(vision, {"layers", "width", "head_width", "mlp_ratio", "patch_size",
+                            "image_size", "pool_type", "norm_kwargs"}, source, "vision_cfg.")
+  _check_open_clip(text, {"context_length", "vocab_size", "width", "heads", "layers",
+                          "mlp_ratio", "pool_type", "norm_kwargs"}, source, "text_cfg.")
+  if vision.get("pool_type", "tok") != "tok" or text.get("pool_type", "argmax") != "argmax":
+    raise ValueError(f"{source}: only pool_type 'tok' (vision) and 'argmax' (text) are "
+                     f"supported, got {vision.get('pool_type')!r} / {text.get('pool_type')!r}")
+  if not isinstance(vision.get("layers", 12), int):
+    raise ValueError(f"{source}: vision_cfg.layers={vision['layers']!r} is a ResNet tower; "
+                     "only ViT towers are supported")
+  activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
+  v_width, t_width = vision.get("width", 768), text.get("width", 512)
+  head_width = vision.get("head_width", 64)
+  if v_width % head_width:
+    raise ValueError(f"{source}: vision_cfg.width {v_width} is not a multiple of "
+                     f"head_width {head_width}")
+  return model_lib.CLIPConfig(
+      text=model_lib.TextConfig(
+          vocab_size=text.get("vocab_size", 49408), hidden_size=t_width,
+          intermediate_size=int(t_width * text.get("mlp_ratio", 4.0)),
+          num_hidden_layers=text.get("layers", 12),
+          num_attention_heads=_heads(t_width, text.get("heads", 8), "text", source),
+          max_position_embeddings=text.get("context_length", 77), hidden_act=activation,
+          layer_norm_eps=_eps(text, source, "text_cfg."),
+          eos_token_id=model_lib.OPENAI_EOS_TOKEN_ID),
+      vision=model_lib.VisionConfig(
+          hidden_size=v_width, intermediate_size=int(v_width * vision.get("mlp_ratio", 4.0)),
+          num_hidden_layers=vision.get("layers", 12), num_attention_heads=v_width // head_width,
+          image_size=_square(vision.get("image_size", 224), source, "vision_cfg.image_size"),
+          patch_size=_square(vision.get("patch_size", 16), source, "vision_cfg.patch_size"),
+          hidden_act=activation, layer_norm_eps=_eps(vision, source, "vision_cfg.")),
+      projection_dim=model_cfg.get("embed_dim", 512),
+      logit_scale_init_value=model_cfg.get("init_logit_scale",
+                                           model_lib.CLIPConfig.logit_scale_init_value))
+
+
+def _check_open_clip(cfg: Mapping[str, Any], supported: set, source: str, where: str):
+  for key, value in cfg.items():
+    if key in supported or key in _OPEN_CLIP_IGNORED:
+      continue
+    if key not in _OPEN_CLIP_NEUTRAL or value not in _OPEN_CLIP_NEUTRAL[key]:
+      raise ValueError(f"{source}: open_clip option {where}{key}={value!r} is not supported "
+                       "by negclip-jax's CLIP")
+
+
+def _square(size, source: str, key: str) -> int:
+  if isinstance(size, int):
+    return size
+  if len(size) == 2 and size[0] == size[1]:
+    return int(size[0])
+  raise ValueError(f"{source}: {key}={size!r} is not square")
+
+
+def _eps(cfg: Mapping[str, Any], source: str, where: str) -> float:
+  norm = cfg.get("norm_kwargs") or {}
+  if set(norm) - {"eps"}:
+    raise ValueError(f"{source}: {where}norm_kwargs={norm!r}: only 'eps' is supported")
+  return norm.get("eps", 1e-5)
+
+
+# ---------------------------------------------------------------- negclip-jax export
+
+EXPORT_CONFIG = "model_config.json"
+"""Written beside ``model.pt`` by `save_pretrained(format="openai")`:
+``{"weights": "model.pt", "config": dataclasses.asdict(CLIPConfig)}``, i.e. what an
+OpenAI state dict cannot express (heads, activation, EOT rule, LayerNorm eps)."""
+
+
+def config_to_dict(config: model_lib.CLIPConfig) -> dict:
+  """`CLIPConfig` -> JSON-able dict {"text": {...}, "vision": {...}, "projection_dim", ...}."""
+  return dataclasses.asdict(config)
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = EXPORT_CONFIG) -> model_lib.CLIPConfig:
+  """Inverse of `config_to_dict`; unknown or missing fields name the file."""
+  try:
+    return model_lib.CLIPConfig(
+        text=model_lib.TextConfig(**d["text"]), vision=model_lib.VisionConfig(**d["vision"]),
+        **{k: v for k, v in d.items() if k not in ("text", "vision")})
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{source}: not a negclip-jax CLIP config ({type(e).__name__}: {e})") from e
+
+
+def _export_config_beside(weights: Path) -> model_lib.CLIPConfig | None:
+  """The config an OpenAI-format export wrote beside `weights`, if it names that file."""
+  sidecar = weights.parent / EXPORT_CONFIG
+  if not sidecar.is_file():
+    return None
+  meta = _read_json(sidecar)
+  if meta.get("weights") != weights.name:
+    return None
+  return config_from_dict(meta.get("config", {}), str(sidecar))
 
 
 # ------------------------------------------------------------------------- files
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
-  """Reads `.safetensors`, or a torch pickle (`.pt`/`.bin`/`.pth`) with weights_only=True.
+  """Reads `.safetensors`, or a torch file through `negclip_jax.torch_io.load`.
 
-  Unwraps `{"model": sd, ...}` / `{"state_dict": sd}` training checkpoints and a
-  DataParallel `module.` prefix.
+  Torch files are read without running code from them: ``torch.save`` pickles with
+  ``weights_only=True``, TorchScript archives (OpenAI's released ``ViT-B-32.pt``) by
+  reading their tensors only. Unwraps `{"model": sd, ...}` / `{"state_dict": sd}`
+  training checkpoints and a DataParallel `module.` prefix.
   """
   path = Path(path)
   if not path.is_file():
@@ -267,17 +436,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     from safetensors.torch import load_file
     sd = load_file(str(path))
   else:
-    import torch
-    try:
-      with torch.serialization.safe_globals([argparse.Namespace]):
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError from the safe unpickler
-      raise ValueError(
-          f"{path}: cannot be read with torch.load(weights_only=True) ({type(e).__name__}: "
-          f"{str(e).splitlines()[0] if str(e) else ''}). negclip-jax never unpickles arbitrary "
-          "objects; re-save the state dict with safetensors or as a plain dict of tensors.") from e
-    if hasattr(sd, "state_dict") and not isinstance(sd, dict):  # a TorchScript module
-      sd = sd.state_dict()
+    from negclip_jax import torch_io
+    sd = torch_io.load(path, hint="re-save the state dict with safetensors or as a plain "
+                       "dict of tensors")
     for wrapper in ("model", "state_dict"):
       if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
         sd = sd[wrapper]
@@ -288,53 +449,109 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   return sd
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32):
+def _read_json(file: Path) -> dict:
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
+# Directory layouts, first match wins: marker file, its config reader, weight files by preference.
+_LAYOUTS = (
+    ("config.json", lambda f: config_from_hf(_read_json(f), str(f)),
+     ("model.safetensors", "pytorch_model.bin")),
+    ("open_clip_config.json", lambda f: config_from_open_clip(_read_json(f), str(f)),
+     ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
+    (EXPORT_CONFIG, lambda f: config_from_dict(_read_json(f).get("config", {}), str(f)),
+     ("model.pt",)),
+)
+
+
+def _describe_dir(path: Path) -> tuple[Path, model_lib.CLIPConfig]:
+  """(weights file, stated config) of a model directory."""
+  for marker, read_config, weight_names in _LAYOUTS:
+    if (path / marker).is_file():
+      config = read_config(path / marker)
+      for name in weight_names:
+        if (path / name).is_file():
+          return path / name, config
+      raise FileNotFoundError(f"{path}: has {marker} but none of {list(weight_names)}")
+  raise FileNotFoundError(
+      f"{path} is a directory without config.json (Hugging Face), open_clip_config.json "
+      f"(open_clip) or {EXPORT_CONFIG} (negclip-jax OpenAI-format export)")
+
+
+def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *,
+                    config: model_lib.CLIPConfig | None = None, text_heads: int | None = None,
+                    vision_heads: int | None = None, activation: str | None = None):
   """Loads CLIP weights -> (model, params).
 
-  `path` is a Hugging Face CLIP directory (config.json + model.safetensors or
-  pytorch_model.bin), or a single HF- or OpenAI-named state-dict file (`.safetensors`,
-  `.pt`, `.bin`), including `{"model": sd, "optimizer": ..., "args": Namespace}`
-  checkpoints of the Omni-NegCLIP / CoN-CLIP PyTorch code.
-  `dtype` is the compute dtype (e.g. jnp.bfloat16); params stay float32.
+  Args:
+    path: a Hugging Face Hub id (``openai/clip-vit-base-patch32``; see `negclip_jax.hub`)
+      or a local
+      * Hugging Face CLIP directory: config.json + model.safetensors / pytorch_model.bin;
+      * open_clip directory: open_clip_config.json + open_clip_model.safetensors /
+        open_clip_pytorch_model.bin;
+      * `save_pretrained(format="openai")` directory or its model.pt (the config is read
+        from model_config.json beside it);
+      * OpenAI-named state-dict file: ``.safetensors``, a ``torch.save`` pickle (also
+        ``{"model": sd, "optimizer": ..., "args": Namespace}`` checkpoints of the
+        Omni-NegCLIP / CoN-CLIP code), or a TorchScript archive (OpenAI's released
+        ``ViT-B-32.pt``), read without running any of its code.
+    dtype: compute dtype (e.g. jnp.bfloat16); params stay float32.
+    config: the architecture, replacing whatever the source states or implies; the
+      weights are still checked against it key by key and shape by shape.
+    text_heads, vision_heads, activation: for a bare OpenAI-named state dict only,
+      which carries no architecture beyond its shapes: replace OpenAI's conventions
+      (heads = width / 64, "quick_gelu"; activation is one of model.TextConfig's
+      `hidden_act` names, e.g. "gelu" for open_clip models trained without QuickGELU).
+  Raises:
+    FileNotFoundError: nothing at `path` (nor in the Hugging Face cache).
+    ValueError: an unreadable or unsafe file, an unsupported architecture, or
+      overrides for a source that states its architecture.
+    CheckpointMismatchError: weights that do not match the architecture.
   """
-  path = Path(path)
+  conventions = {k: v for k, v in dict(text_heads=text_heads, vision_heads=vision_heads,
+                                       activation=activation).items() if v is not None}
+  if config is not None and conventions:
+    raise ValueError(f"pass either config= or {sorted(conventions)}, not both")
+  from negclip_jax import hub
+  path = hub.resolve(path)
   if path.is_dir():
-    config_file = path / "config.json"
-    if not config_file.is_file():
-      raise FileNotFoundError(f"{path} is a directory without config.json; expected a Hugging "
-                              "Face CLIP directory")
-    config = config_from_hf(json.loads(config_file.read_text()), str(config_file))
-    for name in ("model.safetensors", "pytorch_model.bin"):
-      if (path / name).is_file():
-        weights = path / name
-        break
-    else:
-      raise FileNotFoundError(f"{path}: neither model.safetensors nor pytorch_model.bin found")
-    params = state_dict_to_params(read_state_dict(weights), config, str(weights))
+    weights, stated = _describe_dir(path)
   else:
-    sd = read_state_dict(path)
-    if is_openai_state_dict(sd):
-      config = config_from_openai(sd)
-      sd = openai_to_hf(sd, str(path))
-    elif "text_model.embeddings.token_embedding.weight" in sd:
-      raise ValueError(f"{path}: an HF-named state dict has no architecture; put it in a "
-                       "directory with its config.json and pass the directory")
-    else:
-      raise CheckpointMismatchError(
-          f"{path}: neither OpenAI nor Hugging Face CLIP key names (first keys: {list(sd)[:5]})")
-    params = state_dict_to_params(sd, config, str(path))
-  params = jax.tree.map(jnp.asarray, params)
+    weights, stated = path, _export_config_beside(path) if path.is_file() else None
+  if stated is not None and conventions:
+    raise ValueError(f"{path} states its architecture; {sorted(conventions)} apply only to "
+                     "bare OpenAI state dicts (pass config= to replace a stated one)")
+  sd = read_state_dict(weights)
+  source = str(weights)
+  config = config or stated
+  if is_openai_state_dict(sd):
+    if config is None:
+      config = config_from_openai(sd, source, **conventions)
+      logger.info("%s: no architecture metadata; heads and activation from %s", source,
+                  conventions or "OpenAI's conventions (heads = width / 64, QuickGELU)")
+    sd = openai_to_hf(sd, source)
+  elif "text_model.embeddings.token_embedding.weight" not in sd:
+    raise CheckpointMismatchError(
+        f"{source}: neither OpenAI nor Hugging Face CLIP key names (first keys: {list(sd)[:5]})")
+  elif config is None:
+    raise ValueError(f"{source}: an HF-named state dict has no architecture; put it in a "
+                     "directory with its config.json and pass the directory, or pass config=")
+  params = jax.tree.map(jnp.asarray, state_dict_to_params(sd, config, source))
   return model_lib.CLIP(config, dtype=dtype), params
 
 
 def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
                     format: str = "hf", tokenizer=None) -> Path:
-  """Writes weights PyTorch users can load.
+  """Writes weights PyTorch users can load; `load_pretrained(out_dir)` reads both back.
 
   format="hf": config.json + model.safetensors (+ tokenizer and preprocessor files),
     loadable by `transformers.CLIPModel.from_pretrained(out_dir)`.
   format="openai": model.pt, an OpenAI-named state dict of float tensors for
-    `model.load_state_dict` in the original (OpenAI `clip`) code.
+    `model.load_state_dict` in the original (OpenAI `clip`) code, and model_config.json
+    (`EXPORT_CONFIG`) with the full config, which the state dict cannot express.
   """
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -344,6 +561,7 @@ def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
     from safetensors.numpy import save_file
     transformers.CLIPConfig(**config_to_hf(model.config)).save_pretrained(out)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)  # safetensors writes 0600
     (out / "preprocessor_config.json").write_text(json.dumps(
         _image_processor_config(model.config.vision.image_size), indent=2))
     if tokenizer is not None:
@@ -352,6 +570,8 @@ def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
     import torch
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in hf_to_openai(sd).items()},
                out / "model.pt")
+    (out / EXPORT_CONFIG).write_text(json.dumps(
+        {"weights": "model.pt", "config": config_to_dict(model.config)}, indent=2))
   else:
     raise ValueError(f"format must be 'hf' or 'openai', got {format!r}")
   return out

@@ -11,15 +11,20 @@ import jax
 import jax.numpy as jnp
 
 
+def at_least_float32(x):
+  """x in float32, or in its own dtype if that is wider (float64 parity runs)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def cross_entropy(logits, labels):
   """Mean softmax cross-entropy; logits [N, C], integer labels [N]."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  logp = jax.nn.log_softmax(at_least_float32(logits), axis=-1)
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
 
 
 def l2_normalize(x, eps=1e-12):
-  """x [..., D] / ||x||, computed in float32."""
-  x = x.astype(jnp.float32)
+  """x [..., D] / ||x||, computed in (at least) float32."""
+  x = at_least_float32(x)
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 

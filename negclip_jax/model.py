@@ -136,11 +136,12 @@ class Attention(nn.Module):
     q = split(dense("q_proj")(x)) * (head_dim ** -0.5)
     k = split(dense("k_proj")(x))
     v = split(dense("v_proj")(x))
-    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k).astype(jnp.float32)
+    logits = jnp.einsum("nqhd,nkhd->nhqk", q, k)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # softmax in >= f32
     if causal:
       length = x.shape[1]
       mask = jnp.tril(jnp.ones((length, length), bool))
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+      logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(x.shape[:2] + (self.hidden_size,))
     return dense("out_proj")(out)
@@ -323,12 +324,16 @@ class CLIP(nn.Module):
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value),
                                   (), self.param_dtype)
 
+  @property
+  def _feature_dtype(self):  # float32, or float64 for a float64 model (parity runs)
+    return jnp.promote_types(self.dtype, jnp.float32)
+
   def get_text_features(self, input_ids):
     pooled, _, _ = self.text_model(input_ids)
-    return self.text_projection(pooled).astype(jnp.float32)
+    return self.text_projection(pooled).astype(self._feature_dtype)
 
   def get_image_features(self, pixel_values):
-    return self.visual_projection(self.vision_model(pixel_values)).astype(jnp.float32)
+    return self.visual_projection(self.vision_model(pixel_values)).astype(self._feature_dtype)
 
   def get_text_hidden_states(self, input_ids):
     _, _, states = self.text_model(input_ids)

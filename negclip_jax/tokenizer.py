@@ -117,8 +117,11 @@ class ClipTokenizer:
   @classmethod
   def for_model_dir(cls, path: str | os.PathLike) -> ClipTokenizer:
     """`from_pretrained(path)` if `path` is a directory with ``vocab.json`` (a HF CLIP
-    directory), else the bundled OpenAI vocabulary (e.g. for an OpenAI checkpoint file)."""
-    return cls.from_pretrained(path) if (Path(path) / "vocab.json").is_file() else cls()
+    directory; a Hub id resolves as in `load_pretrained`, see `negclip_jax.hub`), else the
+    bundled OpenAI vocabulary (e.g. for an OpenAI checkpoint file)."""
+    from negclip_jax import hub
+    path = hub.resolve(path)
+    return cls.from_pretrained(path) if (path / "vocab.json").is_file() else cls()
 
   @property
   def sot_token_id(self) -> int:

@@ -60,7 +60,8 @@ def load_tables(config, image_size: int):
   if "negshapes" in (d.presence, d.absence):
     shapes = pipeline.negshapes_tables(
         negshapes.generate_pairs(d.negshapes_num, config.seed, image_size, split="train",
-                                 distractors=distractors),
+                                 distractors=distractors,
+                                 hard_fraction=d.get("negshapes_hard_fraction", 0.0)),
         on_error=d.on_error, distractors=distractors)
   if d.presence == "negshapes":
     presence = shapes[0]
@@ -93,10 +94,19 @@ def _missing(key):
 
 
 def num_train_steps(config, presence_size: int, absence_size: int) -> int:
-  """total_steps, or num_epochs over the longer stream (the shorter one restarts)."""
+  """total_steps, or num_epochs epochs of `pipeline.epoch_steps` (the original's
+  ``epochs * max(N1 // B, N2 // B)``)."""
   if config.total_steps > 0:
     return config.total_steps
-  return config.num_epochs * max(presence_size, absence_size) // config.batch_size
+  return config.num_epochs * pipeline.epoch_steps([presence_size, absence_size], config.batch_size)
+
+
+def optimizer_from_config(config, labels, total_steps: int):
+  """`partition.make_optimizer` with the config's optimizer keys."""
+  return partition.make_optimizer(
+      labels, config.learning_rate, config.weight_decay, config.warmup_steps, total_steps,
+      config.grad_clip_norm or None, b1=config.b1, b2=config.b2, eps=config.eps,
+      schedule=config.schedule)
 
 
 # --------------------------------------------------------------------------- loop
@@ -182,8 +192,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   if main:
     print(partition.summary(params, labels), flush=True)
   total_steps = num_train_steps(config, len(presence), len(absence))
-  tx = partition.make_optimizer(labels, config.learning_rate, config.weight_decay,
-                                config.warmup_steps, total_steps, config.grad_clip_norm or None)
+  tx = optimizer_from_config(config, labels, total_steps)
   state = train_step.create_train_state(params, tx)
 
   ckpt = checkpoint.Checkpointer(workdir, config.save_every, config.max_to_keep)

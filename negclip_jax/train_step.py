@@ -91,7 +91,7 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
              **{k.removesuffix("_ids"): t for k, t in zip(_TEXT_KEYS, text)}}
       if "presence_distractor" in images:
         emb["presence_distractor"] = images["presence_distractor"]
-      scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
+      scale = jnp.exp(losses.at_least_float32(params["logit_scale"]))
       loss, metrics = losses.total_loss(emb, scale, objective, lambda_stage2, lambda_orig,
                                         lambda_text, margin)
       return loss, {**metrics, "logit_scale": scale}

@@ -1,17 +1,19 @@
 """Round trips and strictness of weight conversion (HF and OpenAI naming)."""
 
 import argparse
+import json
 import pickle
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
-import jax.numpy as jnp
-
 import negclip_jax
 from negclip_jax import convert, model as model_lib
+from references import open_clip_model
 
 # head_dim 64 so OpenAI's width // 64 head rule infers the same architecture.
 OPENAI_SHAPED = model_lib.CLIPConfig(
@@ -52,6 +54,7 @@ def test_hf_round_trip_is_bitwise_and_from_pretrained_matches(tmp_path):
   out = negclip_jax.save_pretrained(model, params, tmp_path / "out")
   from safetensors.numpy import load_file
   written = load_file(str(out / "model.safetensors"))
+  assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
   want = {k: v.numpy() for k, v in src.items() if not k.endswith("position_ids")}
   assert set(written) == set(want)
   for k in want:
@@ -125,7 +128,7 @@ def test_pickle_with_arbitrary_globals_is_refused(tmp_path, capsys):
   path = tmp_path / "evil.pt"
   with open(path, "wb") as f:
     pickle.dump({"model": Evil()}, f)
-  with pytest.raises(ValueError, match="weights_only=True"):
+  with pytest.raises(ValueError, match=r"evil.pt: .*weights_only=True"):
     negclip_jax.load_pretrained(path)
   assert "arbitrary code ran" not in capsys.readouterr().out
 
@@ -156,3 +159,142 @@ def test_missing_files_and_unknown_architectures(tmp_path):
   (tmp_path / "empty" / "config.json").write_text('{"model_type": "clip"}')
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     negclip_jax.load_pretrained(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ exports and presets
+
+
+def _random_params(config, seed=0):
+  """Random float32 params for `config`, without compiling `init`."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype),
+                      convert._abstract_params(config))
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_openai_export_round_trips_every_cheap_preset_exactly(tmp_path, name):
+  config = model_lib.get_config(name)
+  model = model_lib.CLIP(config)
+  params = _random_params(config)
+  out = negclip_jax.save_pretrained(model, params, tmp_path, format="openai")
+  assert json.loads((out / convert.EXPORT_CONFIG).read_text())["weights"] == "model.pt"
+  for source in (out, out / "model.pt"):
+    loaded, loaded_params = negclip_jax.load_pretrained(source)
+    assert loaded.config == config, source
+    jax.tree.map(np.testing.assert_array_equal, loaded_params, params)
+
+
+@pytest.mark.parametrize("name", sorted(set(model_lib.PRESETS) - {"tiny", "small"}))
+def test_export_config_round_trips_big_presets(name):
+  """Big presets: the config (all `load_pretrained` reads besides the weights) round-trips."""
+  config = model_lib.get_config(name)
+  back = convert.config_from_dict(json.loads(json.dumps(convert.config_to_dict(config))))
+  assert back == config
+
+
+def test_a_model_pt_without_its_config_uses_openai_conventions(tmp_path):
+  model = model_lib.CLIP(OPENAI_SHAPED)
+  out = negclip_jax.save_pretrained(model, _random_params(OPENAI_SHAPED), tmp_path,
+                                    format="openai")
+  (out / "model.pt").rename(out / "renamed.pt")  # model_config.json names model.pt only
+  assert negclip_jax.load_pretrained(out / "renamed.pt")[0].config == OPENAI_SHAPED
+
+
+# ------------------------------------------------------------------------- open_clip
+
+# Widths that OpenAI's width / 64 rule cannot explain: text 96 wide with 3 heads,
+# vision 64 wide with head_width 32 (2 heads), MLP ratios other than 4.
+OPEN_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": [32, 32], "layers": 2, "width": 64, "head_width": 32,
+                   "mlp_ratio": 2.0, "patch_size": 8, "patch_dropout": 0.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 96, "heads": 3,
+                 "layers": 2, "mlp_ratio": 3.0},
+}
+
+
+def _open_clip(quick_gelu, seed=0):
+  cfg = dict(OPEN_CLIP_CFG, **({} if quick_gelu is None else {"quick_gelu": quick_gelu}))
+  torch.manual_seed(seed)
+  model = open_clip_model().CLIP(**cfg).eval()
+  with torch.no_grad():  # open_clip zero-inits some tensors; make every one matter
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn_like(p))
+  return cfg, model
+
+
+def _open_clip_inputs(n=3, seed=0):
+  """(pixels [n, 3, 32, 32] f32, ids [n, 16] int64 with EOT = 999 the max id)."""
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(1, 998, (n, 16))
+  for i, e in enumerate(rng.integers(2, 16, n)):
+    ids[i, e], ids[i, e + 1:] = 999, 0
+  return rng.standard_normal((n, 3, 32, 32)).astype(np.float32), ids
+
+
+def _assert_matches_torch(model, params, torch_model, atol=1e-4):
+  pixels, ids = _open_clip_inputs()
+  with torch.no_grad():
+    want_image = torch_model.encode_image(torch.from_numpy(pixels)).numpy()
+    want_text = torch_model.encode_text(torch.from_numpy(ids)).numpy()
+  image = model.apply({"params": params}, pixels.transpose(0, 2, 3, 1), method="get_image_features")
+  text = model.apply({"params": params}, ids.astype(np.int32), method="get_text_features")
+  np.testing.assert_allclose(np.asarray(image), want_image, atol=atol)
+  np.testing.assert_allclose(np.asarray(text), want_text, atol=atol)
+
+
+@pytest.mark.parametrize("quick_gelu, weights", [
+    (None, "open_clip_pytorch_model.bin"), (True, "open_clip_model.safetensors")])
+def test_open_clip_directory_matches_open_clip(tmp_path, quick_gelu, weights):
+  cfg, ref = _open_clip(quick_gelu)
+  (tmp_path / "open_clip_config.json").write_text(json.dumps(
+      {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073]}}))
+  sd = ref.state_dict()
+  if weights.endswith(".bin"):
+    torch.save(sd, tmp_path / weights)
+  else:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / weights))
+  model, params = negclip_jax.load_pretrained(tmp_path)
+  c = model.config
+  assert (c.text.num_attention_heads, c.vision.num_attention_heads) == (3, 2)
+  assert (c.text.intermediate_size, c.vision.intermediate_size) == (288, 128)
+  assert c.text.hidden_act == c.vision.hidden_act == ("quick_gelu" if quick_gelu else "gelu")
+  _assert_matches_torch(model, params, ref)
+
+
+def test_open_clip_options_we_do_not_implement_are_refused(tmp_path):
+  cfg = json.loads(json.dumps(OPEN_CLIP_CFG))
+  cfg["vision_cfg"]["ls_init_value"] = 0.1
+  with pytest.raises(ValueError, match=r"cfg.json: .*vision_cfg.ls_init_value=0.1"):
+    convert.config_from_open_clip({"model_cfg": cfg}, "cfg.json")
+  cfg = json.loads(json.dumps(OPEN_CLIP_CFG))
+  cfg["text_cfg"]["pool_type"] = "last"
+  with pytest.raises(ValueError, match="pool_type"):
+    convert.config_from_open_clip({"model_cfg": cfg}, "cfg.json")
+
+
+# ------------------------------------------------------- bare state dicts and overrides
+
+
+def test_bare_state_dict_needs_overrides_when_conventions_do_not_fit(tmp_path):
+  _, ref = _open_clip(quick_gelu=None)
+  path = tmp_path / "open_clip_pytorch_model.bin"
+  torch.save(ref.state_dict(), path)
+  with pytest.raises(ValueError, match=r"open_clip_pytorch_model.bin: text width 96 is not a "
+                     r"multiple of 64.*text_heads="):
+    negclip_jax.load_pretrained(path)
+  with pytest.raises(ValueError, match=r"text_heads=5 does not divide the text width 96"):
+    negclip_jax.load_pretrained(path, text_heads=5, vision_heads=2)
+  with pytest.raises(ValueError, match="hidden_act"):
+    negclip_jax.load_pretrained(path, text_heads=3, vision_heads=2, activation="swish")
+  model, params = negclip_jax.load_pretrained(path, text_heads=3, vision_heads=2,
+                                              activation="gelu")
+  _assert_matches_torch(model, params, ref)
+  config = model.config
+  assert negclip_jax.load_pretrained(path, config=config)[0].config == config
+  with pytest.raises(ValueError, match="either config="):
+    negclip_jax.load_pretrained(path, config=config, text_heads=3)
+  (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": OPEN_CLIP_CFG}))
+  with pytest.raises(ValueError, match="states its architecture"):
+    negclip_jax.load_pretrained(tmp_path, text_heads=3)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import jax
+from flax import traverse_util
 
 from configs import tiny
 from negclip_jax import checkpoint, train
@@ -49,15 +49,15 @@ def config(**overrides):
   return c
 
 
-def leaves(params):
-  return [np.asarray(x) for x in jax.tree.leaves(params)]
-
-
 def assert_params_close(actual, expected):
-  a, b = leaves(actual), leaves(expected)
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    np.testing.assert_allclose(x, y, **TOL)
+  """Every leaf within TOL, except the attention key biases: their gradient is analytically
+  zero (softmax ignores a per-query constant), so Adam (eps 1e-8) turns the float noise of
+  a different device/process split into their update."""
+  a, b = (traverse_util.flatten_dict(p, sep="/") for p in (actual, expected))
+  assert a.keys() == b.keys()
+  for path in a:
+    if not path.endswith("k_proj/bias"):
+      np.testing.assert_allclose(np.asarray(a[path]), np.asarray(b[path]), err_msg=path, **TOL)
 
 
 def free_port() -> int:

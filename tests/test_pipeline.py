@@ -45,7 +45,7 @@ def _assert_batches_equal(a, b):
 def test_sampler_is_a_pure_function_of_the_step(tokenizer):
   pipe = _pipeline(tokenizer, *_tables(10, 10))
   forward = [pipe.global_indices(s) for s in range(7)]
-  pl.epoch_permutation.cache_clear()
+  pl.pass_permutation.cache_clear()
   other = _pipeline(tokenizer, *_tables(10, 10))
   for s in (6, 2, 0, 5, 2, 1, 3, 4):
     for name in ("presence", "absence"):
@@ -56,11 +56,12 @@ def test_each_epoch_is_a_permutation():
   n, b = 10, 3  # 3 steps per epoch, one example dropped per epoch
   for epoch in range(3):
     seen = np.concatenate([pl.step_indices(epoch * 3 + s, n, b, 0, 0) for s in range(3)])
-    perm = pl.epoch_permutation(n, 0, 0, epoch)
+    perm = pl.pass_permutation(n, 0, 0, epoch, 0)
     np.testing.assert_array_equal(seen, perm[:9])
     np.testing.assert_array_equal(np.sort(perm), np.arange(n))
-  assert not np.array_equal(pl.epoch_permutation(n, 0, 0, 0), pl.epoch_permutation(n, 0, 0, 1))
-  assert not np.array_equal(pl.epoch_permutation(n, 0, 0, 0), pl.epoch_permutation(n, 0, 1, 0))
+  first = pl.pass_permutation(n, 0, 0, 0, 0)
+  for other in [(0, 0, 1, 0), (0, 1, 0, 0), (0, 0, 0, 1), (1, 0, 0, 0)]:
+    assert not np.array_equal(first, pl.pass_permutation(n, *other))
 
 
 def test_two_processes_split_each_batch_and_cover_the_epoch(tokenizer):
@@ -80,7 +81,7 @@ def test_two_processes_split_each_batch_and_cover_the_epoch(tokenizer):
     seen.extend(np.concatenate(halves))
     widths = {p.build_host_batch(step)["presence_caption_ids"].shape[-1] for p in pipes}
     assert widths == ({32} if 0 in glob else {16})  # one bucket per step on every host
-  assert sorted(seen) == sorted(pl.epoch_permutation(13, 3, 0, 0)[:12])
+  assert sorted(seen) == sorted(pl.pass_permutation(13, 3, 0, 0, 0)[:12])
   assert len(set(seen)) == 12
 
 
@@ -111,14 +112,38 @@ def test_state_dict_round_trip(tokenizer):
     _pipeline(tokenizer, *tables, seed=4).load_state_dict(state)
 
 
-def test_shorter_stream_wraps_into_its_next_epoch(tokenizer):
-  pipe = _pipeline(tokenizer, *_tables(8, 20))
-  assert pipe.steps_per_epoch == {"presence": 2, "absence": 5}
-  first = np.concatenate([pipe.global_indices(s)["presence"] for s in (0, 1)])
-  assert sorted(first) == list(range(8))
-  step2 = pipe.global_indices(2)
-  np.testing.assert_array_equal(step2["presence"], pl.epoch_permutation(8, 3, 0, 1)[:4])
-  np.testing.assert_array_equal(step2["absence"], pl.epoch_permutation(20, 3, 1, 0)[8:12])
+def test_streams_restart_as_the_original_two_loaders(tokenizer):
+  """The original loop, literally: per epoch of max(len(loader1), len(loader2)) steps both
+  iterators are new (reshuffled); a StopIteration restarts the shorter one."""
+  sizes, batch, seed = {"presence": 8, "absence": 22}, 4, 3  # passes of 2 and 5 steps
+  pipe = _pipeline(tokenizer, *_tables(sizes["presence"], sizes["absence"]))
+  assert pipe.steps_per_epoch == {"presence": 2, "absence": 5} and pipe.epoch_steps == 5
+  step = 0
+  for epoch in range(3):
+    passes = {name: 0 for name in sizes}
+    positions = {name: 0 for name in sizes}  # next batch within the current pass ("iterator")
+    for _ in range(5):
+      got = pipe.global_indices(step)
+      for name, n in sizes.items():
+        if positions[name] == n // batch:  # StopIteration: iter(loader) again
+          passes[name], positions[name] = passes[name] + 1, 0
+        perm = pl.pass_permutation(n, seed, pl.STREAMS[name], epoch, passes[name])
+        np.testing.assert_array_equal(
+            got[name], perm[positions[name] * batch:(positions[name] + 1) * batch])
+        positions[name] += 1
+      step += 1
+  # Epoch 1 restarts the presence stream although its third pass was half done.
+  np.testing.assert_array_equal(pipe.global_indices(5)["presence"],
+                                pl.pass_permutation(8, seed, 0, 1, 0)[:4])
+
+
+def test_epoch_steps_drop_the_remainder_of_each_stream():
+  assert pl.epoch_steps([1000, 300], 128) == 7   # max(1000 // 128, 300 // 128)
+  assert pl.epoch_steps([127 + 128, 128], 128) == 1
+  with pytest.raises(ValueError, match="fewer than global_batch"):
+    pl.epoch_steps([127, 1000], 128)
+  with pytest.raises(ValueError, match="shorter than stream"):
+    pl.step_indices(0, 100, 10, 0, 0, steps_per_epoch=5)
 
 
 @pytest.mark.parametrize("devices", [1, 2])

@@ -15,15 +15,22 @@ top-k COCO train2017 images, best first (a list of ints or a 1-D tensor; the who
 may also be one [N, k] tensor). Index j is the j-th image of ``captions_train2017.json``
 in increasing id order (torchvision's ``CocoCaptions``); the top-1 image is used.
 
+Evaluation extras (CoN-CLIP ``src/data/evaluation_datasets.py``): the ``.pt`` may hold
+``"num_ops": {k: [file index, ...]}`` (records with k object-predicate pairs; a list
+indexed by k is accepted too), read by :func:`load_num_ops`. CC-Neg mode 2 is a separate
+``.pt``: ``{"image_paths_positive": [[str, ...], ...], "image_paths_negative": [[str,
+...], ...], "labels": [{"positive_prompt": str, "negated_prompt": str, ...}, ...]}``
+(the first path of each list is used), read by :func:`load_ccneg2`.
+
 CLI: ``python -m negclip_jax.data.ccneg convert IN.pt OUT.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import pickle
 from typing import Literal, Sequence
 
 from negclip_jax.data.coco_negation import coco_image_paths
@@ -46,39 +53,18 @@ CCNEG_EVAL_SIZE = 40000
 _RawRecord = tuple[str, str, str]  # (image_path as stored, caption, negative prompt with commas)
 
 
-def _unpickler_reason(error: Exception) -> str:
-    """The one-line cause inside torch's long weights_only error message."""
-    marker = "WeightsUnpickler error:"
-    text = str(error)
-    if marker in text:
-        rest = text.split(marker, 1)[1].strip()
-        if rest:
-            return rest.splitlines()[0].split(". ")[0]
-    return type(error).__name__
-
-
-_JSONL_HINT = ("or convert the file yourself to JSONL (one {\"image_path\", \"caption\", "
+_JSONL_HINT = ("convert it yourself to JSONL (one {\"image_path\", \"caption\", "
                "\"negative_prompt\"} object per line; see docs/data_formats.md) and load that")
 
 
 def _load_pt(path: str, hint: str = _JSONL_HINT) -> object:
-    """torch.load(weights_only=True); DataError naming the file if that refuses it."""
-    import torch  # Only the .pt format needs torch.
+    """`negclip_jax.torch_io.load` (the safe loader); DataError naming the file if it refuses."""
+    from negclip_jax import torch_io  # Only the .pt format needs torch.
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise DataError(
-            path,
-            f"cannot be loaded by torch's safe loader (weights_only=True): {_unpickler_reason(e)}. "
-            "The file is corrupt or holds objects other than plain containers, strings, "
-            "numbers and tensors; this reader never unpickles arbitrary objects. If you trust "
-            f"the file, allowlist the named global with torch.serialization.add_safe_globals, {hint}",
-        ) from e
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # torch reports corrupt files as RuntimeError, KeyError, ...
-        raise DataError(path, f"not a readable torch file ({type(e).__name__}: {e})") from e
+        return torch_io.load(path, hint=hint)
+    except torch_io.UnreadableTorchFileError as e:
+        raise DataError(e.file, e.reason) from e
 
 
 def _read_pt(path: str) -> list[_RawRecord]:
@@ -133,6 +119,11 @@ def _read_raw(path: str) -> list[_RawRecord]:
     raise DataError(path, "unsupported extension; expected .pt or .jsonl")
 
 
+def strip_commas(text: str) -> str:
+    """A caption as CoN-CLIP embeds negated captions: commas removed."""
+    return text.replace(",", "")
+
+
 def load_ccneg(
     path: str | os.PathLike,
     image_root: str | os.PathLike,
@@ -142,6 +133,7 @@ def load_ccneg(
     source_prefix: str = CCNEG_SOURCE_PREFIX,
     check_images: bool = True,
     distractor_paths: Sequence[str] | None = None,
+    keep_commas: bool = False,
 ) -> list[PresenceRecord]:
     """Load CC-Neg as ``PresenceRecord(image_path, caption, negated)``, in file order.
 
@@ -150,7 +142,8 @@ def load_ccneg(
 
     Image paths starting with ``source_prefix`` have it replaced by ``image_root``;
     other relative paths are joined to ``image_root``, other absolute paths are kept.
-    Commas are removed from the negated caption (as the original CoN-CLIP code does).
+    Commas are removed from the negated caption (as the original CoN-CLIP code does)
+    unless ``keep_commas`` (then apply :func:`strip_commas` before embedding).
     The last ``eval_size`` records form ``"eval"``, the rest ``"train"`` (``eval_size``
     is ignored for ``"all"``).
     """
@@ -179,9 +172,96 @@ def load_ccneg(
         else:
             image_path = resolve_path(image_path, root)
         distractor = None if distractor_paths is None else distractor_paths[i]
-        records.append(PresenceRecord(image_path, caption, negative.replace(",", ""), distractor))
+        negated = negative if keep_commas else strip_commas(negative)
+        records.append(PresenceRecord(image_path, caption, negated, distractor))
     if check_images:
         check_images_exist(path, [r.image_path for r in records])
+    return records
+
+
+def _index_list(path: str, value, key: str) -> list[int]:
+    """A list (or 1-D tensor) of ints, else DataError naming ``key``."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise DataError(path, "expected a list of integer record indices", key=key)
+    return list(value)
+
+
+def load_num_ops(path: str | os.PathLike, eval_size: int = CCNEG_EVAL_SIZE) -> dict[int, list[int]]:
+    """{k: positions in the eval split of the records with k object-predicate pairs}.
+
+    As CoN-CLIP's ``CCNegEvalDataset(num_ops=k)``: of the file's ``num_ops[k]`` indices,
+    the last ``min(eval_size, len)`` are kept if they fall in the eval split (the last
+    ``eval_size`` records), in their listed order.
+    """
+    path = os.fspath(path)
+    if not path.endswith(".pt"):
+        raise DataError(path, "num_ops is a field of the .pt file only (JSONL does not carry it)")
+    data = _load_pt(path)
+    n = len(require_list(path, get_field(path, data, "image_paths", index=None),
+                         index=None, key="image_paths"))
+    table = get_field(path, data, "num_ops", index=None)
+    if isinstance(table, (list, tuple)):
+        table = dict(enumerate(table))
+    if not isinstance(table, dict):
+        raise DataError(path, f"expected a dict from count to indices, got {type(table).__name__}",
+                        key="num_ops")
+    first = n - eval_size
+    out = {}
+    for k in sorted(table):
+        indices = _index_list(path, table[k], f"num_ops[{k}]")
+        kept = indices[-min(eval_size, len(indices)):]
+        out[int(k)] = [i - first for i in kept if first <= i < n]
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePairRecord:
+    """CC-Neg mode 2: a caption true of ``positive_path`` and its negation, true of
+    ``negative_path`` (both captions comma-free, as CoN-CLIP embeds them)."""
+
+    positive_path: str
+    negative_path: str
+    caption: str
+    negated: str
+
+
+def load_ccneg2(path: str | os.PathLike, image_root: str | os.PathLike, *,
+                check_images: bool = True) -> list[ImagePairRecord]:
+    """One ``ImagePairRecord`` per label of a CC-Neg mode-2 ``.pt`` (module docstring).
+
+    Relative image paths are joined to ``image_root``; absolute ones are kept.
+    """
+    path = os.fspath(path)
+    data = _load_pt(path)
+    fields = {key: require_list(path, get_field(path, data, key, index=None), index=None, key=key)
+              for key in ("image_paths_positive", "image_paths_negative", "labels")}
+    sizes = {key: len(v) for key, v in fields.items()}
+    if len(set(sizes.values())) != 1:
+        raise DataError(path, f"lists differ in length: {sizes}", key="labels")
+
+    def first_path(i: int, key: str) -> str:
+        paths = fields[key][i]
+        if isinstance(paths, (list, tuple)):
+            if not paths:
+                raise DataError(path, "empty list of image paths", index=i, key=key)
+            paths = paths[0]
+        return resolve_path(require_text(path, paths, index=i, key=key), image_root)
+
+    records = []
+    for i, label in enumerate(fields["labels"]):
+        caption, negated = (
+            require_text(path, get_field(path, label, key, index=i, label=f"labels.{key}"),
+                         index=i, key=f"labels.{key}")
+            for key in ("positive_prompt", "negated_prompt"))
+        records.append(ImagePairRecord(first_path(i, "image_paths_positive"),
+                                       first_path(i, "image_paths_negative"),
+                                       strip_commas(caption), strip_commas(negated)))
+    if check_images:
+        check_images_exist(path, [p for r in records for p in (r.positive_path, r.negative_path)],
+                           [i for i in range(len(records)) for _ in range(2)])
     return records
 
 
@@ -207,7 +287,7 @@ def load_distractor_paths(mapping_path: str | os.PathLike, coco_json: str | os.P
     ``coco_image_dir/file_name``. Loaded with torch's safe loader only.
     """
     mapping_path = os.fspath(mapping_path)
-    mapping = _load_pt(mapping_path, hint="or re-save it as a plain list of lists of ints")
+    mapping = _load_pt(mapping_path, hint="re-save it as a plain list of lists of ints")
     if hasattr(mapping, "tolist"):
         mapping = mapping.tolist()
     if not isinstance(mapping, (list, tuple)):

@@ -11,14 +11,15 @@ Tables
   raises `DataError` (record index + field); with ``on_error="skip"`` such examples are
   dropped, logged, and listed in ``table.dropped`` (record index -> reason).
 
-Sampling (a pure function of the step)
-  Stream k (presence 0, absence 1) of N examples has ``steps_per_epoch = N // B`` (B the
-  global batch, remainder dropped); step s uses epoch ``e = s // steps_per_epoch`` and
-  positions ``[(s % steps_per_epoch) * B, ... + B)`` of
-  ``np.random.default_rng([seed, k, e]).permutation(N)``. The streams are zipped per step,
-  each wrapping into its next epoch on its own. Process p of P takes the contiguous slice
-  ``[p * B / P, (p + 1) * B / P)`` of each global batch, so over an epoch the processes
-  together see every non-dropped example exactly once.
+Sampling (a pure function of the step), as the original's two `DataLoader`s
+  Stream k (presence 0, absence 1) of N_k examples has ``n_k = N_k // B`` steps per pass (B the
+  global batch, remainder dropped, as ``drop_last=True``). An epoch is ``E = max(n_0, n_1)``
+  global steps (`epoch_steps`). Both streams restart, reshuffled, at every epoch; within one
+  the shorter stream restarts, reshuffled, whenever it runs out. Step s is step
+  ``i = s % E`` of epoch ``e = s // E``; stream k uses pass ``r = i // n_k`` and positions
+  ``[(i % n_k) * B, ... + B)`` of ``np.random.default_rng([seed, k, e, r]).permutation(N_k)``.
+  Process p of P takes the contiguous slice ``[p * B / P, (p + 1) * B / P)`` of each global
+  batch, so over a pass the processes together see every non-dropped example exactly once.
 
 Batches (one step, one host; b = B / P, d local devices)
   presence_caption_ids, presence_negated_ids, absence_caption_ids, absence_updated_ids:
@@ -250,12 +251,14 @@ def negshapes_tables(data: Mapping, *, on_error: str = "raise",
                      distractors: bool = False) -> tuple[PresenceTable, AbsenceTable]:
   """`negshapes.generate_pairs` output -> (presence, absence) tables sharing its images;
   with `distractors`, the presence table holds `data["distractor_images"]` (generate the
-  data with ``distractors=True``)."""
+  data with ``distractors=True``). The presence pairs are `data["presence_captions"]` /
+  `data["presence_negated"]` when present (hard negatives), else captions / negated."""
   if distractors and "distractor_images" not in data:
     raise ValueError("the NegShapes data has no distractor_images: generate it with "
                      "generate_pairs(..., distractors=True)")
   images = np.asarray(data["images"])
-  presence = PresenceTable(images, list(data["captions"]), list(data["negated"]),
+  presence = PresenceTable(images, list(data.get("presence_captions", data["captions"])),
+                           list(data.get("presence_negated", data["negated"])),
                            distractors=data["distractor_images"] if distractors else None,
                            source="negshapes presence")
   absence = AbsenceTable(images, list(data["captions"]), list(data["updated"]),
@@ -263,22 +266,42 @@ def negshapes_tables(data: Mapping, *, on_error: str = "raise",
   return validate(presence, on_error), validate(absence, on_error)
 
 
+def epoch_steps(sizes: Sequence[int], global_batch: int) -> int:
+  """Global steps per epoch: the longer stream's ``N // global_batch`` (the original's
+  ``max(len(loader1), len(loader2))`` with ``drop_last=True``)."""
+  steps = [n // global_batch for n in sizes]
+  if min(steps) == 0:
+    raise ValueError(f"a stream has {min(sizes)} examples, fewer than global_batch={global_batch}")
+  return max(steps)
+
+
 @functools.lru_cache(maxsize=8)
-def epoch_permutation(n: int, seed: int, stream: int, epoch: int) -> np.ndarray:
-  """int64 [n] read-only: the order of stream `stream`'s examples in epoch `epoch`."""
-  perm = np.random.default_rng([seed, stream, epoch]).permutation(n)
+def pass_permutation(n: int, seed: int, stream: int, epoch: int, pass_index: int) -> np.ndarray:
+  """int64 [n] read-only: the order of stream `stream`'s examples in pass `pass_index` of
+  epoch `epoch`."""
+  perm = np.random.default_rng([seed, stream, epoch, pass_index]).permutation(n)
   perm.flags.writeable = False
   return perm
 
 
-def step_indices(step: int, n: int, global_batch: int, seed: int, stream: int) -> np.ndarray:
-  """int64 [global_batch]: the examples of global step `step` of a stream of n examples."""
-  steps_per_epoch = n // global_batch
-  if steps_per_epoch == 0:
+def step_indices(step: int, n: int, global_batch: int, seed: int, stream: int,
+                 steps_per_epoch: int | None = None) -> np.ndarray:
+  """int64 [global_batch]: the examples of global step `step` of a stream of n examples.
+
+  `steps_per_epoch` is the run's epoch (`epoch_steps`; default: this stream's own
+  ``n // global_batch``); a shorter stream restarts within it (see the module doc).
+  """
+  stream_steps = n // global_batch
+  if stream_steps == 0:
     raise ValueError(f"stream {stream} has {n} examples, fewer than global_batch={global_batch}")
-  epoch, position = divmod(step, steps_per_epoch)
-  return epoch_permutation(n, seed, stream, epoch)[position * global_batch:
-                                                   (position + 1) * global_batch]
+  steps_per_epoch = steps_per_epoch or stream_steps
+  if steps_per_epoch < stream_steps:
+    raise ValueError(f"steps_per_epoch={steps_per_epoch} is shorter than stream {stream}'s "
+                     f"pass of {stream_steps} steps")
+  epoch, i = divmod(step, steps_per_epoch)
+  pass_index, position = divmod(i, stream_steps)
+  return pass_permutation(n, seed, stream, epoch, pass_index)[position * global_batch:
+                                                               (position + 1) * global_batch]
 
 
 def host_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
@@ -339,12 +362,18 @@ class TrainPipeline:
 
   @property
   def steps_per_epoch(self) -> dict[str, int]:
-    """Stream name -> N // global_batch."""
+    """Stream name -> N // global_batch: the steps of one pass over that stream."""
     return {name: len(t) // self.global_batch for name, t in self.tables.items()}
+
+  @property
+  def epoch_steps(self) -> int:
+    """Global steps per epoch: the longer stream's pass."""
+    return epoch_steps([len(t) for t in self.tables.values()], self.global_batch)
 
   def global_indices(self, step: int) -> dict[str, np.ndarray]:
     """Stream name -> int64 [global_batch] table positions used by global step `step`."""
-    return {name: step_indices(step, len(t), self.global_batch, self.seed, STREAMS[name])
+    return {name: step_indices(step, len(t), self.global_batch, self.seed, STREAMS[name],
+                               self.epoch_steps)
             for name, t in self.tables.items()}
 
   def host_indices(self, step: int) -> dict[str, np.ndarray]:
