@@ -4,6 +4,10 @@ Inputs are split across processes (contiguous blocks), then into fixed-size batc
 of `batch_size` per process (a multiple of the local device count); the last batch is
 padded and its padding dropped, so every example counts exactly once on any number of
 devices and hosts. Every process returns the full [N, D] result.
+
+`dtype` sets the inference precision (`DTYPES`): the model computes in it with
+float32 parameters cast per layer (LayerNorm statistics and attention softmax stay
+float32); features are returned, normalized, in float32.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tqdm.auto import tqdm
 from negclip_jax import losses
 
 TEXT_BUCKETS = (16, 32, 48, 64, 77)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def bucket_length(ids: np.ndarray, buckets: Sequence[int] = TEXT_BUCKETS) -> int:
@@ -51,12 +56,15 @@ class Embedder:
 
   texts(ids [N, L] int32) -> [N, D]; images(items, load) -> [N, D] where `load(item)`
   returns one preprocessed float32 [S, S, 3] image (items may be arrays or paths).
-  Outputs are L2-normalized float32 unless normalize=False.
+  Outputs are L2-normalized float32 unless normalize=False. `dtype` (a `DTYPES` name;
+  None keeps the model's) is the compute precision.
   """
 
   def __init__(self, model, params, batch_size: int = 256, normalize: bool = True,
-               progress: bool = True):
-    self.model = model
+               progress: bool = True, dtype: str | None = None):
+    if dtype is not None and dtype not in DTYPES:
+      raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
+    self.model = model if dtype is None else model.clone(dtype=DTYPES[dtype])
     self.n_local = jax.local_device_count()
     self.batch_size = math.ceil(batch_size / self.n_local) * self.n_local
     self.normalize = normalize

@@ -3,12 +3,15 @@
 CLI::
 
   python -m negclip_jax.evaluate --model PATH --task TASK [task options]
+      [--protocol original|hf] [--dtype float32|bfloat16|float16]
       [--out results.json] [--batch-size N]
 
 PATH is anything `load_pretrained` reads, or a training run directory holding
 `checkpoints/`. Writes ``{task: {metric: value, ..., "n": count}}`` as JSON to --out and
 a markdown table to the same path with suffix .md (also printed). `--task all` runs
-every task whose data options are given (negshapes needs none). See docs/evaluate.md.
+every task whose data options are given (negshapes needs none). `--protocol original`
+(default) follows the original scripts (OpenAI `clip` preprocessing, their decision
+rules); `hf` preprocesses as transformers' `CLIPImageProcessor`. See docs/evaluate.md.
 
 Python API: `run_task(task, model, params, tokenizer, **options)`; the per-task
 functions on loaded data live in `negclip_jax.tasks.*`.
@@ -26,9 +29,12 @@ import jax
 
 from negclip_jax.convert import load_pretrained
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE
-from negclip_jax.embed import Embedder
+from negclip_jax.embed import DTYPES, Embedder
+from negclip_jax.preprocess import PREPROCESS
 from negclip_jax.tasks import ccneg, layers, negationclip, negbench, negrefcocog, negshapes
 from negclip_jax.tasks import retrieval
+from negclip_jax.tasks.metrics import TIES
+from negclip_jax.tasks.negbench import ANSWER_TYPES
 from negclip_jax.tokenizer import ClipTokenizer
 
 
@@ -45,23 +51,29 @@ class Task:
 
 
 _IMAGE_ROOT = "directory the image paths are relative to"
+_RANKED = ("protocol", "ties")
 TASKS = {
     "ccneg": Task(ccneg.run, {"data": "CC-Neg ccneg_preprocessed.pt or .jsonl",
                               "image_root": "CC-Neg image folder (replaces /workspace/datasets/cc3m/)"},
-                  ("eval_size",)),
+                  ("eval_size", "protocol", "negation_words", "num_ops")),
+    "ccneg2": Task(ccneg.run2, {"data": "CC-Neg mode-2 .pt (positive/negative images)",
+                                "image_root": _IMAGE_ROOT}, ("protocol",)),
     "negrefcocog": Task(negrefcocog.run, {"data": "NegRefCOCOg JSON",
-                                          "image_root": "COCO train2014 folder"}),
+                                          "image_root": "COCO train2014 folder"}, ("protocol",)),
     "negationclip": Task(negationclip.run, {"data": "COCO-captions JSON with updated_caption",
-                                            "image_root": "folder of the COCO images"}),
+                                            "image_root": "folder of the COCO images"}, _RANKED),
     "retrieval": Task(retrieval.run, {"data": "Karpathy dataset_coco.json / dataset_flickr30k.json",
-                                      "image_root": _IMAGE_ROOT}, ("split",)),
+                                      "image_root": _IMAGE_ROOT}, ("split", *_RANKED)),
     "negbench-mcq": Task(negbench.run_mcq, {"data": "NegBench MCQ CSV",
-                                            "image_root": _IMAGE_ROOT}),
+                                            "image_root": _IMAGE_ROOT}, ("protocol", "mcq_layout")),
+    "negbench-binary-mcq": Task(negbench.run_binary_mcq,
+                                {"data": "NegBench binary MCQ CSV", "image_root": _IMAGE_ROOT},
+                                ("protocol",)),
     "negbench-retrieval": Task(negbench.run_retrieval, {"data": "NegBench retrieval CSV",
-                                                        "image_root": _IMAGE_ROOT}),
+                                                        "image_root": _IMAGE_ROOT}, _RANKED),
     "negshapes": Task(negshapes.run, {}, ("num", "seed", "image_size")),
-    "layers": Task(layers.run, {"data": "CC-Neg .pt/.jsonl (eval split), or 'negshapes'"},
-                   ("num", "seed", "eval_size", "plot_path")),
+    "layers": Task(layers.run, {"data": "CC-Neg .pt/.jsonl (train split), or 'negshapes'"},
+                   ("num", "seed", "eval_size", "embeddings", "plot_path")),
 }
 
 
@@ -92,14 +104,16 @@ def _run(task: str, embedder: Embedder, tokenizer, options: dict) -> dict:
 
 
 def run_task(task: str, model, params, tokenizer, batch_size: int = 256, progress: bool = True,
-             **options) -> dict:
-  """Runs one task -> {metric: value, ..., "n": count}.
+             dtype: str = "float32", **options) -> dict:
+  """Runs one task -> {metric: value, ..., "n": count}, computing in `dtype`.
 
   options (None = default): data, image_root (files; required where the task has them),
-  eval_size, split, num, seed, image_size, plot_path (see `TASKS`). Raises ValueError
-  naming a missing option, TypeError for options the task does not take.
+  eval_size, split, num, seed, image_size, protocol, ties, negation_words, num_ops,
+  mcq_layout, embeddings, plot_path (see `TASKS`). Raises ValueError naming a missing
+  option, TypeError for options the task does not take.
   """
-  return _run(task, Embedder(model, params, batch_size, progress=progress), tokenizer, options)
+  embedder = Embedder(model, params, batch_size, progress=progress, dtype=dtype)
+  return _run(task, embedder, tokenizer, options)
 
 
 def load_model(path: str):
@@ -129,6 +143,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--task", required=True, choices=[*TASKS, "all"])
   p.add_argument("--out", help="results JSON path (also writes <stem>.md, <stem>_layers.png)")
   p.add_argument("--batch-size", type=int, default=256, help="per process")
+  p.add_argument("--protocol", choices=sorted(PREPROCESS), default="original",
+                 help="original: as the original scripts (OpenAI clip preprocessing); "
+                      "hf: CLIPImageProcessor preprocessing (not negshapes, layers)")
+  p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                 help="inference precision (the original scripts ran float16 on CUDA)")
   p.add_argument("--data", help="the chosen task's data file (not with --task all)")
   p.add_argument("--image-root", help="the chosen task's image folder (not with --task all)")
   for task, spec in TASKS.items():
@@ -137,9 +156,20 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--eval-size", type=int, default=CCNEG_EVAL_SIZE,
                  help="ccneg, layers: the last N CC-Neg records are the eval split")
   p.add_argument("--split", default="test", help="retrieval: Karpathy split")
-  p.add_argument("--num", type=int, default=500, help="negshapes, layers: examples")
+  p.add_argument("--num", type=int, help="negshapes: examples (default 500); layers: first N "
+                 "pairs (default all CC-Neg train records, 500 NegShapes pairs)")
   p.add_argument("--seed", type=int, default=0, help="negshapes, layers: generator seed")
   p.add_argument("--image-size", type=int, help="negshapes: rendered size (default model's)")
+  p.add_argument("--ties", choices=[*TIES, "both"], default="optimistic",
+                 help="retrieval tasks: rank rule for tied scores (both: add *_pessimistic)")
+  p.add_argument("--negation-words", nargs="+", default=list(ccneg.NEGATION_WORDS),
+                 help="ccneg: report the subset whose negated caption contains each word")
+  p.add_argument("--num-ops", action="store_true",
+                 help="ccneg: subsets by object-predicate count (the .pt's num_ops field)")
+  p.add_argument("--mcq-layout", choices=sorted(ANSWER_TYPES), default="coco",
+                 help="negbench-mcq: answer type of each caption index (wrong-answer breakdown)")
+  p.add_argument("--embeddings", action="store_true",
+                 help="layers: also report the embedding output (input of block 0)")
   return p
 
 
@@ -173,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
       parser.error("; ".join(missing))
   model, params, tokenizer = load_model(args.model)
-  embedder = Embedder(model, params, args.batch_size)
+  embedder = Embedder(model, params, args.batch_size, dtype=args.dtype)
   results = {t: _run(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks}
   table = markdown(results)
   if jax.process_index() != 0:

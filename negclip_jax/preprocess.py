@@ -1,18 +1,24 @@
-"""CLIP image preprocessing, numerically matching transformers' `CLIPImageProcessor`.
+"""CLIP image preprocessing under two protocols; outputs are NHWC float32.
 
-Pipeline (openai/clip-vit-base-patch32 defaults, PIL backend): convert to RGB
-(alpha composited onto white), resize the short side to ``image_size`` with PIL
-bicubic (long side ``int(image_size * long / short)``, i.e. floored), center
-crop ``image_size`` x ``image_size`` at offset ``(size - crop) // 2``, scale to
-[0, 1] by 1/255 (in float64, then float32), normalize ``(x - CLIP_MEAN) / CLIP_STD``
-in float32. Outputs are NHWC float32. EXIF orientation is not applied (as in
-OpenAI CLIP and `CLIPImageProcessor` given a PIL image).
+Both resize the short side to ``image_size`` with PIL bicubic (long side
+``int(image_size * long / short)``, i.e. floored), center crop ``image_size`` x
+``image_size`` and normalize ``(x - CLIP_MEAN) / CLIP_STD``. EXIF orientation is
+never applied. They differ in the crop offset, the colour conversion and the scaling:
+
+- "hf" (`preprocess_image`): transformers' `CLIPImageProcessor` (PIL backend), bit
+  for bit. Convert to RGB first (alpha composited onto white), crop at offset
+  ``(size - crop) // 2``, scale by 1/255 in float64, then float32.
+- "original" (`preprocess_image_openai`): OpenAI `clip`'s transform, which every
+  original evaluation script uses (torchvision ``Resize(bicubic)``,
+  ``CenterCrop``, ``convert("RGB")``, ``ToTensor``, ``Normalize``). Resize in the
+  image's own mode, crop at offset ``int(round((size - crop) / 2))`` (round half
+  to even), then convert to RGB (alpha dropped), scale by ``/ 255`` in float32.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -65,19 +71,60 @@ def _to_rgb(image: ImageLike) -> Image.Image:
   return Image.fromarray(np.ascontiguousarray(image))
 
 
-def preprocess_image(image: ImageLike, image_size: int = 224) -> np.ndarray:
-  """One image -> normalized float32 [image_size, image_size, 3] (NHWC without N)."""
-  rgb = _to_rgb(image)
-  width, height = rgb.size
+def _resize_short_side(image: Image.Image, image_size: int) -> Image.Image:
+  """Bicubic resize of the short side to `image_size`, the long side floored."""
+  width, height = image.size
   short, long = min(width, height), max(width, height)
   new_long = int(image_size * long / short)
   new_size = (image_size, new_long) if width <= height else (new_long, image_size)
-  pixels = np.asarray(rgb.resize(new_size, resample=Image.Resampling.BICUBIC))
-  top = (pixels.shape[0] - image_size) // 2
-  left = (pixels.shape[1] - image_size) // 2
-  pixels = pixels[top:top + image_size, left:left + image_size]
+  return image.resize(new_size, resample=Image.Resampling.BICUBIC)
+
+
+def _center_crop(image: Image.Image, image_size: int,
+                 offset: Callable[[int], int]) -> Image.Image:
+  """Square crop of side `image_size` at (left, top) = offset(W - size), offset(H - size)."""
+  left, top = offset(image.width - image_size), offset(image.height - image_size)
+  return image.crop((left, top, left + image_size, top + image_size))
+
+
+def preprocess_image(image: ImageLike, image_size: int = 224) -> np.ndarray:
+  """One image -> normalized float32 [image_size, image_size, 3], as `CLIPImageProcessor`."""
+  resized = _resize_short_side(_to_rgb(image), image_size)
+  pixels = np.asarray(_center_crop(resized, image_size, lambda extra: extra // 2))
   scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
   return (scaled - CLIP_MEAN) / CLIP_STD
+
+
+def _as_pil(image: ImageLike) -> Image.Image:
+  """A PIL image in its own mode (paths decoded, uint8 arrays via `Image.fromarray`)."""
+  if isinstance(image, (str, os.PathLike)):
+    return load_image(image)
+  if isinstance(image, Image.Image):
+    return image
+  if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+    return Image.fromarray(np.ascontiguousarray(image.squeeze(-1) if image.ndim == 3 and
+                                                image.shape[-1] == 1 else image))
+  return _to_rgb(image)  # raises the shared type / dtype / shape errors
+
+
+def preprocess_image_openai(image: ImageLike, image_size: int = 224) -> np.ndarray:
+  """One image -> normalized float32 [image_size, image_size, 3], as OpenAI `clip`'s transform."""
+  resized = _resize_short_side(_as_pil(image), image_size)
+  crop = _center_crop(resized, image_size, lambda extra: int(round(extra / 2.0)))
+  pixels = np.asarray(crop.convert("RGB"))
+  scaled = pixels.astype(np.float32) / np.float32(255)
+  return (scaled - CLIP_MEAN) / CLIP_STD
+
+
+PREPROCESS = {"original": preprocess_image_openai, "hf": preprocess_image}
+"""Protocol name -> one-image preprocessing function `(image, image_size) -> [S, S, 3]`."""
+
+
+def get_preprocess(protocol: str) -> Callable[[ImageLike, int], np.ndarray]:
+  """The preprocessing function of `protocol` ("original" or "hf")."""
+  if protocol not in PREPROCESS:
+    raise ValueError(f"unknown protocol {protocol!r}; known: {sorted(PREPROCESS)}")
+  return PREPROCESS[protocol]
 
 
 def preprocess_images(images: Sequence[ImageLike], image_size: int = 224) -> np.ndarray:
@@ -88,15 +135,17 @@ def preprocess_images(images: Sequence[ImageLike], image_size: int = 224) -> np.
   return out
 
 
-def crop_box(image: ImageLike, box_xywh: Sequence[float]) -> Image.Image:
-  """RGB crop of pixels (x, y, x + w, y + h) given a box (x, y, w, h) in pixels.
+def crop_box(image: ImageLike, box_xywh: Sequence[float], rgb: bool = True) -> Image.Image:
+  """Crop of pixels (x, y, x + w, y + h) given a box (x, y, w, h) in pixels.
 
-  Coordinates are rounded by PIL; parts of the box outside the image come back black.
+  Converted to RGB first when `rgb` (the "hf" path), else cropped in the image's own
+  mode (OpenAI `clip` crops before its transform converts). Coordinates are rounded
+  by PIL; parts of the box outside the image come back black.
   """
   x, y, w, h = box_xywh
   if w <= 0 or h <= 0:
     raise ValueError(f"box width and height must be positive, got {tuple(box_xywh)}")
-  return _to_rgb(image).crop((x, y, x + w, y + h))
+  return (_to_rgb(image) if rgb else _as_pil(image)).crop((x, y, x + w, y + h))
 
 
 def denormalize(x: np.ndarray) -> np.ndarray:

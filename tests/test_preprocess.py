@@ -1,10 +1,14 @@
-"""`negclip_jax.preprocess` against transformers' CLIP image processor.
+"""`negclip_jax.preprocess` against transformers' CLIP image processor ("hf") and an
+independent PIL + torch rendering of OpenAI `clip`'s transform ("original").
 
 Without torchvision, `transformers.CLIPImageProcessor` resolves to
 `CLIPImageProcessorPil` (PIL bicubic resize, NumPy crop / rescale / normalize),
 which is used here directly and built with explicit openai/clip-vit-base-patch32
 arguments. Our pipeline performs the same operations in the same precision, so
-the measured difference is 0; the tolerance is ATOL = 1e-5.
+the measured difference is 0; the tolerance is ATOL = 1e-5. torchvision is not
+installable here, so its `Resize` / `CenterCrop` / `ToTensor` / `Normalize` on PIL
+images are written out from their definitions (`_compute_resized_output_size`,
+`crop_top = int(round((h - crop) / 2.0))`); the "original" path must equal them exactly.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from negclip_jax.preprocess import (CLIP_MEAN, CLIP_STD, crop_box, denormalize, preprocess_image,
-                                    preprocess_images)
+from negclip_jax.preprocess import (CLIP_MEAN, CLIP_STD, crop_box, denormalize, get_preprocess,
+                                    preprocess_image, preprocess_image_openai, preprocess_images)
 
 ATOL = 1e-5
 
@@ -53,6 +58,61 @@ def test_matches_transformers(name, image_size):
     np.testing.assert_allclose(ours, expected, rtol=0, atol=ATOL)
 
 
+def openai_clip_transform(image: Image.Image, size: int) -> np.ndarray:
+  """torchvision Resize(size, BICUBIC), CenterCrop(size), convert("RGB"), ToTensor,
+  Normalize(OpenAI mean / std) on a PIL image -> HWC float32."""
+  w, h = image.size
+  short, long = (w, h) if w <= h else (h, w)
+  new_short, new_long = size, int(size * long / short)
+  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+  if (new_w, new_h) != (w, h):
+    image = image.resize((new_w, new_h), Image.BICUBIC)
+  top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+  image = image.crop((left, top, left + size, top + size)).convert("RGB")
+  x = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous().float().div(255)
+  mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(-1, 1, 1)
+  std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(-1, 1, 1)
+  return x.sub(mean).div(std).permute(1, 2, 0).numpy()
+
+
+def _modes():
+  rgba = np.concatenate([IMAGES["chelsea"], np.linspace(0, 255, 451).astype(np.uint8)[
+      None, :, None].repeat(300, 0)], -1)
+  return {"rgb": Image.fromarray(IMAGES["coffee"]), "L": Image.fromarray(IMAGES["camera"]),
+          "RGBA": Image.fromarray(rgba),
+          "P": Image.fromarray(IMAGES["astronaut"]).convert("P", palette=Image.Palette.ADAPTIVE)}
+
+
+@pytest.mark.parametrize("image_size", [224, 64])
+@pytest.mark.parametrize("name", [*IMAGES, *_modes()])
+def test_openai_matches_clip_transform(name, image_size):
+  image = Image.fromarray(IMAGES[name]) if name in IMAGES else _modes()[name]
+  ours = preprocess_image_openai(image, image_size)
+  assert ours.shape == (image_size, image_size, 3) and ours.dtype == np.float32
+  np.testing.assert_array_equal(ours, openai_clip_transform(image, image_size))
+
+
+def test_crop_offsets_differ_where_roundings_differ():
+  """512x151 -> 759x224 at 224: offset (759 - 224) / 2 = 267.5 is 268 (torchvision) vs 267."""
+  image = Image.fromarray(IMAGES["tall"])
+  original, hf = preprocess_image_openai(image, 224), preprocess_image(image, 224)
+  resized = np.asarray(image.resize((224, 759), Image.BICUBIC), np.float32) / 255
+  rows = lambda x: (x[:, :, 0] * CLIP_STD[0] + CLIP_MEAN[0])[:, 0]  # first column, red
+  np.testing.assert_allclose(rows(original), resized[268:268 + 224, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(rows(hf), resized[267:267 + 224, 0, 0], atol=1e-6)
+  assert not np.array_equal(original, hf)
+  square = Image.fromarray(IMAGES["coffee"][:, :400])  # 400x400: no crop, the same pixels
+  np.testing.assert_allclose(preprocess_image_openai(square, 224),
+                             preprocess_image(square, 224), atol=1e-6)
+
+
+def test_get_preprocess():
+  assert get_preprocess("original") is preprocess_image_openai
+  assert get_preprocess("hf") is preprocess_image
+  with pytest.raises(ValueError, match="unknown protocol 'x'"):
+    get_preprocess("x")
+
+
 def test_rgba_matches_transformers():
   rgb = IMAGES["chelsea"]
   alpha = np.linspace(0, 255, rgb.shape[1]).astype(np.uint8)[None, :, None].repeat(rgb.shape[0], 0)
@@ -80,6 +140,8 @@ def test_crop_box():
   crop = crop_box(Image.fromarray(image), (10, 20, 30, 40))
   assert crop.size == (30, 40) and crop.mode == "RGB"
   np.testing.assert_array_equal(np.asarray(crop), image[20:60, 10:40])
+  gray = Image.fromarray(IMAGES["camera"])
+  assert crop_box(gray, (0, 0, 5, 5), rgb=False).mode == "L"
   with pytest.raises(ValueError, match="positive"):
     crop_box(image, (0, 0, 0, 5))
 

@@ -2,6 +2,8 @@
 
 MCQ CSV columns: ``image_path, correct_answer, caption_0, caption_1, caption_2, caption_3,
 correct_answer_template`` (``correct_answer`` is the index 0-3 of the right caption).
+Binary MCQ CSV columns: ``image_path, correct_answer, caption_0, caption_1`` (answer 0 or 1;
+read as ``McqRecord`` with an empty template).
 Retrieval CSV columns: ``filepath, captions`` where ``captions`` is a Python list literal
 of strings, e.g. ``"['A dog.', 'No cat is present.']"``. Extra columns are ignored.
 Record indices in errors are 0-based data rows (the header is not counted).
@@ -26,6 +28,7 @@ from negclip_jax.data.records import (
 
 MCQ_COLUMNS = ("image_path", "correct_answer", "caption_0", "caption_1", "caption_2",
                "caption_3", "correct_answer_template")
+BINARY_MCQ_COLUMNS = ("image_path", "correct_answer", "caption_0", "caption_1")
 RETRIEVAL_COLUMNS = ("filepath", "captions")
 
 
@@ -57,24 +60,32 @@ def load_negbench_mcq(
     image_root: str | os.PathLike,
     *,
     check_images: bool = True,
+    num_options: int = 4,
 ) -> list[McqRecord]:
-    """One ``McqRecord`` per row, in file order (template string kept as given)."""
+    """One ``McqRecord`` per row, in file order (template string kept as given).
+
+    ``num_options=2`` reads a binary MCQ CSV (no template column; template ``""``).
+    """
+    if num_options not in (2, 4):
+        raise ValueError(f"num_options must be 2 or 4, got {num_options}")
+    columns = MCQ_COLUMNS if num_options == 4 else BINARY_MCQ_COLUMNS
+    answers = tuple(str(k) for k in range(num_options))
     records = []
-    for i, row in _rows(csv_path, MCQ_COLUMNS):
+    for i, row in _rows(csv_path, columns):
         answer = row["correct_answer"].strip()
-        if answer not in ("0", "1", "2", "3"):
-            raise DataError(csv_path, f"expected an integer 0-3, got {row['correct_answer']!r}",
-                            index=i, key="correct_answer")
+        if answer not in answers:
+            raise DataError(csv_path, f"expected an integer 0-{num_options - 1}, got "
+                            f"{row['correct_answer']!r}", index=i, key="correct_answer")
         records.append(McqRecord(
             image_path=resolve_path(
                 require_text(csv_path, row["image_path"], index=i, key="image_path"), image_root
             ),
             captions=tuple(
                 require_text(csv_path, row[f"caption_{k}"], index=i, key=f"caption_{k}")
-                for k in range(4)
+                for k in range(num_options)
             ),
             correct=int(answer),
-            template=row["correct_answer_template"],
+            template=row["correct_answer_template"] if num_options == 4 else "",
         ))
     if not records:
         raise DataError(csv_path, "no data rows")

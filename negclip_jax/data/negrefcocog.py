@@ -45,8 +45,13 @@ def load_negrefcocog(
     image_dir: str | os.PathLike,
     *,
     check_images: bool = True,
+    require_ref: bool = True,
 ) -> list[RefRecord]:
-    """One ``RefRecord`` per entry, in file order; ``ref_bbox`` must occur in ``bbox_list``."""
+    """One ``RefRecord`` per entry, in file order.
+
+    With ``require_ref`` a ``ref_bbox`` that does not occur in ``bbox_list`` is a
+    DataError; without, it is kept (the original script then counts it wrong).
+    """
     entries = require_list(json_path, load_json(json_path), index=None, key="<top level>")
     records = []
     for i, entry in enumerate(entries):
@@ -61,7 +66,7 @@ def load_negrefcocog(
         bbox_list = tuple(
             _box(json_path, b, index=i, key=f"bbox_list[{j}]") for j, b in enumerate(raw_list)
         )
-        if ref_bbox not in bbox_list:
+        if require_ref and ref_bbox not in bbox_list:
             raise DataError(json_path, f"ref_bbox {list(ref_bbox)} is not one of bbox_list",
                             index=i, key="ref_bbox")
         records.append(RefRecord(resolve_path(image, image_dir), phrase, ref_bbox, bbox_list))

@@ -1,6 +1,8 @@
 """Embedding helpers shared by the tasks: tokenize/preprocess, then `Embedder`.
 
-All outputs are L2-normalized float32 [N, D] (the Embedder's default).
+All outputs are L2-normalized float32 [N, D] (the Embedder's default). `protocol`
+picks the image preprocessing (`negclip_jax.preprocess.PREPROCESS`: "original" =
+OpenAI `clip`'s transform, "hf" = `CLIPImageProcessor`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from negclip_jax.embed import Embedder
-from negclip_jax.preprocess import preprocess_image
+from negclip_jax.preprocess import get_preprocess
 
 
 def image_size(embedder: Embedder) -> int:
@@ -25,10 +27,15 @@ def embed_texts(embedder: Embedder, tokenizer, context_length: int, texts: Seque
   return embedder.texts(tokenizer(list(texts), context_length), desc=desc)
 
 
-def embed_arrays(embedder: Embedder, images: np.ndarray, desc: str = "images") -> np.ndarray:
+def image_loader(embedder: Embedder, protocol: str):
+  """`load(image) -> [S, S, 3]`: `protocol`'s preprocessing to the model's input size S."""
+  return functools.partial(get_preprocess(protocol), image_size=image_size(embedder))
+
+
+def embed_arrays(embedder: Embedder, images: np.ndarray, desc: str = "images",
+                 protocol: str = "hf") -> np.ndarray:
   """[N, D] embeddings of uint8 images [N, H, W, 3], preprocessed to the model's size."""
-  load = functools.partial(preprocess_image, image_size=image_size(embedder))
-  return embedder.images(images, load, desc=desc)
+  return embedder.images(images, image_loader(embedder, protocol), desc=desc)
 
 
 def gallery(image_paths: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -38,8 +45,8 @@ def gallery(image_paths: Sequence[str]) -> tuple[list[str], list[int]]:
   return unique, [row[p] for p in image_paths]
 
 
-def embed_files(embedder: Embedder, paths: Sequence[str], desc: str = "images") -> np.ndarray:
+def embed_files(embedder: Embedder, paths: Sequence[str], desc: str = "images",
+                protocol: str = "hf") -> np.ndarray:
   """[N, D] embeddings of N image files; each distinct path is decoded and embedded once."""
   unique, rows = gallery(paths)
-  load = functools.partial(preprocess_image, image_size=image_size(embedder))
-  return embedder.images(unique, load, desc=desc)[rows]
+  return embedder.images(unique, image_loader(embedder, protocol), desc=desc)[rows]

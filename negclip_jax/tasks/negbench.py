@@ -1,4 +1,6 @@
-"""NegBench: multiple choice among 4 captions, and text-to-image retrieval."""
+"""NegBench (benchmarks/src/evaluation/eval_mcq.py, CLIP_benchmark retrieval): multiple
+choice among 4 captions with a wrong-answer breakdown, binary choice, text-to-image
+retrieval."""
 
 from __future__ import annotations
 
@@ -10,37 +12,91 @@ from negclip_jax.data.negbench import load_negbench_mcq, load_negbench_retrieval
 from negclip_jax.data.records import McqRecord, RetrievalSet
 from negclip_jax.tasks import common, metrics
 
+ANSWER_TYPES = {  # MCQ layout -> caption index -> answer type (the original's mapping)
+    "coco": {1: "hybrid", 2: "positive", 3: "negative"},  # COCO, VOC2007, MSR-VTT MCQs
+    "synthetic": {0: "positive", 1: "hybrid", 2: "hybrid", 3: "negative"},
+}
 
-def evaluate_mcq(embedder, tokenizer, context_length: int, records: Sequence[McqRecord]) -> dict:
-  """"accuracy" (argmax over the 4 captions), "accuracy_<template>" per template, "n"."""
-  images = common.embed_files(embedder, [r.image_path for r in records])
+
+def _predictions(embedder, tokenizer, context_length: int, records: Sequence[McqRecord],
+                 protocol: str) -> np.ndarray:
+  """int [N]: argmax over each record's captions (first maximum wins)."""
+  images = common.embed_files(embedder, [r.image_path for r in records], protocol=protocol)
   texts = common.embed_texts(embedder, tokenizer, context_length,
                              [c for r in records for c in r.captions], "captions")
   scores = np.einsum("nkd,nd->nk", texts.reshape(len(records), -1, texts.shape[-1]), images)
-  correct = metrics.choice_correct(scores, [r.correct for r in records])
+  return np.argmax(scores, -1)
+
+
+def wrong_answers(predicted: np.ndarray, records: Sequence[McqRecord], layout: str) -> dict:
+  """"wrong_as_<type>" (fraction of wrong answers whose chosen caption has that type)
+  and "wrong_<template>_as_<type>" counts; types by caption index from `ANSWER_TYPES`."""
+  types = ANSWER_TYPES[layout]
+  names = list(dict.fromkeys(types.values()))
+  templates = list(dict.fromkeys(r.template for r in records))
+  counts = {(t, a): 0 for t in templates for a in names}
+  for i, (p, r) in enumerate(zip(predicted, records)):
+    if p == r.correct:
+      continue
+    if p not in types:
+      raise ValueError(f"record {i}: the wrong answer is caption {p}, which has no answer type "
+                       f"in the {layout!r} layout {types}; use the other --mcq-layout")
+    counts[r.template, types[p]] += 1
+  total = sum(counts.values())
+  out = {f"wrong_as_{a}": sum(counts[t, a] for t in templates) / total if total else float("nan")
+         for a in names}
+  out.update({f"wrong_{t}_as_{a}": c for (t, a), c in counts.items()})
+  return out
+
+
+def evaluate_mcq(embedder, tokenizer, context_length: int, records: Sequence[McqRecord],
+                 protocol: str = "original", layout: str = "coco") -> dict:
+  """"accuracy", "accuracy_<template>" per template, the `wrong_answers` keys, "n"."""
+  predicted = _predictions(embedder, tokenizer, context_length, records, protocol)
+  correct = predicted == np.array([r.correct for r in records])
   templates = np.array([r.template for r in records], object)
   out = {"accuracy": metrics.accuracy(correct)}
   for template in dict.fromkeys(templates):
     out[f"accuracy_{template}"] = metrics.accuracy(correct[templates == template])
-  return {**out, "n": len(records)}
+  return {**out, **wrong_answers(predicted, records, layout), "n": len(records)}
 
 
-def evaluate_retrieval(embedder, tokenizer, context_length: int, data: RetrievalSet) -> dict:
+def evaluate_binary_mcq(embedder, tokenizer, context_length: int, records: Sequence[McqRecord],
+                        protocol: str = "original") -> dict:
+  """"accuracy" (argmax over caption_0, caption_1; ties: caption_0), "n"."""
+  predicted = _predictions(embedder, tokenizer, context_length, records, protocol)
+  return {"accuracy": metrics.accuracy(predicted == np.array([r.correct for r in records])),
+          "n": len(records)}
+
+
+def evaluate_retrieval(embedder, tokenizer, context_length: int, data: RetrievalSet,
+                       protocol: str = "original", ties: str = "optimistic") -> dict:
   """"t2i_r1", "t2i_r5" (each caption's own row image), "n" texts, "n_images"."""
-  images = common.embed_files(embedder, data.image_paths)
+  images = common.embed_files(embedder, data.image_paths, protocol=protocol)
   texts = common.embed_texts(embedder, tokenizer, context_length, data.captions, "captions")
   out = metrics.retrieval_metrics(images, texts, data.caption_to_image, ks=(1, 5),
-                                  directions=("t2i",))
+                                  directions=("t2i",), ties=ties)
   return {**out, "n": len(data.captions), "n_images": len(data.image_paths)}
 
 
-def run_mcq(embedder, tokenizer, context_length: int, *, data: str, image_root: str) -> dict:
+def run_mcq(embedder, tokenizer, context_length: int, *, data: str, image_root: str,
+            protocol: str = "original", mcq_layout: str = "coco") -> dict:
   """`evaluate_mcq` on a NegBench MCQ CSV."""
-  return evaluate_mcq(embedder, tokenizer, context_length, load_negbench_mcq(data, image_root))
+  if mcq_layout not in ANSWER_TYPES:
+    raise ValueError(f"unknown MCQ layout {mcq_layout!r}; known: {sorted(ANSWER_TYPES)}")
+  return evaluate_mcq(embedder, tokenizer, context_length, load_negbench_mcq(data, image_root),
+                      protocol, mcq_layout)
 
 
-def run_retrieval(embedder, tokenizer, context_length: int, *, data: str,
-                  image_root: str) -> dict:
+def run_binary_mcq(embedder, tokenizer, context_length: int, *, data: str, image_root: str,
+                   protocol: str = "original") -> dict:
+  """`evaluate_binary_mcq` on a NegBench binary MCQ CSV."""
+  return evaluate_binary_mcq(embedder, tokenizer, context_length,
+                             load_negbench_mcq(data, image_root, num_options=2), protocol)
+
+
+def run_retrieval(embedder, tokenizer, context_length: int, *, data: str, image_root: str,
+                  protocol: str = "original", ties: str = "optimistic") -> dict:
   """`evaluate_retrieval` on a NegBench retrieval CSV."""
   return evaluate_retrieval(embedder, tokenizer, context_length,
-                            load_negbench_retrieval(data, image_root))
+                            load_negbench_retrieval(data, image_root), protocol, ties)
