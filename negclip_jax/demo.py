@@ -1,14 +1,20 @@
-"""The offline quickstart: watch Omni-NegCLIP teach a small CLIP negation, on a CPU, in minutes.
+"""The offline quickstart: Omni-NegCLIP on a small CLIP, on a CPU, in minutes, measured
+on tasks a shortcut cannot solve.
 
-python -m negclip_jax.demo --workdir runs/demo [--fast]
+python -m negclip_jax.demo --workdir runs/demo [--seed S] [--hard-fraction F] [--fast]
+python -m negclip_jax.demo --workdir runs/compare --compare-seeds 0 1 2   # paper vs hard data
 
 1. Pretrains a small CLIP from scratch on NegShapes *plain* captions with the standard
    CLIP loss: our stand-in for "pretrained CLIP", which never saw negation.
 2. Exports it as a Hugging Face directory (`DIR/pretrained/hf`) and starts Omni-NegCLIP
    fine-tuning from it exactly as a user would from `openai/clip-vit-base-patch32`.
 3. Fine-tunes the front text layers with both objectives (`configs/demo.py`).
-4. Evaluates both models on NegShapes presence, absence and retrieval; prints a table,
-   writes DIR/results.json, DIR/demo.png, and exports the result to DIR/export/hf.
+4. Evaluates both models on every NegShapes task (`negclip_jax.tasks.negshapes`):
+   paper-style presence/absence, the shortcut-free presence_hard, absence_hard and
+   multiple choice, each in-distribution and on held-out compositions, with standard
+   errors and the shortcut audit; prints tables, writes DIR/results.json, DIR/demo.png,
+   and exports the result to DIR/export/hf.
+`--seed` seeds every phase (pretraining, fine-tuning, evaluation).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +35,13 @@ from tqdm.auto import tqdm
 from negclip_jax import convert, losses, model as model_lib, train, train_step
 from negclip_jax.embed import bucket_length
 from negclip_jax.data import negshapes, pipeline
+from negclip_jax.tasks import negshapes as negshapes_task
 from negclip_jax.preprocess import preprocess_images
 from negclip_jax.tokenizer import ClipTokenizer
 
-METRICS = ("presence_acc", "absence_acc", "retrieval_t2i_r1", "retrieval_i2t_r1")
+METRICS = (*(f"{t}_acc" for t in negshapes_task.TASKS),
+           *(f"mcq{s}_{t}_acc" for s in ("", "_heldout") for t in negshapes.MCQ_TEMPLATES),
+           "retrieval_t2i_r1", "retrieval_i2t_r1")
 
 
 def make_pretrain_step(model, tx):
@@ -76,27 +86,58 @@ def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> 
   return jax.device_get(jax.tree.map(lambda x: x[0], state.params)), [float(l[0]) for l in losses_]
 
 
-def evaluate_negshapes(model, params, tokenizer, num: int, seed: int = 0) -> dict:
-  """NegShapes presence / absence / retrieval metrics of (model, params)."""
+def evaluate_negshapes(model, params, tokenizer, num: int, seed: int) -> dict:
+  """Every NegShapes task (paper-style and shortcut-free) with its shortcut audit."""
   from negclip_jax import evaluate
   return evaluate.run_task("negshapes", model, params, tokenizer, progress=False, num=num,
                            seed=seed)
 
 
+def _cell(results: dict, key: str) -> str:
+  """"0.688 +- 0.021" for an accuracy with a standard error, else "0.150"."""
+  se = results.get(key.removesuffix("_acc") + "_se")
+  return f"{results[key]:.3f}" + (f" +- {se:.3f}" if se is not None else "")
+
+
+def _label(key: str) -> str:
+  """"mcq_heldout_negation_acc" -> "mcq_negation (held-out)"."""
+  name = key.removesuffix("_acc")
+  return name.replace("_heldout", "") + (" (held-out)" if "_heldout" in name else "")
+
+
+def _chance(results: dict, name: str) -> str:
+  """Chance accuracy of task `name` ("-" for retrieval)."""
+  if f"{name}_chance" in results:
+    return f"{results[f'{name}_chance']:.2f}"
+  return "0.25" if name.startswith("mcq") else "-"  # mcq per template
+
+
 def table(before: dict, after: dict) -> str:
-  rows = ["| metric | pretrained CLIP | Omni-NegCLIP | change |", "|---|---:|---:|---:|"]
-  for k in METRICS:
-    rows.append(f"| {k} | {before[k]:.3f} | {after[k]:.3f} | {after[k] - before[k]:+.3f} |")
+  """Markdown: every metric before and after, with n, chance and standard errors."""
+  rows = ["| task | style | n | chance | pretrained CLIP | Omni-NegCLIP | change |",
+          "|---|---|---:|---:|---:|---:|---:|"]
+  for key in METRICS:
+    name = key.removesuffix("_acc")
+    style = ("paper-style" if negshapes_task.base_task(name) in ("presence", "absence")
+             else "retrieval" if key.startswith("retrieval") else "shortcut-free")
+    n = after.get(f"{name}_n", after["n"])
+    rows.append(f"| {_label(key)} | {style} | {n} | {_chance(after, name)} | "
+                f"{_cell(before, key)} | {_cell(after, key)} | {after[key] - before[key]:+.3f} |")
   return "\n".join(rows)
 
 
 def plot(path: Path, pretrain_losses: list, finetune_log: Path, before: dict, after: dict):
-  """Training curves (left) and before/after bars (right) -> PNG."""
+  """Training curves (top) and before/after accuracies with error bars, value labels and
+  chance lines (bottom) -> PNG."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = [json.loads(l) for l in finetune_log.read_text().splitlines()] if finetune_log.exists() else []
-  fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+  rows = ([json.loads(l) for l in finetune_log.read_text().splitlines()]
+          if finetune_log.exists() else [])
+  fig = plt.figure(figsize=(17, 9))
+  grid = fig.add_gridspec(2, 2, height_ratios=(1, 1.3))
+  ax1, ax2 = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
+  ax3 = fig.add_subplot(grid[1, :])
   ax1.plot(pretrain_losses)
   ax1.set(title="1. pretraining on plain captions", xlabel="step", ylabel="CLIP loss")
   for key in ("total", "presence", "absence", "L3", "L_text"):
@@ -105,23 +146,67 @@ def plot(path: Path, pretrain_losses: list, finetune_log: Path, before: dict, af
       ax2.plot(*zip(*points), label=key)
   ax2.set(title="2. Omni-NegCLIP fine-tuning", xlabel="step", ylabel="loss")
   ax2.legend()
-  x = np.arange(len(METRICS))
-  ax3.bar(x - 0.2, [before[k] for k in METRICS], 0.4, label="pretrained")
-  ax3.bar(x + 0.2, [after[k] for k in METRICS], 0.4, label="Omni-NegCLIP")
-  ax3.set_xticks(x, [k.replace("retrieval_", "ret ") for k in METRICS], rotation=15)
-  ax3.set(title="3. NegShapes evaluation", ylim=(0, 1))
-  ax3.legend()
+  keys = [f"{t}_acc" for t in negshapes_task.TASKS]
+  x = np.arange(len(keys))
+  for offset, results, label in ((-0.2, before, "pretrained"), (0.2, after, "Omni-NegCLIP")):
+    bars = ax3.bar(x + offset, [results[k] for k in keys], 0.4, label=label,
+                   yerr=[results[k.removesuffix("_acc") + "_se"] for k in keys], capsize=3)
+    ax3.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", color="white")
+  for i, key in enumerate(keys):
+    chance = after[key.removesuffix("_acc") + "_chance"]
+    ax3.hlines(chance, i - 0.45, i + 0.45, colors="k", linestyles="--",
+               label="chance" if i == 0 else None)
+  ax3.set_xticks(x, [_label(k).replace(" (", "\n(") for k in keys], fontsize=8)
+  ax3.set(title=f"3. NegShapes accuracy (n = {after['n']} per task, error bars: 1 s.e.; "
+          "paper-style tasks are solved by trivial rules, see the audit)", ylim=(0, 1.1))
+  ax3.legend(loc="upper right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
+def _pretrained(workdir: Path, config, model, tokenizer, steps: int, batch_size: int,
+                seed: int):
+  """(model, params, losses) pretrained on seed's plain captions; reused from
+  workdir/pretrained when it was made with the same settings."""
+  pretrained_dir = workdir / "pretrained" / "hf"
+  meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "model": config.model,
+          "negshapes_num": config.data.negshapes_num}
+  meta_path = workdir / "pretrained" / "meta.json"
+  if (pretrained_dir / "model.safetensors").is_file() and meta_path.is_file() and (
+      json.loads(meta_path.read_text()) == meta):
+    print(f"Reusing the pretrained model in {pretrained_dir}", flush=True)
+    model, params = convert.load_pretrained(pretrained_dir)
+    return model, params, json.loads((workdir / "pretrained" / "losses.json").read_text())
+  for stale in (workdir / "pretrained").glob("negshapes_eval_*.json"):
+    stale.unlink()
+  data = negshapes.generate_pairs(config.data.negshapes_num, seed,
+                                  model.config.vision.image_size, split="train")
+  params, losses_ = pretrain(model, tokenizer, data, steps, batch_size, PRETRAIN_LR, seed)
+  convert.save_pretrained(model, params, pretrained_dir, tokenizer=tokenizer)
+  (workdir / "pretrained" / "losses.json").write_text(json.dumps(losses_))
+  meta_path.write_text(json.dumps(meta))
+  return model, params, losses_
+
+
 def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = None,
-        finetune_steps: int | None = None, eval_num: int | None = None, seed: int = 0) -> dict:
-  """The whole quickstart; returns results.json's content."""
+        finetune_steps: int | None = None, eval_num: int | None = None, seed: int = 0,
+        hard_fraction: float = 0.0, lambda_text: float | None = None,
+        objective: str | None = None) -> dict:
+  """The whole quickstart; returns the content of results.json.
+
+  `seed` seeds every phase: the pretraining data, initialisation and batch order, the
+  fine-tuning data and batch order (config.seed) and the evaluation items. With
+  `hard_fraction` > 0 that fraction of the fine-tuning presence pairs are shortcut-free
+  hard negatives (outputs get the suffix "_hard<fraction>"); `lambda_text` overrides the
+  weight of L_text (suffix "_ltext<value>"), `objective` config.objective (suffix "_<name>").
+  """
   from configs import demo as demo_config
   t_start = time.perf_counter()
   workdir = Path(workdir).absolute()
+  tag = (f"_hard{hard_fraction:g}" if hard_fraction else "") + (
+      f"_ltext{lambda_text:g}" if lambda_text is not None else "") + (
+      f"_{objective}" if objective else "")
   config = demo_config.get_config()
   if fast:
     config.model, config.data.negshapes_num, config.batch_size = "tiny", 256, 32
@@ -129,37 +214,84 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
   pretrain_steps = pretrain_steps or (10 if fast else PRETRAIN_STEPS)
   config.total_steps = finetune_steps or config.total_steps
   config.eval_num = eval_num = eval_num or (32 if fast else config.eval_num)
+  config.seed = seed
+  config.data.negshapes_hard_fraction = hard_fraction
+  if lambda_text is not None:
+    config.lambda_text = lambda_text
+  config.objective = objective or config.objective
+  config.eval_task = ""  # evaluated below, on the items of `seed`
   tokenizer = ClipTokenizer()
   model = model_lib.CLIP(model_lib.get_config(config.model))
-  size = model.config.vision.image_size
-
-  pretrained_dir = workdir / "pretrained" / "hf"
-  if (pretrained_dir / "model.safetensors").is_file():
-    print(f"Reusing the pretrained model in {pretrained_dir}", flush=True)
-    model, params = convert.load_pretrained(pretrained_dir)
-    pretrain_losses = json.loads((workdir / "pretrained" / "losses.json").read_text())
+  model, params, pretrain_losses = _pretrained(
+      workdir, config, model, tokenizer, pretrain_steps,
+      config.batch_size if fast else PRETRAIN_BATCH, seed)
+  before_path = workdir / "pretrained" / f"negshapes_eval_n{eval_num}.json"  # seed: meta.json
+  if before_path.is_file():
+    before = json.loads(before_path.read_text())
   else:
-    data = negshapes.generate_pairs(config.data.negshapes_num, seed, size, split="train")
-    params, pretrain_losses = pretrain(model, tokenizer, data, pretrain_steps,
-                                       PRETRAIN_BATCH if not fast else config.batch_size,
-                                       PRETRAIN_LR, seed)
-    convert.save_pretrained(model, params, pretrained_dir, tokenizer=tokenizer)
-    (workdir / "pretrained" / "losses.json").write_text(json.dumps(pretrain_losses))
-  before = evaluate_negshapes(model, params, tokenizer, eval_num)
-  print("pretrained:", json.dumps(before), flush=True)
+    before = evaluate_negshapes(model, params, tokenizer, eval_num, seed)
+    before_path.write_text(json.dumps(before))
+  print("pretrained:\n" + negshapes_task.report(before), flush=True)
 
-  config.init = str(pretrained_dir)  # loaded exactly as a user loads openai/clip-vit-base-patch32
-  result = train.train(config, workdir / "finetune")
-  after = {k.removeprefix("eval_"): v for k, v in result["eval"].items()}  # same task and seed
-  convert.save_pretrained(result["model"], result["params"], workdir / "export" / "hf",
+  config.init = str(workdir / "pretrained" / "hf")  # as one loads openai/clip-vit-base-patch32
+  result = train.train(config, workdir / f"finetune{tag}")
+  after = evaluate_negshapes(result["model"], result["params"], tokenizer, eval_num, seed)
+  convert.save_pretrained(result["model"], result["params"], workdir / f"export{tag}" / "hf",
                           tokenizer=result["tokenizer"])
-  results = {"pretrained": before, "omni_negclip": after}
-  (workdir / "results.json").write_text(json.dumps(results, indent=2))
-  plot(workdir / "demo.png", pretrain_losses, workdir / "finetune" / "metrics.jsonl", before, after)
+  results = {"seed": seed, "hard_fraction": hard_fraction, "lambda_text": config.lambda_text,
+             "objective": config.objective, "pretrained": before,
+             "omni_negclip": after}
+  (workdir / f"results{tag}.json").write_text(json.dumps(results, indent=2))
+  plot(workdir / f"demo{tag}.png", pretrain_losses,
+       workdir / f"finetune{tag}" / "metrics.jsonl", before, after)
+  print("\nOmni-NegCLIP, shortcut audit (trivial rules on the same items):\n"
+        + negshapes_task.report(after))
   print("\n" + table(before, after))
-  print(f"\nwrote {workdir / 'results.json'}, {workdir / 'demo.png'}, {workdir / 'export' / 'hf'}"
-        f" in {time.perf_counter() - t_start:.0f} s", flush=True)
+  print(f"\nwrote {workdir / f'results{tag}.json'}, {workdir / f'demo{tag}.png'}, "
+        f"{workdir / f'export{tag}' / 'hf'} in {time.perf_counter() - t_start:.0f} s", flush=True)
   return results
+
+
+VARIANTS = {"paper": {}, "hard": {"hard_fraction": 0.5},
+            "hard_no_ltext": {"hard_fraction": 0.5, "lambda_text": 0.0}}
+
+
+def compare(workdir: str | Path, seeds: Sequence[int], variants: dict | None = None,
+            **kwargs) -> dict:
+  """`run` per seed and variant ({name: `run` options}; default `VARIANTS`: paper-style
+  data, half the presence pairs hard, and that without L_text), sharing each seed's
+  pretrained model in workdir/seed<S>; writes compare.json and prints the mean and sample
+  standard deviation over seeds of every metric."""
+  workdir, variants = Path(workdir), variants or VARIANTS
+  runs = {name: [] for name in variants}
+  for seed in seeds:
+    for name, options in variants.items():
+      runs[name].append(run(workdir / f"seed{seed}", seed=seed, **options, **kwargs))
+  summary = {"seeds": list(seeds), "variants": variants, "runs": runs,
+             "table": compare_table(runs)}
+  (workdir / "compare.json").write_text(json.dumps(summary, indent=2))
+  print("\n" + summary["table"], flush=True)
+  return summary
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+  values = np.asarray(values)
+  sd = values.std(ddof=1) if len(values) > 1 else 0.0
+  return f"{values.mean():.3f} +- {sd:.3f}"
+
+
+def compare_table(runs: dict) -> str:
+  """Markdown: per metric, mean +- s.d. over seeds before and after each variant."""
+  names = list(runs)
+  rows = ["| task | chance | pretrained | " + " | ".join(names) + " |",
+          "|---|---:|---:|" + "---:|" * len(names)]
+  first = runs[names[0]][0]["omni_negclip"]
+  for key in METRICS:
+    name = key.removesuffix("_acc")
+    cells = [_mean_sd([r["pretrained"][key] for r in runs[names[0]]])]
+    cells += [_mean_sd([r["omni_negclip"][key] for r in runs[v]]) for v in names]
+    rows.append(f"| {_label(key)} | {_chance(first, name)} | " + " | ".join(cells) + " |")
+  return "\n".join(rows)
 
 
 PRETRAIN_STEPS = 400
@@ -174,10 +306,21 @@ def main(argv=None):
   parser.add_argument("--pretrain-steps", type=int)
   parser.add_argument("--finetune-steps", type=int)
   parser.add_argument("--eval-num", type=int, help="examples per NegShapes task")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seeds every phase: pretraining, fine-tuning, evaluation")
+  parser.add_argument("--hard-fraction", type=float, default=0.0,
+                      help="fraction of fine-tuning presence pairs that are hard negatives")
+  parser.add_argument("--lambda-text", type=float, help="weight of L_text (config default)")
+  parser.add_argument("--objective", help="config.objective (default: configs/demo.py's)")
+  parser.add_argument("--compare-seeds", type=int, nargs="+",
+                      help="per seed: paper-style data vs hard negatives (`VARIANTS`)")
   args = parser.parse_args(argv)
-  return run(args.workdir, args.fast, args.pretrain_steps, args.finetune_steps, args.eval_num,
-             args.seed)
+  options = dict(fast=args.fast, pretrain_steps=args.pretrain_steps,
+                 finetune_steps=args.finetune_steps, eval_num=args.eval_num)
+  if args.compare_seeds:
+    return compare(args.workdir, args.compare_seeds, **options)
+  return run(args.workdir, seed=args.seed, hard_fraction=args.hard_fraction,
+             lambda_text=args.lambda_text, objective=args.objective, **options)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The quickstart runs end to end (few steps of a tiny model) and writes every artifact."""
+"""The quickstart runs end to end (few steps of a tiny model), writes every artifact, and
+`--seed` reaches every phase."""
 
 import json
 
@@ -6,16 +7,47 @@ import numpy as np
 import torch
 import transformers
 
-from negclip_jax import demo, load_pretrained
+from negclip_jax import demo, load_pretrained, train
+from negclip_jax.data import negshapes, pipeline
+from negclip_jax.tasks import negshapes as negshapes_task
 
 
-def test_demo_fast_writes_everything(tmp_path):
-  results = demo.main(["--workdir", str(tmp_path), "--fast"])
+def _recording(monkeypatch, module, name, phase, seen, seed_of):
+  """Replaces module.name by a wrapper that appends (phase, seed) to `seen`."""
+  real = getattr(module, name)
+
+  def wrapper(*args, **kwargs):
+    seen.append((phase, seed_of(*args, **kwargs)))
+    return real(*args, **kwargs)
+  monkeypatch.setattr(module, name, wrapper)
+
+
+def test_demo_fast_writes_everything_and_follows_seed(tmp_path, monkeypatch):
+  seen = []
+  _recording(monkeypatch, negshapes, "generate_pairs", "data", seen,
+             lambda num, seed, *a, **k: seed)
+  _recording(monkeypatch, demo, "pretrain", "pretrain", seen, lambda *a: a[-1])
+  _recording(monkeypatch, pipeline, "step_indices", "batch order", seen,
+             lambda step, n, batch, seed, *a, **k: seed)
+  _recording(monkeypatch, train, "train", "fine-tune", seen, lambda config, workdir: config.seed)
+  _recording(monkeypatch, negshapes_task, "generate", "evaluation", seen,
+             lambda num, seed, *a: seed)
+  results = demo.main(["--workdir", str(tmp_path), "--fast", "--seed", "3"])
+  assert {phase for phase, _ in seen} == {"data", "pretrain", "batch order", "fine-tune",
+                                          "evaluation"}
+  assert {seed for _, seed in seen} == {3}, sorted(set(seen))
+
   on_disk = json.loads((tmp_path / "results.json").read_text())
-  assert on_disk == results
+  assert on_disk == results and results["seed"] == 3
   for name in ("pretrained", "omni_negclip"):
     assert set(demo.METRICS) <= set(results[name])
     assert all(0.0 <= results[name][k] <= 1.0 for k in demo.METRICS)
+    for task in negshapes_task.TASKS:  # every task carries its audit and standard error
+      assert {f"{task}_se", f"{task}_ties", f"{task}_chance", f"{task}_n"} <= set(results[name])
+  audit = "mcq_rule_text_only"  # the audit does not depend on the model
+  assert results["pretrained"][audit] == results["omni_negclip"][audit]
+  table = demo.table(results["pretrained"], results["omni_negclip"])
+  assert "presence_hard (held-out)" in table and " +- " in table
   assert (tmp_path / "demo.png").stat().st_size > 10_000
   for export in ("pretrained/hf", "export/hf"):
     assert (tmp_path / export / "model.safetensors").is_file()
@@ -31,4 +63,3 @@ def test_demo_fast_writes_everything(tmp_path):
                              want, atol=1e-4)
   rows = [json.loads(l) for l in (tmp_path / "finetune/metrics.jsonl").read_text().splitlines()]
   assert rows and "L3" in rows[0]
-  assert {f"eval_{k}" for k in demo.METRICS} <= set(rows[-1])  # the final evaluation

@@ -1,4 +1,5 @@
-"""NegShapes: determinism, caption truth labels, rendering and the evaluation tasks."""
+"""NegShapes: determinism, caption truth labels, rendering, the evaluation tasks, held-out
+compositions and the shortcut audit."""
 
 import re
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from negclip_jax.data import negshapes as ns
+from negclip_jax.tasks import negshapes as T
 
 N = 600  # examples per generated set; ~0.1 s each
 
@@ -253,3 +255,174 @@ def test_bag_of_words_fails(presence, absence):
   wins = [_bag_of_words(t, p) > _bag_of_words(t, n)
           for t, p, n in zip(absence["texts"], absence["scenes_pos"], absence["scenes_neg"])]
   assert not any(wins)
+
+
+# ------------------------------------------------------------ held-out compositions
+
+def _objects(texts, scenes=()):
+  """Every object the texts mention or the scenes show."""
+  return set(sum((sum(ns.parse_caption(t), ()) for t in texts), ())) | set(sum(scenes, ()))
+
+
+def test_held_out_pairs():
+  assert len(ns.HELD_OUT_PAIRS) == 27
+  assert all(len({s for _, s in pair}) == 2 for pair in ns.HELD_OUT_PAIRS)
+  assert ns.HELD_OUT_PAIRS == ns._held_out_pairs()  # fixed, independent of any seed
+  assert ns.has_held_out_pair(tuple(next(iter(ns.HELD_OUT_PAIRS))))
+  assert not ns.has_held_out_pair((("red", "circle"),))
+
+
+def test_train_split_never_shows_a_held_out_pair():
+  data = ns.generate_pairs(400, seed=2, image_size=16, hard_fraction=0.5)
+  assert 150 < sum(data["hard"]) < 250
+  for i, scene in enumerate(data["scenes"]):
+    for key in ("captions", "negated", "updated", "presence_captions", "presence_negated"):
+      text = data[key][i]  # each (image, text) pair: no held-out pair among its objects
+      assert not ns.has_held_out_pair(tuple(_objects([text], [scene]))), (scene, text)
+  # Without the constraint (the "eval" split) held-out pairs are common.
+  other = ns.generate_pairs(400, seed=2, image_size=16, split="eval")
+  assert sum(ns.has_held_out_pair(s) for s in other["scenes"]) > 40
+
+
+def test_hard_negative_pairs(pairs):
+  data = ns.generate_pairs(N, seed=0, distractors=True, hard_fraction=0.5)
+  for key in pairs:  # hard negatives draw from their own stream
+    if key in ("images", "distractor_images"):
+      np.testing.assert_array_equal(data[key], pairs[key])
+    elif key != "centres":
+      assert data[key] == pairs[key], key
+  for i, hard in enumerate(data["hard"]):
+    scene = pairs["scenes"][i]
+    true, false = data["presence_captions"][i], data["presence_negated"][i]
+    assert ns.caption_is_true(true, scene) and not ns.caption_is_true(false, scene)
+    if hard:
+      assert ns.parse_caption(false)[1] == (pairs["negated_objects"][i],)
+      assert len(true.split()) == len(false.split()) and ns.parse_caption(true)[1]
+    else:
+      assert (true, false) == (pairs["captions"][i], pairs["negated"][i])
+
+
+@pytest.mark.parametrize("task", [ns.presence_task, ns.absence_task, ns.presence_hard_task,
+                                  ns.absence_hard_task, ns.mcq_task])
+def test_compositions(task):
+  for compositions in ("in_distribution", "held_out"):
+    data = task(150, seed=0, image_size=16, compositions=compositions)
+    again = task(20, seed=0, image_size=16, compositions=compositions)  # prefix property
+    np.testing.assert_array_equal(again["images" if "images" in data else "images_pos"],
+                                  (data["images"] if "images" in data else data["images_pos"])[:20])
+    for i in range(150):
+      if "texts" in data:
+        texts, true_scene, scenes = [data["texts"][i]], data["scenes_pos"][i], [
+            data["scenes_pos"][i], data["scenes_neg"][i]]
+      elif "options" in data:
+        texts, true_scene = data["options"][i], data["scenes"][i]
+        scenes = [true_scene]
+      else:
+        texts, true_scene = [data["captions"][i], data["negated"][i]], data["scenes"][i]
+        scenes = [true_scene]
+      if compositions == "held_out":
+        assert ns.has_held_out_pair(true_scene)
+      else:
+        assert not ns.has_held_out_pair(tuple(_objects(texts, scenes)))
+  with pytest.raises(ValueError):
+    task(1, seed=0, compositions="novel")
+
+
+# ------------------------------------------------------------------ shortcut-free tasks
+
+def test_presence_hard_task():
+  data = ns.presence_hard_task(300, seed=0, image_size=32)
+  for i, scene in enumerate(data["scenes"]):
+    true, false = data["captions"][i], data["negated"][i]
+    assert ns.caption_is_true(true, scene) and not ns.caption_is_true(false, scene)
+    assert ns.parse_caption(true)[1] == (data["absent_objects"][i],)
+    assert ns.parse_caption(false)[1] == (data["negated_objects"][i],)
+    assert ns.parse_caption(true)[0] == ns.parse_caption(false)[0]  # same listed objects
+    assert len(true.split()) == len(false.split())
+  assert ns.presence_hard_task(300, seed=0, image_size=32)["captions"] == data["captions"]
+
+
+def test_absence_hard_task():
+  data = ns.absence_hard_task(300, seed=0, image_size=32)
+  for i, text in enumerate(data["texts"]):
+    pos, neg = data["scenes_pos"][i], data["scenes_neg"][i]
+    assert len(pos) == len(neg) and pos[:-1] == neg[:-1]
+    assert ns.caption_is_true(text, pos) and not ns.caption_is_true(text, neg)
+    assert neg[-1] == data["absent_objects"][i] != data["swapped_objects"][i] == pos[-1]
+    changed = np.argwhere((data["images_pos"][i] != data["images_neg"][i]).any(-1))
+    assert len(changed) == 0 or (changed.max(0) - changed.min(0) < 14).all()  # one box
+
+
+def test_mcq_task():
+  data = ns.mcq_task(600, seed=0, image_size=16)
+  assert set(data["templates"]) == set(ns.MCQ_TEMPLATES)
+  assert (np.bincount(data["labels"], minlength=4) > 100).all()
+  for options, label, scene, template in zip(data["options"], data["labels"], data["scenes"],
+                                             data["templates"]):
+    truth = [ns.caption_is_true(o, scene) for o in options]
+    assert truth == [j == label for j in range(4)], (options, scene)
+    assert len({len(o.split()) for o in options}) == 1
+    assert len({T.negation_count(o) for o in options}) == 1
+    assert (T.negation_count(options[0]) > 0) == (template != "affirmation")
+
+
+# -------------------------------------------------------------------------- the audit
+
+@pytest.fixture(scope="module")
+def audited():
+  data = T.generate(num=600, seed=0, image_size=16)
+  return data, {name: T.audit(name, data[name], data["text_rule"]) for name in T.TASKS}
+
+
+def test_choice_stats():
+  scores = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [2.0, 2.0]])
+  stats = T.choice_stats(scores, np.array([0, 0, 0, 1]))
+  assert stats == {"acc": 0.25, "ties": 0.5, "guess": 0.5}  # ties wrong; guess: half each
+
+
+def test_paper_style_tasks_fall_to_trivial_rules(audited):
+  _, audit = audited
+  for name in ("presence", "presence_heldout"):
+    assert audit[name][f"{name}_rule_fewer_negations"] == 1.0
+    assert audit[name][f"{name}_rule_text_only"] > 0.95
+  for name in ("absence", "absence_heldout"):
+    assert audit[name][f"{name}_rule_fewer_pixels"] == 1.0
+
+
+def test_trivial_rules_at_chance_on_shortcut_free_tasks(audited):
+  """With 600 items a rule's s.e. is about 0.02 (0.018 for 4-way): 0.06 is 3 s.e."""
+  _, audit = audited
+  for name in ("presence_hard", "presence_hard_heldout", "absence_hard", "absence_hard_heldout",
+               "mcq", "mcq_heldout"):
+    chance = audit[name][f"{name}_chance"]
+    rules = [r for r in ("fewer_negations", "text_only", "fewer_pixels")
+             if f"{name}_rule_{r}" in audit[name]]
+    assert rules, name
+    for rule in rules:
+      assert abs(audit[name][f"{name}_rule_{rule}"] - chance) < 0.06, (name, rule)
+    # Ignoring negation is worse than chance on the two-way hard tasks.
+    if not name.startswith("mcq"):
+      assert audit[name][f"{name}_rule_negation_blind"] == 0.0
+
+
+def test_text_only_rule_fit_on_the_task_itself_is_at_chance(audited):
+  """A bag of words trained on the hard tasks' own items (another seed) learns nothing."""
+  data, _ = audited
+  for name, generator in (("presence_hard", ns.presence_hard_task), ("mcq", ns.mcq_task)):
+    train = generator(600, seed=1, image_size=16, compositions="in_distribution")
+    options, labels = T.text_choices(train)
+    rule = T.fit_text_rule([t for row in options for t in row],
+                           [int(j == label) for row, label in zip(options, labels)
+                            for j in range(len(row))])
+    scores = T.rule_scores("text_only", data[name], rule)
+    chance = 1 / scores.shape[1]
+    assert abs(T.choice_stats(scores, T.text_choices(data[name])[1])["guess"] - chance) < 0.06
+
+
+def test_hard_negatives_reach_the_presence_table():
+  from negclip_jax.data import pipeline
+  data = ns.generate_pairs(40, seed=0, image_size=16, hard_fraction=0.5)
+  presence, absence = pipeline.negshapes_tables(data)
+  assert list(presence.captions) == data["presence_captions"] != data["captions"]
+  assert list(presence.negated) == data["presence_negated"]
+  assert list(absence.captions) == data["captions"]  # the absence stream is unchanged

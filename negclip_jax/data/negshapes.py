@@ -29,6 +29,26 @@ Per example (`generate_pairs`)
            (``absent_object``), chosen to share its shape, its colour, or nothing with the
            present objects: true (NegationCLIP style).
 
+Held-out compositions
+  `HELD_OUT_PAIRS`, a fixed eighth of the 216 object pairs with distinct shapes, never
+  occur together in the "train" split: no training image or text holds both objects of
+  a held-out pair (`has_held_out_pair`). Every evaluation task takes ``compositions``:
+  "any" (no constraint), "in_distribution" (no held-out pair among all objects the item
+  draws or mentions) or "held_out" (the image whose text is true shows a held-out pair,
+  so that scene never occurs in training; it needs >= 2 objects).
+
+Shortcut-free tasks (each item: exactly one true option; chance 1/2 or 1/4)
+  presence_hard  one image of S; "P, not C" (true, C absent) vs "P, not B" (false, B in
+                 S), P = S without B, same prefix, order and template: both texts negated,
+                 equal length in words; B and C are exchangeable given P.
+  absence_hard   "A, no X" vs the images A+Y (true) and A+X (false), drawn on one layout:
+                 equal object counts, X and Y exchangeable.
+  mcq            NegBench-style, 4 options of one template over a random 4-cycle of
+                 objects o0..o3 with all four shapes: affirmation "a oj and a oj+1"
+                 (image {o0, o1}), negation "no oj" (image without o0), hybrid "a oj
+                 but not a oj+1" (image: o0 and 0-2 of its cycle predecessors). The option
+                 set is rotation-symmetric, so no text-only rule beats chance.
+
 Randomness: every dataset draws from its own stream, ``SeedSequence([seed, stream])``, with
 one stream per `generate_pairs` split and per evaluation task; equal arguments give equal
 arrays and strings, and example i does not depend on ``num`` in `generate_pairs`,
@@ -73,7 +93,11 @@ Object = tuple[str, str]  # (colour, shape)
 Scene = tuple[Object, ...]
 
 _OBJECTS = tuple((c, s) for c in COLOURS for s in SHAPES)
-_STREAMS = {"train": 0, "eval": 1, "presence": 2, "absence": 3, "retrieval": 4}
+_STREAMS = {"train": 0, "eval": 1, "presence": 2, "absence": 3, "retrieval": 4,
+            "presence_hard": 5, "absence_hard": 6, "mcq": 7, "train_hard": 8}
+COMPOSITIONS = ("any", "in_distribution", "held_out")
+MCQ_TEMPLATES = ("affirmation", "negation", "hybrid")
+_HELD_OUT_SEED = 20261129  # fixed: the held-out pairs do not depend on any run's seed
 _REF_SIZE = 64  # image size at which the pixel constants below hold
 _MIN_SIZE, _MAX_SIZE = 14.0, 26.0  # object bounding-box side, px
 _MAX_OVERLAP = 2.0  # px two bounding boxes may share along each axis
@@ -98,6 +122,43 @@ _JOINS = {
     (True, False): _joins(NEGATION_ALONE),
     (False, False): _joins(NEGATION_CLAUSES),
 }
+
+
+def _held_out_pairs() -> frozenset[frozenset]:
+  """A fixed eighth of the object pairs with distinct shapes (27 of 216)."""
+  pairs = [frozenset(p) for p in itertools.combinations(_OBJECTS, 2) if p[0][1] != p[1][1]]
+  rng = np.random.default_rng(_HELD_OUT_SEED)
+  return frozenset(pairs[i] for i in rng.choice(len(pairs), len(pairs) // 8, replace=False))
+
+
+HELD_OUT_PAIRS = _held_out_pairs()
+
+
+def has_held_out_pair(objects: Sequence[Object]) -> bool:
+  """Whether two of `objects` form a pair in `HELD_OUT_PAIRS`."""
+  return any(frozenset(p) in HELD_OUT_PAIRS for p in itertools.combinations(set(objects), 2))
+
+
+def _composition_ok(compositions: str, true_scene: Sequence[Object],
+                    all_objects: Sequence[Object]) -> bool:
+  """Whether an item belongs to `compositions` (see the module docstring)."""
+  if compositions == "any":
+    return True
+  if compositions == "in_distribution":
+    return not has_held_out_pair(all_objects)
+  if compositions == "held_out":
+    return has_held_out_pair(true_scene)
+  raise ValueError(f"compositions must be one of {COMPOSITIONS}, got {compositions!r}")
+
+
+def _stream(seed: int, task: str, compositions: str) -> np.random.Generator:
+  """The task's stream; "any" keeps the original stream of each task."""
+  if compositions not in COMPOSITIONS:
+    raise ValueError(f"compositions must be one of {COMPOSITIONS}, got {compositions!r}")
+  if compositions == "any":
+    return _rng(seed, task)
+  index = COMPOSITIONS.index(compositions)
+  return np.random.default_rng(np.random.SeedSequence([seed, _STREAMS[task], index]))
 
 
 # ----------------------------------------------------------------------------- captions
@@ -157,6 +218,18 @@ def _negation_caption(positives: Sequence[Object], negated: Object,
   return _plain_caption(positives, rng) + _absence_clause(negated, rng)
 
 
+def _negation_pair(positives: Sequence[Object], first: Object, second: Object,
+                   rng: np.random.Generator) -> tuple[str, str]:
+  """Two captions asserting `positives` present, one denying `first`, one `second`, with
+  the same prefix, object order and negation template (they differ in one object)."""
+  if not positives:
+    template = _pick(NEGATION_ALONE, rng)
+  else:
+    head = _plain_caption(positives, rng)
+    template = head + _pick(NEGATION_CLAUSES, rng)
+  return tuple(template.format(f"{c} {s}") for c, s in (first, second))
+
+
 # ------------------------------------------------------------------------------- scenes
 
 def _sample_scene(num_objects: int, rng: np.random.Generator) -> Scene:
@@ -166,18 +239,31 @@ def _sample_scene(num_objects: int, rng: np.random.Generator) -> Scene:
   return tuple((COLOURS[c], SHAPES[s]) for c, s in zip(colours, shapes))
 
 
-def _sample_absent(scene: Scene, rng: np.random.Generator, new_shape: bool) -> Object:
+def _sample_absent(scene: Scene, rng: np.random.Generator, new_shape: bool,
+                   seen_only: bool = False) -> Object:
   """An object not in `scene`: its group (shares a shape / shares only a colour / shares
   nothing with the scene) uniform over the non-empty groups, then uniform in the group.
-  With `new_shape`, only objects whose shape is not in the scene."""
+  With `new_shape`, only objects whose shape is not in the scene; with `seen_only`, only
+  objects that form no held-out pair with the scene."""
   shapes = {s for _, s in scene}
   colours = {c for c, _ in scene}
   groups = ([], [], [])
   for obj in _OBJECTS:
     if obj in scene or (new_shape and obj[1] in shapes):
       continue
+    if seen_only and has_held_out_pair(scene + (obj,)):
+      continue
     groups[0 if obj[1] in shapes else 1 if obj[0] in colours else 2].append(obj)
   return _pick(_pick([g for g in groups if g], rng), rng)
+
+
+def _sample_new_shape(scene: Scene, rng: np.random.Generator, seen_only: bool = False) -> Object:
+  """An object whose shape is not in `scene`, uniform (with `seen_only`: forming no
+  held-out pair with the scene)."""
+  shapes = {s for _, s in scene}
+  options = [o for o in _OBJECTS if o[1] not in shapes
+             and not (seen_only and has_held_out_pair(scene + (o,)))]
+  return _pick(options, rng)
 
 
 # ------------------------------------------------------------------------------ drawing
@@ -264,15 +350,21 @@ def _num_objects(rng: np.random.Generator, probs: Sequence[float]) -> int:
   return 1 + bisect.bisect(list(itertools.accumulate(probs[:-1])), rng.random())
 
 
-def _examples(num: int, rng: np.random.Generator, image_size: int,
-              probs: Sequence[float]) -> Iterator[tuple[Scene, _Drawing]]:
+def _examples(num: int, rng: np.random.Generator, image_size: int, probs: Sequence[float],
+              accept=lambda scene: True,
+              keep_count: bool = False) -> Iterator[tuple[Scene, _Drawing]]:
+  """`num` (scene, drawing); scenes are redrawn until `accept(scene)`, with
+  `keep_count` keeping the object count drawn first (its distribution stays `probs`)."""
   for _ in range(num):
-    scene = _sample_scene(_num_objects(rng, probs), rng)
+    count = _num_objects(rng, probs)
+    scene = _sample_scene(count, rng)
+    while not accept(scene):
+      scene = _sample_scene(count if keep_count else _num_objects(rng, probs), rng)
     yield scene, _sample_drawing(len(scene), rng, image_size)
 
 
 def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "train",
-                   distractors: bool = False) -> dict:
+                   distractors: bool = False, hard_fraction: float = 0.0) -> dict:
   """Training data for the plain, negated and updated objectives (seed >= 0).
 
   Returns images uint8 [N, S, S, 3]; captions, negated, updated: list[str] of N (true,
@@ -281,47 +373,73 @@ def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "trai
   leaves every other output unchanged); scenes: list[Scene];
   negated_objects, absent_objects: list[Object]; centres: list of float [n_i, 2] (x, y)
   px of scene i's objects.
+  With `hard_fraction` > 0 also presence_captions / presence_negated: list[str] of N,
+  the (true, false) presence pair of image i: (captions[i], negated[i]), or with
+  probability `hard_fraction` (own stream; other outputs unchanged) the shortcut-free
+  pair ("P, not C", "P, not B") of `presence_hard_task`, B = negated_objects[i]; and
+  hard: list[bool].
   `split` is "train" or "eval" (independent streams). Scenes have 1-3 objects, uniformly.
+  "train" never shows or mentions both objects of a held-out pair (`HELD_OUT_PAIRS`):
+  such scenes are redrawn with the same object count.
   """
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
   rng = _rng(seed, split)
+  hard_rng = _rng(seed, "train_hard")
+  seen_only = split == "train"
+  accept = (lambda scene: not has_held_out_pair(scene)) if seen_only else (lambda scene: True)
   out = {k: [] for k in ("captions", "negated", "updated", "scenes", "negated_objects",
                          "absent_objects", "centres")}
+  hard = {k: [] for k in ("presence_captions", "presence_negated", "hard")}
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   distractor_images = np.empty_like(images) if distractors else None
-  for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (1 / 3,) * 3)):
+  for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (1 / 3,) * 3, accept,
+                                                       keep_count=True)):
     images[i] = _draw(scene, drawing)
     caption = _plain_caption(scene, rng)
     k = rng.integers(len(scene))
     negated = scene[k]
     if distractors:
       distractor_images[i] = _draw(scene[:k] + scene[k + 1:], _without(drawing, k))
-    absent = _sample_absent(scene, rng, new_shape=False)
+    absent = _sample_absent(scene, rng, new_shape=False, seen_only=seen_only)
+    rest = [o for o in scene if o != negated]
     out["captions"].append(caption)
-    out["negated"].append(_negation_caption([o for o in scene if o != negated], negated, rng))
+    out["negated"].append(_negation_caption(rest, negated, rng))
     out["updated"].append(caption + _absence_clause(absent, rng))
     out["scenes"].append(scene)
     out["negated_objects"].append(negated)
     out["absent_objects"].append(absent)
     out["centres"].append(drawing.centres)
+    if hard_fraction > 0:
+      is_hard = bool(hard_rng.random() < hard_fraction)
+      if is_hard:
+        other = _sample_new_shape(scene, hard_rng, seen_only=seen_only)
+        true, false = _negation_pair(rest, other, negated, hard_rng)
+      else:
+        true, false = caption, out["negated"][-1]
+      hard["presence_captions"].append(true)
+      hard["presence_negated"].append(false)
+      hard["hard"].append(is_hard)
   extra = {"distractor_images": distractor_images} if distractors else {}
-  return {"images": images, **extra, **out}
+  return {"images": images, **extra, **out, **(hard if hard_fraction > 0 else {})}
 
 
-def presence_task(num: int, seed: int, image_size: int = 64) -> dict:
+def presence_task(num: int, seed: int, image_size: int = 64, compositions: str = "any") -> dict:
   """Affirmation vs negation of a present object (CC-Neg style).
 
   Returns images uint8 [N, S, S, 3]; captions (plain, true) and negated (same objects,
   one present object negated, false): list[str]; scenes; negated_objects. Correct when
   sim(image, caption) > sim(image, negated); both texts mention exactly the scene's
-  objects, so a negation-blind score ties on every example (count ties as wrong or half).
-  Scenes have 1/2/3 objects w.p. .1/.45/.45.
+  objects, so a negation-blind score ties on every example (ties count as wrong).
+  Shortcut: only the false text carries a negation word. Scenes have 1/2/3 objects
+  w.p. .1/.45/.45 (before the `compositions` filter).
   """
-  rng = _rng(seed, "presence")
+  rng = _stream(seed, "presence", compositions)
+  accept = lambda scene: _composition_ok(compositions, scene, scene)
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   captions, negated_captions, scenes, negated_objects = [], [], [], []
-  for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (0.1, 0.45, 0.45))):
+  for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (0.1, 0.45, 0.45),
+                                                 accept)):
     images[i] = _draw(scene, drawing)
     negated = scene[rng.integers(len(scene))]
     captions.append(_plain_caption(scene, rng))
@@ -333,7 +451,7 @@ def presence_task(num: int, seed: int, image_size: int = 64) -> dict:
           "scenes": scenes, "negated_objects": negated_objects}
 
 
-def absence_task(num: int, seed: int, image_size: int = 64) -> dict:
+def absence_task(num: int, seed: int, image_size: int = 64, compositions: str = "any") -> dict:
   """Which image satisfies an absence-updated caption (NegationCLIP style).
 
   Returns texts: list[str] like "a red circle, but no blue square"; images_pos uint8
@@ -341,14 +459,18 @@ def absence_task(num: int, seed: int, image_size: int = 64) -> dict:
   absent_objects[i] painted in (scenes_neg = scenes_pos + (absent,), false for the text).
   Correct when sim(text, pos) > sim(text, neg). Positive scenes have 1/2 objects w.p.
   .3/.7; the absent object has a shape not in the scene (shapes stay distinct).
+  Shortcut: the false image always holds one object more.
   """
-  rng = _rng(seed, "absence")
+  rng = _stream(seed, "absence", compositions)
   images_pos = np.empty((num, image_size, image_size, 3), np.uint8)
   images_neg = np.empty_like(images_pos)
   texts, scenes_pos, scenes_neg, absent_objects = [], [], [], []
   for i in range(num):
-    scene = _sample_scene(_num_objects(rng, (0.3, 0.7)), rng)
-    absent = _sample_absent(scene, rng, new_shape=True)
+    while True:
+      scene = _sample_scene(_num_objects(rng, (0.3, 0.7)), rng)
+      absent = _sample_absent(scene, rng, new_shape=True)
+      if _composition_ok(compositions, scene, scene + (absent,)):
+        break
     drawing = _sample_drawing(len(scene) + 1, rng, image_size)
     images_pos[i] = _draw(scene, drawing)
     images_neg[i] = _draw(scene + (absent,), drawing)
@@ -358,6 +480,119 @@ def absence_task(num: int, seed: int, image_size: int = 64) -> dict:
     absent_objects.append(absent)
   return {"texts": texts, "images_pos": images_pos, "images_neg": images_neg,
           "scenes_pos": scenes_pos, "scenes_neg": scenes_neg, "absent_objects": absent_objects}
+
+
+def presence_hard_task(num: int, seed: int, image_size: int = 64,
+                       compositions: str = "any") -> dict:
+  """Presence without the negation-word shortcut: both texts negated, exactly one true.
+
+  Returns images uint8 [N, S, S, 3] of scenes (1/2/3 objects w.p. .2/.4/.4); captions
+  "P, not C" (true: C, absent_objects[i], has a shape not in the scene) and negated
+  "P, not B" (false: B, negated_objects[i], is in the scene), P = the scene without B,
+  with the same prefix, order and template: list[str]. Correct when sim(image, caption)
+  > sim(image, negated). Given the text, B and C are exchangeable, so text-only rules
+  are at chance; a negation-blind matcher prefers the false text.
+  """
+  rng = _stream(seed, "presence_hard", compositions)
+  images = np.empty((num, image_size, image_size, 3), np.uint8)
+  out = {k: [] for k in ("captions", "negated", "scenes", "negated_objects", "absent_objects")}
+  for i in range(num):
+    while True:
+      scene = _sample_scene(_num_objects(rng, (0.2, 0.4, 0.4)), rng)
+      other = _sample_new_shape(scene, rng)
+      if _composition_ok(compositions, scene, scene + (other,)):
+        break
+    drawing = _sample_drawing(len(scene), rng, image_size)
+    images[i] = _draw(scene, drawing)
+    present = scene[rng.integers(len(scene))]
+    true, false = _negation_pair([o for o in scene if o != present], other, present, rng)
+    out["captions"].append(true)
+    out["negated"].append(false)
+    out["scenes"].append(scene)
+    out["negated_objects"].append(present)
+    out["absent_objects"].append(other)
+  return {"images": images, **out}
+
+
+def absence_hard_task(num: int, seed: int, image_size: int = 64,
+                      compositions: str = "any") -> dict:
+  """Absence without the object-count shortcut: two images with equal object counts.
+
+  Returns texts "A, no X": list[str]; images_pos uint8 [N, S, S, 3] showing A + Y
+  (scenes_pos, true), images_neg showing A + X (scenes_neg, false) on the same layout
+  and background; absent_objects X, swapped_objects Y. A has 1/2 objects w.p. .3/.7;
+  X != Y are independent uniform objects with shapes not in A, so they are exchangeable
+  (pixel counts carry no label information). Correct when sim(text, pos) > sim(text, neg).
+  """
+  rng = _stream(seed, "absence_hard", compositions)
+  images_pos = np.empty((num, image_size, image_size, 3), np.uint8)
+  images_neg = np.empty_like(images_pos)
+  out = {k: [] for k in ("texts", "scenes_pos", "scenes_neg", "absent_objects",
+                         "swapped_objects")}
+  for i in range(num):
+    while True:
+      scene = _sample_scene(_num_objects(rng, (0.3, 0.7)), rng)
+      absent = _sample_new_shape(scene, rng)
+      swapped = _sample_new_shape(scene, rng)
+      if swapped != absent and _composition_ok(compositions, scene + (swapped,),
+                                               scene + (absent, swapped)):
+        break
+    drawing = _sample_drawing(len(scene) + 1, rng, image_size)
+    images_pos[i] = _draw(scene + (swapped,), drawing)
+    images_neg[i] = _draw(scene + (absent,), drawing)
+    out["texts"].append(_plain_caption(scene, rng) + _absence_clause(absent, rng))
+    out["scenes_pos"].append(scene + (swapped,))
+    out["scenes_neg"].append(scene + (absent,))
+    out["absent_objects"].append(absent)
+    out["swapped_objects"].append(swapped)
+  return {"images_pos": images_pos, "images_neg": images_neg, **out}
+
+
+def _mcq_item(template: str, cycle: Sequence[Object],
+              rng: np.random.Generator) -> tuple[list[str], Scene]:
+  """(4 options of `template` over the cycle's edges, option 0 true; the true scene)."""
+  name = lambda o: f"{o[0]} {o[1]}"
+  edges = [(cycle[j], cycle[(j + 1) % 4]) for j in range(4)]
+  if template == "affirmation":
+    prefix = _pick(PREFIXES, rng)
+    return [prefix + _object_list(e) for e in edges], tuple(cycle[:2])
+  if template == "negation":
+    alone = _pick(NEGATION_ALONE, rng)
+    return [alone.format(name(o)) for o in cycle], tuple(cycle[1:])
+  prefix, clause = _pick(PREFIXES, rng), _pick(NEGATION_CLAUSES, rng)
+  run = 1 + rng.integers(MAX_OBJECTS)  # o0 and its run - 1 cycle predecessors
+  scene = tuple(cycle[-j] for j in range(run))
+  return [prefix + _object_list([a]) + clause.format(name(b)) for a, b in edges], scene
+
+
+def mcq_task(num: int, seed: int, image_size: int = 64, compositions: str = "any") -> dict:
+  """NegBench-style multiple choice: one image, four options of one template, one true.
+
+  Returns images uint8 [N, S, S, 3]; options: list of N lists of 4 str; labels: int [N],
+  the true option; templates: list[str] (uniform over `MCQ_TEMPLATES`); scenes. Options
+  share the template, prefix and negation wording (equal word counts and negation words)
+  and come from a random 4-cycle over the four shapes (see the module docstring): any
+  rule that sees only the texts is at chance (1/4). Correct when the true option has the
+  highest sim(image, option).
+  """
+  rng = _stream(seed, "mcq", compositions)
+  images = np.empty((num, image_size, image_size, 3), np.uint8)
+  out = {k: [] for k in ("options", "templates", "scenes")}
+  labels = np.empty(num, np.int64)
+  for i in range(num):
+    while True:
+      template = _pick(MCQ_TEMPLATES, rng)
+      cycle = _sample_scene(len(SHAPES), rng)
+      options, scene = _mcq_item(template, cycle, rng)
+      if _composition_ok(compositions, scene, cycle):
+        break
+    order = rng.permutation(4)
+    images[i] = render(scene, rng, image_size)
+    out["options"].append([options[j] for j in order])
+    labels[i] = int(np.argmin(order))  # where option 0 went
+    out["templates"].append(template)
+    out["scenes"].append(scene)
+  return {"images": images, "labels": labels, **out}
 
 
 def _all_scenes() -> list[Scene]:
