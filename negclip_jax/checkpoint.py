@@ -4,6 +4,12 @@ Layout under `workdir/checkpoints/<step>/`: `state` (params, optimizer state, st
 once from the replicated copy), `data` (the input pipeline position and seed, JSON) and
 `config` (the run's config, JSON). Every process calls `save`; Orbax writes atomically
 (temporary directory, then rename), so a half-written step is never "latest".
+
+Resuming is a contract: the config saved with a checkpoint must match the current one in
+every key that shapes the training state or its math (`config_changes`); only the keys in
+`STATE_NEUTRAL_KEYS` may change. A step that cannot be read is moved aside to
+`workdir/unreadable_checkpoints/<step>.<UTC time>` (kept for inspection) and the previous
+one is tried, so rerunning the same command always recovers.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -24,6 +32,89 @@ from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_po
 
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
+UNREADABLE_DIR = "unreadable_checkpoints"
+# Config keys (dotted) that may change on resume: they do not alter the training state.
+STATE_NEUTRAL_KEYS = ("log_every", "save_every", "max_to_keep", "eval_every", "eval_task",
+                      "eval_num", "data.cache_dir")
+STATE_NEUTRAL_PREFIXES = ("evals.",)
+# Compared by the caller through the schedule length they imply (see `train.resume_check`).
+SCHEDULE_LENGTH_KEYS = ("num_epochs", "total_steps")
+
+
+class ResumeError(ValueError):
+  """The checkpoints in a workdir cannot be continued with this config."""
+
+
+class _Absent:
+  def __repr__(self):
+    return "(not recorded)"
+
+
+_ABSENT = _Absent()
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+  """Nested config dict -> {"a.b": value}."""
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, dict):
+      out.update(flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
+  """(breaking, neutral) changes from `saved` to `current` (JSON config dicts), each
+  {dotted key: (saved value, current value)}.
+
+  Neutral: `STATE_NEUTRAL_KEYS` / `_PREFIXES`, and keys only one side has (a key added or
+  removed by a newer version of the code, whose default keeps the old behaviour).
+  `SCHEDULE_LENGTH_KEYS` are left to the caller.
+  """
+  old, new = flat_config(saved), flat_config(current)
+  breaking, neutral = {}, {}
+  for key in sorted(old.keys() | new.keys()):
+    if key in SCHEDULE_LENGTH_KEYS or old.get(key, _ABSENT) == new.get(key, _ABSENT):
+      continue
+    change = (old.get(key, _ABSENT), new.get(key, _ABSENT))
+    is_neutral = (key in STATE_NEUTRAL_KEYS or key.startswith(STATE_NEUTRAL_PREFIXES)
+                  or _ABSENT in change)
+    (neutral if is_neutral else breaking)[key] = change
+  return breaking, neutral
+
+
+def ways_forward(workdir: str | os.PathLike) -> str:
+  return (f"To keep this config, train in a new --workdir, or start a new run from this run's "
+          f"latest parameters (fresh optimizer and schedule): --workdir NEW_DIR "
+          f"--config.init={workdir}. To resume, drop the changed flags.")
+
+
+def mismatch_error(where: str, changes: dict, workdir) -> ResumeError:
+  """One line per changed key (saved -> current), then the ways forward."""
+  lines = [f"{where} was saved with a different config; these keys change the training state:"]
+  lines += [f"  {key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()]
+  return ResumeError("\n".join([*lines, ways_forward(workdir)]))
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+  """True for a training workdir (model_config.json + checkpoints/)."""
+  path = Path(path)
+  return (path / MODEL_CONFIG_FILE).is_file() and (path / "checkpoints").is_dir()
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+  """{"a/b/c": shape} of a state tree or of its Orbax metadata tree."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path, simple=True, separator="/"):
+          tuple(x.shape if hasattr(x, "shape") else np.shape(x)) for path, x in flat}
+
+
+def _all_processes(flag: bool) -> bool:
+  """True iff `flag` is true on every process (one all-gather when multi-process)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.all(multihost_utils.process_allgather(np.array(flag))))
 
 
 class Checkpointer:
@@ -35,7 +126,9 @@ class Checkpointer:
     policies = [save_policy.FixedIntervalPolicy(save_interval_steps),
                 save_policy.PreemptionCheckpointingPolicy()]
     self.manager = ocp.CheckpointManager(
-        self.directory, item_names=("state", "data", "config"),
+        self.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                       "data": ocp.JsonCheckpointHandler(),
+                                       "config": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
             save_decision_policy=save_policy.AnySavePolicy(policies),
             preservation_policy=preservation.LatestN(max_to_keep),
@@ -51,22 +144,81 @@ class Checkpointer:
                               data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config))
     return self.manager.save(step, args=args, force=force)
 
-  def restore_latest(self, abstract_state) -> tuple[Any, dict, int] | None:
+  def restore_latest(self, abstract_state, check_config: Callable[[dict, int], None] | None = None
+                     ) -> tuple[Any, dict, int] | None:
     """Restores the newest readable checkpoint -> (state, data_state, step), or None.
 
-    A checkpoint that fails to restore (corrupt files) is skipped with a warning and
-    the previous one is tried.
+    `check_config(saved_config, step)` runs on each readable step first and raises to stop
+    (e.g. `ResumeError`); so does a saved state tree that differs from `abstract_state`.
+    Unreadable steps (corrupt files) are moved aside once a step restores or none is left.
     """
+    unreadable, result = [], None
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-      except Exception as e:  # noqa: BLE001 - any failure means "unreadable": fall back
-        logging.warning("Checkpoint %s/%d is unreadable (%s: %s); falling back to an earlier "
-                        "one.", self.directory, step, type(e).__name__, str(e).splitlines()[0])
+      saved = self._read(step, "config", lambda: self.manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
+      shapes = None if saved is None else self._read(step, "state metadata", lambda: _leaf_shapes(
+          self.manager.item_metadata(step)["state"].tree))
+      if shapes is None:
+        unreadable.append(step)
         continue
-      return restored.state, restored.data, step
+      if check_config is not None:
+        check_config(saved, step)
+      self._check_tree(step, shapes, _leaf_shapes(abstract_state))
+      restored = self._read(step, "state", lambda: self.manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                        data=ocp.args.JsonRestore())))
+      if restored is None:
+        unreadable.append(step)
+        continue
+      result = restored.state, restored.data, step
+      break
+    self._move_aside(unreadable)
+    return result
+
+  def _read(self, step: int, what: str, read: Callable[[], Any]):
+    """read() -> its value, or None (with a warning) if it fails on any process."""
+    try:
+      value, error = read(), None
+    except Exception as e:  # noqa: BLE001 - any failure means "unreadable"
+      value, error = None, e
+    if _all_processes(error is None):
+      return value
+    reason = (f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}" if error
+              else "failed on another process")
+    logging.warning("Checkpoint %s/%d is unreadable (%s: %s); falling back to an earlier one.",
+                    self.directory, step, what, reason)
     return None
+
+  def _check_tree(self, step: int, saved: dict, expected: dict):
+    if saved == expected:
+      return
+    differ = sorted(k for k in saved.keys() | expected.keys() if saved.get(k) != expected.get(k))
+    raise ResumeError(
+        f"{self.directory}/{step}: the saved training state does not match this config's "
+        f"({len(differ)} entries differ, first {differ[0]}: saved shape {saved.get(differ[0])}, "
+        f"expected {expected.get(differ[0])}); written by another version of negclip_jax? "
+        + ways_forward(self.directory.parent))
+
+  def _move_aside(self, steps: list[int]):
+    """Renames unreadable step directories into workdir/unreadable_checkpoints/."""
+    if not steps:
+      return
+    aside = self.directory.parent / UNREADABLE_DIR
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    if jax.process_index() == 0:
+      aside.mkdir(exist_ok=True)
+      for step in steps:
+        source, target = self.directory / str(step), aside / f"{step}.{stamp}"
+        try:
+          source.rename(target)
+        except OSError as e:
+          raise ResumeError(f"cannot move unreadable checkpoint {source} aside to {target} "
+                            f"({e.strerror}); move it by hand and rerun") from e
+        logging.warning("Moved unreadable checkpoint %s to %s (kept for inspection).", source,
+                        target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("negclip_jax: unreadable checkpoints moved aside")
+    self.manager.reload()
 
   def close(self):
     self.manager.wait_until_finished()
@@ -74,10 +226,12 @@ class Checkpointer:
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM into "save and stop" at the next step, agreed by every process.
+  """Turns SIGTERM into "save and stop", agreed by every process.
 
-  On multi-process runs the decision is all-gathered, so all processes stop at the
-  same step; on TPU, Orbax's own preemption sync point is honoured too.
+  One process acts at the next step. Multi-process runs agree with one all-gather at
+  boundary steps only (log/save steps, where the loop syncs anyway), so the other steps
+  keep dispatching asynchronously; Orbax's own preemption sync point (TPU) counts at
+  every step, as it is agreed without a collective.
   """
 
   def __init__(self):
@@ -88,18 +242,23 @@ class PreemptionWatcher:
     logging.warning("SIGTERM received: saving a checkpoint and stopping.")
     self.requested = True
 
-  def should_stop(self, step: int, checkpointer: Checkpointer) -> bool:
-    stop = self.requested or checkpointer.manager.reached_preemption(step)
-    if jax.process_count() > 1:
-      stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
-    return stop
+  def should_stop(self, step: int, checkpointer: Checkpointer, boundary: bool) -> bool:
+    if checkpointer.manager.reached_preemption(step):
+      return True
+    if jax.process_count() == 1:
+      return self.requested
+    return boundary and not _all_processes(not self.requested)
 
   def close(self):
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def load_run(run_dir: str | os.PathLike):
-  """Latest params of a training run directory -> (model, params, tokenizer), for evaluation."""
+def load_run(run_dir: str | os.PathLike, dtype=jnp.float32):
+  """Latest readable params of a training run directory -> (model, params, tokenizer).
+
+  For evaluation and `config.init=RUN_DIR`; read-only, so an unreadable step is skipped
+  with a warning, not moved aside. `dtype`: the model's compute dtype.
+  """
   from negclip_jax import model as model_lib, tokenizer as tokenizer_lib
   run_dir = Path(run_dir).absolute()
   config_file = run_dir / MODEL_CONFIG_FILE
@@ -108,15 +267,25 @@ def load_run(run_dir: str | os.PathLike):
   config = model_config_from_json(json.loads(config_file.read_text()))
   manager = ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state",),
                                   options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No checkpoints under {run_dir / 'checkpoints'}")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  params = restored.state["params"]
+  params = _latest_params(manager, run_dir / "checkpoints")
   tok_dir = run_dir / TOKENIZER_DIR
   tokenizer = (tokenizer_lib.ClipTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir()
                else tokenizer_lib.ClipTokenizer())
-  return model_lib.CLIP(config), params, tokenizer
+  return model_lib.CLIP(config, dtype=dtype), params, tokenizer
+
+
+def _latest_params(manager, directory: Path):
+  """Params of the newest step that restores; FileNotFoundError if none does."""
+  steps = sorted(manager.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      return manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore())).state["params"]
+    except Exception as e:  # noqa: BLE001 - any failure means "unreadable": fall back
+      logging.warning("Checkpoint %s/%d is unreadable (%s); trying an earlier one.", directory,
+                      step, type(e).__name__)
+  raise FileNotFoundError(f"No readable checkpoints under {directory}"
+                          + (f" (steps {steps} failed to restore)" if steps else ""))
 
 
 def model_config_to_json(config) -> dict:

@@ -433,8 +433,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   if not path.is_file():
     raise FileNotFoundError(f"No checkpoint file at {path}")
   if path.suffix == ".safetensors":
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
-    sd = load_file(str(path))
+    try:
+      sd = load_file(str(path))
+    except SafetensorError as e:
+      raise ValueError(f"{path}: unreadable safetensors file ({e}); truncated?") from e
   else:
     from negclip_jax import torch_io
     sd = torch_io.load(path, hint="re-save the state dict with safetensors or as a plain "
@@ -450,10 +454,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_json(file: Path) -> dict:
+  """A JSON object from `file`; ValueError naming the file otherwise."""
   try:
-    return json.loads(file.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{file}: not valid JSON ({e})") from e
+    value = json.loads(file.read_text(encoding="utf-8"))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{file}: not valid UTF-8 JSON ({e})") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{file}: expected a JSON object, got a {type(value).__name__}")
+  return value
 
 
 # Directory layouts, first match wins: marker file, its config reader, weight files by preference.

@@ -29,20 +29,43 @@ ALWAYS_TRAINABLE = (r"^text_model/embeddings/", r"^text_model/final_layer_norm/"
 NEVER_TRAINABLE = r"^(vision_model|visual_projection)/"
 
 
-def text_layers(layers: str | Sequence[int], num_layers: int) -> tuple[int, ...]:
-  """Resolves a preset name or explicit indices to sorted text block indices."""
+def parse_layers(layers: str | int | Sequence[int]) -> str | tuple[int, ...]:
+  """A preset name or block indices -> the preset name or sorted unique indices.
+
+  Indices may be a sequence, an int, or their command-line spelling: "0,1", "[0,1]",
+  "(0,2)", "3".
+  """
+  if isinstance(layers, int):
+    return (layers,)
+  if not isinstance(layers, str):
+    return tuple(sorted({int(i) for i in layers}))
+  text = layers.strip()
+  if text in LAYER_PRESETS:
+    return text
+  if text[:1] + text[-1:] in ("[]", "()"):
+    text = text[1:-1]
+  try:
+    indices = {int(i) for i in text.split(",") if i.strip()}
+  except ValueError:
+    indices = None
+  if not indices:
+    raise ValueError(f"Unknown layer preset {layers!r}; use one of {LAYER_PRESETS} or text "
+                     "block indices such as 0,1")
+  return tuple(sorted(indices))
+
+
+def text_layers(layers: str | int | Sequence[int], num_layers: int) -> tuple[int, ...]:
+  """Resolves a preset name or explicit indices (see `parse_layers`) to sorted text block
+  indices."""
+  layers = parse_layers(layers)
   if isinstance(layers, str):
     spans = {"front": (0, num_layers // 2), "middle": (num_layers // 3, 2 * num_layers // 3),
              "back": (2 * num_layers // 3, num_layers), "whole": (0, num_layers)}
-    if layers not in spans:
-      raise ValueError(f"Unknown layer preset {layers!r}; use one of {LAYER_PRESETS} or a list "
-                       "of block indices")
     return tuple(range(*spans[layers]))
-  out = tuple(sorted(set(int(i) for i in layers)))
-  bad = [i for i in out if not 0 <= i < num_layers]
+  bad = [i for i in layers if not 0 <= i < num_layers]
   if bad:
-    raise ValueError(f"Text block indices {bad} out of range for {num_layers} text layers")
-  return out
+    raise ValueError(f"layers: text block indices {bad} out of range for {num_layers} text layers")
+  return layers
 
 
 def path_str(path: tuple) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
@@ -35,12 +37,29 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN/Inf; the checkpoints on disk predate it."""
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work, found before anything loads."""
+
+
+def validate_config(config):
+  """ConfigError (one line) for a bad `objective` or `layers` value."""
+  if config.objective not in losses.OBJECTIVES:
+    raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
+  try:
+    partition.parse_layers(config.layers)
+  except ValueError as e:
+    raise ConfigError(f"config.layers: {e}") from e
+
+
 # ------------------------------------------------------------------------- set-up
 
 
 def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
-  """The initial model: `config.init` (HF dir / OpenAI checkpoint) or a random preset."""
+  """The initial model: `config.init` (a run directory: its latest params; an HF dir or an
+  OpenAI checkpoint) or a random preset."""
   dtype = jnp.dtype(config.dtype)
+  if config.init and checkpoint.is_run_dir(config.init):
+    return checkpoint.load_run(config.init, dtype=dtype)
   if config.init:
     model, params = convert.load_pretrained(config.init, dtype=dtype)
     tokenizer = ClipTokenizer.for_model_dir(config.init)
@@ -99,6 +118,47 @@ def num_train_steps(config, presence_size: int, absence_size: int) -> int:
   if config.total_steps > 0:
     return config.total_steps
   return config.num_epochs * pipeline.epoch_steps([presence_size, absence_size], config.batch_size)
+
+
+def _canonical(config_json: dict, num_layers: int) -> dict:
+  """`config_json` with `layers` resolved to block indices: "front", "0,1" and (0, 1) are
+  the same blocks on a 4-layer text tower."""
+  try:
+    layers = list(partition.text_layers(config_json.get("layers"), num_layers))
+  except (TypeError, ValueError):
+    return config_json
+  return {**config_json, "layers": layers}
+
+
+def resume_check(config, workdir: Path, total_steps: int, table_sizes: tuple[int, int],
+                 num_layers: int):
+  """`Checkpointer.restore_latest`'s check_config: ResumeError (one line per changed key)
+  if a saved config differs in a key that shapes the training state; logs the rest.
+
+  The schedule length may grow (the cosine then follows the new length from the resumed
+  step on; logged) but not shrink.
+  """
+  current = _canonical(json.loads(config.to_json()), num_layers)
+
+  def check(saved: dict, step: int):
+    breaking, neutral = checkpoint.config_changes(_canonical(saved, num_layers), current)
+    saved_total = num_train_steps(ml_collections.ConfigDict(saved), *table_sizes)
+    if total_steps < saved_total:
+      breaking["total steps (num_epochs, total_steps)"] = (saved_total, total_steps)
+    if "layers" in breaking:  # as spelled, not as resolved
+      breaking["layers"] = (saved.get("layers"), config.layers)
+    if breaking:
+      raise checkpoint.mismatch_error(f"{workdir}/checkpoints/{step}", breaking, workdir)
+    for key, (old, new) in neutral.items():
+      logger.info("Resuming with %s changed: %r -> %r (does not alter the training state)",
+                  key, old, new)
+    if total_steps > saved_total:
+      rate = lambda total: float(partition.learning_rate_schedule(
+          config.schedule, config.learning_rate, config.warmup_steps, total)(step))
+      logger.warning("Resuming with total steps %d -> %d: the learning-rate schedule is "
+                     "stretched from step %d on (rate there %.4g, was %.4g).", saved_total,
+                     total_steps, step, rate(total_steps), rate(saved_total))
+  return check
 
 
 def optimizer_from_config(config, labels, total_steps: int):
@@ -179,8 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   "stopped_early", "model", "params" (host copy), "tokenizer"}. `config.eval_task` runs
   every `config.eval_every` steps (0 = only at the end); results go to the metrics log.
   """
-  if config.objective not in losses.OBJECTIVES:
-    raise ValueError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
+  validate_config(config)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
@@ -196,7 +255,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   state = train_step.create_train_state(params, tx)
 
   ckpt = checkpoint.Checkpointer(workdir, config.save_every, config.max_to_keep)
-  restored = ckpt.restore_latest(jax.device_get(state))
+  try:
+    restored = ckpt.restore_latest(jax.device_get(state), resume_check(
+        config, workdir, total_steps, (len(presence), len(absence)),
+        model.config.text.num_hidden_layers))
+  except checkpoint.ResumeError:
+    ckpt.close()
+    raise
   start = 0
   if restored is not None:
     state, data_state, start = restored
@@ -230,6 +295,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   preempt = checkpoint.PreemptionWatcher()
   eval_fn = task_eval_fn(config)
   pending, last, final_eval, stopped_early = [], None, None, False
+  last_eval = (None, None)
   bar = tqdm(total=total_steps, initial=start, desc="train", disable=not main, dynamic_ncols=True)
   t0 = time.perf_counter()
   step = start
@@ -240,8 +306,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       pending.append((step, metrics))
       step += 1
       bar.update(1)
-      stop = preempt.should_stop(step, ckpt)
-      save = stop or ckpt.should_save(step) or step == total_steps
+      due = ckpt.should_save(step) or step == total_steps
+      stop = preempt.should_stop(step, ckpt, boundary=due or step % config.log_every == 0)
+      save = stop or due
       if save or step % config.log_every == 0:
         last = _flush(pending, log, bar, t0, config.batch_size) or last
         t0 = time.perf_counter()
@@ -249,7 +316,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         ckpt.save(step, _first_replica(rstate), data.state_dict(), config_json,
                   force=True)
       if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
-        log.write(step, eval_fn(model, _host_params(rstate), tokenizer))
+        last_eval = step, eval_fn(model, _host_params(rstate), tokenizer)
+        log.write(*last_eval)
       if stop:
         stopped_early = step < total_steps
         break
@@ -258,8 +326,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     ckpt.close()
     preempt.close()
   if eval_fn is not None and not stopped_early:
-    final_eval = eval_fn(model, _host_params(rstate), tokenizer)
-    log.write(step, final_eval)
+    if last_eval[0] == step:  # the loop has just evaluated this step
+      final_eval = last_eval[1]
+    else:
+      final_eval = eval_fn(model, _host_params(rstate), tokenizer)
+      log.write(step, final_eval)
   log.close()
   return {"step": step, "last_metrics": last, "eval": final_eval, "stopped_early": stopped_early,
           "model": model, "params": _host_params(rstate), "tokenizer": tokenizer}
@@ -311,16 +382,28 @@ def initialize_distributed():
     jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
 
 
+def configure_logging():
+  """negclip_jax logs INFO; libraries (Orbax, TensorFlow) only warnings unless -v/--verbosity."""
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("negclip_jax").setLevel(logging.INFO)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("negclip_jax").setLevel(logging.INFO)
+  configure_logging()
   initialize_distributed()
   if jax.process_index() == 0:
     print(f"JAX {jax.__version__}: {jax.process_count()} process(es), "
           f"{jax.device_count()} device(s) ({jax.devices()[0].platform})", flush=True)
-  result = train(_CONFIG.value, _WORKDIR.value)
+  try:
+    result = train(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, checkpoint.ResumeError) as e:
+    sys.exit(f"error: {e}")
+  if result["eval"] is not None and jax.process_index() == 0:
+    print(f"Final evaluation ({_CONFIG.value.eval_task}, step {result['step']}): "
+          + json.dumps(result["eval"]), flush=True)
   # Every process prints the summary (multi-process runs can compare their final metrics).
   print(json.dumps({"step": result["step"], "stopped_early": result["stopped_early"],
                     **(result["last_metrics"] or {})}), flush=True)

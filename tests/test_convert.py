@@ -161,6 +161,25 @@ def test_missing_files_and_unknown_architectures(tmp_path):
     negclip_jax.load_pretrained(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("config_bytes", [b'{"model_type": "clip",', b'["clip"]',
+                                          b'{"model_type": "cl\xffip"}'])
+def test_a_malformed_config_json_is_one_line_naming_the_file(tmp_path, config_bytes):
+  (tmp_path / "config.json").write_bytes(config_bytes)
+  with pytest.raises(ValueError, match=r"config.json: (not valid UTF-8 JSON|expected a JSON "
+                     r"object, got a list)") as e:
+    negclip_jax.load_pretrained(tmp_path)
+  assert "\n" not in str(e.value)
+
+
+def test_a_truncated_safetensors_file_names_the_file(tmp_path):
+  from safetensors.numpy import save_file
+  save_file({"w": np.zeros((64, 64), np.float32)}, str(tmp_path / "model.safetensors"))
+  data = (tmp_path / "model.safetensors").read_bytes()
+  (tmp_path / "model.safetensors").write_bytes(data[:len(data) // 2])
+  with pytest.raises(ValueError, match=r"model.safetensors: unreadable safetensors file"):
+    convert.read_state_dict(tmp_path / "model.safetensors")
+
+
 # ------------------------------------------------------------------ exports and presets
 
 

@@ -647,3 +647,16 @@ def test_tfds_errors(tfds_tiny, tmp_path):
         load_tfds_captions(name, "test", data_dir=data_dir, caption_key="image")
     with pytest.raises(DataError, match="cannot read split 'validation'"):
         load_tfds_captions(name, "validation", data_dir=data_dir)
+
+
+@pytest.mark.parametrize("name, load", [
+    ("captions.json", lambda p: load_coco_negation(p, p.parent)),
+    ("ccneg.jsonl", lambda p: load_ccneg(p, p.parent, split="all", eval_size=0)),
+    ("mcq.csv", lambda p: load_negbench_mcq(p, p.parent)),
+])
+def test_non_utf8_files_are_one_line_naming_the_file(tmp_path, name, load):
+    path = tmp_path / name
+    path.write_bytes(b'{"caption": "a cat \xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"not UTF-8 text \(invalid start byte: b'\\xff'\)") as e:
+        load(path)
+    assert e.value.file == str(path) and "\n" not in str(e.value)

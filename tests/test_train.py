@@ -1,12 +1,15 @@
 """Training runs end to end: checkpoints, metrics, preemption, exact resume, fallbacks."""
 
+import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +17,8 @@ import pytest
 import jax
 
 from configs import tiny
-from negclip_jax import checkpoint, train
+from negclip_jax import checkpoint, model as model_lib, partition, train
+from negclip_jax.data import image_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,21 +72,14 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
   assert stopped["stopped_early"] and 4 <= stopped["step"] < steps
   saved = {int(p.name) for p in (tmp_path / "interrupted" / "checkpoints").iterdir() if p.name.isdigit()}
   assert stopped["step"] in saved
+  # Library INFO logs (Orbax: ~40 lines per save) stay off without -v.
+  info = [l for l in output.splitlines() if re.match(r"I\d{4} ", l)]
+  assert not [l for l in info if "checkpoint" in l], info[:5]
   resumed = train.train(config(total_steps=steps, save_every=4, log_every=4), tmp_path / "interrupted")
   straight = train.train(config(total_steps=steps, save_every=100, log_every=4), tmp_path / "straight")
   assert resumed["step"] == straight["step"] == steps
   for a, b in zip(leaves(resumed["params"]), leaves(straight["params"])):
     np.testing.assert_array_equal(a, b)
-
-
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
-  train.train(config(), tmp_path)
-  for f in (tmp_path / "checkpoints" / "6" / "state").rglob("*"):
-    if f.is_file():
-      f.write_bytes(b"garbage")
-  out = train.train(config(total_steps=8), tmp_path)
-  assert "Checkpoint" in caplog.text and "unreadable" in caplog.text
-  assert out["step"] == 8  # resumed from step 4, ran 4..8
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoints(tmp_path):
@@ -179,3 +176,111 @@ def test_every_config_loads_with_valid_choices(name):
   assert partition.text_layers(c.layers, 12)
   assert {c.data.presence, c.data.absence} <= {"ccneg", "coco_negation", "negshapes"}
   assert c.data.on_error in ("raise", "skip")
+
+
+PARSE_CONFIG = ("from absl import app; from ml_collections import config_flags; "
+                "c = config_flags.DEFINE_config_file('config', lock_config=True); "
+                "app.run(lambda argv: print(repr(c.value.layers)))")
+
+
+@pytest.mark.parametrize("spelling", ["0,2", "[0,2]", "(0,2)", "2, 0"])
+def test_layers_from_the_command_line(spelling):
+  proc = subprocess.run([sys.executable, "-c", PARSE_CONFIG, "--config",
+                         str(ROOT / "configs/tiny.py"), f"--config.layers={spelling}"], cwd=ROOT,
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr
+  layers = ast.literal_eval(proc.stdout)
+  train.validate_config(config(layers=layers))
+  assert partition.text_layers(layers, 4) == (0, 2)
+  labels = partition.label_params(model_lib.init_params(model_lib.CLIP(model_lib.get_config(
+      "tiny")), jax.random.key(0)), layers)
+  blocks = {k for k, v in labels["text_model"]["encoder"]["layers"].items()
+            if v["mlp"]["fc1"]["kernel"] == partition.TRAINABLE}
+  assert blocks == {"0", "2"}
+
+
+def test_layers_from_a_config_file_and_bad_values():
+  assert partition.text_layers((2, 0, 2), 4) == (0, 2) and partition.text_layers(3, 4) == (3,)
+  with pytest.raises(train.ConfigError, match=r"^config.layers: Unknown layer preset '0,x'; use "
+                     r"one of .* or text block indices such as 0,1$"):
+    train.validate_config(config(layers="0,x"))
+  with pytest.raises(ValueError, match=r"^layers: text block indices \[4\] out of range"):
+    partition.text_layers("[0,4]", 4)
+
+
+def test_cli_config_errors_are_one_line(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "negclip_jax.train", "--config",
+                         str(ROOT / "configs/tiny.py"), "--workdir", str(tmp_path),
+                         "--config.layers=[0,x]"], cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: config.layers: Unknown layer")
+  assert not (tmp_path / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------- multi-host hazards
+
+
+def test_preemption_check_syncs_hosts_only_at_boundaries(monkeypatch):
+  gathered, other_host = [], {"requested": False}
+  monkeypatch.setattr(checkpoint.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(checkpoint.multihost_utils, "process_allgather",
+                      lambda x: gathered.append(x) or np.stack([x, not other_host["requested"]]))
+  ckpt = SimpleNamespace(manager=SimpleNamespace(reached_preemption=lambda step: False))
+  watcher = checkpoint.PreemptionWatcher()
+  try:
+    assert not any(watcher.should_stop(s, ckpt, boundary=s % 4 == 0) for s in range(1, 9))
+    assert len(gathered) == 2  # steps 4 and 8 only
+    other_host["requested"] = True  # SIGTERM on the other host: acted on at the next boundary
+    assert not watcher.should_stop(9, ckpt, boundary=False)
+    assert watcher.should_stop(12, ckpt, boundary=True) and len(gathered) == 3
+  finally:
+    watcher.close()
+
+
+def test_train_loop_marks_log_and_save_steps_as_boundaries_and_evaluates_once(tmp_path,
+                                                                               monkeypatch):
+  boundaries, evaluated = {}, []
+  should_stop = checkpoint.PreemptionWatcher.should_stop
+
+  def spy(self, step, ckpt, boundary):
+    boundaries[step] = boundary
+    return should_stop(self, step, ckpt, boundary)
+  monkeypatch.setattr(checkpoint.PreemptionWatcher, "should_stop", spy)
+  monkeypatch.setattr(train, "task_eval_fn",
+                      lambda c: lambda *a: evaluated.append(1) or {"eval_x": 1.0})
+  out = train.train(config(total_steps=7, log_every=3, save_every=5, eval_task="fake",
+                           eval_every=7), tmp_path)
+  assert [s for s, b in sorted(boundaries.items()) if b] == [3, 5, 6, 7]
+  assert len(evaluated) == 1 and out["eval"] == {"eval_x": 1.0}  # eval_every divides 7: once
+
+
+def test_image_cache_hit_must_be_agreed_by_every_process(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(image_cache.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(image_cache.multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, np.array(False)]))  # the other process misses
+  assert not image_cache._hit_everywhere((np.zeros((1, 2)), {}))
+  assert "hit here but missed on another process" in caplog.text
+  assert not image_cache._hit_everywhere(None)
+  monkeypatch.setattr(image_cache.multihost_utils, "process_allgather",
+                      lambda x: np.stack([x, np.array(True)]))
+  assert image_cache._hit_everywhere((np.zeros((1, 2)), {}))
+
+
+def test_image_cache_recomputes_when_any_process_missed(tmp_path, monkeypatch):
+  model = model_lib.CLIP(model_lib.get_config("tiny"))
+  params = model_lib.init_params(model, jax.random.key(0))
+  images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3), np.uint8)
+  first, _ = image_cache.image_embeddings(model, params, images, 32, cache_dir=str(tmp_path))
+  computed = []
+  compute = image_cache._compute
+  monkeypatch.setattr(image_cache, "_compute", lambda *a: computed.append(1) or compute(*a))
+  monkeypatch.setattr(image_cache, "_hit_everywhere", lambda cached: False)
+  again, _ = image_cache.image_embeddings(model, params, images, 32, cache_dir=str(tmp_path))
+  assert computed == [1]
+  np.testing.assert_allclose(again, first, rtol=1e-6)
+  monkeypatch.setattr(image_cache, "_hit_everywhere", lambda cached: cached is not None)
+  for npy in tmp_path.glob("*.npy"):  # a truncated entry is a miss, recomputed, not an error
+    npy.write_bytes(npy.read_bytes()[:20])
+  healed, _ = image_cache.image_embeddings(model, params, images, 32, cache_dir=str(tmp_path))
+  assert computed == [1, 1]
+  np.testing.assert_allclose(healed, first, rtol=1e-6)

@@ -39,6 +39,7 @@ from negclip_jax.data.records import (
     PresenceRecord,
     check_images_exist,
     get_field,
+    not_utf8,
     require_list,
     require_text,
     resolve_path,
@@ -94,6 +95,13 @@ def _read_pt(path: str) -> list[_RawRecord]:
 
 
 def _read_jsonl(path: str) -> list[_RawRecord]:
+    try:
+        return _parse_jsonl(path)
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, e) from e
+
+
+def _parse_jsonl(path: str) -> list[_RawRecord]:
     out = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):

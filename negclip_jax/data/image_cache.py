@@ -10,7 +10,9 @@ and ``<key>.json`` {"num_images", "num_kept", "dim", "image_size", "source", "dr
 {position: reason}}, each written atomically. The key is a sha256 over the image
 identities (array bytes, or path + size + mtime), the preprocessing (image_size, CLIP
 mean/std), the vision config and the bytes of every ``vision_model/*`` and
-``visual_projection/*`` weight, so any change to those misses.
+``visual_projection/*`` weight, so any change to those misses. An unreadable entry is a
+miss (recomputed, overwritten). With several processes the hit is agreed by all of them
+first: a miss on any one makes all recompute, so every process joins the same collectives.
 """
 
 from __future__ import annotations
@@ -80,16 +82,33 @@ def _write_atomic(path: str, write) -> None:
 
 
 def _read_cache(stem: str):
-  """(emb [K, D], dropped {position: reason}) stored under `stem`, or None."""
+  """(emb [K, D], dropped {position: reason}) stored under `stem`, or None (absent, or
+  unreadable: logged, then recomputed and overwritten)."""
   if not (os.path.isfile(stem + ".json") and os.path.isfile(stem + ".npy")):
     return None
-  with open(stem + ".json", encoding="utf-8") as f:
-    meta = json.load(f)
-  emb = np.load(stem + ".npy")
-  if emb.shape != (meta["num_kept"], meta["dim"]):
-    raise ValueError(f"image cache {stem}.npy has shape {emb.shape}, its .json says "
-                     f"{(meta['num_kept'], meta['dim'])}; delete both files")
-  return emb, {int(i): r for i, r in meta["dropped"].items()}
+  try:
+    with open(stem + ".json", encoding="utf-8") as f:
+      meta = json.load(f)
+    emb = np.load(stem + ".npy")
+    if emb.shape != (meta["num_kept"], meta["dim"]):
+      raise ValueError(f"shape {emb.shape}, its .json says {(meta['num_kept'], meta['dim'])}")
+    return emb, {int(i): r for i, r in meta["dropped"].items()}
+  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    logger.warning("image cache %s.npy/.json unreadable (%s: %s); recomputing it", stem,
+                   type(e).__name__, e)
+    return None
+
+
+def _hit_everywhere(cached) -> bool:
+  """Whether every process found the entry: a miss anywhere makes all recompute, so the
+  collectives of `_compute` are entered by all processes or by none."""
+  hit = cached is not None
+  if jax.process_count() == 1:
+    return hit
+  every = bool(np.all(multihost_utils.process_allgather(np.array(hit))))
+  if hit and not every:
+    logger.warning("image cache: hit here but missed on another process; recomputing")
+  return every
 
 
 def _write_cache(stem: str, emb, dropped, images: Images, image_size: int) -> None:
@@ -152,7 +171,7 @@ def image_embeddings(model, params, images: Images, image_size: int, cache_dir: 
     stem = os.path.join(cache_dir, cache_key(model, params, images, image_size))
     cached = _read_cache(stem)
     logger.info("image cache %s: %s (%s)", "hit" if cached else "miss", stem, _describe(images))
-  if cached is None:
+  if stem is None or not _hit_everywhere(cached):
     emb, dropped = _compute(model, params, images, image_size, batch_size, on_error, record_index,
                             key)
     if stem is not None:

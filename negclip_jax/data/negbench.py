@@ -22,6 +22,7 @@ from negclip_jax.data.records import (
     McqRecord,
     RetrievalSet,
     check_images_exist,
+    not_utf8,
     require_text,
     resolve_path,
 )
@@ -36,7 +37,10 @@ def _rows(csv_path: str | os.PathLike, columns: tuple[str, ...]) -> Iterator[tup
     """``(row index, row dict)`` for each data row; DataError if a column is missing."""
     with open(csv_path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
-        header = reader.fieldnames or []
+        try:
+            header = reader.fieldnames or []
+        except UnicodeDecodeError as e:
+            raise not_utf8(csv_path, e) from e
         missing = [c for c in columns if c not in header]
         if missing:
             raise DataError(csv_path, f"missing columns {missing}; header is {header}",
@@ -49,6 +53,8 @@ def _rows(csv_path: str | os.PathLike, columns: tuple[str, ...]) -> Iterator[tup
                 return
             except csv.Error as e:
                 raise DataError(csv_path, f"malformed CSV: {e}", index=i) from e
+            except UnicodeDecodeError as e:
+                raise not_utf8(csv_path, e, index=i) from e
             if None in row or any(row[c] is None for c in columns):
                 raise DataError(csv_path, "number of fields differs from the header's "
                                 f"{len(header)}", index=i)

@@ -197,10 +197,19 @@ def require_list(
     return value
 
 
+def not_utf8(file: str | os.PathLike, error: UnicodeDecodeError, *,
+             index: int | None = None) -> DataError:
+    """DataError for bytes of `file` that are not UTF-8."""
+    bad = error.object[error.start:error.start + 1]
+    return DataError(file, f"not UTF-8 text ({error.reason}: {bad!r})", index=index)
+
+
 def load_json(file: str | os.PathLike) -> Any:
-    """Parse a UTF-8 JSON file; syntax errors become DataError with line/column."""
+    """Parse a UTF-8 JSON file; syntax and encoding errors become DataError."""
     with open(file, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise DataError(file, f"invalid JSON: {e}") from e
+        except UnicodeDecodeError as e:
+            raise not_utf8(file, e) from e

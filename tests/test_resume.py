@@ -1,0 +1,204 @@
+"""Resume faults: a changed config, a corrupt final checkpoint, a changed state tree.
+
+One 6-step tiny run (checkpoints 2, 4, 6) is trained once per module; each test works on a
+copy of its workdir.
+"""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from negclip_jax import checkpoint, train
+
+
+def config(**overrides):
+  """tiny.get_config() with dotted overrides ("data.negshapes_num")."""
+  c = tiny.get_config()
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+def leaves(params):
+  return [np.asarray(x) for x in jax.tree.leaves(params)]
+
+
+def steps_on_disk(workdir: Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def snapshot(workdir: Path) -> dict:
+  """{relative path: (size, mtime)} of every file and folder under `workdir`."""
+  return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
+          for p in workdir.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("base")
+  out = train.train(config(), workdir)
+  assert steps_on_disk(workdir) == [2, 4, 6]
+  return workdir, out
+
+
+@pytest.fixture
+def run_copy(base_run, tmp_path):
+  copy = tmp_path / "run"
+  shutil.copytree(base_run[0], copy)
+  return copy
+
+
+# Representative keys of each kind: model, init, layers, objective and its weights, optimizer,
+# schedule, clipping, batch, seed, data source, gathering, dtype, schedule length (shrunk).
+STATE_CHANGES = {
+    "model": ("tiny", "small"),
+    "init": ("", "RUN_DIR"),  # a loadable init: the run directory itself
+    "layers": ("front", "whole"),
+    "extra_trainable": ([], ["layers/3/layer_norm1"]),
+    "objective": ("omni_negclip", "plain_clip"),
+    "lambda_text": (1.0, 0.5),
+    "margin": (0.9, 0.5),
+    "learning_rate": (1e-3, 2e-3),
+    "weight_decay": (0.05, 0.1),
+    "b2": (0.999, 0.98),
+    "warmup_steps": (2, 3),
+    "schedule": ("original", "warmup_cosine"),
+    "grad_clip_norm": (0.0, 1.0),
+    "batch_size": (8, 16),
+    "seed": (0, 1),
+    "data.negshapes_num": (64, 48),
+    "data.on_error": ("raise", "skip"),
+    "global_negatives": (True, False),
+    "dtype": ("float32", "bfloat16"),
+}
+CLI_VALUE = {"extra_trainable": ("layers/3/layer_norm1",)}
+
+
+@pytest.mark.parametrize("key", sorted(STATE_CHANGES))
+def test_state_changing_config_stops_before_writing_anything(run_copy, key):
+  old, new = STATE_CHANGES[key]
+  new = str(run_copy) if new == "RUN_DIR" else new
+  before = snapshot(run_copy)
+  with pytest.raises(ValueError, match="was saved with a different config") as e:
+    train.train(config(**{key: CLI_VALUE.get(key, new)}), run_copy)
+  message = str(e.value)
+  assert message.startswith(f"{run_copy}/checkpoints/6 was saved with a different config")
+  assert f"\n  {key}: {old!r} -> {new!r}\n" in message
+  assert "new --workdir" in message and f"--config.init={run_copy}" in message
+  assert snapshot(run_copy) == before  # nothing written, moved or deleted
+  assert isinstance(e.value, checkpoint.ResumeError)  # the CLI prints it without a traceback
+
+
+def test_every_changed_key_gets_a_line_and_shrinking_the_schedule_is_a_change(run_copy):
+  with pytest.raises(checkpoint.ResumeError) as e:
+    train.train(config(grad_clip_norm=1.0, seed=3, total_steps=4), run_copy)
+  lines = str(e.value).splitlines()
+  assert lines[1:4] == ["  grad_clip_norm: 0.0 -> 1.0", "  seed: 0 -> 3",
+                        "  total steps (num_epochs, total_steps): 6 -> 4"]
+  assert steps_on_disk(run_copy) == [2, 4, 6]
+
+
+def test_issue_scenario_clip_and_extend_keeps_the_old_run(run_copy):
+  """Issue 13 #1: grad_clip_norm changed and total_steps extended used to restart at 0 and
+  queue the old checkpoints for deletion."""
+  before = snapshot(run_copy)
+  with pytest.raises(checkpoint.ResumeError, match="grad_clip_norm: 0.0 -> 1.0"):
+    train.train(config(grad_clip_norm=1.0, total_steps=64, save_every=1, max_to_keep=3), run_copy)
+  assert snapshot(run_copy) == before
+
+
+def test_state_neutral_changes_resume_and_are_logged(run_copy, caplog, capsys):
+  caplog.set_level(logging.INFO, logger="negclip_jax")
+  out = train.train(config(log_every=1, save_every=1, max_to_keep=5, eval_num=16,
+                           layers="0,1", total_steps=8), run_copy)
+  assert f"Resuming from {run_copy}/checkpoints/6" in capsys.readouterr().out
+  assert out["step"] == 8 and steps_on_disk(run_copy) == [2, 4, 6, 7, 8]
+  for key, change in (("log_every", "2 -> 1"), ("save_every", "2 -> 1"),
+                      ("max_to_keep", "3 -> 5"), ("eval_num", "32 -> 16")):
+    assert f"Resuming with {key} changed: {change}" in caplog.text
+  assert "layers" not in caplog.text  # "0,1" is "front" on the 4-layer tiny text tower
+  assert "total steps 6 -> 8: the learning-rate schedule is stretched from step 6" in caplog.text
+
+
+@pytest.mark.parametrize("item", ["state", "config"])
+def test_corrupt_final_checkpoint_is_moved_aside_and_a_rerun_recovers(run_copy, base_run, item,
+                                                                      caplog):
+  """Issue 13 #2: the forced final save used to hit StepAlreadyExistsError on every rerun."""
+  corrupted = [f for f in (run_copy / "checkpoints/6" / item).rglob("*") if f.is_file()]
+  for f in corrupted:
+    f.write_bytes(f.read_bytes()[:3])
+  out = train.train(config(), run_copy)
+  assert "Checkpoint" in caplog.text and f"/6 is unreadable ({item}" in caplog.text
+  assert out["step"] == 6 and steps_on_disk(run_copy) == [2, 4, 6]
+  for a, b in zip(leaves(out["params"]), leaves(base_run[1]["params"])):  # exact resume from 4
+    np.testing.assert_array_equal(a, b)
+  aside = list((run_copy / checkpoint.UNREADABLE_DIR).iterdir())
+  assert [p.name.split(".")[0] for p in aside] == ["6"]
+  sizes = [f.stat().st_size for f in (aside[0] / item).rglob("*") if f.is_file()]
+  assert sizes == [3] * len(corrupted)  # kept as found
+  again = train.train(config(), run_copy)  # and the next rerun finds nothing to do
+  assert again["step"] == 6
+
+
+def test_every_checkpoint_unreadable_starts_over_keeping_them(run_copy):
+  for f in (run_copy / "checkpoints").rglob("*"):
+    if f.is_file() and "state" in f.parts:
+      f.write_bytes(b"")
+  out = train.train(config(), run_copy)
+  assert out["step"] == 6 and steps_on_disk(run_copy) == [2, 4, 6]
+  aside = sorted(p.name.split(".")[0] for p in (run_copy / checkpoint.UNREADABLE_DIR).iterdir())
+  assert aside == ["2", "4", "6"]
+
+
+def test_changed_state_tree_is_an_error_not_corruption(run_copy, monkeypatch):
+  """The same config with a different optimizer state (another code version)."""
+  make = train.optimizer_from_config
+  monkeypatch.setattr(train, "optimizer_from_config",
+                      lambda *a: optax.chain(optax.clip_by_global_norm(1.0), make(*a)))
+  with pytest.raises(checkpoint.ResumeError, match=r"checkpoints/6: the saved training state "
+                     r"does not match .*another version of negclip_jax"):
+    train.train(config(), run_copy)
+  assert steps_on_disk(run_copy) == [2, 4, 6]
+  assert not (run_copy / checkpoint.UNREADABLE_DIR).exists()
+
+
+def test_new_run_from_a_run_directory(run_copy, base_run, tmp_path):
+  """The way forward the error names: --config.init=OLD_WORKDIR in a new workdir."""
+  _, params, _ = train.load_model(config(init=str(run_copy)))
+  for a, b in zip(leaves(params), leaves(base_run[1]["params"])):
+    np.testing.assert_array_equal(a, b)
+  out = train.train(config(init=str(run_copy), grad_clip_norm=1.0, total_steps=2),
+                    tmp_path / "new")
+  assert out["step"] == 2
+  saved = json.loads((tmp_path / "new/model_config.json").read_text())
+  assert saved == json.loads((run_copy / "model_config.json").read_text())
+
+
+def test_load_run_skips_an_unreadable_latest_step(run_copy, base_run, caplog):
+  for f in (run_copy / "checkpoints/6/state").rglob("*"):
+    if f.is_file():
+      f.write_bytes(b"garbage")
+  _, params, _ = checkpoint.load_run(run_copy)
+  assert "checkpoints/6 is unreadable" in caplog.text
+  assert steps_on_disk(run_copy) == [2, 4, 6]  # read-only: nothing moved
+  final = leaves(base_run[1]["params"])
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(params), final))  # step 4's
+
+
+def test_cli_prints_the_mismatch_without_a_traceback(run_copy):
+  root = Path(__file__).resolve().parents[1]
+  proc = subprocess.run([sys.executable, "-m", "negclip_jax.train", "--config",
+                         str(root / "configs/tiny.py"), "--workdir", str(run_copy),
+                         "--config.grad_clip_norm=1.0"], cwd=root, capture_output=True, text=True)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  error, change, ways = proc.stderr.strip().splitlines()[-3:]
+  assert error.startswith(f"error: {run_copy}/checkpoints/6 was saved with a different config")
+  assert change == "  grad_clip_norm: 0.0 -> 1.0" and f"--config.init={run_copy}" in ways
