@@ -13,7 +13,6 @@ def get_config():
   c.data.presence = "negshapes"
   c.data.absence = "negshapes"
   c.data.negshapes_num = 8192
-  c.data.negshapes_hard_fraction = 0.0  # presence pairs replaced by shortcut-free hard pairs
   c.batch_size = 64
   c.num_epochs = 1
   c.total_steps = 200

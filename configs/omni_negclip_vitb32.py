@@ -28,6 +28,7 @@ def get_config():
   c.data.coco_json = ""              # NegationCLIP COCO captions with updated_caption
   c.data.coco_image_dir = ""
   c.data.negshapes_num = 20000
+  c.data.negshapes_hard_fraction = 0.0  # presence pairs replaced by shortcut-free hard pairs
   # Distractor images, read only for objective "conclip" with presence "ccneg".
   c.data.distractor_mapping = ""     # CoN-CLIP's distractor_image_mapping.pt
   c.data.distractor_coco_json = ""   # captions_train2017.json: the index order of the mapping

@@ -80,7 +80,7 @@ def load_tables(config, image_size: int):
     shapes = pipeline.negshapes_tables(
         negshapes.generate_pairs(d.negshapes_num, config.seed, image_size, split="train",
                                  distractors=distractors,
-                                 hard_fraction=d.get("negshapes_hard_fraction", 0.0)),
+                                 hard_fraction=d.negshapes_hard_fraction),
         on_error=d.on_error, distractors=distractors)
   if d.presence == "negshapes":
     presence = shapes[0]
