@@ -48,10 +48,7 @@ def main(specs):
     batches = recipe.make_batches(int(steps), 1)
     print(f"config: layers={layers} lr={lr} weight_decay={wd} warmup={warmup} steps={steps}")
 
-    original = recipe.openai_clip(0)
-    config, initial = recipe.to_params(original)
-    ours, labels = recipe.run_ours(config, initial, batches, *args)
-    _, theirs = recipe.to_params(recipe.run_original(original, batches, *args))
+    _, initial, ours, theirs, labels = recipe.train_both(recipe.openai_clip(0), batches, *args)
     print("  ours_vs_original_f32: %.2e (%s)" % worst(ours, theirs, initial, labels)[::-1])
 
     as64 = [{k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in b.items()}
@@ -61,9 +58,7 @@ def main(specs):
       _, exact = recipe.to_params(recipe.run_original(hf64, as64, *args))
     hf32 = recipe.hf_clip(0)
     hf32.model.float()
-    config, initial = recipe.to_params(hf32)
-    ours, labels = recipe.run_ours(config, initial, batches, *args)
-    _, theirs = recipe.to_params(recipe.run_original(hf32, batches, *args))
+    _, initial, ours, theirs, labels = recipe.train_both(hf32, batches, *args)
     print("  ours_vs_exact_f32: %.2e (%s)" % worst(ours, exact, initial, labels)[::-1])
     print("  original_vs_exact_f32: %.2e (%s)" % worst(theirs, exact, initial, labels)[::-1])
 

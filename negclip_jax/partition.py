@@ -163,8 +163,9 @@ def torch_adamw(learning_rate: optax.Schedule, b1: float, b2: float, eps: float,
   ``mu.lerp_(g, 1 - b1)`` and ``nu * b2 + (1 - b2) * g * g``; the parameter is first decayed,
   ``p * (1 - lr * wd)``, then moved by ``-(lr / bc1) * mu / (sqrt(nu) / sqrt(bc2) + eps)``, two
   roundings as torch's in-place `mul_` and `addcdiv_`. The update returned is the difference
-  of that result and p, which `optax.apply_updates` adds back exactly (Sterbenz), so a float32
-  run lands on the parameters the original's float32 AdamW computes, not one rounding away.
+  of that result and p, which `optax.apply_updates` adds back exactly whenever the result is
+  within a factor of two of p (Sterbenz; every step that does not move a weight to or across
+  zero), so a float32 run lands where the original's float32 AdamW does, not one rounding away.
   """
   def init(params):
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)

@@ -165,15 +165,22 @@ def run_ours(config, params, batches, layers, lr, weight_decay, warmup):
   return jax.tree.map(lambda x: np.asarray(x[0]), state.params), labels
 
 
+def train_both(torch_clip, batches, layers, lr, weight_decay, warmup):
+  """Both implementations from torch_clip's current weights on the same batches ->
+  (config, initial params, ours, the original's, labels)."""
+  config, initial = to_params(torch_clip)
+  ours, labels = run_ours(config, initial, batches, layers, lr, weight_decay, warmup)
+  _, theirs = to_params(run_original(torch_clip, batches, layers, lr, weight_decay, warmup))
+  return config, initial, ours, theirs, labels
+
+
 def compare_trajectories(layers, lr, weight_decay, warmup, steps, dtype):
   """-> (worst trainable tensor, its |ours - original| / |original update|); asserts frozen
   tensors bitwise equal and the trained text blocks those of the preset."""
   torch_model = openai_clip(0) if dtype == "float32" else hf_clip(0)
-  config, initial = to_params(torch_model)
+  config, initial, ours, theirs, labels = train_both(
+      torch_model, make_batches(steps, 1, dtype), layers, lr, weight_decay, warmup)
   assert config.text.num_hidden_layers == TEXT_BLOCKS
-  batches = make_batches(steps, 1, dtype)
-  ours, labels = run_ours(config, initial, batches, layers, lr, weight_decay, warmup)
-  _, theirs = to_params(run_original(torch_model, batches, layers, lr, weight_decay, warmup))
 
   flat = lambda tree: traverse_util.flatten_dict(tree, sep="/")
   initial, ours, theirs, labels = flat(initial), flat(ours), flat(theirs), flat(labels)
