@@ -21,7 +21,5 @@ def get_config():
   c.warmup_steps = 20
   c.log_every = 20
   c.save_every = 100
-  c.eval_task = "negshapes"
-  c.eval_every = 0
-  c.eval_num = 500
+  c.evals.negshapes = dict(task="negshapes", every=0, num=500)
   return c

@@ -67,7 +67,7 @@ def get_config():
   c.log_every = 50
   c.save_every = 1000
   c.max_to_keep = 3
-  c.eval_every = 0                   # 0 = only at the end
-  c.eval_task = ""                   # e.g. "negshapes"; empty = no periodic eval
-  c.eval_num = 500
+  # Evaluators: name -> {task, every (0 = only at the end), task options}; see
+  # negclip_jax/evaluators.py, e.g. dict(task="ccneg", every=1000, data=..., image_root=...).
+  c.evals = ml_collections.ConfigDict()
   return c

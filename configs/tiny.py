@@ -1,5 +1,7 @@
 """Test config: the tiny preset on a little NegShapes data; seconds per run."""
 
+import ml_collections
+
 from configs import demo
 
 
@@ -13,6 +15,5 @@ def get_config():
   c.learning_rate = 1e-3
   c.log_every = 2
   c.save_every = 2
-  c.eval_task = ""
-  c.eval_num = 32
+  c.evals = ml_collections.ConfigDict()
   return c

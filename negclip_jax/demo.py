@@ -27,6 +27,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax import lax
@@ -213,13 +214,13 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
     config.total_steps, config.log_every, config.save_every = 4, 2, 4
   pretrain_steps = pretrain_steps or (10 if fast else PRETRAIN_STEPS)
   config.total_steps = finetune_steps or config.total_steps
-  config.eval_num = eval_num = eval_num or (32 if fast else config.eval_num)
+  eval_num = eval_num or (32 if fast else config.evals.negshapes.num)
   config.seed = seed
   config.data.negshapes_hard_fraction = hard_fraction
   if lambda_text is not None:
     config.lambda_text = lambda_text
   config.objective = objective or config.objective
-  config.eval_task = ""  # evaluated below, on the items of `seed`
+  config.evals = ml_collections.ConfigDict()  # evaluated below, on the items of `seed`
   tokenizer = ClipTokenizer()
   model = model_lib.CLIP(model_lib.get_config(config.model))
   model, params, pretrain_losses = _pretrained(

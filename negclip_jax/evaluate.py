@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -202,9 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
     missing = missing_options(args.task, _task_options(args, args.task, plot_path))
     if missing:
       parser.error("; ".join(missing))
-  model, params, tokenizer = load_model(args.model)
-  embedder = Embedder(model, params, args.batch_size, dtype=args.dtype)
-  results = {t: _run(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks}
+  try:
+    model, params, tokenizer = load_model(args.model)
+    embedder = Embedder(model, params, args.batch_size, dtype=args.dtype)
+    results = {t: _run(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks}
+  except (OSError, ValueError) as e:  # a missing/unreadable file or record, named in `e`
+    sys.exit(f"error: {e}")
   table = markdown(results)
   if jax.process_index() != 0:
     return results

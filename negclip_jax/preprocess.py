@@ -36,12 +36,12 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
   Raises FileNotFoundError if `path` does not exist and ValueError if it cannot be decoded.
   """
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"image file not found: {path}")
   try:
     with Image.open(path) as image:
       image.load()
       return image.copy()
+  except (FileNotFoundError, IsADirectoryError) as e:  # no stat first: one open per image
+    raise FileNotFoundError(f"image file not found: {path}") from e
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise ValueError(f"cannot decode image file {path}: {e}") from e
 

@@ -26,11 +26,16 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from negclip_jax import checkpoint, convert, losses, model as model_lib, partition, train_step
+from negclip_jax import checkpoint, convert, evaluate, evaluators, losses, partition, train_step
+from negclip_jax import batch as batch_lib, model as model_lib
 from negclip_jax.data import image_cache, negshapes, pipeline
+from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
+
+
+SKIPPED_FILE = "skipped.jsonl"  # the records `data.on_error=skip` left out, one JSON line each
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -70,18 +75,22 @@ def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
   return model, params, tokenizer
 
 
-def load_tables(config, image_size: int):
-  """(PresenceTable, AbsenceTable) from `config.data`; the presence table holds
-  distractor images when `config.objective` is "conclip"."""
+def load_tables(config, image_size: int, bad: BadRecords | None = None):
+  """(PresenceTable, AbsenceTable) from `config.data`, every bad record reported to `bad`
+  (default: `config.data.on_error`; see `pipeline.validate`); the presence table holds distractor images when
+  `config.objective` is "conclip". Without the image cache, a "skip" run decodes every
+  image once here, so a corrupt file cannot stop training later."""
   d = config.data
+  bad = bad or BadRecords(d.on_error)
   need = lambda key: getattr(d, key) or _missing(key)
   distractors = config.objective == "conclip"
+  decode = bad.skip and not d.image_cache
   if "negshapes" in (d.presence, d.absence):
     shapes = pipeline.negshapes_tables(
         negshapes.generate_pairs(d.negshapes_num, config.seed, image_size, split="train",
                                  distractors=distractors,
                                  hard_fraction=d.negshapes_hard_fraction),
-        on_error=d.on_error, distractors=distractors)
+        on_error=bad, distractors=distractors)
   if d.presence == "negshapes":
     presence = shapes[0]
   elif d.presence == "ccneg":
@@ -92,8 +101,9 @@ def load_tables(config, image_size: int):
           need("distractor_mapping"), need("distractor_coco_json"), need("distractor_image_dir"))
     presence = pipeline.presence_table(
         ccneg.load_ccneg(need("ccneg_path"), need("ccneg_image_root"), split="train",
-                         eval_size=d.ccneg_eval_size, distractor_paths=distractor_paths),
-        on_error=d.on_error)
+                         eval_size=d.ccneg_eval_size, distractor_paths=distractor_paths,
+                         check_images=False, bad=bad),
+        on_error=bad, source=d.ccneg_path, decode=decode, image_size=image_size)
   else:
     raise ValueError(f"config.data.presence must be 'ccneg' or 'negshapes', got {d.presence!r}")
   if d.absence == "negshapes":
@@ -101,8 +111,9 @@ def load_tables(config, image_size: int):
   elif d.absence == "coco_negation":
     from negclip_jax.data import coco_negation
     absence = pipeline.absence_table(
-        coco_negation.load_coco_negation(need("coco_json"), need("coco_image_dir")),
-        on_error=d.on_error)
+        coco_negation.load_coco_negation(need("coco_json"), need("coco_image_dir"),
+                                         check_images=False, bad=bad),
+        on_error=bad, source=d.coco_json, decode=decode, image_size=image_size)
   else:
     raise ValueError(f"config.data.absence must be 'coco_negation' or 'negshapes', got {d.absence!r}")
   return presence, absence
@@ -173,13 +184,19 @@ def optimizer_from_config(config, labels, total_steps: int):
 
 
 class MetricsLog:
-  """metrics.jsonl + TensorBoard events under workdir (process 0 only)."""
+  """metrics.jsonl + TensorBoard events under workdir (process 0 only).
 
-  def __init__(self, workdir: Path):
+  A run that resumes at `start_step` first drops the rows of later steps (written by a run
+  that went past its last readable checkpoint), so every step is logged once.
+  """
+
+  def __init__(self, workdir: Path, start_step: int = 0):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    self.jsonl = open(workdir / "metrics.jsonl", "a")
+    path = workdir / "metrics.jsonl"
+    _drop_rows_after(path, start_step)
+    self.jsonl = open(path, "a")
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
@@ -196,6 +213,21 @@ class MetricsLog:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+
+
+def _drop_rows_after(path: Path, step: int) -> None:
+  """Rewrites metrics.jsonl without the rows of steps > `step` (logged)."""
+  if not path.exists():
+    return
+  rows = path.read_text().splitlines(keepends=True)
+  keep = [r for r in rows if not r.strip() or json.loads(r).get("step", 0) <= step]
+  if len(keep) < len(rows):
+    logger.warning("%s: dropped %d rows of steps after %d, logged by a run that went past its "
+                   "last readable checkpoint; those steps are trained again", path,
+                   len(rows) - len(keep), step)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int):
@@ -219,33 +251,23 @@ def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int
   return mean
 
 
-def task_eval_fn(config):
-  """`config.eval_task` (options: `eval_num`, seed 0) as eval_fn(model, params, tokenizer)."""
-  if not config.eval_task:
-    return None
-  from negclip_jax import evaluate
-
-  def eval_fn(model, params, tokenizer):
-    metrics = evaluate.run_task(config.eval_task, model, params, tokenizer, progress=False,
-                                num=config.eval_num)
-    return {f"eval_{k}": v for k, v in metrics.items()}
-  return eval_fn
-
-
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
   """Runs (or resumes) training.
 
-  Returns {"step", "last_metrics", "eval" (the final `config.eval_task` metrics or None),
-  "stopped_early", "model", "params" (host copy), "tokenizer"}. `config.eval_task` runs
-  every `config.eval_every` steps (0 = only at the end); results go to the metrics log.
+  Returns {"step", "last_metrics", "eval" ({evaluator name: final metrics}; empty if
+  stopped early), "stopped_early", "model", "params" (host copy), "tokenizer"}. The
+  evaluators of `config.evals` (validated before anything loads) run at their cadence and
+  once at the end; results go to the metrics log as ``eval/<name>/<metric>``.
   """
   validate_config(config)
+  evals = evaluators.from_config(config.evals)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
   model, params, tokenizer = load_model(config)
   image_size = model.config.vision.image_size
-  presence, absence = load_tables(config, image_size)
+  bad = BadRecords(config.data.on_error)
+  presence, absence = load_tables(config, image_size, bad)
 
   labels = partition.label_params(params, config.layers, extra_trainable=config.extra_trainable)
   if main:
@@ -275,8 +297,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   if config.data.image_cache:  # frozen tower: embed every image once
     cache_dir = config.data.cache_dir or str(workdir / "image_cache")
     presence, absence = (image_cache.embed_table(t, model, params, image_size, cache_dir=cache_dir,
-                                                 on_error=config.data.on_error)
+                                                 on_error=bad)
                          for t in (presence, absence))
+  if main:
+    bad.write(workdir / SKIPPED_FILE)
+    if bad.skipped:
+      print(f"{bad.summary()}; all listed in {workdir / SKIPPED_FILE}", flush=True)
   data = pipeline.TrainPipeline(presence, absence, tokenizer=tokenizer,
                                 context_length=model.config.text.max_position_embeddings,
                                 global_batch=config.batch_size, seed=config.seed,
@@ -291,17 +317,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   rstate = train_step.replicate(state)
   del state, params
   config_json = json.loads(config.to_json())
-  log = MetricsLog(workdir)
+  log = MetricsLog(workdir, start)
   preempt = checkpoint.PreemptionWatcher()
-  eval_fn = task_eval_fn(config)
-  pending, last, final_eval, stopped_early = [], None, None, False
-  last_eval = (None, None)
+  pending, last, stopped_early = [], None, False
+  latest_eval = {}  # evaluator name -> (step, metrics)
   bar = tqdm(total=total_steps, initial=start, desc="train", disable=not main, dynamic_ncols=True)
   t0 = time.perf_counter()
   step = start
   try:
     for batch in data:
-      batch.pop("step")
+      batch.pop(batch_lib.STEP_KEY)
       rstate, metrics = step_fn(rstate, batch)
       pending.append((step, metrics))
       step += 1
@@ -315,9 +340,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       if save:
         ckpt.save(step, _first_replica(rstate), data.state_dict(), config_json,
                   force=True)
-      if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
-        last_eval = step, eval_fn(model, _host_params(rstate), tokenizer)
-        log.write(*last_eval)
+      for ev in evals:
+        if ev.due(step):
+          latest_eval[ev.name] = step, ev.run(model, _host_params(rstate), tokenizer)
+          log.write(step, ev.log_keys(latest_eval[ev.name][1]))
       if stop:
         stopped_early = step < total_steps
         break
@@ -325,12 +351,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     bar.close()
     ckpt.close()
     preempt.close()
-  if eval_fn is not None and not stopped_early:
-    if last_eval[0] == step:  # the loop has just evaluated this step
-      final_eval = last_eval[1]
+  final_eval = {}
+  for ev in [] if stopped_early else evals:
+    if latest_eval.get(ev.name, (None,))[0] == step:  # the loop has just run it
+      final_eval[ev.name] = latest_eval[ev.name][1]
     else:
-      final_eval = eval_fn(model, _host_params(rstate), tokenizer)
-      log.write(step, final_eval)
+      final_eval[ev.name] = ev.run(model, _host_params(rstate), tokenizer)
+      log.write(step, ev.log_keys(final_eval[ev.name]))
   log.close()
   return {"step": step, "last_metrics": last, "eval": final_eval, "stopped_early": stopped_early,
           "model": model, "params": _host_params(rstate), "tokenizer": tokenizer}
@@ -399,16 +426,30 @@ def main(argv):
           f"{jax.device_count()} device(s) ({jax.devices()[0].platform})", flush=True)
   try:
     result = train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, checkpoint.ResumeError) as e:
+  except (ConfigError, evaluators.EvalConfigError, checkpoint.ResumeError, DataError,
+          NonFiniteLossError) as e:
     sys.exit(f"error: {e}")
-  if result["eval"] is not None and jax.process_index() == 0:
-    print(f"Final evaluation ({_CONFIG.value.eval_task}, step {result['step']}): "
-          + json.dumps(result["eval"]), flush=True)
+  if result["eval"] and jax.process_index() == 0:
+    print(f"Final evaluation (step {result['step']}):\n{evaluate.markdown(result['eval'])}",
+          end="", flush=True)
   # Every process prints the summary (multi-process runs can compare their final metrics).
   print(json.dumps({"step": result["step"], "stopped_early": result["stopped_early"],
                     **(result["last_metrics"] or {})}), flush=True)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing; a bad flag or `--config.KEY=VALUE` override exits with one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {str(e).rstrip('.')}. Pass --help for usage.")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # from ml_collections
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+      e = e.args[0]
+    message = str(e.args[0]) if e.args else str(e)
+    sys.exit(f"error: bad --config override: {' '.join(message.split())}")
+
+
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -4,12 +4,8 @@
 (`lax.all_gather`, `lax.pmean` over `axis_name`), so the same code runs under
 `jax.pmap` (`pmap_train_step`) and under `jax.shard_map` on a `Mesh` (`shard_map_train_step`).
 
-Batch keys (per device, b examples, L text tokens):
-  presence_caption_ids, presence_negated_ids, absence_caption_ids, absence_updated_ids: int32 [b, L]
-  presence_pixels / absence_pixels: float32 [b, S, S, 3]   (or, from the frozen-tower cache,)
-  presence_image_emb / absence_image_emb: float32 [b, D]    (`get_image_features` outputs)
-  presence_distractor_pixels / presence_distractor_image_emb: [b, S, S, 3] / [b, D], an
-      image for which the negated caption is true (objective "conclip" only)
+The batch (per device) is laid out as `negclip_jax.batch` says: four token-id arrays
+[b, L] and, per image prefix, pixels [b, S, S, 3] or cached image features [b, D].
 
 Global-batch negatives: embeddings are all-gathered over `axis_name` (across hosts too),
 so every device evaluates the loss of the whole global batch. The gradient of
@@ -32,13 +28,11 @@ import numpy as np
 import optax
 from jax import lax
 
+from negclip_jax import batch as batch_lib
 from negclip_jax import losses, partition
 
 MAX_LOGIT_SCALE = math.log(100.0)
 AXIS = "batch"
-_TEXT_KEYS = ("presence_caption_ids", "presence_negated_ids", "absence_caption_ids",
-              "absence_updated_ids")
-_IMAGE_PREFIXES = ("presence", "absence", "presence_distractor")
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -54,11 +48,11 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 def image_embeddings(model, params, batch) -> dict:
   """Raw (un-normalized) image features per prefix, from the cache or the frozen tower."""
   out = {}
-  for prefix in _IMAGE_PREFIXES:
-    if f"{prefix}_image_emb" in batch:
-      out[prefix] = batch[f"{prefix}_image_emb"]
-    elif f"{prefix}_pixels" in batch:
-      out[prefix] = model.apply({"params": params}, batch[f"{prefix}_pixels"],
+  for prefix in batch_lib.IMAGE_PREFIXES:
+    if batch_lib.image_emb_key(prefix) in batch:
+      out[prefix] = batch[batch_lib.image_emb_key(prefix)]
+    elif batch_lib.pixels_key(prefix) in batch:
+      out[prefix] = model.apply({"params": params}, batch[batch_lib.pixels_key(prefix)],
                                 method="get_image_features")
   return out
 
@@ -79,7 +73,7 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
     if objective == "conclip" and "presence_distractor" not in images:
       raise ValueError("objective 'conclip' needs presence_distractor_pixels or "
                        f"presence_distractor_image_emb in the batch; got keys {sorted(batch)}")
-    ids = [batch[k] for k in _TEXT_KEYS]
+    ids = [batch[k] for k in batch_lib.TEXT_KEYS]
     b = ids[0].shape[0]
 
     def loss_fn(trainable):
@@ -88,7 +82,7 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
                          method="get_text_features")
       text = gather_rows(losses.l2_normalize(text).reshape(len(ids), b, -1))
       emb = {"presence_image": images["presence"], "absence_image": images["absence"],
-             **{k.removesuffix("_ids"): t for k, t in zip(_TEXT_KEYS, text)}}
+             **{k.removesuffix("_ids"): t for k, t in zip(batch_lib.TEXT_KEYS, text)}}
       if "presence_distractor" in images:
         emb["presence_distractor"] = images["presence_distractor"]
       scale = jnp.exp(losses.at_least_float32(params["logit_scale"]))

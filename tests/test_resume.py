@@ -117,12 +117,14 @@ def test_issue_scenario_clip_and_extend_keeps_the_old_run(run_copy):
 
 def test_state_neutral_changes_resume_and_are_logged(run_copy, caplog, capsys):
   caplog.set_level(logging.INFO, logger="negclip_jax")
-  out = train.train(config(log_every=1, save_every=1, max_to_keep=5, eval_num=16,
-                           layers="0,1", total_steps=8), run_copy)
+  c = config(log_every=1, save_every=1, max_to_keep=5, layers="0,1", total_steps=8)
+  c.evals.shapes = {"task": "negshapes", "num": 16}
+  out = train.train(c, run_copy)
   assert f"Resuming from {run_copy}/checkpoints/6" in capsys.readouterr().out
   assert out["step"] == 8 and steps_on_disk(run_copy) == [2, 4, 6, 7, 8]
   for key, change in (("log_every", "2 -> 1"), ("save_every", "2 -> 1"),
-                      ("max_to_keep", "3 -> 5"), ("eval_num", "32 -> 16")):
+                      ("max_to_keep", "3 -> 5"),
+                      ("evals.shapes.num", "(not recorded) -> 16")):
     assert f"Resuming with {key} changed: {change}" in caplog.text
   assert "layers" not in caplog.text  # "0,1" is "front" on the 4-layer tiny text tower
   assert "total steps 6 -> 8: the learning-rate schedule is stretched from step 6" in caplog.text
@@ -146,6 +148,9 @@ def test_corrupt_final_checkpoint_is_moved_aside_and_a_rerun_recovers(run_copy, 
   assert sizes == [3] * len(corrupted)  # kept as found
   again = train.train(config(), run_copy)  # and the next rerun finds nothing to do
   assert again["step"] == 6
+  rows = (run_copy / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(line)["step"] for line in rows]
+  assert steps == [2, 4, 6]  # step 6 retrained and logged once (tiny logs every 2 steps)
 
 
 def test_every_checkpoint_unreadable_starts_over_keeping_them(run_copy):

@@ -17,7 +17,8 @@ import pytest
 import jax
 
 from configs import tiny
-from negclip_jax import checkpoint, model as model_lib, partition, train
+from file_datasets import write_file_datasets
+from negclip_jax import checkpoint, evaluators, model as model_lib, partition, train
 from negclip_jax.data import image_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,42 +101,8 @@ def test_unknown_config_key_is_an_error(tmp_path):
   assert proc.returncode != 0 and "learning_rte" in proc.stderr
 
 
-def _write_file_datasets(root: Path, n: int, size: int) -> dict:
-  """NegShapes written as CC-Neg (.pt), NegationCLIP COCO (json) and CoN-CLIP's distractor
-  mapping over a COCO-train2017-like folder, all PNG; returns the config.data overrides."""
-  import torch
-  from PIL import Image
-
-  from negclip_jax.data import negshapes
-
-  data = negshapes.generate_pairs(n, seed=1, image_size=size, distractors=True)
-  for sub in ("cc3m/images", "coco"):
-    (root / sub).mkdir(parents=True)
-  for i in range(n):
-    Image.fromarray(data["images"][i]).save(root / "cc3m/images" / f"{i}.png")
-    Image.fromarray(data["distractor_images"][i]).save(root / "coco" / f"{1000 + i}.png")
-  torch.save({"image_paths": [f"/workspace/datasets/cc3m/images/{i}.png" for i in range(n)],
-              "annotations": [{"json": {"caption": c}, "sop_data": {"negative-prompt": m}}
-                              for c, m in zip(data["captions"], data["negated"])]},
-             root / "ccneg_preprocessed.pt")
-  ids = [1000 + i for i in range(n)][::-1]  # listed out of order; the mapping uses sorted ids
-  (root / "captions_train2017.json").write_text(json.dumps(
-      {"images": [{"id": k, "file_name": f"{k}.png"} for k in ids], "annotations": []}))
-  torch.save([[i, (i + 1) % n] for i in range(n)], root / "distractor_image_mapping.pt")
-  (root / "negation_coco.json").write_text(json.dumps({
-      "images": [{"id": i, "file_name": f"{i}.png"} for i in range(n)],
-      "annotations": [{"image_id": i, "caption": c, "updated_caption": u}
-                      for i, (c, u) in enumerate(zip(data["captions"], data["updated"]))]}))
-  return dict(presence="ccneg", absence="coco_negation", ccneg_path=str(root / "ccneg_preprocessed.pt"),
-              ccneg_image_root=str(root / "cc3m"), ccneg_eval_size=0,
-              coco_json=str(root / "negation_coco.json"), coco_image_dir=str(root / "cc3m/images"),
-              distractor_mapping=str(root / "distractor_image_mapping.pt"),
-              distractor_coco_json=str(root / "captions_train2017.json"),
-              distractor_image_dir=str(root / "coco"))
-
-
 def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
-  data_keys = _write_file_datasets(tmp_path / "data", 16, 32)
+  data_keys = write_file_datasets(tmp_path / "data", 16, 32)
   runs = {}
   for cache in (True, False):
     c = config(objective="conclip", total_steps=2, log_every=1, save_every=2)
@@ -246,12 +213,17 @@ def test_train_loop_marks_log_and_save_steps_as_boundaries_and_evaluates_once(tm
     boundaries[step] = boundary
     return should_stop(self, step, ckpt, boundary)
   monkeypatch.setattr(checkpoint.PreemptionWatcher, "should_stop", spy)
-  monkeypatch.setattr(train, "task_eval_fn",
-                      lambda c: lambda *a: evaluated.append(1) or {"eval_x": 1.0})
-  out = train.train(config(total_steps=7, log_every=3, save_every=5, eval_task="fake",
-                           eval_every=7), tmp_path)
+  monkeypatch.setattr(evaluators.Evaluator, "run",
+                      lambda self, *a: evaluated.append(self.name) or {"x": 1.0})
+  out = train.train(config(total_steps=7, log_every=3, save_every=5,
+                           evals={"a": {"task": "negshapes", "every": 7},
+                                  "b": {"task": "negshapes", "every": 3}}), tmp_path)
   assert [s for s, b in sorted(boundaries.items()) if b] == [3, 5, 6, 7]
-  assert len(evaluated) == 1 and out["eval"] == {"eval_x": 1.0}  # eval_every divides 7: once
+  # every=7 divides 7: once; every=3: steps 3, 6, then once at the end
+  assert evaluated == ["b", "b", "a", "b"] and out["eval"] == {"a": {"x": 1.0}, "b": {"x": 1.0}}
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [(r["step"], k) for r in rows for k in r if k.startswith("eval/")] == [
+      (3, "eval/b/x"), (6, "eval/b/x"), (7, "eval/a/x"), (7, "eval/b/x")]
 
 
 def test_image_cache_hit_must_be_agreed_by_every_process(tmp_path, monkeypatch, caplog):

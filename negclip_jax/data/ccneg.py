@@ -35,6 +35,7 @@ from typing import Literal, Sequence
 
 from negclip_jax.data.coco_negation import coco_image_paths
 from negclip_jax.data.records import (
+    BadRecords,
     DataError,
     PresenceRecord,
     check_images_exist,
@@ -68,7 +69,7 @@ def _load_pt(path: str, hint: str = _JSONL_HINT) -> object:
         raise DataError(e.file, e.reason) from e
 
 
-def _read_pt(path: str) -> list[_RawRecord]:
+def _read_pt(path: str, bad: BadRecords) -> list[_RawRecord | None]:
     data = _load_pt(path)
     image_paths = require_list(path, get_field(path, data, "image_paths", index=None),
                                index=None, key="image_paths")
@@ -80,50 +81,50 @@ def _read_pt(path: str) -> list[_RawRecord]:
             f"{len(image_paths)} image_paths but {len(annotations)} annotations",
             key="image_paths/annotations",
         )
-    out = []
-    for i, (image_path, ann) in enumerate(zip(image_paths, annotations)):
+    def parse(i, image_path, ann):
         caption = get_field(path, get_field(path, ann, "json", index=i), "caption",
                             index=i, label="json.caption")
         negative = get_field(path, get_field(path, ann, "sop_data", index=i), "negative-prompt",
                              index=i, label="sop_data.negative-prompt")
-        out.append((
+        return (
             require_text(path, image_path, index=i, key="image_paths"),
             require_text(path, caption, index=i, key="json.caption"),
             require_text(path, negative, index=i, key="sop_data.negative-prompt"),
-        ))
-    return out
+        )
+    return [bad.parse(parse, i, image_path, ann)
+            for i, (image_path, ann) in enumerate(zip(image_paths, annotations))]
 
 
-def _read_jsonl(path: str) -> list[_RawRecord]:
+def _read_jsonl(path: str, bad: BadRecords) -> list[_RawRecord | None]:
     try:
-        return _parse_jsonl(path)
+        return _parse_jsonl(path, bad)
     except UnicodeDecodeError as e:
         raise not_utf8(path, e) from e
 
 
-def _parse_jsonl(path: str) -> list[_RawRecord]:
+def _parse_jsonl(path: str, bad: BadRecords) -> list[_RawRecord | None]:
+    def parse(i, line_no, line):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, f"invalid JSON on line {line_no}: {e}", index=i) from e
+        return tuple(require_text(path, get_field(path, obj, key, index=i), index=i, key=key)
+                     for key in ("image_path", "caption", "negative_prompt"))
     out = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            i = len(out)
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, f"invalid JSON on line {line_no}: {e}", index=i) from e
-            out.append(tuple(
-                require_text(path, get_field(path, obj, key, index=i), index=i, key=key)
-                for key in ("image_path", "caption", "negative_prompt")
-            ))
+            if line.strip():
+                out.append(bad.parse(parse, len(out), line_no, line))
     return out
 
 
-def _read_raw(path: str) -> list[_RawRecord]:
+def _read_raw(path: str, bad: BadRecords | None = None) -> list[_RawRecord | None]:
+    """The file's records in order; None for each one `bad` skipped."""
+    bad = bad or BadRecords()
     if path.endswith(".pt"):
-        return _read_pt(path)
+        return _read_pt(path, bad)
     if path.endswith(".jsonl"):
-        return _read_jsonl(path)
+        return _read_jsonl(path, bad)
     raise DataError(path, "unsupported extension; expected .pt or .jsonl")
 
 
@@ -142,6 +143,7 @@ def load_ccneg(
     check_images: bool = True,
     distractor_paths: Sequence[str] | None = None,
     keep_commas: bool = False,
+    bad: BadRecords | None = None,
 ) -> list[PresenceRecord]:
     """Load CC-Neg as ``PresenceRecord(image_path, caption, negated)``, in file order.
 
@@ -153,12 +155,14 @@ def load_ccneg(
     Commas are removed from the negated caption (as the original CoN-CLIP code does)
     unless ``keep_commas`` (then apply :func:`strip_commas` before embedding).
     The last ``eval_size`` records form ``"eval"``, the rest ``"train"`` (``eval_size``
-    is ignored for ``"all"``).
+    is ignored for ``"all"``). A record that cannot be parsed goes to ``bad`` (default:
+    raise); the splits are by position in the file, so skipping does not move them.
+    Each record's ``index`` is its position in the file.
     """
     path = os.fspath(path)
     if split not in ("train", "eval", "all"):
         raise ValueError(f"split must be 'train', 'eval' or 'all', got {split!r}")
-    raw = _read_raw(path)
+    raw = _read_raw(path, bad)
     if split == "all":
         selected = raw
     elif not 0 <= eval_size <= len(raw):
@@ -174,14 +178,17 @@ def load_ccneg(
                         f"{first + len(selected) - 1}")
     root = os.fspath(image_root)
     records = []
-    for i, (image_path, caption, negative) in enumerate(selected, start=first):
+    for i, parsed in enumerate(selected, start=first):
+        if parsed is None:  # skipped by `bad`
+            continue
+        image_path, caption, negative = parsed
         if image_path.startswith(source_prefix):
             image_path = os.path.join(root, image_path[len(source_prefix):])
         else:
             image_path = resolve_path(image_path, root)
         distractor = None if distractor_paths is None else distractor_paths[i]
         negated = negative if keep_commas else strip_commas(negative)
-        records.append(PresenceRecord(image_path, caption, negated, distractor))
+        records.append(PresenceRecord(image_path, caption, negated, distractor, index=i))
     if check_images:
         check_images_exist(path, [r.image_path for r in records])
     return records
@@ -320,7 +327,7 @@ def convert_ccneg_to_jsonl(pt_path: str | os.PathLike, out_path: str | os.PathLi
     with :func:`load_ccneg` gives the same records as loading the ``.pt``.
     """
     pt_path, out_path = os.fspath(pt_path), os.fspath(out_path)
-    raw = _read_pt(pt_path)
+    raw = _read_pt(pt_path, BadRecords())
     tmp = out_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for image_path, caption, negative in raw:

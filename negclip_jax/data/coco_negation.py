@@ -12,6 +12,7 @@ import os
 
 from negclip_jax.data.records import (
     AbsenceRecord,
+    BadRecords,
     DataError,
     check_images_exist,
     get_field,
@@ -50,30 +51,36 @@ def load_coco_negation(
     image_dir: str | os.PathLike,
     *,
     check_images: bool = True,
+    bad: BadRecords | None = None,
 ) -> list[AbsenceRecord]:
     """One ``AbsenceRecord(image_path, caption, updated)`` per annotation, in file order.
 
     ``image_path`` is ``image_dir/file_name`` (an absolute ``file_name`` is kept).
     Record indices in errors are positions in ``annotations`` (or ``images`` when the
-    key is an image field).
+    key is an image field). An annotation that cannot be parsed goes to ``bad`` (default:
+    raise); each record's ``index`` is its position in ``annotations``.
     """
+    bad = bad or BadRecords()
     data = load_json(json_path)
     id_to_path = coco_image_paths(json_path, image_dir, data)
     annotations = require_list(json_path, get_field(json_path, data, "annotations", index=None),
                                index=None, key="annotations")
-    records = []
-    for i, ann in enumerate(annotations):
+
+    def parse(i, ann):
         image_id = get_field(json_path, ann, "image_id", index=i)
         known = isinstance(image_id, int) and not isinstance(image_id, bool)
         if not known or image_id not in id_to_path:
             raise DataError(json_path, f"unknown image_id {image_id!r}", index=i, key="image_id")
-        records.append(AbsenceRecord(
+        return AbsenceRecord(
             image_path=id_to_path[image_id],
             caption=require_text(json_path, get_field(json_path, ann, "caption", index=i),
                                  index=i, key="caption"),
             updated=require_text(json_path, get_field(json_path, ann, "updated_caption", index=i),
                                  index=i, key="updated_caption"),
-        ))
+            index=i,
+        )
+    records = [bad.parse(parse, i, ann) for i, ann in enumerate(annotations)]
+    records = [r for r in records if r is not None]
     if check_images:
         check_images_exist(json_path, [r.image_path for r in records])
     return records

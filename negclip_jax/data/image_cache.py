@@ -2,8 +2,8 @@
 
 The image tower never trains, so its raw (un-normalized; the train step normalizes)
 features can replace pixels in the batches (`*_image_emb`). `image_embeddings` decodes
-each image once; with ``on_error="skip"`` unreadable images are dropped and reported,
-so a cached run finds corrupt files before training starts.
+each image once; unreadable images go to the `records.BadRecords` policy (raised, or
+dropped and reported), so a cached run finds corrupt files before training starts.
 
 On disk (``cache_dir``): ``<key>.npy`` float32 [K, D] (the K loadable images, in order)
 and ``<key>.json`` {"num_images", "num_kept", "dim", "image_size", "source", "dropped":
@@ -28,8 +28,9 @@ import numpy as np
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from negclip_jax.data.pipeline import IMAGE_COLUMNS, Images, check_on_error, load_example_image
-from negclip_jax.data.records import DataError
+from negclip_jax.data.pipeline import (IMAGE_COLUMNS, Images, bad_records, file_stamp,
+                                      gather_failures, load_example_image)
+from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.embed import Embedder
 from negclip_jax.preprocess import CLIP_MEAN, CLIP_STD
 
@@ -39,22 +40,22 @@ CACHE_VERSION = 1
 VISION_PREFIXES = ("vision_model", "visual_projection")
 
 
-def _update_images(h, images: Images) -> None:
+def _update_images(h, images: Images, stamps) -> None:
   if isinstance(images, np.ndarray):
     h.update(f"array {images.dtype} {images.shape}\n".encode())
     h.update(np.ascontiguousarray(images).data)
     return
   for path in images:
-    try:
-      st = os.stat(path)
-      stamp = f"{st.st_size} {st.st_mtime_ns}"
-    except OSError:
-      stamp = "missing"
-    h.update(f"{path}\0{stamp}\n".encode())
+    stamp = stamps[path] if stamps is not None and path in stamps else file_stamp(path)
+    h.update(f"{path}\0{stamp or 'missing'}\n".encode())
 
 
-def cache_key(model, params, images: Images, image_size: int) -> str:
-  """sha256 hex of everything the cached features depend on (see the module doc)."""
+def cache_key(model, params, images: Images, image_size: int, stamps=None) -> str:
+  """sha256 hex of everything the cached features depend on (see the module doc).
+
+  stamps: {path: `pipeline.file_stamp`} already taken (`table.file_stamps`), so that no
+  file is `stat`ed twice; paths it lacks are stat'ed here.
+  """
   h = hashlib.sha256(f"negclip_jax image cache v{CACHE_VERSION}\n".encode())
   h.update(f"{image_size}\n{model.config.vision!r}\n{model.config.projection_dim}\n"
            f"{np.dtype(model.dtype).name}\n".encode())
@@ -64,7 +65,7 @@ def cache_key(model, params, images: Images, image_size: int) -> str:
     leaf = np.asarray(jax.device_get(flat[path]))
     h.update(f"{'/'.join(path)} {leaf.dtype} {leaf.shape}\n".encode())
     h.update(np.ascontiguousarray(leaf).data)
-  _update_images(h, images)
+  _update_images(h, images, stamps)
   return h.hexdigest()
 
 
@@ -119,18 +120,8 @@ def _write_cache(stem: str, emb, dropped, images: Images, image_size: int) -> No
   _write_atomic(stem + ".json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
 
 
-def _all_failures(failed: dict[int, str], n: int) -> dict[int, str]:
-  """Failures of every process (each loads its own block of the images)."""
-  if jax.process_count() == 1:
-    return failed
-  mask = np.zeros(n, np.int32)
-  mask[list(failed)] = 1
-  every = np.asarray(multihost_utils.process_allgather(mask)).reshape(-1, n).any(0)
-  return {int(i): failed.get(int(i), "could not be loaded (see the log of the process that "
-                                     "loaded it)") for i in np.flatnonzero(every)}
-
-
-def _compute(model, params, images: Images, image_size, batch_size, on_error, record_index, key):
+def _compute(model, params, images: Images, image_size, batch_size, skip: bool, record_index,
+             key):
   """(emb float32 [K, D] of the loadable images, dropped {position: reason})."""
   failed: dict[int, str] = {}
 
@@ -138,61 +129,58 @@ def _compute(model, params, images: Images, image_size, batch_size, on_error, re
     try:
       return load_example_image(images, i, image_size, int(record_index[i]), key)
     except DataError as e:
-      if on_error == "raise":
+      if not skip:
         raise
-      failed[i] = str(e)
+      failed[i] = e.reason
       return np.zeros((image_size, image_size, 3), np.float32)
 
   embedder = Embedder(model, params, batch_size, normalize=False)
   emb = embedder.images(range(len(images)), load, desc="image cache")
-  dropped = _all_failures(failed, len(images))
+  dropped = gather_failures(failed, len(images))
   keep = np.ones(len(images), bool)
   keep[list(dropped)] = False
   return np.ascontiguousarray(emb[keep], np.float32), dropped
 
 
 def image_embeddings(model, params, images: Images, image_size: int, cache_dir: str | None = None,
-                     batch_size: int = 64, on_error: str = "raise",
-                     record_index=None, key: str = "image") -> tuple[np.ndarray, np.ndarray]:
+                     batch_size: int = 64, on_error: BadRecords | str = "raise",
+                     record_index=None, key: str = "image", source: str | None = None,
+                     stamps=None) -> tuple[np.ndarray, np.ndarray]:
   """Raw `get_image_features` of `images` -> (emb float32 [K, D], kept int64 [K] positions).
 
   images: uint8 [N, H, W, 3] or N file paths (preprocessed at `image_size`). An image that
-  cannot be loaded raises DataError (path, record index = record_index[i], default i, `key`), or
-  with on_error="skip" is left out of `kept` and logged. With `cache_dir`, a previous result
-  for the same key is loaded instead of computed (a stored skip-mode result still raises
-  for its dropped images when on_error="raise"). With several processes each loads its own
-  block of images, so only the one holding a bad image raises: prefer on_error="skip" there.
+  cannot be loaded goes to the `on_error` policy (`records.BadRecords`) as a DataError
+  (`source`, record index = record_index[i], default i, `key`): raised, or skipped (left out
+  of `kept`). With `cache_dir`, a previous result for the same key is loaded instead of
+  computed (a stored skip-mode result still raises for its dropped images under "raise").
+  With several processes each loads its own block of images, so only the one holding a bad
+  image raises: prefer on_error="skip" there. `stamps`: see `cache_key`.
   """
-  check_on_error(on_error)
+  bad = bad_records(on_error)
   n = len(images)
   record_index = np.arange(n) if record_index is None else np.asarray(record_index)
   stem = cached = None
   if cache_dir is not None:
-    stem = os.path.join(cache_dir, cache_key(model, params, images, image_size))
+    stem = os.path.join(cache_dir, cache_key(model, params, images, image_size, stamps))
     cached = _read_cache(stem)
     logger.info("image cache %s: %s (%s)", "hit" if cached else "miss", stem, _describe(images))
   if stem is None or not _hit_everywhere(cached):
-    emb, dropped = _compute(model, params, images, image_size, batch_size, on_error, record_index,
+    emb, dropped = _compute(model, params, images, image_size, batch_size, bad.skip, record_index,
                             key)
     if stem is not None:
       os.makedirs(cache_dir, exist_ok=True)
       _write_cache(stem, emb, dropped, images, image_size)
   else:
     emb, dropped = cached
-  if dropped:
-    first = min(dropped)
-    if on_error == "raise":
-      where = "image array" if isinstance(images, np.ndarray) else images[first]
-      raise DataError(where, f"unreadable image (found by an on_error='skip' build of this "
-                      f"cache): {dropped[first]}", index=int(record_index[first]), key=key)
-    logger.warning("image cache: dropped %d of %d images that could not be loaded (first: %s)",
-                   len(dropped), n, dropped[first])
+  for i, reason in sorted(dropped.items()):
+    where = source or ("image array" if isinstance(images, np.ndarray) else images[i])
+    bad(DataError(where, f"unreadable image: {reason}", index=int(record_index[i]), key=key))
   kept = np.array([i for i in range(n) if i not in dropped], np.int64)
   return emb, kept
 
 
 def embed_table(table, model, params, image_size: int, *, cache_dir: str | None = None,
-                batch_size: int = 64, on_error: str = "raise"):
+                batch_size: int = 64, on_error: BadRecords | str = "raise"):
   """`table` (a pipeline table) with `image_emb` (and `distractor_emb` if it holds
   distractors) from `image_embeddings`; rows with an unloadable image dropped.
 
@@ -202,7 +190,8 @@ def embed_table(table, model, params, image_size: int, *, cache_dir: str | None 
   for column in table.image_columns():
     key = IMAGE_COLUMNS[column].image_key
     emb, kept = image_embeddings(model, params, getattr(table, column), image_size, cache_dir,
-                                 batch_size, on_error, record_index=table.record_index, key=key)
+                                 batch_size, on_error, record_index=table.record_index, key=key,
+                                 source=table.source, stamps=table.file_stamps)
     embedded[column] = (emb, kept)
     for i in np.setdiff1d(np.arange(len(table)), kept):
       reasons.setdefault(int(i), f"{key} could not be loaded")

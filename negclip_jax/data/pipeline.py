@@ -7,9 +7,12 @@ Tables
   negated caption is true, for CoN-CLIP's objective. A table with `image_emb` (and
   `distractor_emb`) float32 [N, D] (`image_cache.embed_table`) feeds `get_image_features`
   outputs instead of pixels. Build tables with `presence_table`, `absence_table` or
-  `negshapes_tables`: an empty caption / negated / updated text or a missing image file
-  raises `DataError` (record index + field); with ``on_error="skip"`` such examples are
-  dropped, logged, and listed in ``table.dropped`` (record index -> reason).
+  `negshapes_tables`. `validate` is the one check of a table's records (empty caption /
+  negated / updated text, missing image file; each file is `stat`ed once and its size and
+  mtime kept for the image cache's key; with ``decode=True`` also undecodable images): each
+  problem goes to the `records.BadRecords` policy (raise, or skip: logged, written to
+  ``skipped.jsonl``), and skipped examples are listed in ``table.dropped`` (record index ->
+  reason).
 
 Sampling (a pure function of the step), as the original's two `DataLoader`s
   Stream k (presence 0, absence 1) of N_k examples has ``n_k = N_k // B`` steps per pass (B the
@@ -22,14 +25,11 @@ Sampling (a pure function of the step), as the original's two `DataLoader`s
   batch, so over a pass the processes together see every non-dropped example exactly once.
 
 Batches (one step, one host; b = B / P, d local devices)
-  presence_caption_ids, presence_negated_ids, absence_caption_ids, absence_updated_ids:
-      int32 [d, b / d, L], L the `embed.bucket_length` of the four global-batch arrays
-      together (the same on every host; ``truncate_text=False`` keeps L = context_length)
-  presence_pixels, absence_pixels: float32 [d, b / d, S, S, 3] (`preprocess_image`), or
-  presence_image_emb, absence_image_emb: float32 [d, b / d, D] for tables with embeddings
-  presence_distractor_pixels / presence_distractor_image_emb: the same, if the presence
-      table has distractors
-  step: int32 [d], the global step (repeated, so the whole dict can go through pmap)
+  The keys of `negclip_jax.batch`, each with a leading [d, b / d] instead of [b]: the four
+  token-id arrays, L the `embed.bucket_length` of the four global-batch arrays together
+  (the same on every host; ``truncate_text=False`` keeps L = context_length); pixels, or
+  image features for tables with embeddings, per image prefix the tables hold; and
+  "step": int32 [d], the global step (repeated, so the whole dict can go through pmap).
 
 Checkpointing
   The iterator position is the step: the checkpoint stores `TrainPipeline.state_dict()`
@@ -39,16 +39,24 @@ Checkpointing
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import stat
+import sys
 from typing import ClassVar, Mapping, NamedTuple, Sequence, Union
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
-from negclip_jax.data.records import AbsenceRecord, DataError, PresenceRecord
+from negclip_jax import batch as batch_lib
+from negclip_jax.data.records import AbsenceRecord, BadRecords, DataError, PresenceRecord
 from negclip_jax.embed import bucket_length
 from negclip_jax.preprocess import preprocess_image
 
@@ -56,14 +64,12 @@ logger = logging.getLogger(__name__)
 
 Images = Union[np.ndarray, Sequence[str]]
 STREAMS = {"presence": 0, "absence": 1}
-ON_ERROR = ("raise", "skip")
-_SHOWN = 5  # dropped examples named in a warning
 
 
 class ImageColumn(NamedTuple):
   """How a table's image column is embedded, batched and named in errors."""
   emb_field: str   # the table field holding its image-tower embeddings
-  batch_stem: str  # batch keys are f"{table prefix}{batch_stem}_pixels" / "..._image_emb"
+  batch_stem: str  # its `batch` image prefix is f"{stream}{batch_stem}"
   path_key: str    # DataError key of a missing file
   image_key: str   # DataError key of an unreadable image
 
@@ -73,9 +79,9 @@ IMAGE_COLUMNS = {"images": ImageColumn("image_emb", "", "image_path", "image"),
                                             "distractor_image")}
 
 
-def check_on_error(on_error: str) -> None:
-  if on_error not in ON_ERROR:
-    raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+def bad_records(on_error: BadRecords | str) -> BadRecords:
+  """The policy itself, or a fresh `BadRecords(on_error)` for "raise" / "skip"."""
+  return on_error if isinstance(on_error, BadRecords) else BadRecords(on_error)
 
 
 def load_example_image(images: Images, i: int, image_size: int,
@@ -134,14 +140,12 @@ class _Table:
                               key=IMAGE_COLUMNS[column].image_key)
 
   def drop(self, reasons: Mapping[int, str]):
-    """A copy without the examples at positions `reasons` (position -> why), logged."""
+    """A copy without the examples at positions `reasons` (position -> why; reported to
+    the `BadRecords` policy by the caller)."""
     if not reasons:
       return self
     keep = np.array([i for i in range(len(self)) if i not in reasons], np.int64)
     by_record = {int(self.record_index[i]): r for i, r in sorted(reasons.items())}
-    shown = "; ".join(f"record {i}: {r}" for i, r in list(by_record.items())[:_SHOWN])
-    logger.warning("%s: dropped %d of %d examples (first %d: %s)", self.source, len(reasons),
-                   len(self), min(len(reasons), _SHOWN), shown)
     take = lambda seq: seq[keep] if isinstance(seq, np.ndarray) else [seq[i] for i in keep]
     columns = {}
     for column in self.image_columns():
@@ -173,6 +177,7 @@ class PresenceTable(_Table):
   distractor_emb: np.ndarray | None = dataclasses.field(default=None, kw_only=True)
   record_index: np.ndarray | None = dataclasses.field(default=None, kw_only=True)  # int [N]
   dropped: Mapping[int, str] = dataclasses.field(default_factory=dict, kw_only=True)
+  file_stamps: Mapping[str, str] | None = dataclasses.field(default=None, kw_only=True)
   source: str = dataclasses.field(default="presence", kw_only=True)
 
 
@@ -187,12 +192,22 @@ class AbsenceTable(_Table):
   image_emb: np.ndarray | None = dataclasses.field(default=None, kw_only=True)
   record_index: np.ndarray | None = dataclasses.field(default=None, kw_only=True)  # int [N]
   dropped: Mapping[int, str] = dataclasses.field(default_factory=dict, kw_only=True)
+  file_stamps: Mapping[str, str] | None = dataclasses.field(default=None, kw_only=True)
   source: str = dataclasses.field(default="absence", kw_only=True)
 
 
-def _problems(table: _Table, check_images: bool):
-  """Yields (position, field, message) for each empty text or missing image file."""
-  exists: dict[str, bool] = {}
+def file_stamp(path: str) -> str | None:
+  """"<size> <mtime_ns>" of a file (one `stat`), or None if it is not a file."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return f"{st.st_size} {st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
+
+
+def _problems(table: _Table, check_images: bool, stamps: dict[str, str | None]):
+  """Yields (position, key, message) for each empty text or missing image file; fills
+  `stamps` (path -> `file_stamp`), one stat per distinct path."""
   paths = {IMAGE_COLUMNS[c].path_key: getattr(table, c)
            for c in table.image_columns()
            if check_images and not isinstance(getattr(table, c), np.ndarray)}
@@ -202,26 +217,86 @@ def _problems(table: _Table, check_images: bool):
         yield i, key, f"empty or whitespace-only text {texts[i]!r}"
     for key, column in paths.items():
       path = column[i]
-      if path not in exists:
-        exists[path] = os.path.isfile(path)
-      if not exists[path]:
+      if path not in stamps:
+        stamps[path] = file_stamp(path)
+      if stamps[path] is None:
         yield i, key, f"image file not found: {path}"
 
 
-def validate(table: _Table, on_error: str = "raise", check_images: bool = True) -> _Table:
-  """`table` checked for empty texts and missing files: DataError, or dropped if "skip"."""
-  check_on_error(on_error)
-  bad: dict[int, str] = {}
-  for i, key, message in _problems(table, check_images):
-    if on_error == "raise":
-      raise DataError(table.source, message, index=int(table.record_index[i]), key=key)
-    bad.setdefault(i, f"{key}: {message}")
-  return table.drop(bad)
+def _undecodable(table: _Table, image_size: int):
+  """Yields (position, key, message) for each image that cannot be decoded; with several
+  processes each decodes its block and the failures are all-gathered."""
+  for column in table.image_columns():
+    images = getattr(table, column)
+    if isinstance(images, np.ndarray):
+      continue
+    failed = {}
+    p, count = jax.process_index(), jax.process_count()
+    block = -(-len(images) // count)
+
+    def check(i):
+      try:
+        load_example_image(images, i, image_size)
+      except DataError as e:
+        failed[i] = e.reason
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      list(tqdm(pool.map(check, range(p * block, min((p + 1) * block, len(images)))),
+                total=max(0, min(block, len(images) - p * block)), desc=f"check {column}",
+                disable=p != 0, leave=False))
+    for i, reason in sorted(gather_failures(failed, len(images)).items()):
+      yield i, IMAGE_COLUMNS[column].image_key, reason
 
 
-def presence_table(records: Sequence[PresenceRecord], *, on_error: str = "raise",
-                   check_images: bool = True, source: str = "presence") -> PresenceTable:
-  """Validated table of CC-Neg records (record index i = position in `records`).
+def gather_failures(failed: Mapping[int, str], n: int) -> dict[int, str]:
+  """{position: reason} of every process's failures among n items (one all-gather when
+  multi-process; the reason of another process's failure is not sent, only its position)."""
+  if jax.process_count() == 1:
+    return dict(failed)
+  mask = np.zeros(n, np.int32)
+  mask[list(failed)] = 1
+  every = np.asarray(multihost_utils.process_allgather(mask)).reshape(-1, n).any(0)
+  return {int(i): failed.get(int(i), "could not be loaded (see the log of the process that "
+                                     "loaded it)") for i in np.flatnonzero(every)}
+
+
+def validate(table: _Table, on_error: BadRecords | str = "raise", check_images: bool = True,
+             decode: bool = False, image_size: int | None = None) -> _Table:
+  """`table` without its bad examples (see the module doc), each reported to the
+  `on_error` policy (which raises, or skips); keeps `file_stamps` for the image cache.
+
+  decode: also decode every image file at `image_size` (for runs without the image cache,
+  which would otherwise find a corrupt image only when its batch is built).
+  """
+  bad = bad_records(on_error)
+  stamps: dict[str, str | None] = {}
+  problems = list(_problems(table, check_images, stamps))
+  table = dataclasses.replace(table, file_stamps=stamps if check_images else None)
+  reasons = _report(table, problems, bad)
+  table = table.drop(reasons)
+  if decode:
+    table = table.drop(_report(table, list(_undecodable(table, image_size)), bad))
+  return table
+
+
+def _report(table: _Table, problems, bad: BadRecords) -> dict[int, str]:
+  """{position: reason} of `problems` [(position, key, message)], each given to `bad`."""
+  reasons: dict[int, str] = {}
+  for i, key, message in problems:
+    bad(DataError(table.source, message, index=int(table.record_index[i]), key=key))
+    reasons.setdefault(i, f"{key}: {message}")
+  return reasons
+
+
+def _record_index(records) -> np.ndarray:
+  """int64 [N]: each record's index in its file (`record.index`; default its position)."""
+  return np.array([i if r.index is None else r.index for i, r in enumerate(records)], np.int64)
+
+
+def presence_table(records: Sequence[PresenceRecord], *, on_error: BadRecords | str = "raise",
+                   check_images: bool = True, source: str = "presence", decode: bool = False,
+                   image_size: int | None = None) -> PresenceTable:
+  """Validated table of CC-Neg records (`validate`; record index = `record.index`, default
+  the position in `records`).
 
   Records with `distractor_path` set give a table with distractors; a mix of records
   with and without one raises DataError naming the first record without.
@@ -235,19 +310,22 @@ def presence_table(records: Sequence[PresenceRecord], *, on_error: str = "raise"
   else:
     distractors = None
   table = PresenceTable([r.image_path for r in records], [r.caption for r in records],
-                        [r.negated for r in records], distractors=distractors, source=source)
-  return validate(table, on_error, check_images)
+                        [r.negated for r in records], distractors=distractors, source=source,
+                        record_index=_record_index(records))
+  return validate(table, on_error, check_images, decode, image_size)
 
 
-def absence_table(records: Sequence[AbsenceRecord], *, on_error: str = "raise",
-                  check_images: bool = True, source: str = "absence") -> AbsenceTable:
-  """Validated table of NegationCLIP COCO records (record index i = position in `records`)."""
+def absence_table(records: Sequence[AbsenceRecord], *, on_error: BadRecords | str = "raise",
+                  check_images: bool = True, source: str = "absence", decode: bool = False,
+                  image_size: int | None = None) -> AbsenceTable:
+  """Validated table of NegationCLIP COCO records (as `presence_table`)."""
   table = AbsenceTable([r.image_path for r in records], [r.caption for r in records],
-                       [r.updated for r in records], source=source)
-  return validate(table, on_error, check_images)
+                       [r.updated for r in records], source=source,
+                       record_index=_record_index(records))
+  return validate(table, on_error, check_images, decode, image_size)
 
 
-def negshapes_tables(data: Mapping, *, on_error: str = "raise",
+def negshapes_tables(data: Mapping, *, on_error: BadRecords | str = "raise",
                      distractors: bool = False) -> tuple[PresenceTable, AbsenceTable]:
   """`negshapes.generate_pairs` output -> (presence, absence) tables sharing its images;
   with `distractors`, the presence table holds `data["distractor_images"]` (generate the
@@ -311,8 +389,16 @@ def host_slice(indices: np.ndarray, process_index: int, process_count: int) -> n
 
 
 def _tensorflow():
-  """TensorFlow, imported on first use and kept off accelerators (JAX owns them)."""
+  """TensorFlow, imported on first use and kept off accelerators (JAX owns them).
+
+  Its C++ start-up notices (oneDNN, CPU features) go to stderr through absl's C++ log,
+  which TF_CPP_MIN_LOG_LEVEL no longer silences; they are hidden unless absl's verbosity
+  is INFO or more (`-v 0` / `--verbosity=0` on the command line).
+  """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  if "tensorflow" not in sys.modules and absl_logging.get_verbosity() < absl_logging.INFO:
+    with _stderr_to_devnull():
+      import tensorflow  # noqa: F401
   import tensorflow as tf
   try:
     tf.config.set_visible_devices([], "GPU")
@@ -320,6 +406,19 @@ def _tensorflow():
     if tf.config.get_visible_devices("GPU"):
       logger.warning("TensorFlow was initialized with GPUs visible; tf.data may use GPU memory")
   return tf
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+  """File descriptor 2 (C++ writes too) to /dev/null for the duration of the block."""
+  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
 
 
 class TrainPipeline:
@@ -356,8 +455,10 @@ class TrainPipeline:
       if len(table) < global_batch:
         raise ValueError(f"the {name} table has {len(table)} examples, fewer than "
                          f"global_batch={global_batch}")
-    self._ids = {f"{name}_{field}_ids": tokenizer(list(texts), context_length)
+    self._ids = {batch_lib.text_key(name, field): tokenizer(list(texts), context_length)
                  for name, table in self.tables.items() for field, texts in table.texts().items()}
+    self._streams = {batch_lib.text_key(name, field): name for name in self.tables
+                     for field in batch_lib.STREAM_TEXTS[name]}
     self._next_step = start_step
 
   @property
@@ -384,7 +485,7 @@ class TrainPipeline:
   def build_host_batch(self, step: int) -> dict[str, np.ndarray]:
     """This host's batch of global step `step` (keys and shapes in the module doc)."""
     glob = self.global_indices(step)
-    ids = {key: table_ids[glob[key.split("_")[0]]] for key, table_ids in self._ids.items()}
+    ids = {key: table_ids[glob[self._streams[key]]] for key, table_ids in self._ids.items()}
     length = (bucket_length(np.concatenate(list(ids.values()))) if self.truncate_text
               else self.context_length)
     mine = lambda idx: host_slice(idx, self.process_index, self.process_count)
@@ -392,23 +493,32 @@ class TrainPipeline:
     for name, table in self.tables.items():
       idx = mine(glob[name])
       for column in table.image_columns():
-        field, stem = IMAGE_COLUMNS[column][:2]
+        key = self._image_keys[name, column]
+        field = IMAGE_COLUMNS[column].emb_field
         if getattr(table, field) is not None:
-          batch[f"{name}{stem}_image_emb"] = getattr(table, field)[idx]
+          batch[key] = getattr(table, field)[idx]
         else:
-          batch[f"{name}{stem}_pixels"] = np.stack(
-              [table.pixels(i, self.image_size, column) for i in idx])
+          batch[key] = np.stack([table.pixels(i, self.image_size, column) for i in idx])
     batch = {k: v.reshape((self.local_devices, -1) + v.shape[1:]) for k, v in batch.items()}
-    batch["step"] = np.full(self.local_devices, step, np.int32)
+    batch[batch_lib.STEP_KEY] = np.full(self.local_devices, step, np.int32)
     return batch
+
+  @functools.cached_property
+  def _image_keys(self) -> dict[tuple[str, str], str]:
+    """(stream, image column) -> its batch key: features if the table has them, else pixels."""
+    keys = {}
+    for name, table in self.tables.items():
+      for column in table.image_columns():
+        prefix = name + IMAGE_COLUMNS[column].batch_stem
+        embedded = getattr(table, IMAGE_COLUMNS[column].emb_field) is not None
+        keys[name, column] = (batch_lib.image_emb_key if embedded else batch_lib.pixels_key)(prefix)
+    return keys
 
   def _output_dtypes(self) -> dict[str, type]:
     """Batch key -> dtype, in `build_host_batch`'s key order."""
-    images = {f"{name}{stem}_{'image_emb' if getattr(t, field) is not None else 'pixels'}":
-              np.float32
-              for name, t in self.tables.items() for column in t.image_columns()
-              for field, stem in [IMAGE_COLUMNS[column][:2]]}
-    return {**{key: np.int32 for key in self._ids}, **images, "step": np.int32}
+    return {**{key: batch_lib.TEXT_DTYPE for key in self._ids},
+            **{key: batch_lib.IMAGE_DTYPE for key in self._image_keys.values()},
+            batch_lib.STEP_KEY: np.int32}
 
   def __iter__(self):
     tf = _tensorflow()

@@ -8,14 +8,17 @@ records silently: every problem raises :class:`DataError`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 Box = tuple[float, float, float, float]
 """Pixel box ``(x, y, w, h)``: top-left corner, width, height (COCO convention)."""
+
+logger = logging.getLogger(__name__)
 
 _MAX_MISSING_SHOWN = 5
 
@@ -39,12 +42,76 @@ class DataError(ValueError):
         self.file = os.fspath(file)
         self.index = index
         self.key = key
+        self.reason = message
         where = [self.file]
         if index is not None:
             where.append(f"record {index}")
         if key is not None:
             where.append(f"key {key!r}")
         super().__init__(f"{', '.join(where)}: {message}")
+
+
+ON_ERROR = ("raise", "skip")
+
+
+class BadRecords:
+    """The bad-record policy, in one place: what happens to a record that cannot be used.
+
+    ``on_error="raise"`` raises the DataError; ``"skip"`` drops the record: it is kept in
+    ``skipped``, the first few are named in the log, and `write` lists every one as a JSON
+    line ``{"file", "record", "key", "reason"}`` (the run's ``WORKDIR/skipped.jsonl``).
+    Readers report per-record parse errors here; the training tables report empty texts
+    and missing or undecodable images (`pipeline.validate`, `image_cache`).
+    """
+
+    SHOWN = 5
+
+    def __init__(self, on_error: str = "raise"):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.on_error = on_error
+        self.skipped: list[DataError] = []
+
+    @property
+    def skip(self) -> bool:
+        return self.on_error == "skip"
+
+    def __call__(self, error: DataError) -> None:
+        """Raises `error`, or records it as skipped."""
+        if not self.skip:
+            raise error
+        self.skipped.append(error)
+        if len(self.skipped) <= self.SHOWN:
+            logger.warning("skipping: %s", error)
+
+    def parse(self, parse, *args):
+        """``parse(*args)``, or None when it raises a DataError that this policy skips."""
+        try:
+            return parse(*args)
+        except DataError as e:
+            self(e)
+            return None
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Writes every skipped record to `path` (JSON lines); removes `path` if none."""
+        if not self.skipped:
+            if os.path.exists(path):
+                os.remove(path)
+            return
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for e in self.skipped:
+                f.write(json.dumps({"file": e.file, "record": e.index, "key": e.key,
+                                    "reason": e.reason}) + "\n")
+        os.replace(tmp, path)
+
+    def summary(self) -> str:
+        """One line: how many records were skipped, per file."""
+        per_file: dict[str, int] = {}
+        for e in self.skipped:
+            per_file[e.file] = per_file.get(e.file, 0) + 1
+        return (f"skipped {len(self.skipped)} bad records ("
+                + ", ".join(f"{n} in {f}" for f, n in per_file.items()) + ")")
 
 
 @dataclass(frozen=True)
@@ -59,6 +126,7 @@ class PresenceRecord:
     caption: str
     negated: str
     distractor_path: str | None = None
+    index: int | None = field(default=None, compare=False, kw_only=True)  # record in its file
 
 
 @dataclass(frozen=True)
@@ -68,6 +136,7 @@ class AbsenceRecord:
     image_path: str
     caption: str
     updated: str
+    index: int | None = field(default=None, compare=False, kw_only=True)  # record in its file
 
 
 @dataclass(frozen=True)

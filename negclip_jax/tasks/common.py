@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from negclip_jax.data.records import DataError
 from negclip_jax.embed import Embedder
 from negclip_jax.preprocess import get_preprocess
 
@@ -47,6 +48,19 @@ def gallery(image_paths: Sequence[str]) -> tuple[list[str], list[int]]:
 
 def embed_files(embedder: Embedder, paths: Sequence[str], desc: str = "images",
                 protocol: str = "hf") -> np.ndarray:
-  """[N, D] embeddings of N image files; each distinct path is decoded and embedded once."""
+  """[N, D] embeddings of N image files; each distinct path is decoded and embedded once.
+
+  A file that cannot be read raises DataError naming it, the first position (record) in
+  `paths` that holds it, and the key "image_path".
+  """
   unique, rows = gallery(paths)
-  return embedder.images(unique, image_loader(embedder, protocol), desc=desc)[rows]
+  first = {p: i for i, p in reversed(list(enumerate(paths)))}
+  load = image_loader(embedder, protocol)
+
+  def load_file(path):
+    try:
+      return load(path)
+    except (OSError, ValueError) as e:  # missing, truncated or not an image
+      raise DataError(path, f"cannot read the image: {e}", index=first[path],
+                      key="image_path") from e
+  return embedder.images(unique, load_file, desc=desc)[rows]

@@ -1,0 +1,186 @@
+"""Bad records, training-time evaluators and CLI errors, tried as a user would (issue 13).
+
+Each kind of bad record is planted in small CC-Neg (JSONL) and NegationCLIP (JSON) files;
+`data.on_error=skip` must drop exactly those, with the image cache on and off, list them in
+WORKDIR/skipped.jsonl and `stat` each image file at most once.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from file_datasets import write_file_datasets
+from negclip_jax import evaluate, evaluators, train
+from negclip_jax.data import pipeline
+from negclip_jax.data.records import BadRecords, DataError
+
+N = 16
+
+
+def _bad_datasets(root: Path) -> tuple[dict, set]:
+  """config.data overrides for files with one bad record of each kind, and the expected
+  skipped.jsonl entries {(file, record, key)}."""
+  data = write_file_datasets(root, N, 32)
+  images = root / "cc3m/images"
+  data["coco_image_dir"] = str(shutil.copytree(images, root / "coco_images"))
+  for folder in (images, root / "coco_images"):
+    (folder / "4.png").write_bytes(b"not a png")                      # undecodable
+  lines = []
+  for i, (caption, negated) in enumerate(zip(*_ccneg_texts(data["ccneg_path"]))):
+    lines.append(json.dumps({"image_path": str(images / f"{i}.png"), "caption": caption,
+                             "negative_prompt": negated}))
+  lines[1] = json.dumps({"image_path": str(images / "1.png"), "caption": " ",
+                         "negative_prompt": "x"})                     # empty text
+  lines[2] = json.dumps({"image_path": str(images / "2.png"), "caption": "x"})  # missing key
+  lines[3] = lines[3].replace("3.png", "missing.png")                 # missing image
+  lines[5] = "{not json"                                              # unparsable record
+  ccneg = root / "ccneg.jsonl"
+  ccneg.write_text("\n".join(lines) + "\n")
+  coco = json.loads(Path(data["coco_json"]).read_text())
+  del coco["annotations"][1]["updated_caption"]                       # missing key
+  coco["annotations"][2]["image_id"] = 999                            # unknown image
+  coco["annotations"][3]["caption"] = ""                              # empty text
+  coco["images"][6]["file_name"] = "gone.png"                         # missing image
+  Path(data["coco_json"]).write_text(json.dumps(coco))
+  data["ccneg_path"] = str(ccneg)
+  expected = {(str(ccneg), 1, "caption"), (str(ccneg), 2, "negative_prompt"),
+              (str(ccneg), 3, "image_path"), (str(ccneg), 4, "image"), (str(ccneg), 5, None),
+              (data["coco_json"], 1, "updated_caption"), (data["coco_json"], 2, "image_id"),
+              (data["coco_json"], 3, "caption"), (data["coco_json"], 4, "image"),
+              (data["coco_json"], 6, "image_path")}
+  return data, expected
+
+
+def _ccneg_texts(pt_path):
+  from negclip_jax.data import ccneg
+  records = ccneg.load_ccneg(pt_path, "/unused", split="all", check_images=False,
+                             keep_commas=True)
+  return [r.caption for r in records], [r.negated for r in records]
+
+
+def _config(data: dict, **overrides):
+  c = tiny.get_config()
+  c.total_steps, c.log_every, c.save_every = 2, 1, 2
+  for k, v in data.items():
+    setattr(c.data, k, v)
+  c.data.ccneg_eval_size = 0
+  c.update_from_flattened_dict(overrides)
+  return c
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_every_kind_of_bad_record_is_skipped_listed_and_stat_once(tmp_path, cache, monkeypatch):
+  data, expected = _bad_datasets(tmp_path / "data")
+  stats = {}
+  real_stat = os.stat
+
+  def counting_stat(path, *args, **kwargs):
+    if str(path).startswith(str(tmp_path / "data")) and str(path).endswith(".png"):
+      stats[str(path)] = stats.get(str(path), 0) + 1
+    return real_stat(path, *args, **kwargs)
+  monkeypatch.setattr(os, "stat", counting_stat)
+  out = train.train(_config(data, **{"data.on_error": "skip", "data.image_cache": cache}),
+                    tmp_path / "run")
+  assert out["step"] == 2 and np.isfinite(out["last_metrics"]["total"])
+  rows = [json.loads(line) for line in (tmp_path / "run/skipped.jsonl").read_text().splitlines()]
+  assert {(r["file"], r["record"], r["key"]) for r in rows} == expected
+  assert all(r["reason"] for r in rows)
+  assert stats and max(stats.values()) == 1, stats
+
+
+def test_bad_records_raise_by_default_naming_file_record_and_key(tmp_path):
+  data, _ = _bad_datasets(tmp_path / "data")
+  with pytest.raises(DataError, match=r"ccneg.jsonl, record 1, key 'caption': empty"):
+    train.train(_config(data), tmp_path / "run")
+  assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_skipped_undecodable_image_without_cache_is_found_before_training(tmp_path):
+  """Without the image cache a corrupt image used to stop the run when its batch was built."""
+  data, _ = _bad_datasets(tmp_path / "data")
+  c = _config(data, **{"data.on_error": "skip", "data.image_cache": False})
+  bad = BadRecords("skip")
+  presence, absence = train.load_tables(c, 32, bad)
+  assert 4 in presence.dropped and 4 in absence.dropped
+  assert str(tmp_path / "data/cc3m/images/4.png") not in presence.images
+
+
+# ------------------------------------------------------------------------- evaluators
+
+
+def test_evaluator_config_errors_are_one_line_and_found_before_training(tmp_path):
+  cases = {
+      "config.evals.x.task='cc_neg' is not a task": {"x": {"task": "cc_neg"}},
+      "config.evals.x: task 'ccneg' needs data, image_root": {"x": {"task": "ccneg"}},
+      r"config.evals.x: task 'negshapes' takes no option\(s\) \['data'\]":
+          {"x": {"task": "negshapes", "data": "a"}},
+      "config.evals.ccneg.data: no such file or directory: /no/such.pt":
+          {"ccneg": {"data": "/no/such.pt", "image_root": str(tmp_path)}},
+      r"config.evals.x.every=-1 must be >= 0": {"x": {"task": "negshapes", "every": -1}},
+  }
+  for message, evals in cases.items():
+    with pytest.raises(evaluators.EvalConfigError, match=message):
+      evaluators.from_config(evals)
+  c = tiny.get_config()
+  c.evals = cases["config.evals.ccneg.data: no such file or directory: /no/such.pt"]
+  with pytest.raises(evaluators.EvalConfigError):
+    train.train(c, tmp_path / "run")
+  assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_file_evaluators_run_at_their_cadence_and_print_a_final_table(tmp_path, capsys):
+  """ccneg, negationclip and layers read their own data files; results equal the
+  `evaluate` CLI's on the same files."""
+  data = write_file_datasets(tmp_path / "data", N, 32)
+  c = tiny.get_config()
+  c.total_steps, c.log_every, c.save_every = 2, 1, 2
+  images = data["coco_image_dir"]
+  c.evals = {
+      "ccneg": {"data": data["ccneg_path"], "image_root": data["ccneg_image_root"],
+                "eval_size": 8, "every": 1},
+      "coco": {"task": "negationclip", "data": data["coco_json"], "image_root": images},
+      "layers": {"data": data["ccneg_path"], "eval_size": 8, "num": 4},
+  }
+  out = train.train(c, tmp_path / "run")
+  rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+  evaluated = [(r["step"], k.split("/")[1]) for r in rows for k in r
+               if k.startswith("eval/") and k.endswith("/n")]
+  assert evaluated == [(1, "ccneg"), (2, "ccneg"), (2, "coco"), (2, "layers")]
+  assert set(out["eval"]) == {"ccneg", "coco", "layers"}
+  cli = evaluate.main(["--model", str(tmp_path / "run"), "--task", "ccneg", "--data",
+                       data["ccneg_path"], "--image-root", data["ccneg_image_root"],
+                       "--eval-size", "8"])
+  for k, v in cli["ccneg"].items():
+    np.testing.assert_allclose(out["eval"]["ccneg"][k], v, rtol=1e-5, err_msg=k)
+
+
+# ------------------------------------------------------------------------- CLI errors
+
+
+def test_evaluate_cli_errors_are_one_line_naming_the_file_and_record(tmp_path):
+  data = write_file_datasets(tmp_path / "data", N, 32)
+  with pytest.raises(SystemExit, match=r"^error: No checkpoint file at /no/such/model$"):
+    evaluate.main(["--model", "/no/such/model", "--task", "negshapes"])
+  run = tmp_path / "run"
+  c = tiny.get_config()
+  c.total_steps = c.save_every = 1
+  train.train(c, run)
+  bad_image = Path(data["ccneg_image_root"]) / "images/5.png"
+  bad_image.write_bytes(b"\x89PNG truncated")
+  with pytest.raises(SystemExit, match=rf"^error: {bad_image}, record 5, key 'image_path': "
+                                       "cannot read the image"):
+    evaluate.main(["--model", str(run), "--task", "ccneg", "--data", data["ccneg_path"],
+                   "--image-root", data["ccneg_image_root"], "--eval-size", str(N)])
+
+
+def test_metrics_log_keeps_one_row_per_step_after_a_fallback(tmp_path):
+  rows = [{"step": s, "total": float(s)} for s in (1, 2, 3, 4, 5, 6)]
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  train._drop_rows_after(path, 4)
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
