@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,10 +22,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from etils import epath
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from negclip_jax import checkpoint, convert, losses, model as model_lib, partition, train_step
+from negclip_jax import (checkpoint, convert, losses, model as model_lib, partition, storage,
+                         train_step)
 from negclip_jax.data import image_cache, negshapes, pipeline
 from negclip_jax.tokenizer import ClipTokenizer
 
@@ -130,7 +131,7 @@ def _canonical(config_json: dict, num_layers: int) -> dict:
   return {**config_json, "layers": layers}
 
 
-def resume_check(config, workdir: Path, total_steps: int, table_sizes: tuple[int, int],
+def resume_check(config, workdir: epath.Path, total_steps: int, table_sizes: tuple[int, int],
                  num_layers: int):
   """`Checkpointer.restore_latest`'s check_config: ResumeError (one line per changed key)
   if a saved config differs in a key that shapes the training state; logs the rest.
@@ -175,11 +176,11 @@ def optimizer_from_config(config, labels, total_steps: int):
 class MetricsLog:
   """metrics.jsonl + TensorBoard events under workdir (process 0 only)."""
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir: epath.Path):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    self.jsonl = open(workdir / "metrics.jsonl", "a")
+    self.jsonl = storage.AppendLog(workdir / "metrics.jsonl")
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(str(workdir / "tensorboard"))
 
@@ -187,7 +188,6 @@ class MetricsLog:
     if not self.enabled:
       return
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self.jsonl.flush()
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
     self.tb.flush()
@@ -240,7 +240,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   every `config.eval_every` steps (0 = only at the end); results go to the metrics log.
   """
   validate_config(config)
-  workdir = Path(workdir).absolute()
+  workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
   model, params, tokenizer = load_model(config)

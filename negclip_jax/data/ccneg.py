@@ -33,6 +33,7 @@ import json
 import os
 from typing import Literal, Sequence
 
+from negclip_jax import storage
 from negclip_jax.data.coco_negation import coco_image_paths
 from negclip_jax.data.records import (
     DataError,
@@ -103,7 +104,7 @@ def _read_jsonl(path: str) -> list[_RawRecord]:
 
 def _parse_jsonl(path: str) -> list[_RawRecord]:
     out = []
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue

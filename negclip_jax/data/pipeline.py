@@ -48,6 +48,7 @@ from typing import ClassVar, Mapping, NamedTuple, Sequence, Union
 import jax
 import numpy as np
 
+from negclip_jax import storage
 from negclip_jax.data.records import AbsenceRecord, DataError, PresenceRecord
 from negclip_jax.embed import bucket_length
 from negclip_jax.preprocess import preprocess_image
@@ -192,18 +193,17 @@ class AbsenceTable(_Table):
 
 def _problems(table: _Table, check_images: bool):
   """Yields (position, field, message) for each empty text or missing image file."""
-  exists: dict[str, bool] = {}
   paths = {IMAGE_COLUMNS[c].path_key: getattr(table, c)
            for c in table.image_columns()
            if check_images and not isinstance(getattr(table, c), np.ndarray)}
+  unique = list(dict.fromkeys(p for column in paths.values() for p in column))
+  exists = dict(zip(unique, storage.files_exist(unique)))
   for i in range(len(table)):
     for key, texts in table.texts().items():
       if not isinstance(texts[i], str) or not texts[i].strip():
         yield i, key, f"empty or whitespace-only text {texts[i]!r}"
     for key, column in paths.items():
       path = column[i]
-      if path not in exists:
-        exists[path] = os.path.isfile(path)
       if not exists[path]:
         yield i, key, f"image file not found: {path}"
 
