@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import io
 import os
+import tempfile
 import uuid
 from collections import defaultdict
 from typing import Sequence
@@ -130,3 +131,33 @@ def _files_under(folder: epath.Path):
       yield from _files_under(child)
     else:
       yield child
+
+
+class LocalMirror:
+  """A local folder for writers that need one (TensorBoard's), mirrored to `target`.
+
+  A local `target` is the folder itself. For a ``gs://`` target, writers use a temporary
+  folder and `sync` uploads each of its files that grew, whole (a bucket has no append).
+  """
+
+  def __init__(self, target: epath.Path):
+    self.target = target
+    self._tmp = tempfile.TemporaryDirectory(prefix="negclip_jax_") if is_remote(target) else None
+    self.local = self._tmp.name if self._tmp else os.fspath(target)
+    self._synced: dict[str, int] = {}
+
+  def sync(self) -> None:
+    if self._tmp is None:
+      return
+    for name in sorted(os.listdir(self.local)):
+      file = os.path.join(self.local, name)
+      if os.path.isfile(file) and os.path.getsize(file) != self._synced.get(name):
+        with builtins.open(file, "rb") as f:
+          data = f.read()
+        write_atomic(self.target / name, data)
+        self._synced[name] = len(data)
+
+  def close(self) -> None:
+    self.sync()
+    if self._tmp is not None:
+      self._tmp.cleanup()

@@ -182,7 +182,8 @@ class MetricsLog:
       return
     self.jsonl = storage.AppendLog(workdir / "metrics.jsonl")
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    self.tb_dir = storage.LocalMirror(workdir / "tensorboard")
+    self.tb = SummaryWriter(self.tb_dir.local)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -191,11 +192,13 @@ class MetricsLog:
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
     self.tb.flush()
+    self.tb_dir.sync()
 
   def close(self):
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+      self.tb_dir.close()
 
 
 def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int):

