@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from negclip_jax import storage
+from negclip_jax import storage as storage_lib
 
 SAFE_GLOBALS = (argparse.Namespace,)
 """The only non-tensor classes a ``torch.save`` file may hold."""
@@ -61,9 +61,9 @@ def load(path: str | os.PathLike, hint: str = "re-save it as a plain dict of ten
     UnreadableTorchFileError: the file is corrupt or holds anything but weights.
   """
   path = os.fspath(path)
-  if not storage.isfile(path):
+  if not storage_lib.isfile(path):
     raise FileNotFoundError(f"No torch file at {path}")
-  source = storage.open(path, "rb") if storage.is_remote(path) else path  # read once
+  source = storage_lib.open(path, "rb") if storage_lib.is_remote(path) else path  # read once
   if _is_torchscript(source):
     return read_torchscript(path, source)
   try:
