@@ -26,8 +26,8 @@ Options (environment variables in brackets):
   --version V            TPU VM image [TPU_VERSION; default tpu-ubuntu2204-base]
   --spot                 create a Spot TPU (cheaper, preemptible; re-run to resume)
   --config C             training config [CONFIG; default configs/omni_negclip_vitb32.py]
-  --workdir W            run directory [WORKDIR]: gs://BUCKET/PATH is mounted on every
-                         worker with gcsfuse at ~/gcs/BUCKET (all hosts must share it)
+  --workdir W            run directory [WORKDIR]: gs://BUCKET/PATH, read and written by
+                         every worker directly (no mount; all hosts must share it)
   --repo URL [--ref R]   git clone URL (checkout R) on the workers instead of copying
                          this working tree as a tarball
   --python BIN           Python on the workers [default python3.11; apt-installed if missing]
@@ -145,25 +145,13 @@ sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $py $py-venv; fi; \
 fi
 
 # ---------------------------------------------------------------------- 4. training
-remote_workdir=$(quote "$workdir")
-mount=
-if [[ $workdir == gs://* ]]; then
-  path=${workdir#gs://}
-  bucket=${path%%/*}
-  remote_workdir="\$HOME/gcs/$(quote "$path")"
-  mount="mkdir -p \$HOME/gcs/$bucket; mountpoint -q \$HOME/gcs/$bucket || { \
-command -v gcsfuse >/dev/null || { curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg \
-| sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && echo \"deb \
-[signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt \
-gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null \
-&& sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; }; \
-gcsfuse --implicit-dirs $bucket \$HOME/gcs/$bucket; }; "
-fi
-train_cmd="python -m negclip_jax.train --config $(quote "$config") --workdir $remote_workdir \
+# gs:// paths (workdir, data) go straight to the trainer: Orbax, tensorstore and etils epath
+# read and write the bucket themselves, with the TPU VM's service account; nothing is mounted.
+train_cmd="python -m negclip_jax.train --config $(quote "$config") --workdir $(quote "$workdir") \
 --distributed${extra_args[*]:+ $(quote_all "${extra_args[@]}")}"
 # Idempotent: a worker whose trainer is still running (pid file) is left alone.
 running='[ -f ~/negclip_train.pid ] && grep -qs negclip_jax "/proc/$(cat ~/negclip_train.pid)/cmdline"'
-on_workers all "set -e; cd $code_dir; ${mount}if $running; \
+on_workers all "set -e; cd $code_dir; if $running; \
 then echo \"\$(hostname): training already running\"; else \
 setsid nohup .venv/bin/$train_cmd > ~/negclip_train.log 2>&1 < /dev/null & \
 echo \$! > ~/negclip_train.pid; fi"

@@ -19,16 +19,18 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
+
+from negclip_jax import storage
 
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -98,7 +100,7 @@ def mismatch_error(where: str, changes: dict, workdir) -> ResumeError:
 
 def is_run_dir(path: str | os.PathLike) -> bool:
   """True for a training workdir (model_config.json + checkpoints/)."""
-  path = Path(path)
+  path = storage.path(path)
   return (path / MODEL_CONFIG_FILE).is_file() and (path / "checkpoints").is_dir()
 
 
@@ -121,7 +123,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str | os.PathLike, save_interval_steps: int = 1000,
                max_to_keep: int = 3, async_save: bool = True):
-    self.directory = Path(workdir).absolute() / "checkpoints"
+    self.directory = storage.path(workdir) / "checkpoints"
     policies = [save_policy.FixedIntervalPolicy(save_interval_steps),
                 save_policy.PreemptionCheckpointingPolicy()]
     self.manager = ocp.CheckpointManager(
@@ -205,11 +207,10 @@ class Checkpointer:
     aside = self.directory.parent / UNREADABLE_DIR
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     if jax.process_index() == 0:
-      aside.mkdir(exist_ok=True)
       for step in steps:
         source, target = self.directory / str(step), aside / f"{step}.{stamp}"
         try:
-          source.rename(target)
+          storage.move_tree(source, target)
         except OSError as e:
           raise ResumeError(f"cannot move unreadable checkpoint {source} aside to {target} "
                             f"({e.strerror}); move it by hand and rerun") from e
@@ -259,7 +260,7 @@ def load_run(run_dir: str | os.PathLike, dtype=jnp.float32):
   with a warning, not moved aside. `dtype`: the model's compute dtype.
   """
   from negclip_jax import model as model_lib, tokenizer as tokenizer_lib
-  run_dir = Path(run_dir).absolute()
+  run_dir = storage.path(run_dir)
   config_file = run_dir / MODEL_CONFIG_FILE
   if not config_file.is_file():
     raise FileNotFoundError(f"{run_dir} has no {MODEL_CONFIG_FILE}: not a negclip_jax run directory")
@@ -273,7 +274,7 @@ def load_run(run_dir: str | os.PathLike, dtype=jnp.float32):
   return model_lib.CLIP(config, dtype=dtype), params, tokenizer
 
 
-def _latest_params(manager, directory: Path):
+def _latest_params(manager, directory: epath.Path):
   """Params of the newest step that restores; FileNotFoundError if none does."""
   steps = sorted(manager.all_steps(), reverse=True)
   for step in steps:

@@ -32,15 +32,15 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
-from negclip_jax import model as model_lib
+from negclip_jax import model as model_lib, storage
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def config_from_dict(d: Mapping[str, Any], source: str = EXPORT_CONFIG) -> model
     raise ValueError(f"{source}: not a negclip-jax CLIP config ({type(e).__name__}: {e})") from e
 
 
-def _export_config_beside(weights: Path) -> model_lib.CLIPConfig | None:
+def _export_config_beside(weights: epath.Path) -> model_lib.CLIPConfig | None:
   """The config an OpenAI-format export wrote beside `weights`, if it names that file."""
   sidecar = weights.parent / EXPORT_CONFIG
   if not sidecar.is_file():
@@ -429,14 +429,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   reading their tensors only. Unwraps `{"model": sd, ...}` / `{"state_dict": sd}`
   training checkpoints and a DataParallel `module.` prefix.
   """
-  path = Path(path)
+  path = epath.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"No checkpoint file at {path}")
   if path.suffix == ".safetensors":
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
     try:
-      sd = load_file(str(path))
+      sd = load(path.read_bytes()) if storage.is_remote(path) else load_file(str(path))
     except SafetensorError as e:
       raise ValueError(f"{path}: unreadable safetensors file ({e}); truncated?") from e
   else:
@@ -453,7 +453,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   return sd
 
 
-def _read_json(file: Path) -> dict:
+def _read_json(file: epath.Path) -> dict:
   """A JSON object from `file`; ValueError naming the file otherwise."""
   try:
     value = json.loads(file.read_text(encoding="utf-8"))
@@ -475,7 +475,7 @@ _LAYOUTS = (
 )
 
 
-def _describe_dir(path: Path) -> tuple[Path, model_lib.CLIPConfig]:
+def _describe_dir(path: epath.Path) -> tuple[epath.Path, model_lib.CLIPConfig]:
   """(weights file, stated config) of a model directory."""
   for marker, read_config, weight_names in _LAYOUTS:
     if (path / marker).is_file():
@@ -552,7 +552,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *,
 
 
 def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
-                    format: str = "hf", tokenizer=None) -> Path:
+                    format: str = "hf", tokenizer=None) -> epath.Path:
   """Writes weights PyTorch users can load; `load_pretrained(out_dir)` reads both back.
 
   format="hf": config.json + model.safetensors (+ tokenizer and preprocessor files),
@@ -561,23 +561,23 @@ def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
     `model.load_state_dict` in the original (OpenAI `clip`) code, and model_config.json
     (`EXPORT_CONFIG`) with the full config, which the state dict cannot express.
   """
-  out = Path(out_dir)
+  out = epath.Path(out_dir)  # local or gs://
   out.mkdir(parents=True, exist_ok=True)
   sd = params_to_state_dict(params)
   if format == "hf":
     import transformers
-    from safetensors.numpy import save_file
-    transformers.CLIPConfig(**config_to_hf(model.config)).save_pretrained(out)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out / "model.safetensors", 0o644)  # safetensors writes 0600
+    from safetensors.numpy import save
+    (out / "config.json").write_text(
+        transformers.CLIPConfig(**config_to_hf(model.config)).to_json_string())
+    (out / "model.safetensors").write_bytes(save(sd, metadata={"format": "pt"}))
     (out / "preprocessor_config.json").write_text(json.dumps(
         _image_processor_config(model.config.vision.image_size), indent=2))
     if tokenizer is not None:
       tokenizer.save_pretrained(out)
   elif format == "openai":
     import torch
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in hf_to_openai(sd).items()},
-               out / "model.pt")
+    with (out / "model.pt").open("wb") as f:
+      torch.save({k: torch.from_numpy(np.array(v)) for k, v in hf_to_openai(sd).items()}, f)
     (out / EXPORT_CONFIG).write_text(json.dumps(
         {"weights": "model.pt", "config": config_to_dict(model.config)}, indent=2))
   else:

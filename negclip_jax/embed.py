@@ -29,6 +29,27 @@ TEXT_BUCKETS = (16, 32, 48, 64, 77)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def process_block(n: int, process: int | None = None) -> tuple[int, int]:
+  """[lo, hi): the contiguous block of n inputs that `process` (default: this one) embeds."""
+  per_proc = math.ceil(n / jax.process_count())
+  p = jax.process_index() if process is None else process
+  return min(n, p * per_proc), min(n, (p + 1) * per_proc)
+
+
+def gather_blocks(local: np.ndarray, n: int) -> np.ndarray:
+  """Every process's `process_block` rows `local` [hi - lo, ...] -> all n rows, on every
+  process (one all-gather when multi-process)."""
+  procs = jax.process_count()
+  if procs == 1:
+    return local
+  per_proc = math.ceil(n / procs)
+  padded = np.zeros((per_proc,) + local.shape[1:], local.dtype)
+  padded[:len(local)] = local
+  every = multihost_utils.process_allgather(padded)  # [procs, per_proc, D]
+  return np.concatenate([every[p][:max(0, min(n, (p + 1) * per_proc) - p * per_proc)]
+                         for p in range(procs)])
+
+
 def bucket_length(ids: np.ndarray, buckets: Sequence[int] = TEXT_BUCKETS) -> int:
   """Smallest bucket >= the longest sequence (last non-zero token) in ids [N, L].
 
@@ -76,18 +97,20 @@ class Embedder:
     ids = ids[:, :bucket_length(ids)]
     return self._run("text", len(ids), lambda lo, hi: ids[lo:hi], desc)
 
-  def images(self, items: Sequence, load: Callable | None = None, desc: str = "images") -> np.ndarray:
+  def images(self, items: Sequence, load: Callable | None = None, desc: str = "images",
+             gather: bool = True) -> np.ndarray:
+    """gather=False: only this process's `process_block` rows [hi - lo, D]."""
     load = load or (lambda x: x)
     return self._run("image", len(items),
-                     lambda lo, hi: np.stack([load(items[i]) for i in range(lo, hi)]), desc)
+                     lambda lo, hi: np.stack([load(items[i]) for i in range(lo, hi)]), desc,
+                     gather)
 
-  def _run(self, kind, n, get, desc) -> np.ndarray:
+  def _run(self, kind, n, get, desc, gather: bool = True) -> np.ndarray:
     if n == 0:
       raise ValueError(f"Nothing to embed: no {desc}")
     fn = _pmapped(self.model, kind, self.normalize)
-    procs, me = jax.process_count(), jax.process_index()
-    per_proc = math.ceil(n / procs)
-    lo, hi = min(n, me * per_proc), min(n, (me + 1) * per_proc)
+    lo, hi = process_block(n)
+    per_proc = math.ceil(n / jax.process_count())
     steps = max(1, math.ceil(per_proc / self.batch_size))  # same count on every process
     outs = []
     for s in tqdm(range(steps), desc=f"embed {desc}", disable=not self.progress):
@@ -96,13 +119,7 @@ class Embedder:
       x = get(a, b) if b > a else get(0, 1)
       outs.append(self._apply(fn, x, b - a))
     local = np.concatenate(outs)[:hi - lo]
-    if procs == 1:
-      return local
-    padded = np.zeros((per_proc,) + local.shape[1:], local.dtype)
-    padded[:len(local)] = local
-    every = multihost_utils.process_allgather(padded)  # [procs, per_proc, D]
-    return np.concatenate([every[p][:max(0, min(n, (p + 1) * per_proc) - p * per_proc)]
-                           for p in range(procs)])
+    return gather_blocks(local, n) if gather else local
 
   def _apply(self, fn, x, count):
     pad = self.batch_size - len(x)

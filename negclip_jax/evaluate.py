@@ -23,10 +23,10 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from typing import Callable
 
 import jax
+from etils import epath
 
 from negclip_jax.convert import load_pretrained
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE
@@ -118,8 +118,9 @@ def run_task(task: str, model, params, tokenizer, batch_size: int = 256, progres
 
 
 def load_model(path: str):
-  """(model, params, tokenizer) from a run directory (with checkpoints/) or `load_pretrained`."""
-  path = Path(path)
+  """(model, params, tokenizer) from a run directory (with checkpoints/) or `load_pretrained`
+  (local or ``gs://``)."""
+  path = epath.Path(path)
   if (path / "checkpoints").exists():
     from negclip_jax.checkpoint import load_run  # only run directories need it
     return load_run(path)
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
   """CLI entry point; returns {task: metrics}."""
   parser = _parser()
   args = parser.parse_args(argv)
-  out = Path(args.out) if args.out else None
+  out = epath.Path(args.out) if args.out else None
   plot_path = str(out.with_name(out.stem + "_layers.png")) if out else None
   if args.task == "all":
     if args.data or args.image_root:

@@ -13,6 +13,8 @@ import os
 import re
 from pathlib import Path
 
+from etils import epath
+
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # What `negclip_jax.convert.load_pretrained` and the tokenizer read: every config, and the
 # first weight file the repository has, in load_pretrained's order of preference.
@@ -27,15 +29,15 @@ def is_hub_id(path: str | os.PathLike) -> bool:
   return not Path(path).exists() and bool(_HUB_ID.fullmatch(os.fspath(path)))
 
 
-def resolve(path: str | os.PathLike) -> Path:
-  """A local path -> itself; a Hub id -> the directory of its cached snapshot.
+def resolve(path: str | os.PathLike) -> epath.Path:
+  """A local or ``gs://`` path -> itself; a Hub id -> the directory of its cached snapshot.
 
   Raises:
     FileNotFoundError: a Hub id neither cached nor downloadable (one line naming the
       cache directory).
   """
   if not is_hub_id(path):
-    return Path(path)
+    return epath.Path(path)
   import huggingface_hub
   from huggingface_hub import constants
   repo_id = os.fspath(path)

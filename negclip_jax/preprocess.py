@@ -23,6 +23,8 @@ from typing import Callable, Sequence, Union
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from negclip_jax import storage
+
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 CLIP_MEAN.flags.writeable = False
@@ -36,8 +38,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
   Raises FileNotFoundError if `path` does not exist and ValueError if it cannot be decoded.
   """
+  if storage.is_remote(path) and not storage.isfile(path):  # locally: no stat, one open
+    raise FileNotFoundError(f"image file not found: {path}")
   try:
-    with Image.open(path) as image:
+    with Image.open(storage.open(path, "rb") if storage.is_remote(path) else path) as image:
       image.load()
       return image.copy()
   except (FileNotFoundError, IsADirectoryError) as e:  # no stat first: one open per image

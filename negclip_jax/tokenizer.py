@@ -24,6 +24,7 @@ from typing import Mapping, Sequence
 import ftfy
 import numpy as np
 import regex
+from etils import epath
 
 logger = logging.getLogger(__name__)
 
@@ -100,15 +101,13 @@ class ClipTokenizer:
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike) -> ClipTokenizer:
     """Load ``vocab.json`` and ``merges.txt`` from a Hugging Face CLIP directory."""
-    path = Path(path)
+    path = epath.Path(path)
     files = {name: path / name for name in ("vocab.json", "merges.txt")}
     for name, file in files.items():
       if not file.is_file():
         raise FileNotFoundError(f"CLIP tokenizer file {name} not found: {file}")
-    with open(files["vocab.json"], encoding="utf-8") as f:
-      vocab = json.load(f)
-    with open(files["merges.txt"], encoding="utf-8") as f:
-      lines = f.read().split("\n")
+    vocab = json.loads(files["vocab.json"].read_text(encoding="utf-8"))
+    lines = files["merges.txt"].read_text(encoding="utf-8").split("\n")
     if lines and lines[0].startswith("#version"):
       lines = lines[1:]
     merges = [tuple(line.split()) for line in lines if line.strip()]
@@ -186,21 +185,20 @@ class ClipTokenizer:
       logger.warning("truncated %d of %d texts to %d tokens", truncated, len(texts), context_length)
     return out
 
-  def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
+  def save_pretrained(self, out_dir: str | os.PathLike) -> epath.Path:
     """Write Hugging Face tokenizer files loadable by `transformers.CLIPTokenizer`; returns `out_dir`."""
-    out_dir = Path(out_dir)
+    out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "vocab.json", "w", encoding="utf-8") as f:
-      json.dump(self._encoder, f, ensure_ascii=False)
-    with open(out_dir / "merges.txt", "w", encoding="utf-8") as f:
-      f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges))
+    (out_dir / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False),
+                                        encoding="utf-8")
+    (out_dir / "merges.txt").write_text(
+        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges), encoding="utf-8")
     special = {"bos_token": SOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN,
                "pad_token": EOT_TOKEN}
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
               "errors": "replace", **special}
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
-      with open(out_dir / name, "w", encoding="utf-8") as f:
-        json.dump(content, f, indent=2)
+      (out_dir / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
     return out_dir
 
 

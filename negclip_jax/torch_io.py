@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from negclip_jax import storage as storage_lib
+
 SAFE_GLOBALS = (argparse.Namespace,)
 """The only non-tensor classes a ``torch.save`` file may hold."""
 
@@ -59,13 +61,16 @@ def load(path: str | os.PathLike, hint: str = "re-save it as a plain dict of ten
     UnreadableTorchFileError: the file is corrupt or holds anything but weights.
   """
   path = os.fspath(path)
-  if not os.path.isfile(path):
+  if not storage_lib.isfile(path):
     raise FileNotFoundError(f"No torch file at {path}")
-  if _is_torchscript(path):
-    return read_torchscript(path)
+  source = storage_lib.open(path, "rb") if storage_lib.is_remote(path) else path  # read once
+  if _is_torchscript(source):
+    return read_torchscript(path, source)
   try:
+    if not isinstance(source, str):
+      source.seek(0)
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-      return torch.load(path, map_location="cpu", weights_only=True)
+      return torch.load(source, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise UnreadableTorchFileError(
         path, f"cannot be loaded by torch's safe loader (weights_only=True): {_reason(e)}. "
@@ -77,10 +82,10 @@ def load(path: str | os.PathLike, hint: str = "re-save it as a plain dict of ten
         path, f"not a readable torch file ({type(e).__name__}: {_first_line(e)})") from e
 
 
-def _is_torchscript(path: str) -> bool:
-  if not zipfile.is_zipfile(path):
+def _is_torchscript(source) -> bool:
+  if not zipfile.is_zipfile(source):
     return False
-  with zipfile.ZipFile(path) as z:
+  with zipfile.ZipFile(source) as z:
     return any(n.count("/") == 1 and n.endswith("/constants.pkl") for n in z.namelist())
 
 
@@ -149,15 +154,16 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
   return storage.as_strided(size, stride, offset)
 
 
-def read_torchscript(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_torchscript(path: str | os.PathLike, source=None) -> dict[str, torch.Tensor]:
   """TorchScript archive -> its state dict (parameters and buffers, dotted names).
 
+  `source`: the archive's bytes as a file object, if already read (default: `path`).
   Raises:
     UnreadableTorchFileError: the archive refers to anything but weights, or is malformed.
   """
   path = os.fspath(path)
   try:
-    with zipfile.ZipFile(path) as archive:
+    with zipfile.ZipFile(path if source is None else source) as archive:
       prefix = next(n.split("/")[0] for n in archive.namelist() if n.endswith("/data.pkl"))
       byteorder = f"{prefix}/byteorder"
       if byteorder in archive.namelist() and archive.read(byteorder) != b"little":

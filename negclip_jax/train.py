@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,11 +22,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from etils import epath
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from negclip_jax import checkpoint, convert, evaluate, evaluators, losses, partition, train_step
-from negclip_jax import batch as batch_lib, model as model_lib
+from negclip_jax import (batch as batch_lib, checkpoint, convert, evaluate, evaluators, losses,
+                         model as model_lib, partition, storage, train_step)
 from negclip_jax.data import image_cache, negshapes, pipeline
 from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.tokenizer import ClipTokenizer
@@ -141,7 +141,7 @@ def _canonical(config_json: dict, num_layers: int) -> dict:
   return {**config_json, "layers": layers}
 
 
-def resume_check(config, workdir: Path, total_steps: int, table_sizes: tuple[int, int],
+def resume_check(config, workdir: epath.Path, total_steps: int, table_sizes: tuple[int, int],
                  num_layers: int):
   """`Checkpointer.restore_latest`'s check_config: ResumeError (one line per changed key)
   if a saved config differs in a key that shapes the training state; logs the rest.
@@ -190,32 +190,33 @@ class MetricsLog:
   that went past its last readable checkpoint), so every step is logged once.
   """
 
-  def __init__(self, workdir: Path, start_step: int = 0):
+  def __init__(self, workdir: epath.Path, start_step: int = 0):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
-    path = workdir / "metrics.jsonl"
-    _drop_rows_after(path, start_step)
-    self.jsonl = open(path, "a")
+    _drop_rows_after(workdir / "metrics.jsonl", start_step)
+    self.jsonl = storage.AppendLog(workdir / "metrics.jsonl")
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    self.tb_dir = storage.LocalMirror(workdir / "tensorboard")
+    self.tb = SummaryWriter(self.tb_dir.local)
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self.jsonl.flush()
     for k, v in metrics.items():
       self.tb.add_scalar(k, v, step)
     self.tb.flush()
+    self.tb_dir.sync()
 
   def close(self):
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+      self.tb_dir.close()
 
 
-def _drop_rows_after(path: Path, step: int) -> None:
+def _drop_rows_after(path: epath.Path, step: int) -> None:
   """Rewrites metrics.jsonl without the rows of steps > `step` (logged)."""
   if not path.exists():
     return
@@ -225,9 +226,7 @@ def _drop_rows_after(path: Path, step: int) -> None:
     logger.warning("%s: dropped %d rows of steps after %d, logged by a run that went past its "
                    "last readable checkpoint; those steps are trained again", path,
                    len(rows) - len(keep), step)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    storage.write_atomic(path, "".join(keep).encode())
 
 
 def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int):
@@ -261,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   """
   validate_config(config)
   evals = evaluators.from_config(config.evals)
-  workdir = Path(workdir).absolute()
+  workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   main = jax.process_index() == 0
   model, params, tokenizer = load_model(config)

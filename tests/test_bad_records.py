@@ -16,7 +16,6 @@ import pytest
 from configs import tiny
 from file_datasets import write_file_datasets
 from negclip_jax import evaluate, evaluators, train
-from negclip_jax.data import pipeline
 from negclip_jax.data.records import BadRecords, DataError
 
 N = 16

@@ -54,7 +54,7 @@ def test_hf_round_trip_is_bitwise_and_from_pretrained_matches(tmp_path):
   out = negclip_jax.save_pretrained(model, params, tmp_path / "out")
   from safetensors.numpy import load_file
   written = load_file(str(out / "model.safetensors"))
-  assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644
+  assert (tmp_path / "out/model.safetensors").stat().st_mode & 0o777 == 0o644
   want = {k: v.numpy() for k, v in src.items() if not k.endswith("position_ids")}
   assert set(written) == set(want)
   for k in want:

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from flax import jax_utils
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from negclip_jax import partition, train_step
@@ -57,9 +58,10 @@ def test_cached_equals_uncached_and_second_call_hits(model, params, images, tmp_
   np.testing.assert_array_equal(first, plain)
   np.testing.assert_array_equal(second, plain)
   np.testing.assert_array_equal(kept2, kept)
-  (meta,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+  (meta,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/index.json")]
   assert (meta["num_images"], meta["num_kept"], meta["dim"], meta["dropped"]) == (5, 5, 16, {})
-  assert not list(tmp_path.glob("*.tmp"))
+  assert meta["shards"] == [{"file": "shard-00000-of-00001.npy", "start": 0, "stop": 5}]
+  assert not list(tmp_path.glob("*/*.tmp"))
 
 
 def test_vision_weights_and_image_size_change_the_key(model, params, images, tmp_path, monkeypatch):
@@ -75,7 +77,7 @@ def test_vision_weights_and_image_size_change_the_key(model, params, images, tmp
 
   image_cache.image_embeddings(model, params, images, SIZE, cache_dir=str(tmp_path))
   moved, _ = image_cache.image_embeddings(model, vision, images, SIZE, cache_dir=str(tmp_path))
-  assert len(list(tmp_path.glob("*.npy"))) == 2  # a miss wrote a second entry
+  assert len(list(tmp_path.glob("*/index.json"))) == 2  # a miss wrote a second entry
   monkeypatch.setattr(image_cache, "Embedder", _no_model)
   again, _ = image_cache.image_embeddings(model, vision, images, SIZE, cache_dir=str(tmp_path))
   np.testing.assert_array_equal(again, moved)
@@ -130,7 +132,7 @@ def test_train_step_on_cached_embeddings_matches_pixels(model, params, tmp_path,
   embedded = [image_cache.embed_table(t, model, params, SIZE, cache_dir=str(tmp_path))
               for t in (presence, absence)]
   # Both tables share the images; distractors are a second array.
-  assert len(list(tmp_path.glob("*.npy"))) == 1 + distractors
+  assert len(list(tmp_path.glob("*/index.json"))) == 1 + distractors
   args = dict(tokenizer=ClipTokenizer(), context_length=model.config.text.max_position_embeddings,
               global_batch=batch_size, seed=0, image_size=SIZE, num_steps=1)
   pixel_batch = pl.TrainPipeline(presence, absence, **args).build_host_batch(0)
@@ -149,3 +151,53 @@ def test_train_step_on_cached_embeddings_matches_pixels(model, params, tmp_path,
   assert from_pixels.keys() == from_cache.keys()
   for k in from_pixels:
     np.testing.assert_allclose(from_cache[k], from_pixels[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def _as_process(monkeypatch, p: int, count: int, plain: np.ndarray):
+  """Runs the next calls as process p of `count`: the all-gather of feature blocks puts this
+  process's block beside the other processes' rows of `plain`; hits and failures of the
+  others are this one's hit and none."""
+  monkeypatch.setattr(jax, "process_count", lambda: count)
+  monkeypatch.setattr(jax, "process_index", lambda: p)
+  per = -(-len(plain) // count)
+
+  def allgather(x):
+    x = np.asarray(x)
+    if x.dtype == bool:
+      return np.stack([x] * count)
+    if x.dtype == np.int32:  # failure masks
+      return np.stack([x if q == p else np.zeros_like(x) for q in range(count)])
+    blocks = [np.zeros_like(x) for _ in range(count)]
+    for q in range(count):
+      rows = x if q == p else plain[q * per:(q + 1) * per]
+      blocks[q][:len(rows)] = rows
+    return np.stack(blocks)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+
+
+def test_each_process_writes_and_reads_only_its_shard(model, params, images, tmp_path,
+                                                      monkeypatch):
+  plain, _ = image_cache.image_embeddings(model, params, images, SIZE)
+  cache = str(tmp_path)
+  for p in (1, 0):  # process 0 writes the index after every shard (the barrier's order)
+    with monkeypatch.context() as m:
+      _as_process(m, p, 2, plain)
+      emb, _ = image_cache.image_embeddings(model, params, images, SIZE, cache_dir=cache)
+    np.testing.assert_allclose(emb, plain, rtol=1e-6, atol=1e-6)
+  (entry,) = tmp_path.iterdir()
+  index = json.loads((entry / "index.json").read_text())
+  assert index["shards"] == [{"file": "shard-00000-of-00002.npy", "start": 0, "stop": 3},
+                             {"file": "shard-00001-of-00002.npy", "start": 3, "stop": 5}]
+  assert sorted(p.name for p in entry.iterdir()) == [
+      "index.json", "shard-00000-of-00002.npy", "shard-00001-of-00002.npy"]
+  monkeypatch.setattr(image_cache, "Embedder", _no_model)
+  one, _ = image_cache.image_embeddings(model, params, images, SIZE, cache_dir=cache)
+  np.testing.assert_allclose(one, plain, rtol=1e-6, atol=1e-6)  # one process reads both
+  (entry / "shard-00000-of-00002.npy").unlink()
+  with monkeypatch.context() as m:  # process 1 reads only its own shard: still a hit
+    _as_process(m, 1, 2, plain)
+    emb, _ = image_cache.image_embeddings(model, params, images, SIZE, cache_dir=cache)
+  np.testing.assert_allclose(emb, plain, rtol=1e-6, atol=1e-6)
+  with pytest.raises(AssertionError, match="the image tower ran"):  # one process misses now
+    image_cache.image_embeddings(model, params, images, SIZE, cache_dir=cache)

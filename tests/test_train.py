@@ -121,7 +121,7 @@ def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
     if k != "samples_per_s":
       np.testing.assert_allclose(runs[True]["last_metrics"][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
   # One cache entry for the images (both tables list the same files), one for the distractors.
-  assert len(list((tmp_path / "cache_True/image_cache").glob("*.npy"))) == 2
+  assert len(list((tmp_path / "cache_True/image_cache").glob("*/index.json"))) == 2
   # Without the mapping the run stops before training, naming the key.
   c = config(objective="conclip")
   for k, v in {**data_keys, "distractor_mapping": ""}.items():
@@ -251,7 +251,7 @@ def test_image_cache_recomputes_when_any_process_missed(tmp_path, monkeypatch):
   assert computed == [1]
   np.testing.assert_allclose(again, first, rtol=1e-6)
   monkeypatch.setattr(image_cache, "_hit_everywhere", lambda cached: cached is not None)
-  for npy in tmp_path.glob("*.npy"):  # a truncated entry is a miss, recomputed, not an error
+  for npy in tmp_path.glob("*/*.npy"):  # a truncated entry is a miss, recomputed, not an error
     npy.write_bytes(npy.read_bytes()[:20])
   healed, _ = image_cache.image_embeddings(model, params, images, 32, cache_dir=str(tmp_path))
   assert computed == [1, 1]

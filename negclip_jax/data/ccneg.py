@@ -33,6 +33,7 @@ import json
 import os
 from typing import Literal, Sequence
 
+from negclip_jax import storage
 from negclip_jax.data.coco_negation import coco_image_paths
 from negclip_jax.data.records import (
     BadRecords,
@@ -111,7 +112,7 @@ def _parse_jsonl(path: str, bad: BadRecords) -> list[_RawRecord | None]:
         return tuple(require_text(path, get_field(path, obj, key, index=i), index=i, key=key)
                      for key in ("image_path", "caption", "negative_prompt"))
     out = []
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if line.strip():
                 out.append(bad.parse(parse, len(out), line_no, line))

@@ -5,38 +5,46 @@ features can replace pixels in the batches (`*_image_emb`). `image_embeddings` d
 each image once; unreadable images go to the `records.BadRecords` policy (raised, or
 dropped and reported), so a cached run finds corrupt files before training starts.
 
-On disk (``cache_dir``): ``<key>.npy`` float32 [K, D] (the K loadable images, in order)
-and ``<key>.json`` {"num_images", "num_kept", "dim", "image_size", "source", "dropped":
-{position: reason}}, each written atomically. The key is a sha256 over the image
-identities (array bytes, or path + size + mtime), the preprocessing (image_size, CLIP
-mean/std), the vision config and the bytes of every ``vision_model/*`` and
-``visual_projection/*`` weight, so any change to those misses. An unreadable entry is a
-miss (recomputed, overwritten). With several processes the hit is agreed by all of them
-first: a miss on any one makes all recompute, so every process joins the same collectives.
+Stored (``cache_dir``, local or ``gs://``) as one folder per key: each process writes the
+features of its own block of images (`embed.process_block`) to ``shard-<p>-of-<P>.npy``,
+float32 [rows, D] (rows of unloadable images included), then process 0 writes
+``index.json`` {"num_images", "num_kept", "dim", "image_size", "source", "dropped":
+{position: reason}, "shards": [{"file", "start", "stop"}]}; every file is written
+atomically and the index last, so an entry without one is absent. A reader loads only the
+shards overlapping its own block (any process count) and the blocks are all-gathered.
+The key is a sha256 over the image identities (array bytes, or path + size + mtime), the
+preprocessing (image_size, CLIP mean/std), the vision config and the bytes of every
+``vision_model/*`` and ``visual_projection/*`` weight, so any change to those misses. An
+unreadable entry is a miss (recomputed, overwritten). With several processes the hit is
+agreed by all of them first: a miss on any one makes all recompute, so every process joins
+the same collectives.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import uuid
 
 import jax
 import numpy as np
+from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from negclip_jax.data.pipeline import (IMAGE_COLUMNS, Images, bad_records, file_stamp,
-                                      gather_failures, load_example_image)
+from negclip_jax import storage
+from negclip_jax.data.pipeline import (IMAGE_COLUMNS, Images, bad_records, gather_failures,
+                                      load_example_image)
 from negclip_jax.data.records import BadRecords, DataError
-from negclip_jax.embed import Embedder
+from negclip_jax.embed import Embedder, gather_blocks, process_block
 from negclip_jax.preprocess import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
+INDEX_FILE = "index.json"
 VISION_PREFIXES = ("vision_model", "visual_projection")
 
 
@@ -46,7 +54,7 @@ def _update_images(h, images: Images, stamps) -> None:
     h.update(np.ascontiguousarray(images).data)
     return
   for path in images:
-    stamp = stamps[path] if stamps is not None and path in stamps else file_stamp(path)
+    stamp = stamps[path] if stamps is not None and path in stamps else storage.file_stamp(path)
     h.update(f"{path}\0{stamp or 'missing'}\n".encode())
 
 
@@ -75,27 +83,37 @@ def _describe(images: Images) -> str:
   return f"{len(images)} image files, first {images[0]!r}" if len(images) else "no images"
 
 
-def _write_atomic(path: str, write) -> None:
-  tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-  with open(tmp, "wb") as f:
-    write(f)
-  os.replace(tmp, path)
+def _shard_file(process: int, process_count: int) -> str:
+  return f"shard-{process:05d}-of-{process_count:05d}.npy"
 
 
-def _read_cache(stem: str):
-  """(emb [K, D], dropped {position: reason}) stored under `stem`, or None (absent, or
-  unreadable: logged, then recomputed and overwritten)."""
-  if not (os.path.isfile(stem + ".json") and os.path.isfile(stem + ".npy")):
+def _read_block(entry: epath.Path, n: int):
+  """(this process's block of the stored features [hi - lo, D], dropped {position:
+  reason}) from the shards overlapping it, or None (absent, or unreadable: logged, then
+  recomputed and overwritten)."""
+  if not (entry / INDEX_FILE).exists():
     return None
   try:
-    with open(stem + ".json", encoding="utf-8") as f:
-      meta = json.load(f)
-    emb = np.load(stem + ".npy")
-    if emb.shape != (meta["num_kept"], meta["dim"]):
-      raise ValueError(f"shape {emb.shape}, its .json says {(meta['num_kept'], meta['dim'])}")
-    return emb, {int(i): r for i, r in meta["dropped"].items()}
+    meta = json.loads((entry / INDEX_FILE).read_text())
+    if meta["num_images"] != n:
+      raise ValueError(f"{meta['num_images']} images indexed, {n} asked for")
+    lo, hi = process_block(n)
+    parts = []
+    for shard in meta["shards"]:
+      start, stop = shard["start"], shard["stop"]
+      if max(lo, start) < min(hi, stop):
+        with storage.open(os.fspath(entry / shard["file"]), "rb") as f:
+          rows = np.load(f)
+        if rows.shape != (stop - start, meta["dim"]):
+          raise ValueError(f"{shard['file']} has shape {rows.shape}, the index says "
+                           f"{(stop - start, meta['dim'])}")
+        parts.append(rows[max(lo, start) - start:min(hi, stop) - start])
+    block = np.concatenate(parts) if parts else np.zeros((0, meta["dim"]), np.float32)
+    if len(block) != hi - lo:
+      raise ValueError(f"the shards hold {len(block)} of rows {lo}..{hi - 1}")
+    return block, {int(i): r for i, r in meta["dropped"].items()}
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    logger.warning("image cache %s.npy/.json unreadable (%s: %s); recomputing it", stem,
+    logger.warning("image cache %s unreadable (%s: %s); recomputing it", entry,
                    type(e).__name__, e)
     return None
 
@@ -112,17 +130,31 @@ def _hit_everywhere(cached) -> bool:
   return every
 
 
-def _write_cache(stem: str, emb, dropped, images: Images, image_size: int) -> None:
-  meta = {"num_images": len(images), "num_kept": len(emb), "dim": emb.shape[1],
+def _write_entry(entry: epath.Path, block: np.ndarray, dropped, images: Images,
+                 image_size: int) -> None:
+  """This process's shard, then (process 0, once every shard is written) the index."""
+  n, procs = len(images), jax.process_count()
+  entry.mkdir(parents=True, exist_ok=True)
+  if len(block):
+    buffer = io.BytesIO()
+    np.save(buffer, block)
+    storage.write_atomic(entry / _shard_file(jax.process_index(), procs), buffer.getvalue())
+  if procs > 1:
+    multihost_utils.sync_global_devices("negclip_jax: image cache shards written")
+  if jax.process_index() != 0:
+    return
+  shards = [{"file": _shard_file(p, procs), "start": lo, "stop": hi}
+            for p in range(procs) for lo, hi in [process_block(n, p)] if hi > lo]
+  meta = {"num_images": n, "num_kept": n - len(dropped), "dim": block.shape[1],
           "image_size": image_size, "source": _describe(images),
-          "dropped": {str(i): r for i, r in sorted(dropped.items())}}
-  _write_atomic(stem + ".npy", lambda f: np.save(f, emb))
-  _write_atomic(stem + ".json", lambda f: f.write(json.dumps(meta, indent=1).encode()))
+          "dropped": {str(i): r for i, r in sorted(dropped.items())}, "shards": shards}
+  storage.write_atomic(entry / INDEX_FILE, json.dumps(meta, indent=1).encode())
 
 
 def _compute(model, params, images: Images, image_size, batch_size, skip: bool, record_index,
              key):
-  """(emb float32 [K, D] of the loadable images, dropped {position: reason})."""
+  """(this process's block of features float32 [hi - lo, D], every process's dropped
+  {position: reason})."""
   failed: dict[int, str] = {}
 
   def load(i):
@@ -135,11 +167,8 @@ def _compute(model, params, images: Images, image_size, batch_size, skip: bool, 
       return np.zeros((image_size, image_size, 3), np.float32)
 
   embedder = Embedder(model, params, batch_size, normalize=False)
-  emb = embedder.images(range(len(images)), load, desc="image cache")
-  dropped = gather_failures(failed, len(images))
-  keep = np.ones(len(images), bool)
-  keep[list(dropped)] = False
-  return np.ascontiguousarray(emb[keep], np.float32), dropped
+  block = embedder.images(range(len(images)), load, desc="image cache", gather=False)
+  return np.ascontiguousarray(block, np.float32), gather_failures(failed, len(images))
 
 
 def image_embeddings(model, params, images: Images, image_size: int, cache_dir: str | None = None,
@@ -159,24 +188,24 @@ def image_embeddings(model, params, images: Images, image_size: int, cache_dir: 
   bad = bad_records(on_error)
   n = len(images)
   record_index = np.arange(n) if record_index is None else np.asarray(record_index)
-  stem = cached = None
+  entry = cached = None
   if cache_dir is not None:
-    stem = os.path.join(cache_dir, cache_key(model, params, images, image_size, stamps))
-    cached = _read_cache(stem)
-    logger.info("image cache %s: %s (%s)", "hit" if cached else "miss", stem, _describe(images))
-  if stem is None or not _hit_everywhere(cached):
-    emb, dropped = _compute(model, params, images, image_size, batch_size, bad.skip, record_index,
-                            key)
-    if stem is not None:
-      os.makedirs(cache_dir, exist_ok=True)
-      _write_cache(stem, emb, dropped, images, image_size)
+    entry = epath.Path(cache_dir) / cache_key(model, params, images, image_size, stamps)
+    cached = _read_block(entry, n)
+    logger.info("image cache %s: %s (%s)", "hit" if cached else "miss", entry, _describe(images))
+  if entry is None or not _hit_everywhere(cached):
+    block, dropped = _compute(model, params, images, image_size, batch_size, bad.skip,
+                              record_index, key)
+    if entry is not None:
+      _write_entry(entry, block, dropped, images, image_size)
   else:
-    emb, dropped = cached
+    block, dropped = cached
+  emb = gather_blocks(block, n)
   for i, reason in sorted(dropped.items()):
     where = source or ("image array" if isinstance(images, np.ndarray) else images[i])
     bad(DataError(where, f"unreadable image: {reason}", index=int(record_index[i]), key=key))
   kept = np.array([i for i in range(n) if i not in dropped], np.int64)
-  return emb, kept
+  return emb[kept], kept
 
 
 def embed_table(table, model, params, image_size: int, *, cache_dir: str | None = None,

@@ -17,6 +17,7 @@ import itertools
 import os
 from collections.abc import Iterator
 
+from negclip_jax import storage
 from negclip_jax.data.records import (
     DataError,
     McqRecord,
@@ -35,7 +36,7 @@ RETRIEVAL_COLUMNS = ("filepath", "captions")
 
 def _rows(csv_path: str | os.PathLike, columns: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
     """``(row index, row dict)`` for each data row; DataError if a column is missing."""
-    with open(csv_path, encoding="utf-8-sig", newline="") as f:
+    with storage.open(csv_path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         try:
             header = reader.fieldnames or []

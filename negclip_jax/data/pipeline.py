@@ -45,7 +45,6 @@ import dataclasses
 import functools
 import logging
 import os
-import stat
 import sys
 from typing import ClassVar, Mapping, NamedTuple, Sequence, Union
 
@@ -56,6 +55,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from negclip_jax import batch as batch_lib
+from negclip_jax import storage
 from negclip_jax.data.records import AbsenceRecord, BadRecords, DataError, PresenceRecord
 from negclip_jax.embed import bucket_length
 from negclip_jax.preprocess import preprocess_image
@@ -196,18 +196,9 @@ class AbsenceTable(_Table):
   source: str = dataclasses.field(default="absence", kw_only=True)
 
 
-def file_stamp(path: str) -> str | None:
-  """"<size> <mtime_ns>" of a file (one `stat`), or None if it is not a file."""
-  try:
-    st = os.stat(path)
-  except OSError:
-    return None
-  return f"{st.st_size} {st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
-
-
 def _problems(table: _Table, check_images: bool, stamps: dict[str, str | None]):
   """Yields (position, key, message) for each empty text or missing image file; fills
-  `stamps` (path -> `file_stamp`), one stat per distinct path."""
+  `stamps` (path -> `storage.file_stamp`), one stat per distinct path."""
   paths = {IMAGE_COLUMNS[c].path_key: getattr(table, c)
            for c in table.image_columns()
            if check_images and not isinstance(getattr(table, c), np.ndarray)}
@@ -218,7 +209,7 @@ def _problems(table: _Table, check_images: bool, stamps: dict[str, str | None]):
     for key, column in paths.items():
       path = column[i]
       if path not in stamps:
-        stamps[path] = file_stamp(path)
+        stamps[path] = storage.file_stamp(path)
       if stamps[path] is None:
         yield i, key, f"image file not found: {path}"
 

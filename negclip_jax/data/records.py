@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from negclip_jax import storage
+
 Box = tuple[float, float, float, float]
 """Pixel box ``(x, y, w, h)``: top-left corner, width, height (COCO convention)."""
 
@@ -93,17 +95,15 @@ class BadRecords:
             return None
 
     def write(self, path: str | os.PathLike) -> None:
-        """Writes every skipped record to `path` (JSON lines); removes `path` if none."""
+        """Writes every skipped record to `path` (JSON lines, local or ``gs://``); removes
+        `path` if there are none."""
         if not self.skipped:
-            if os.path.exists(path):
-                os.remove(path)
+            if storage.isfile(path):
+                storage.path(path).unlink()
             return
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for e in self.skipped:
-                f.write(json.dumps({"file": e.file, "record": e.index, "key": e.key,
-                                    "reason": e.reason}) + "\n")
-        os.replace(tmp, path)
+        storage.write_atomic(path, "".join(
+            json.dumps({"file": e.file, "record": e.index, "key": e.key, "reason": e.reason})
+            + "\n" for e in self.skipped).encode())
 
     def summary(self) -> str:
         """One line: how many records were skipped, per file."""
@@ -203,7 +203,7 @@ class RetrievalSet:
 
 def resolve_path(path: str, root: str | os.PathLike) -> str:
     """Absolute ``path`` is kept as is; a relative one is joined to ``root``."""
-    return path if os.path.isabs(path) else os.path.join(os.fspath(root), path)
+    return path if storage.is_absolute(path) else os.path.join(os.fspath(root), path)
 
 
 def check_images_exist(
@@ -213,13 +213,10 @@ def check_images_exist(
 
     ``indices[k]`` is the record index reported for ``image_paths[k]`` (default ``k``).
     """
-    exists: dict[str, bool] = {}
-    missing = []
-    for k, p in enumerate(image_paths):
-        if p not in exists:
-            exists[p] = os.path.isfile(p)
-        if not exists[p]:
-            missing.append((k if indices is None else indices[k], p))
+    unique = list(dict.fromkeys(image_paths))
+    exists = dict(zip(unique, storage.files_exist(unique)))
+    missing = [(k if indices is None else indices[k], p) for k, p in enumerate(image_paths)
+               if not exists[p]]
     if missing:
         shown = "; ".join(f"record {i}: {p}" for i, p in missing[:_MAX_MISSING_SHOWN])
         raise DataError(
@@ -275,7 +272,7 @@ def not_utf8(file: str | os.PathLike, error: UnicodeDecodeError, *,
 
 def load_json(file: str | os.PathLike) -> Any:
     """Parse a UTF-8 JSON file; syntax and encoding errors become DataError."""
-    with open(file, encoding="utf-8") as f:
+    with storage.open(file, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from negclip_jax import storage
 from negclip_jax.data.records import DataError
 
 
@@ -49,7 +50,7 @@ def load_tfds_captions(
     import tensorflow_datasets as tfds  # Heavy import, only needed here.
 
     data_dir = os.fspath(data_dir)
-    if not os.path.isdir(data_dir):
+    if not storage.isdir(data_dir):
         raise DataError(data_dir, "TFDS data_dir does not exist")
     how = (f"prepare it on a machine with internet access with "
            f"`tfds build {name} --data_dir {data_dir}` and copy that directory here")

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import jax_utils
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -77,7 +78,8 @@ def plot(result: dict, path: str) -> None:
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  with epath.Path(path).open("wb") as f:  # local or gs://
+    fig.savefig(f, dpi=120, format="png")
 
 
 def run(embedder: Embedder, tokenizer, context_length: int, *, data: str, num: int | None = None,

@@ -1,0 +1,180 @@
+"""Paths that are local or in a bucket (``gs://``), read and written through etils `epath`.
+
+`epath.Path` serves ``gs://`` with TensorFlow's GCS filesystem (`tf.io.gfile`) when
+TensorFlow is installed, or with fsspec/gcsfs when ``EPATH_USE_TF=false``; Orbax and
+tensorstore write checkpoints to the bucket themselves. Local paths behave exactly as
+before (`builtins.open`, `os.path`), only wrapped in `epath.Path`.
+
+A bucket object is replaced whole by one upload, so writes there are atomic without the
+temporary-file-and-rename a local file needs (`write_atomic`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import io
+import os
+import stat
+import tempfile
+import uuid
+from collections import defaultdict
+from typing import Sequence
+
+from etils import epath
+
+REMOTE_PREFIX = "gs://"
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for a ``gs://`` path."""
+  return os.fspath(path).startswith(REMOTE_PREFIX)
+
+
+def path(p: str | os.PathLike) -> epath.Path:
+  """`p` as an `epath.Path`: ``gs://`` kept as given, a local path made absolute."""
+  return epath.Path(p) if is_remote(p) else epath.Path(os.path.abspath(os.fspath(p)))
+
+
+def is_absolute(p: str) -> bool:
+  """A local absolute path or a ``gs://`` one."""
+  return os.path.isabs(p) or is_remote(p)
+
+
+def open(file: str | os.PathLike, mode: str = "r", encoding: str | None = None,  # noqa: A001
+         newline: str | None = None):
+  """`builtins.open` for a local file; a ``gs://`` object is read whole into memory.
+
+  Only reading is supported remotely (`write_atomic` writes); `encoding` and `newline`
+  apply as in `builtins.open` (e.g. ``utf-8-sig``, ``newline=""`` for csv).
+  """
+  if not is_remote(file):
+    return builtins.open(file, mode, encoding=encoding, newline=newline)
+  if mode not in ("r", "rb"):
+    raise ValueError(f"{file}: mode {mode!r}; only 'r'/'rb' open a gs:// object (use write_atomic)")
+  data = io.BytesIO(epath.Path(file).read_bytes())
+  return data if mode == "rb" else io.TextIOWrapper(data, encoding=encoding or "utf-8",
+                                                    newline=newline)
+
+
+def isfile(p: str | os.PathLike) -> bool:
+  return epath.Path(p).is_file() if is_remote(p) else os.path.isfile(p)
+
+
+def isdir(p: str | os.PathLike) -> bool:
+  return epath.Path(p).is_dir() if is_remote(p) else os.path.isdir(p)
+
+
+def file_stamp(p: str) -> str | None:
+  """"<size> <mtime>" of a file (one `stat`; one request for a ``gs://`` object), or None
+  if it is not a file."""
+  if is_remote(p):
+    try:
+      st = epath.Path(p).stat()
+    except Exception:  # noqa: BLE001 - each gs:// backend raises its own not-found error
+      return None
+    return f"{st.length} {st.mtime}"
+  try:
+    st = os.stat(p)
+  except OSError:
+    return None
+  return f"{st.st_size} {st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
+
+
+def files_exist(paths: Sequence[str]) -> list[bool]:
+  """Whether each path is a file. A ``gs://`` folder is listed once (one request per
+  1000 objects) instead of one request per image."""
+  listed: dict[str, set[str]] = {}
+  by_folder = defaultdict(list)
+  for p in paths:
+    if is_remote(p):
+      by_folder[os.path.dirname(p)].append(p)
+  for folder in by_folder:
+    d = epath.Path(folder)
+    listed[folder] = {os.path.basename(os.fspath(c)) for c in d.iterdir()} if d.is_dir() else set()
+  return [os.path.basename(p) in listed[os.path.dirname(p)] if is_remote(p) else os.path.isfile(p)
+          for p in paths]
+
+
+def write_atomic(file: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` so readers see the old file or the new one, never part of one: a
+  local temporary file renamed over `file`, or one object upload to a bucket."""
+  if is_remote(file):
+    epath.Path(file).write_bytes(data)
+    return
+  tmp = f"{os.fspath(file)}.{uuid.uuid4().hex}.tmp"
+  with builtins.open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, file)
+
+
+class AppendLog:
+  """A text file grown by `write` (each write is flushed): appended to locally; a bucket
+  has no append, so there the object is rewritten whole, earlier content kept."""
+
+  def __init__(self, file: str | os.PathLike):
+    self.file = file
+    self._local = None if is_remote(file) else builtins.open(file, "a", encoding="utf-8")
+    if self._local is None:
+      self._text = epath.Path(file).read_text() if epath.Path(file).exists() else ""
+
+  def write(self, text: str) -> None:
+    if self._local is not None:
+      self._local.write(text)
+      self._local.flush()
+      return
+    self._text += text
+    write_atomic(self.file, self._text.encode())
+
+  def close(self) -> None:
+    if self._local is not None:
+      self._local.close()
+
+
+def move_tree(source: epath.Path, target: epath.Path) -> None:
+  """Moves folder `source` to `target` (which must not exist): a rename locally; a bucket
+  has neither folders nor rename, so there each object is copied, then `source` deleted."""
+  if not is_remote(source):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+    return
+  for file in _files_under(source):
+    file.copy(target / file.relative_to(source))
+  source.rmtree()
+
+
+def _files_under(folder: epath.Path):
+  for child in folder.iterdir():
+    if child.is_dir():
+      yield from _files_under(child)
+    else:
+      yield child
+
+
+class LocalMirror:
+  """A local folder for writers that need one (TensorBoard's), mirrored to `target`.
+
+  A local `target` is the folder itself. For a ``gs://`` target, writers use a temporary
+  folder and `sync` uploads each of its files that grew, whole (a bucket has no append).
+  """
+
+  def __init__(self, target: epath.Path):
+    self.target = target
+    self._tmp = tempfile.TemporaryDirectory(prefix="negclip_jax_") if is_remote(target) else None
+    self.local = self._tmp.name if self._tmp else os.fspath(target)
+    self._synced: dict[str, int] = {}
+
+  def sync(self) -> None:
+    if self._tmp is None:
+      return
+    for name in sorted(os.listdir(self.local)):
+      file = os.path.join(self.local, name)
+      if os.path.isfile(file) and os.path.getsize(file) != self._synced.get(name):
+        with builtins.open(file, "rb") as f:
+          data = f.read()
+        write_atomic(self.target / name, data)
+        self._synced[name] = len(data)
+
+  def close(self) -> None:
+    self.sync()
+    if self._tmp is not None:
+      self._tmp.cleanup()

