@@ -110,7 +110,7 @@ def run_cluster(workdir: Path, env: dict, timeout: int = 400) -> tuple[dict, str
   assert "2 process(es), 4 device(s)" in proc.stdout
   for key in LOSSES:  # the processes computed the same (pmean'd) metrics
     assert first[key] == second[key], (key, first, second)
-  return first, proc.stdout
+  return first, proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +164,12 @@ def killed_then_resumed(tmp_path_factory, env):
   survivor_s = time.time() - killed_at
   killed = {"rc": proc.returncode, "stdout": stdout, "stderr": stderr,
             "steps": steps_on_disk(workdir)}
+  # A stale cache on one host: process 1's shard of each image-cache entry is gone, so
+  # process 1 misses while process 0 hits; all must agree to recompute (no hang).
+  stale = sorted((workdir / "image_cache").glob("*/shard-00001-of-00002.npy"))
+  assert stale, sorted((workdir / "image_cache").rglob("*"))
+  for shard in stale:
+    shard.unlink()
   t0 = time.time()
   resumed = run_cluster(workdir, env)  # the same command again
   return workdir, {"survivor_s": survivor_s, "resume_s": time.time() - t0}, killed, resumed
@@ -204,7 +210,9 @@ def test_killed_process_fails_fast_and_relaunch_resumes(killed_then_resumed, ref
   assert "process 0 (pid" in killed["stderr"] and "process 0 exited 0" not in killed["stderr"]
   assert timings["survivor_s"] < HEARTBEAT_S + 90, timings
   assert killed["steps"] and max(killed["steps"]) < STEPS
-  # The same command again: resumed from the last checkpoint, finished, same as 1 process.
+  # The same command again: resumed from the last checkpoint, finished, same as 1 process,
+  # after both processes recomputed the image cache that only process 1 missed.
+  assert "image cache: hit here but missed on another process; recomputing" in output
   assert f"Resuming from {workdir}/checkpoints/{max(killed['steps'])}" in output
   assert resumed["step"] == STEPS and not resumed["stopped_early"]
   assert steps_on_disk(workdir)[-1] == STEPS
