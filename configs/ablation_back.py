@@ -1,9 +1,3 @@
-"""Ablation: train the back text blocks instead of the front ones."""
+"""`--config configs/ablation_back.py` = `--config ablation_back`: the shipped negclip_jax/configs/ablation_back.py."""
 
-from configs import omni_negclip_vitb32
-
-
-def get_config():
-  c = omni_negclip_vitb32.get_config()
-  c.layers = "back"
-  return c
+from negclip_jax.configs.ablation_back import get_config  # noqa: F401

@@ -1,9 +1,3 @@
-"""Ablation: train the middle text blocks instead of the front ones."""
+"""`--config configs/ablation_middle.py` = `--config ablation_middle`: the shipped negclip_jax/configs/ablation_middle.py."""
 
-from configs import omni_negclip_vitb32
-
-
-def get_config():
-  c = omni_negclip_vitb32.get_config()
-  c.layers = "middle"
-  return c
+from negclip_jax.configs.ablation_middle import get_config  # noqa: F401

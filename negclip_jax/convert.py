@@ -119,7 +119,7 @@ def _to_numpy(value) -> np.ndarray:
       value = value.float()
     return value.numpy()
   value = np.asarray(value)
-  return value.astype(np.float32) if value.dtype == np.float16 else value
+  return value.astype(np.float32) if value.dtype.name in ("float16", "bfloat16") else value
 
 
 # ----------------------------------------------------------------------- HF config
@@ -434,13 +434,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"No checkpoint file at {path}")
   if path.suffix == ".safetensors":
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file  # no torch needed (bfloat16 via ml_dtypes)
     try:
       sd = load_file(str(path))
     except SafetensorError as e:
       raise ValueError(f"{path}: unreadable safetensors file ({e}); truncated?") from e
   else:
-    from negclip_jax import torch_io
+    try:
+      from negclip_jax import torch_io
+    except ImportError as e:
+      raise ImportError(f"{path}: {e}") from e
     sd = torch_io.load(path, hint="re-save the state dict with safetensors or as a plain "
                        "dict of tensors")
     for wrapper in ("model", "state_dict"):
@@ -567,7 +570,8 @@ def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
   if format == "hf":
     import transformers
     from safetensors.numpy import save_file
-    transformers.CLIPConfig(**config_to_hf(model.config)).save_pretrained(out)
+    transformers.CLIPConfig(**config_to_hf(model.config), architectures=["CLIPModel"]
+                            ).save_pretrained(out)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(out / "model.safetensors", 0o644)  # safetensors writes 0600
     (out / "preprocessor_config.json").write_text(json.dumps(

@@ -8,7 +8,7 @@ python -m negclip_jax.demo --workdir runs/compare --compare-seeds 0 1 2   # pape
    CLIP loss: our stand-in for "pretrained CLIP", which never saw negation.
 2. Exports it as a Hugging Face directory (`DIR/pretrained/hf`) and starts Omni-NegCLIP
    fine-tuning from it exactly as a user would from `openai/clip-vit-base-patch32`.
-3. Fine-tunes the front text layers with both objectives (`configs/demo.py`).
+3. Fine-tunes the front text layers with both objectives (`negclip_jax/configs/demo.py`).
 4. Evaluates both models on every NegShapes task (`negclip_jax.tasks.negshapes`):
    paper-style presence/absence, the shortcut-free presence_hard, absence_hard and
    multiple choice, each in-distribution and on held-out compositions, with standard
@@ -201,7 +201,7 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
   hard negatives (outputs get the suffix "_hard<fraction>"); `lambda_text` overrides the
   weight of L_text (suffix "_ltext<value>"), `objective` config.objective (suffix "_<name>").
   """
-  from configs import demo as demo_config
+  from negclip_jax.configs import demo as demo_config
   t_start = time.perf_counter()
   workdir = Path(workdir).absolute()
   tag = (f"_hard{hard_fraction:g}" if hard_fraction else "") + (
@@ -300,18 +300,23 @@ PRETRAIN_LR = 1e-3
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/demo")
+  parser = argparse.ArgumentParser(prog="negclip-demo", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", default="runs/demo",
+                      help="output folder (pretrained model, runs, results, plot, export)")
   parser.add_argument("--fast", action="store_true", help="a few steps of a tiny model (tests)")
-  parser.add_argument("--pretrain-steps", type=int)
-  parser.add_argument("--finetune-steps", type=int)
-  parser.add_argument("--eval-num", type=int, help="examples per NegShapes task")
+  parser.add_argument("--pretrain-steps", type=int,
+                      help=f"plain-caption pretraining steps (default {PRETRAIN_STEPS})")
+  parser.add_argument("--finetune-steps", type=int,
+                      help="Omni-NegCLIP steps (default: the demo config's total_steps)")
+  parser.add_argument("--eval-num", type=int,
+                      help="examples per NegShapes task (default: the demo config's eval_num)")
   parser.add_argument("--seed", type=int, default=0,
                       help="seeds every phase: pretraining, fine-tuning, evaluation")
   parser.add_argument("--hard-fraction", type=float, default=0.0,
                       help="fraction of fine-tuning presence pairs that are hard negatives")
   parser.add_argument("--lambda-text", type=float, help="weight of L_text (config default)")
-  parser.add_argument("--objective", help="config.objective (default: configs/demo.py's)")
+  parser.add_argument("--objective", help="config.objective (default: the demo config's)")
   parser.add_argument("--compare-seeds", type=int, nargs="+",
                       help="per seed: paper-style data vs hard negatives (`VARIANTS`)")
   args = parser.parse_args(argv)

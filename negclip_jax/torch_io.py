@@ -26,7 +26,11 @@ import pickle
 import zipfile
 from typing import Any
 
-import torch
+try:
+  import torch
+except ImportError as e:  # torch is the optional extra `negclip-jax[torch]`
+  raise ImportError("reading PyTorch files (.pt, .bin) needs torch: "
+                    "pip install 'negclip-jax[torch]'") from e
 
 SAFE_GLOBALS = (argparse.Namespace,)
 """The only non-tensor classes a ``torch.save`` file may hold."""

@@ -1,7 +1,7 @@
 r"""Omni-NegCLIP training: config -> data -> pmapped steps -> logs -> Orbax checkpoints.
 
-python -m negclip_jax.train --config configs/omni_negclip_vitb32.py --workdir DIR \
-    [--config.key=value ...]
+negclip-train --config omni_negclip_vitb32 --workdir DIR [--config.key=value ...]
+(= python -m negclip_jax.train; --config takes a file path or a shipped config name)
 
 Re-running the same command resumes from the latest checkpoint in DIR. Multi-process
 runs (TPU pods, SLURM, `launch/local_cluster.sh`) call `jax.distributed.initialize`
@@ -23,10 +23,10 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from negclip_jax import checkpoint, convert, losses, model as model_lib, partition, train_step
+from negclip_jax import checkpoint, configs, convert, losses, model as model_lib, partition
+from negclip_jax import train_step
 from negclip_jax.data import image_cache, negshapes, pipeline
 from negclip_jax.tokenizer import ClipTokenizer
 
@@ -236,7 +236,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   """Runs (or resumes) training.
 
   Returns {"step", "last_metrics", "eval" (the final `config.eval_task` metrics or None),
-  "stopped_early", "model", "params" (host copy), "tokenizer"}. `config.eval_task` runs
+  "stopped_early", "model", "params" (host copy), "tokenizer"}. A run that finishes
+  exports to WORKDIR/export/hf (`negclip_jax.export`). `config.eval_task` runs
   every `config.eval_every` steps (0 = only at the end); results go to the metrics log.
   """
   validate_config(config)
@@ -332,8 +333,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       final_eval = eval_fn(model, _host_params(rstate), tokenizer)
       log.write(step, final_eval)
   log.close()
-  return {"step": step, "last_metrics": last, "eval": final_eval, "stopped_early": stopped_early,
-          "model": model, "params": _host_params(rstate), "tokenizer": tokenizer}
+  result = {"step": step, "last_metrics": last, "eval": final_eval,
+            "stopped_early": stopped_early, "model": model, "params": _host_params(rstate),
+            "tokenizer": tokenizer}
+  if main and not stopped_early:
+    from negclip_jax import export
+    print(f"Exported to {export.export_run(result, config, workdir)}", flush=True)
+  return result
 
 
 def _first_replica(tree):
@@ -352,8 +358,8 @@ def _host_params(rstate):
 
 # ---------------------------------------------------------------------------- CLI
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
-                                          lock_config=True)
+_CONFIG = configs.define_flag("config", "Config file path, or a shipped config name: "
+                             + ", ".join(configs.NAMES))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-process runs; on TPU pods "
@@ -409,6 +415,28 @@ def main(argv):
                     **(result["last_metrics"] or {})}), flush=True)
 
 
-if __name__ == "__main__":
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, except that -h/--help prints the flags and every config key with
+  its default and meaning (of --config's config if given, else the base) and exits 0."""
+  if "-h" in argv or "--help" in argv:
+    given = [a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv[:-1])
+             if a == "--config" or a.startswith("--config=")]
+    print(__doc__ + "\nflags:")
+    for holder in (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _DISTRIBUTED,
+                   _HEARTBEAT_TIMEOUT):
+      print(f"  --{holder.name}: {flags.FLAGS[holder.name].help}")
+    name = given[0] if given else configs.BASE
+    print(f"\nconfig keys (--config.KEY=VALUE; defaults of {name}):")
+    print(configs.help_table(configs.load(name)))
+    sys.exit(0)
+  return flags.FLAGS(argv)
+
+
+def cli():
+  """Console script `negclip-train` (= python -m negclip_jax.train)."""
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  cli()
