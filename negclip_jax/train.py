@@ -189,7 +189,7 @@ class MetricsLog:
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self.jsonl.flush()
     for k, v in metrics.items():
-      self.tb.add_scalar(k, v, step)
+      self.tb.add_scalar(tensorboard_tag(k), v, step)
     self.tb.flush()
 
   def close(self):
@@ -198,8 +198,17 @@ class MetricsLog:
       self.tb.close()
 
 
-def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int):
-  """Fetches queued step metrics (one host sync), checks them, logs their mean."""
+def tensorboard_tag(key: str) -> str:
+  """TensorBoard tag of a metrics key: grouped as train/..., eval/... ("/" keys as they are)."""
+  if "/" in key:
+    return key
+  return f"eval/{key.removeprefix('eval_')}" if key.startswith("eval_") else f"train/{key}"
+
+
+def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int,
+           schedule=None):
+  """Fetches queued step metrics (one host sync), checks them, logs their mean and the
+  learning rate `schedule` gave the last of those steps."""
   if not pending:
     return None
   steps, values = zip(*pending)
@@ -212,6 +221,8 @@ def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int
           "enable grad_clip_norm.")
   mean = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
   mean["samples_per_s"] = samples_per_step * len(steps) / max(time.perf_counter() - t0, 1e-9)
+  if schedule is not None:
+    mean["learning_rate"] = float(schedule(steps[-1]))
   log.write(steps[-1] + 1, mean)
   bar.set_postfix({k: f"{mean[k]:.3g}" for k in ("total", "L3", "L_neg", "L_text", "samples_per_s")
                    if k in mean})
@@ -253,6 +264,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     print(partition.summary(params, labels), flush=True)
   total_steps = num_train_steps(config, len(presence), len(absence))
   tx = optimizer_from_config(config, labels, total_steps)
+  schedule = partition.learning_rate_schedule(config.schedule, config.learning_rate,
+                                              config.warmup_steps, total_steps)
   state = train_step.create_train_state(params, tx)
 
   ckpt = checkpoint.Checkpointer(workdir, config.save_every, config.max_to_keep)
@@ -311,7 +324,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       stop = preempt.should_stop(step, ckpt, boundary=due or step % config.log_every == 0)
       save = stop or due
       if save or step % config.log_every == 0:
-        last = _flush(pending, log, bar, t0, config.batch_size) or last
+        last = _flush(pending, log, bar, t0, config.batch_size, schedule) or last
         t0 = time.perf_counter()
       if save:
         ckpt.save(step, _first_replica(rstate), data.state_dict(), config_json,

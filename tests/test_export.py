@@ -180,3 +180,15 @@ except ImportError as e:
   assert "loaded 32" in out.stdout
   assert (f"error: {tmp_path / 'w.pt'}: reading PyTorch files (.pt, .bin) needs torch: "
           "pip install 'negclip-jax[torch]'") in out.stdout
+
+
+def test_metrics_log_the_learning_rate_and_tensorboard_groups_tags(run_dir):
+  import tensorflow as tf
+  rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  train_row = next(r for r in rows if "total" in r)
+  # tiny: lr 1e-3, 2 warm-up steps; the logged step 2 ran step index 1: 1e-3 * (1 + 1) / 2.
+  assert train_row["step"] == 2 and train_row["learning_rate"] == pytest.approx(1e-3)
+  events = next((run_dir / "tensorboard").iterdir())
+  tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events)) for v in e.summary.value}
+  assert {"train/total", "train/learning_rate", "eval/presence_acc"} <= tags
+  assert all(t.startswith(("train/", "eval/")) for t in tags)
