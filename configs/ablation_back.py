@@ -1,3 +1,3 @@
-"""`--config configs/ablation_back.py` = `--config ablation_back`: the shipped negclip_jax/configs/ablation_back.py."""
+"""Alias of the shipped config `ablation_back` (negclip_jax/configs/)."""
 
 from negclip_jax.configs.ablation_back import get_config  # noqa: F401

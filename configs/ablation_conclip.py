@@ -1,3 +1,3 @@
-"""`--config configs/ablation_conclip.py` = `--config ablation_conclip`: the shipped negclip_jax/configs/ablation_conclip.py."""
+"""Alias of the shipped config `ablation_conclip` (negclip_jax/configs/)."""
 
 from negclip_jax.configs.ablation_conclip import get_config  # noqa: F401

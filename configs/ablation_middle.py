@@ -1,3 +1,3 @@
-"""`--config configs/ablation_middle.py` = `--config ablation_middle`: the shipped negclip_jax/configs/ablation_middle.py."""
+"""Alias of the shipped config `ablation_middle` (negclip_jax/configs/)."""
 
 from negclip_jax.configs.ablation_middle import get_config  # noqa: F401

@@ -1,3 +1,3 @@
-"""`--config configs/ablation_no_l3.py` = `--config ablation_no_l3`: the shipped negclip_jax/configs/ablation_no_l3.py."""
+"""Alias of the shipped config `ablation_no_l3` (negclip_jax/configs/)."""
 
 from negclip_jax.configs.ablation_no_l3 import get_config  # noqa: F401

@@ -1,3 +1,3 @@
-"""`--config configs/ablation_whole.py` = `--config ablation_whole`: the shipped negclip_jax/configs/ablation_whole.py."""
+"""Alias of the shipped config `ablation_whole` (negclip_jax/configs/)."""
 
 from negclip_jax.configs.ablation_whole import get_config  # noqa: F401

@@ -1,3 +1,3 @@
-"""`--config configs/demo.py` = `--config demo`: the shipped negclip_jax/configs/demo.py."""
+"""Alias of the shipped config `demo` (negclip_jax/configs/)."""
 
 from negclip_jax.configs.demo import get_config  # noqa: F401

@@ -1,3 +1,3 @@
-"""`--config configs/omni_negclip_vitb32.py` = `--config omni_negclip_vitb32`: the shipped negclip_jax/configs/omni_negclip_vitb32.py."""
+"""Alias of the shipped config `omni_negclip_vitb32` (negclip_jax/configs/)."""
 
 from negclip_jax.configs.omni_negclip_vitb32 import get_config  # noqa: F401

@@ -1,3 +1,3 @@
-"""`--config configs/plain_finetune.py` = `--config plain_finetune`: the shipped negclip_jax/configs/plain_finetune.py."""
+"""Alias of the shipped config `plain_finetune` (negclip_jax/configs/)."""
 
 from negclip_jax.configs.plain_finetune import get_config  # noqa: F401

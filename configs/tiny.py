@@ -1,3 +1,3 @@
-"""`--config configs/tiny.py` = `--config tiny`: the shipped negclip_jax/configs/tiny.py."""
+"""Alias of the shipped config `tiny` (negclip_jax/configs/)."""
 
 from negclip_jax.configs.tiny import get_config  # noqa: F401

@@ -328,5 +328,11 @@ def main(argv=None):
              lambda_text=args.lambda_text, objective=args.objective, **options)
 
 
-if __name__ == "__main__":
+
+def cli():
+  """Console script `negclip-demo` (= python -m negclip_jax.demo); exit status 0 on success."""
   main()
+
+
+if __name__ == "__main__":
+  cli()

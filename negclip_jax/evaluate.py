@@ -1,6 +1,6 @@
-"""Evaluate a CLIP on the negation benchmarks (and plain retrieval).
+"""Evaluate a CLIP on the negation benchmarks (and plain retrieval, zero-shot classification).
 
-CLI::
+CLI (`negclip-eval` is the same)::
 
   python -m negclip_jax.evaluate --model PATH --task TASK [task options]
       [--protocol original|hf] [--dtype float32|bfloat16|float16]
@@ -227,5 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
   return results
 
 
-if __name__ == "__main__":
+
+def cli():
+  """Console script `negclip-eval` (= python -m negclip_jax.evaluate); exit status 0 on success."""
   main()
+
+
+if __name__ == "__main__":
+  cli()

@@ -37,8 +37,8 @@ def model_card(model_config, params, run_config: dict | None = None, step: int |
                evaluation: dict | None = None, name: str = "negclip-jax CLIP") -> str:
   """README.md (markdown with Hugging Face metadata) describing the model and its training.
 
-  `run_config`: the training config JSON (None for a converted model); `evaluation`:
-  {metric: value} of the final evaluation, if any.
+  `run_config`: the training config JSON (None for a converted model); `evaluation`: the
+  final evaluation, {metric: value} or {task: {metric: value}} (shown as "task.metric").
   """
   text, vision = model_config.text, model_config.vision
   rows = [("architecture", f"CLIP: ViT {vision.num_hidden_layers}x{vision.hidden_size}, patch "
@@ -66,10 +66,11 @@ def model_card(model_config, params, run_config: dict | None = None, step: int |
          f"{sources.get(d['absence'], d['absence'])}"),
     ]
   table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-  if evaluation:
+  if evaluation:  # flat {metric: value} or nested {task: {metric: value}}
     shown = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     results = "\n".join(["| metric | value |", "|---|---:|",
-                         *(f"| {k} | {shown(v)} |" for k, v in evaluation.items())])
+                         *(f"| {k} | {shown(v)} |"
+                           for k, v in checkpoint.flat_config(evaluation).items())])
   else:
     results = "No evaluation was logged for this checkpoint."
   if openai_loadable(model_config):
@@ -79,6 +80,10 @@ def model_card(model_config, params, run_config: dict | None = None, step: int |
     openai = ("This architecture departs from OpenAI's conventions (heads = width / 64, "
               "QuickGELU), so `clip.model.build_model` cannot rebuild it from `model.pt` alone; "
               "`negclip_jax.load_pretrained(\"DIR\")` reads model.pt with its model_config.json.")
+  intro = ("A CLIP fine-tuned for negation with Omni-NegCLIP (arXiv 2603.29258) by negclip-jax "
+           "(JAX/Flax), exported to PyTorch formats." if run_config is not None else
+           "A CLIP converted by negclip-jax; it was not trained by negclip-jax, so no training "
+           "facts are known.")
   return f"""---
 library_name: transformers
 pipeline_tag: zero-shot-image-classification
@@ -86,8 +91,7 @@ tags: [clip, negation, omni-negclip, negclip-jax]
 ---
 # {name}
 
-A CLIP fine-tuned for negation with Omni-NegCLIP (arXiv 2603.29258) by negclip-jax
-(JAX/Flax), exported to PyTorch formats.
+{intro}
 
 {table}
 
@@ -160,8 +164,6 @@ def load(source: str | os.PathLike):
   else:
     model, params = convert.load_pretrained(source)
     card = model_card(model.config, params, name=f"{source.name} (converted by negclip-jax)")
-    card = card.replace("A CLIP fine-tuned for negation", "A CLIP (not trained by negclip-jax; "
-                        "no training facts are known)", 1)
     return model, params, ClipTokenizer.for_model_dir(source), card
   step, _, run_config = checkpoint.read_step(run_dir, step)
   model, params, tokenizer = checkpoint.load_run(run_dir, step=step)
@@ -173,7 +175,8 @@ def load(source: str | os.PathLike):
 def export_run(result: dict, config, workdir: Path) -> Path:
   """The end-of-training export: `train.train`'s result -> WORKDIR/export/hf."""
   card = model_card(result["model"].config, result["params"], json.loads(config.to_json()),
-                    result["step"], result["eval"], name=f"{workdir.name} (Omni-NegCLIP, negclip-jax)")
+                    result["step"], result["eval"],
+                    name=f"{workdir.name} (Omni-NegCLIP, negclip-jax)")
   return export(result["model"], result["params"], result["tokenizer"],
                 workdir / "export" / "hf", ("hf",), card)["hf"]
 
@@ -196,5 +199,11 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
   return dirs
 
 
-if __name__ == "__main__":
+
+def cli():
+  """Console script `negclip-export` (= python -m negclip_jax.export); exit status 0 on success."""
   main()
+
+
+if __name__ == "__main__":
+  cli()

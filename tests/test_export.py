@@ -52,8 +52,8 @@ def test_config_names_resolve_and_unknown_names_fail_in_one_line(tmp_path):
 
 
 def test_help_exits_0_with_config_keys_from_any_directory(tmp_path):
-  # The thin configs/ file, by path, from a directory outside the repository.
-  out = _run(["-m", "negclip_jax.train", "--config", str(ROOT / "configs/ablation_back.py"),
+  # A config file by path, from a directory outside the repository.
+  out = _run(["-m", "negclip_jax.train", "--config", str(configs.DIR / "ablation_back.py"),
               "--help"], cwd=tmp_path)
   assert out.returncode == 0, out.stderr
   assert "--workdir: Run directory" in out.stdout
@@ -192,3 +192,11 @@ def test_metrics_log_the_learning_rate_and_tensorboard_groups_tags(run_dir):
   tags = {v.tag for e in tf.compat.v1.train.summary_iterator(str(events)) for v in e.summary.value}
   assert {"train/total", "train/learning_rate", "eval/presence_acc"} <= tags
   assert all(t.startswith(("train/", "eval/")) for t in tags)
+
+
+def test_export_of_a_converted_model_claims_no_training(run_dir, tmp_path):
+  dirs = export.main([str(run_dir / "export" / "hf"), "--format", "openai", "--out",
+                      str(tmp_path)])
+  card = (dirs["openai"] / "README.md").read_text()
+  assert "it was not trained by negclip-jax" in card
+  assert "| objective |" not in card and "| architecture | CLIP: ViT 2x32, patch 8, 32 px" in card

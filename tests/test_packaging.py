@@ -33,8 +33,8 @@ def test_wheel_ships_commands_configs_data_and_declares_extras(tmp_path):
   assert not any(n.startswith(("configs/", "tests/")) for n in names)
   info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
   scripts = wheel.read(info).decode()
-  for line in ("negclip-train = negclip_jax.train:cli", "negclip-eval = negclip_jax.evaluate:main",
-               "negclip-export = negclip_jax.export:main", "negclip-demo = negclip_jax.demo:main"):
+  for line in ("negclip-train = negclip_jax.train:cli", "negclip-eval = negclip_jax.evaluate:cli",
+               "negclip-export = negclip_jax.export:cli", "negclip-demo = negclip_jax.demo:cli"):
     assert line in scripts
   metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
   requires = [l.split(": ", 1)[1] for l in metadata.splitlines() if l.startswith("Requires-Dist")]

@@ -10,7 +10,7 @@ with split ``validation``, ``cifar100``, ``caltech101``, ...) or an image folder
 (`CLASSNAMES`, `TEMPLATES`: shipped JSON in ``negclip_jax/assets/zeroshot/``, from OpenAI's
 published lists) are a shipped name or a JSON file; by default the dataset's own label
 names with "_" read as " ", except ``imagenet2012*``, whose WordNet ids map to OpenAI's
-1000 class names.
+1000 class names. Every process reads every image; the `Embedder` splits the embedding.
 """
 
 from __future__ import annotations
