@@ -1,8 +1,8 @@
-"""Commands and export: `--config NAME` from any directory, `--help` with every config key,
-the end-of-training HF export (model card, architectures, permissions, tokenizer) equal
-to transformers' `CLIPModel`, `negclip-export` of a checkpoint in both formats, OpenAI
-`clip.model.build_model` loading an OpenAI-conventional export, and safetensors
-directories without torch."""
+"""Export: a `negclip-train --config NAME` run from another directory ends with an HF export
+(model card, architectures, permissions, tokenizer) equal to transformers' `CLIPModel`;
+`negclip-export` of a checkpoint in both formats; OpenAI `clip.model.build_model` loading an
+OpenAI-conventional export; safetensors directories without torch; the learning rate and
+grouped TensorBoard tags in the run's logs."""
 
 import json
 import os
@@ -16,11 +16,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from PIL import Image
 
 import negclip_jax
-from negclip_jax import checkpoint, configs, convert, export, model as model_lib
-from negclip_jax.checkpoint import flat_config
+from negclip_jax import checkpoint, convert, export, model as model_lib
 from references import openai_clip_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,36 +28,6 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
 def _run(args, cwd, **kwargs):
   return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True,
                         text=True, timeout=300, **kwargs)
-
-
-def test_every_config_key_has_a_meaning():
-  base = flat_config(json.loads(configs.load(configs.BASE).to_json()))
-  meanings = configs.meanings()
-  assert sorted(k for k in base if not meanings.get(k)) == []
-  assert meanings["learning_rate"] == "AdamW peak learning rate"
-
-
-def test_config_names_resolve_and_unknown_names_fail_in_one_line(tmp_path):
-  assert configs.resolve("tiny") == str(configs.DIR / "tiny.py")
-  assert configs.resolve("tiny.py:x") == str(configs.DIR / "tiny.py") + ":x"
-  own = tmp_path / "mine.py"
-  own.write_text("from negclip_jax.configs import tiny\nget_config = tiny.get_config\n")
-  assert configs.resolve(str(own)) == str(own)
-  assert configs.load(str(own)).to_dict() == configs.load("tiny").to_dict()
-  with pytest.raises(ValueError, match=r"^--config 'tinny' is neither a file nor a shipped "
-                     r"config name \(.*tiny.*\)$"):
-    configs.resolve("tinny")
-
-
-def test_help_exits_0_with_config_keys_from_any_directory(tmp_path):
-  # A config file by path, from a directory outside the repository.
-  out = _run(["-m", "negclip_jax.train", "--config", str(configs.DIR / "ablation_back.py"),
-              "--help"], cwd=tmp_path)
-  assert out.returncode == 0, out.stderr
-  assert "--workdir: Run directory" in out.stdout
-  assert "defaults of " in out.stdout
-  line = next(l for l in out.stdout.splitlines() if l.strip().startswith("--config.layers "))
-  assert '"back"' in line and "text blocks" in line
 
 
 @pytest.fixture(scope="module")
