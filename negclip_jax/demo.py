@@ -1,8 +1,8 @@
 """The offline quickstart: Omni-NegCLIP on a small CLIP, on a CPU, in minutes, measured
 on tasks a shortcut cannot solve.
 
-python -m negclip_jax.demo --workdir runs/demo [--seed S] [--hard-fraction F] [--fast]
-python -m negclip_jax.demo --workdir runs/compare --compare-seeds 0 1 2   # paper vs hard data
+negclip-demo --workdir runs/demo [--seed S] [--hard-fraction F] [--fast]   (= python -m negclip_jax.demo)
+negclip-demo --workdir runs/compare --compare-seeds 0 1 2   # paper vs hard data
 
 1. Pretrains a small CLIP from scratch on NegShapes *plain* captions with the standard
    CLIP loss: our stand-in for "pretrained CLIP", which never saw negation.
@@ -13,7 +13,7 @@ python -m negclip_jax.demo --workdir runs/compare --compare-seeds 0 1 2   # pape
    paper-style presence/absence, the shortcut-free presence_hard, absence_hard and
    multiple choice, each in-distribution and on held-out compositions, with standard
    errors and the shortcut audit; prints tables, writes DIR/results.json, DIR/demo.png,
-   and exports the result to DIR/export/hf.
+   and exports the result to DIR/export/hf (its model card holds these results).
 `--seed` seeds every phase (pretraining, fine-tuning, evaluation).
 """
 
@@ -32,7 +32,7 @@ import optax
 from jax import lax
 from tqdm.auto import tqdm
 
-from negclip_jax import convert, losses, model as model_lib, train, train_step
+from negclip_jax import convert, export, losses, model as model_lib, train, train_step
 from negclip_jax.embed import bucket_length
 from negclip_jax.data import negshapes, pipeline
 from negclip_jax.tasks import negshapes as negshapes_task
@@ -236,8 +236,8 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
   config.init = str(workdir / "pretrained" / "hf")  # as one loads openai/clip-vit-base-patch32
   result = train.train(config, workdir / f"finetune{tag}")
   after = evaluate_negshapes(result["model"], result["params"], tokenizer, eval_num, seed)
-  convert.save_pretrained(result["model"], result["params"], workdir / f"export{tag}" / "hf",
-                          tokenizer=result["tokenizer"])
+  export.export_run({**result, "eval": {"negshapes": after}}, config,
+                    workdir / f"export{tag}" / "hf", f"demo{tag}")
   results = {"seed": seed, "hard_fraction": hard_fraction, "lambda_text": config.lambda_text,
              "objective": config.objective, "pretrained": before,
              "omni_negclip": after}
@@ -326,7 +326,6 @@ def main(argv=None):
     return compare(args.workdir, args.compare_seeds, **options)
   return run(args.workdir, seed=args.seed, hard_fraction=args.hard_fraction,
              lambda_text=args.lambda_text, objective=args.objective, **options)
-
 
 
 def cli():

@@ -113,8 +113,8 @@ def run_task(task: str, model, params, tokenizer, batch_size: int = 256, progres
 
   options (None = default): data, image_root (files; required where the task has them),
   eval_size, split, num, seed, image_size, protocol, ties, negation_words, num_ops,
-  mcq_layout, embeddings, plot_path, tfds_data_dir, classnames, templates (see `TASKS`). Raises ValueError naming a missing
-  option, TypeError for options the task does not take.
+  mcq_layout, embeddings, plot_path, tfds_data_dir, classnames, templates (see `TASKS`).
+  Raises ValueError naming a missing option, TypeError for options the task does not take.
   """
   embedder = Embedder(model, params, batch_size, progress=progress, dtype=dtype)
   return _run(task, embedder, tokenizer, options)
@@ -225,7 +225,6 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(table)
   return results
-
 
 
 def cli():

@@ -172,13 +172,12 @@ def load(source: str | os.PathLike):
   return model, params, tokenizer, card
 
 
-def export_run(result: dict, config, workdir: Path) -> Path:
-  """The end-of-training export: `train.train`'s result -> WORKDIR/export/hf."""
+def export_run(result: dict, config, out: str | os.PathLike, name: str) -> Path:
+  """HF export of `train.train`'s result (its "eval" on the card) into `out`."""
   card = model_card(result["model"].config, result["params"], json.loads(config.to_json()),
-                    result["step"], result["eval"],
-                    name=f"{workdir.name} (Omni-NegCLIP, negclip-jax)")
-  return export(result["model"], result["params"], result["tokenizer"],
-                workdir / "export" / "hf", ("hf",), card)["hf"]
+                    result["step"], result["eval"], name=f"{name} (Omni-NegCLIP, negclip-jax)")
+  return export(result["model"], result["params"], result["tokenizer"], out, ("hf",),
+                card)["hf"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Path]:
@@ -197,7 +196,6 @@ def main(argv: list[str] | None = None) -> dict[str, Path]:
   for fmt, directory in dirs.items():
     print(f"{fmt}: {directory}")
   return dirs
-
 
 
 def cli():

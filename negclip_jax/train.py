@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from tqdm.auto import tqdm
@@ -206,7 +207,7 @@ def tensorboard_tag(key: str) -> str:
 
 
 def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int,
-           schedule=None):
+           schedule: optax.Schedule):
   """Fetches queued step metrics (one host sync), checks them, logs their mean and the
   learning rate `schedule` gave the last of those steps."""
   if not pending:
@@ -221,8 +222,7 @@ def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int
           "enable grad_clip_norm.")
   mean = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
   mean["samples_per_s"] = samples_per_step * len(steps) / max(time.perf_counter() - t0, 1e-9)
-  if schedule is not None:
-    mean["learning_rate"] = float(schedule(steps[-1]))
+  mean["learning_rate"] = float(schedule(steps[-1]))
   log.write(steps[-1] + 1, mean)
   bar.set_postfix({k: f"{mean[k]:.3g}" for k in ("total", "L3", "L_neg", "L_text", "samples_per_s")
                    if k in mean})
@@ -351,7 +351,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             "tokenizer": tokenizer}
   if main and not stopped_early:
     from negclip_jax import export
-    print(f"Exported to {export.export_run(result, config, workdir)}", flush=True)
+    out = export.export_run(result, config, workdir / "export" / "hf", workdir.name)
+    print(f"Exported to {out}", flush=True)
   return result
 
 
@@ -432,17 +433,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, except that -h/--help prints the flags and every config key with
   its default and meaning (of --config's config if given, else the base) and exits 0."""
   if "-h" in argv or "--help" in argv:
-    given = [a.split("=", 1)[1] if "=" in a else argv[i + 1] for i, a in enumerate(argv[:-1])
-             if a == "--config" or a.startswith("--config=")]
+    given = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    given += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    name = given[0] if given else configs.BASE
+    try:
+      table = configs.help_table(configs.load(name))
+    except ValueError as e:
+      sys.exit(f"error: {e}")
     print(__doc__ + "\nflags:")
     for holder in (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _DISTRIBUTED,
                    _HEARTBEAT_TIMEOUT):
       print(f"  --{holder.name}: {flags.FLAGS[holder.name].help}")
-    name = given[0] if given else configs.BASE
-    print(f"\nconfig keys (--config.KEY=VALUE; defaults of {name}):")
-    print(configs.help_table(configs.load(name)))
+    print(f"\nconfig keys (--config.KEY=VALUE; defaults of {name}):\n{table}")
     sys.exit(0)
-  return flags.FLAGS(argv)
+  return app.parse_flags_with_usage(argv)
 
 
 def cli():

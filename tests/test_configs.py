@@ -44,3 +44,13 @@ def test_help_exits_0_with_config_keys_from_any_directory(tmp_path):
   assert "defaults of " in out.stdout
   line = next(l for l in out.stdout.splitlines() if l.strip().startswith("--config.layers "))
   assert '"back"' in line and "text blocks" in line
+
+
+def test_an_unknown_config_name_is_one_line_without_traceback(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "negclip_jax.train", "--config", "tinny",
+                        "--workdir", str(tmp_path / "run")], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert "--config 'tinny' is neither a file nor a shipped config name" in out.stderr
+  assert not (tmp_path / "run").exists()
