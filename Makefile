@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench install-check clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -24,6 +24,11 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/eval_throughput.py
+
+# Wheel + `pip install ".[EXTRA]"` into a fresh venv, then negclip-train/-export of the tiny
+# preset from outside the repository (downloads the dependencies; minutes).
+install-check:
+	scripts/check_install.sh $(EXTRA)
 
 clean:
 	rm -rf $(VENV) runs

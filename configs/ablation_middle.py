@@ -1,9 +1,3 @@
-"""Ablation: train the middle text blocks instead of the front ones."""
+"""Alias of the shipped config `ablation_middle` (negclip_jax/configs/)."""
 
-from configs import omni_negclip_vitb32
-
-
-def get_config():
-  c = omni_negclip_vitb32.get_config()
-  c.layers = "middle"
-  return c
+from negclip_jax.configs.ablation_middle import get_config  # noqa: F401

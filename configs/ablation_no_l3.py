@@ -1,9 +1,3 @@
-"""Ablation: presence loss without the 2-way caption-vs-negation term L3."""
+"""Alias of the shipped config `ablation_no_l3` (negclip_jax/configs/)."""
 
-from configs import omni_negclip_vitb32
-
-
-def get_config():
-  c = omni_negclip_vitb32.get_config()
-  c.objective = "presence_no_l3"
-  return c
+from negclip_jax.configs.ablation_no_l3 import get_config  # noqa: F401

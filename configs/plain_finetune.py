@@ -1,9 +1,3 @@
-"""Baseline: plain CLIP fine-tuning on the true captions of both datasets (no negation terms)."""
+"""Alias of the shipped config `plain_finetune` (negclip_jax/configs/)."""
 
-from configs import omni_negclip_vitb32
-
-
-def get_config():
-  c = omni_negclip_vitb32.get_config()
-  c.objective = "plain_clip"
-  return c
+from negclip_jax.configs.plain_finetune import get_config  # noqa: F401

@@ -1,19 +1,3 @@
-"""Test config: the tiny preset on a little NegShapes data; seconds per run."""
+"""Alias of the shipped config `tiny` (negclip_jax/configs/)."""
 
-import ml_collections
-
-from configs import demo
-
-
-def get_config():
-  c = demo.get_config()
-  c.model = "tiny"
-  c.data.negshapes_num = 64
-  c.batch_size = 8
-  c.total_steps = 6
-  c.warmup_steps = 2
-  c.learning_rate = 1e-3
-  c.log_every = 2
-  c.save_every = 2
-  c.evals = ml_collections.ConfigDict()
-  return c
+from negclip_jax.configs.tiny import get_config  # noqa: F401

@@ -25,7 +25,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
@@ -253,11 +252,12 @@ class PreemptionWatcher:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def load_run(run_dir: str | os.PathLike, dtype=jnp.float32):
-  """Latest readable params of a training run directory -> (model, params, tokenizer).
+def load_run(run_dir: str | os.PathLike, dtype=jnp.float32, step: int | None = None):
+  """Params of a training run directory -> (model, params, tokenizer).
 
-  For evaluation and `config.init=RUN_DIR`; read-only, so an unreadable step is skipped
-  with a warning, not moved aside. `dtype`: the model's compute dtype.
+  For evaluation, export and `config.init=RUN_DIR`; read-only, so an unreadable step is
+  skipped with a warning, not moved aside. `dtype`: the model's compute dtype; `step`:
+  that checkpoint (default: the newest readable one, see `read_step`).
   """
   from negclip_jax import model as model_lib, tokenizer as tokenizer_lib
   run_dir = storage.path(run_dir)
@@ -265,25 +265,32 @@ def load_run(run_dir: str | os.PathLike, dtype=jnp.float32):
   if not config_file.is_file():
     raise FileNotFoundError(f"{run_dir} has no {MODEL_CONFIG_FILE}: not a negclip_jax run directory")
   config = model_config_from_json(json.loads(config_file.read_text()))
-  manager = ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state",),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  params = _latest_params(manager, run_dir / "checkpoints")
+  _, params, _ = read_step(run_dir, step)
   tok_dir = run_dir / TOKENIZER_DIR
   tokenizer = (tokenizer_lib.ClipTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir()
                else tokenizer_lib.ClipTokenizer())
   return model_lib.CLIP(config, dtype=dtype), params, tokenizer
 
 
-def _latest_params(manager, directory: epath.Path):
-  """Params of the newest step that restores; FileNotFoundError if none does."""
+def read_step(run_dir: str | os.PathLike, step: int | None = None) -> tuple[int, Any, dict]:
+  """(step, params, training config JSON) of checkpoint `step` of a run directory, or of
+  the newest step that restores; FileNotFoundError if none does."""
+  directory = storage.path(run_dir) / "checkpoints"
+  manager = ocp.CheckpointManager(directory, item_names=("state", "config"),
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps(), reverse=True)
-  for step in steps:
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(f"No checkpoint {directory}/{step} (steps: {sorted(steps)})")
+    steps = [step]
+  for s in steps:
     try:
-      return manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore())).state["params"]
+      restored = manager.restore(s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+      return s, restored.state["params"], restored.config
     except Exception as e:  # noqa: BLE001 - any failure means "unreadable": fall back
       logging.warning("Checkpoint %s/%d is unreadable (%s); trying an earlier one.", directory,
-                      step, type(e).__name__)
+                      s, type(e).__name__)
   raise FileNotFoundError(f"No readable checkpoints under {directory}"
                           + (f" (steps {steps} failed to restore)" if steps else ""))
 

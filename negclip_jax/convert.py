@@ -119,7 +119,7 @@ def _to_numpy(value) -> np.ndarray:
       value = value.float()
     return value.numpy()
   value = np.asarray(value)
-  return value.astype(np.float32) if value.dtype == np.float16 else value
+  return value.astype(np.float32) if value.dtype.name in ("float16", "bfloat16") else value
 
 
 # ----------------------------------------------------------------------- HF config
@@ -434,13 +434,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     raise FileNotFoundError(f"No checkpoint file at {path}")
   if path.suffix == ".safetensors":
     from safetensors import SafetensorError
-    from safetensors.torch import load, load_file
+    from safetensors.numpy import load, load_file  # no torch needed (bfloat16 via ml_dtypes)
     try:
       sd = load(path.read_bytes()) if storage.is_remote(path) else load_file(str(path))
     except SafetensorError as e:
       raise ValueError(f"{path}: unreadable safetensors file ({e}); truncated?") from e
   else:
-    from negclip_jax import torch_io
+    try:
+      from negclip_jax import torch_io
+    except ImportError as e:
+      raise ImportError(f"{path}: {e}") from e
     sd = torch_io.load(path, hint="re-save the state dict with safetensors or as a plain "
                        "dict of tensors")
     for wrapper in ("model", "state_dict"):
@@ -567,8 +570,9 @@ def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
   if format == "hf":
     import transformers
     from safetensors.numpy import save
-    (out / "config.json").write_text(
-        transformers.CLIPConfig(**config_to_hf(model.config)).to_json_string())
+    (out / "config.json").write_text(transformers.CLIPConfig(
+        **config_to_hf(model.config), architectures=["CLIPModel"]).to_json_string())
+    # One upload to a bucket; locally an ordinary file (the umask's mode, not safetensors' 0600).
     (out / "model.safetensors").write_bytes(save(sd, metadata={"format": "pt"}))
     (out / "preprocessor_config.json").write_text(json.dumps(
         _image_processor_config(model.config.vision.image_size), indent=2))

@@ -1,19 +1,19 @@
 """The offline quickstart: Omni-NegCLIP on a small CLIP, on a CPU, in minutes, measured
 on tasks a shortcut cannot solve.
 
-python -m negclip_jax.demo --workdir runs/demo [--seed S] [--hard-fraction F] [--fast]
-python -m negclip_jax.demo --workdir runs/compare --compare-seeds 0 1 2   # paper vs hard data
+negclip-demo --workdir runs/demo [--seed S] [--hard-fraction F] [--fast]   (= python -m negclip_jax.demo)
+negclip-demo --workdir runs/compare --compare-seeds 0 1 2   # paper vs hard data
 
 1. Pretrains a small CLIP from scratch on NegShapes *plain* captions with the standard
    CLIP loss: our stand-in for "pretrained CLIP", which never saw negation.
 2. Exports it as a Hugging Face directory (`DIR/pretrained/hf`) and starts Omni-NegCLIP
    fine-tuning from it exactly as a user would from `openai/clip-vit-base-patch32`.
-3. Fine-tunes the front text layers with both objectives (`configs/demo.py`).
+3. Fine-tunes the front text layers with both objectives (`negclip_jax/configs/demo.py`).
 4. Evaluates both models on every NegShapes task (`negclip_jax.tasks.negshapes`):
    paper-style presence/absence, the shortcut-free presence_hard, absence_hard and
    multiple choice, each in-distribution and on held-out compositions, with standard
    errors and the shortcut audit; prints tables, writes DIR/results.json, DIR/demo.png,
-   and exports the result to DIR/export/hf.
+   and exports the result to DIR/export/hf (its model card holds these results).
 `--seed` seeds every phase (pretraining, fine-tuning, evaluation).
 """
 
@@ -33,7 +33,7 @@ import optax
 from jax import lax
 from tqdm.auto import tqdm
 
-from negclip_jax import convert, losses, model as model_lib, train, train_step
+from negclip_jax import convert, export, losses, model as model_lib, train, train_step
 from negclip_jax.embed import bucket_length
 from negclip_jax.data import negshapes, pipeline
 from negclip_jax.tasks import negshapes as negshapes_task
@@ -202,7 +202,7 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
   hard negatives (outputs get the suffix "_hard<fraction>"); `lambda_text` overrides the
   weight of L_text (suffix "_ltext<value>"), `objective` config.objective (suffix "_<name>").
   """
-  from configs import demo as demo_config
+  from negclip_jax.configs import demo as demo_config
   t_start = time.perf_counter()
   workdir = Path(workdir).absolute()
   tag = (f"_hard{hard_fraction:g}" if hard_fraction else "") + (
@@ -237,8 +237,8 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
   config.init = str(workdir / "pretrained" / "hf")  # as one loads openai/clip-vit-base-patch32
   result = train.train(config, workdir / f"finetune{tag}")
   after = evaluate_negshapes(result["model"], result["params"], tokenizer, eval_num, seed)
-  convert.save_pretrained(result["model"], result["params"], workdir / f"export{tag}" / "hf",
-                          tokenizer=result["tokenizer"])
+  export.export_run({**result, "eval": {"negshapes": after}}, config,
+                    workdir / f"export{tag}" / "hf", f"demo{tag}")
   results = {"seed": seed, "hard_fraction": hard_fraction, "lambda_text": config.lambda_text,
              "objective": config.objective, "pretrained": before,
              "omni_negclip": after}
@@ -301,18 +301,23 @@ PRETRAIN_LR = 1e-3
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", default="runs/demo")
+  parser = argparse.ArgumentParser(prog="negclip-demo", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", default="runs/demo",
+                      help="output folder (pretrained model, runs, results, plot, export)")
   parser.add_argument("--fast", action="store_true", help="a few steps of a tiny model (tests)")
-  parser.add_argument("--pretrain-steps", type=int)
-  parser.add_argument("--finetune-steps", type=int)
-  parser.add_argument("--eval-num", type=int, help="examples per NegShapes task")
+  parser.add_argument("--pretrain-steps", type=int,
+                      help=f"plain-caption pretraining steps (default {PRETRAIN_STEPS})")
+  parser.add_argument("--finetune-steps", type=int,
+                      help="Omni-NegCLIP steps (default: the demo config's total_steps)")
+  parser.add_argument("--eval-num", type=int,
+                      help="examples per NegShapes task (default: the demo config's eval_num)")
   parser.add_argument("--seed", type=int, default=0,
                       help="seeds every phase: pretraining, fine-tuning, evaluation")
   parser.add_argument("--hard-fraction", type=float, default=0.0,
                       help="fraction of fine-tuning presence pairs that are hard negatives")
   parser.add_argument("--lambda-text", type=float, help="weight of L_text (config default)")
-  parser.add_argument("--objective", help="config.objective (default: configs/demo.py's)")
+  parser.add_argument("--objective", help="config.objective (default: the demo config's)")
   parser.add_argument("--compare-seeds", type=int, nargs="+",
                       help="per seed: paper-style data vs hard negatives (`VARIANTS`)")
   args = parser.parse_args(argv)
@@ -324,5 +329,10 @@ def main(argv=None):
              lambda_text=args.lambda_text, objective=args.objective, **options)
 
 
-if __name__ == "__main__":
+def cli():
+  """Console script `negclip-demo` (= python -m negclip_jax.demo); exit status 0 on success."""
   main()
+
+
+if __name__ == "__main__":
+  cli()

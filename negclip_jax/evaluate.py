@@ -1,6 +1,6 @@
-"""Evaluate a CLIP on the negation benchmarks (and plain retrieval).
+"""Evaluate a CLIP on the negation benchmarks (and plain retrieval, zero-shot classification).
 
-CLI::
+CLI (`negclip-eval` is the same)::
 
   python -m negclip_jax.evaluate --model PATH --task TASK [task options]
       [--protocol original|hf] [--dtype float32|bfloat16|float16]
@@ -33,7 +33,7 @@ from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE
 from negclip_jax.embed import DTYPES, Embedder
 from negclip_jax.preprocess import PREPROCESS
 from negclip_jax.tasks import ccneg, layers, negationclip, negbench, negrefcocog, negshapes
-from negclip_jax.tasks import retrieval
+from negclip_jax.tasks import retrieval, zeroshot
 from negclip_jax.tasks.metrics import TIES
 from negclip_jax.tasks.negbench import ANSWER_TYPES
 from negclip_jax.tokenizer import ClipTokenizer
@@ -75,6 +75,10 @@ TASKS = {
     "negshapes": Task(negshapes.run, {}, ("num", "seed", "image_size")),
     "layers": Task(layers.run, {"data": "CC-Neg .pt/.jsonl (train split), or 'negshapes'"},
                    ("num", "seed", "eval_size", "embeddings", "plot_path")),
+    "zeroshot": Task(zeroshot.run, {"data": "TFDS dataset name prepared under --tfds-data-dir "
+                                            "(e.g. imagenet2012), or an image folder "
+                                            "<split>/<class>/<image>"},
+                     ("tfds_data_dir", "split", "classnames", "templates", "protocol", "num")),
 }
 
 
@@ -110,8 +114,8 @@ def run_task(task: str, model, params, tokenizer, batch_size: int = 256, progres
 
   options (None = default): data, image_root (files; required where the task has them),
   eval_size, split, num, seed, image_size, protocol, ties, negation_words, num_ops,
-  mcq_layout, embeddings, plot_path (see `TASKS`). Raises ValueError naming a missing
-  option, TypeError for options the task does not take.
+  mcq_layout, embeddings, plot_path, tfds_data_dir, classnames, templates (see `TASKS`).
+  Raises ValueError naming a missing option, TypeError for options the task does not take.
   """
   embedder = Embedder(model, params, batch_size, progress=progress, dtype=dtype)
   return _run(task, embedder, tokenizer, options)
@@ -157,9 +161,16 @@ def _parser() -> argparse.ArgumentParser:
       p.add_argument(f"--{task}-{option.replace('_', '-')}", help=f"{task}: {help_}")
   p.add_argument("--eval-size", type=int, default=CCNEG_EVAL_SIZE,
                  help="ccneg, layers: the last N CC-Neg records are the eval split")
-  p.add_argument("--split", default="test", help="retrieval: Karpathy split")
+  p.add_argument("--split", default="test", help="retrieval: Karpathy split; zeroshot: TFDS "
+                 "split (imagenet2012: validation)")
   p.add_argument("--num", type=int, help="negshapes: examples (default 500); layers: first N "
-                 "pairs (default all CC-Neg train records, 500 NegShapes pairs)")
+                 "pairs (default all CC-Neg train records, 500 NegShapes pairs); zeroshot: "
+                 "first N images (default all)")
+  p.add_argument("--tfds-data-dir", help="zeroshot: TFDS data_dir holding the prepared dataset")
+  p.add_argument("--classnames", help=f"zeroshot: {sorted(zeroshot.CLASSNAMES)} or a JSON list "
+                 "in label order (default: the dataset's label names; OpenAI's for imagenet2012)")
+  p.add_argument("--templates", help=f"zeroshot: {list(zeroshot.TEMPLATES)} (default "
+                 "openai_imagenet, OpenAI's 80) or a JSON list of '...{}...' prompts")
   p.add_argument("--seed", type=int, default=0, help="negshapes, layers: generator seed")
   p.add_argument("--image-size", type=int, help="negshapes: rendered size (default model's)")
   p.add_argument("--ties", choices=[*TIES, "both"], default="optimistic",
@@ -221,5 +232,10 @@ def main(argv: list[str] | None = None) -> dict:
   return results
 
 
-if __name__ == "__main__":
+def cli():
+  """Console script `negclip-eval` (= python -m negclip_jax.evaluate); exit status 0 on success."""
   main()
+
+
+if __name__ == "__main__":
+  cli()

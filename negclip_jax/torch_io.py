@@ -26,7 +26,11 @@ import pickle
 import zipfile
 from typing import Any
 
-import torch
+try:
+  import torch
+except ImportError as e:  # torch is the optional extra `negclip-jax[torch]`
+  raise ImportError("reading PyTorch files (.pt, .bin) needs torch: "
+                    "pip install 'negclip-jax[torch]'") from e
 
 from negclip_jax import storage as storage_lib
 

@@ -1,7 +1,7 @@
 r"""Omni-NegCLIP training: config -> data -> pmapped steps -> logs -> Orbax checkpoints.
 
-python -m negclip_jax.train --config configs/omni_negclip_vitb32.py --workdir DIR \
-    [--config.key=value ...]
+negclip-train --config omni_negclip_vitb32 --workdir DIR [--config.key=value ...]
+(= python -m negclip_jax.train; --config takes a file path or a shipped config name)
 
 Re-running the same command resumes from the latest checkpoint in DIR. Multi-process
 runs (TPU pods, SLURM, `launch/local_cluster.sh`) call `jax.distributed.initialize`
@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from etils import epath
-from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from negclip_jax import (batch as batch_lib, checkpoint, convert, evaluate, evaluators, losses,
-                         model as model_lib, partition, storage, train_step)
+from negclip_jax import (batch as batch_lib, checkpoint, configs, convert, evaluate, evaluators,
+                         losses, model as model_lib, partition, storage, train_step)
 from negclip_jax.data import image_cache, negshapes, pipeline
 from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.tokenizer import ClipTokenizer
@@ -205,7 +205,7 @@ class MetricsLog:
       return
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     for k, v in metrics.items():
-      self.tb.add_scalar(k, v, step)
+      self.tb.add_scalar(tensorboard_tag(k), v, step)
     self.tb.flush()
     self.tb_dir.sync()
 
@@ -229,8 +229,16 @@ def _drop_rows_after(path: epath.Path, step: int) -> None:
     storage.write_atomic(path, "".join(keep).encode())
 
 
-def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int):
-  """Fetches queued step metrics (one host sync), checks them, logs their mean."""
+def tensorboard_tag(key: str) -> str:
+  """TensorBoard tag of a metrics key: training metrics grouped as train/...; the
+  evaluators' keys are eval/<name>/<metric> already."""
+  return key if "/" in key else f"train/{key}"
+
+
+def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int,
+           schedule: optax.Schedule):
+  """Fetches queued step metrics (one host sync), checks them, logs their mean and the
+  learning rate `schedule` gave the last of those steps."""
   if not pending:
     return None
   steps, values = zip(*pending)
@@ -243,6 +251,7 @@ def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int
           "enable grad_clip_norm.")
   mean = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
   mean["samples_per_s"] = samples_per_step * len(steps) / max(time.perf_counter() - t0, 1e-9)
+  mean["learning_rate"] = float(schedule(steps[-1]))
   log.write(steps[-1] + 1, mean)
   bar.set_postfix({k: f"{mean[k]:.3g}" for k in ("total", "L3", "L_neg", "L_text", "samples_per_s")
                    if k in mean})
@@ -256,7 +265,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   Returns {"step", "last_metrics", "eval" ({evaluator name: final metrics}; empty if
   stopped early), "stopped_early", "model", "params" (host copy), "tokenizer"}. The
   evaluators of `config.evals` (validated before anything loads) run at their cadence and
-  once at the end; results go to the metrics log as ``eval/<name>/<metric>``.
+  once at the end; results go to the metrics log as ``eval/<name>/<metric>``. A run that
+  finishes exports to WORKDIR/export/hf (`negclip_jax.export`).
   """
   validate_config(config)
   evals = evaluators.from_config(config.evals)
@@ -273,6 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     print(partition.summary(params, labels), flush=True)
   total_steps = num_train_steps(config, len(presence), len(absence))
   tx = optimizer_from_config(config, labels, total_steps)
+  schedule = partition.learning_rate_schedule(config.schedule, config.learning_rate,
+                                              config.warmup_steps, total_steps)
   state = train_step.create_train_state(params, tx)
 
   ckpt = checkpoint.Checkpointer(workdir, config.save_every, config.max_to_keep)
@@ -334,7 +346,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       stop = preempt.should_stop(step, ckpt, boundary=due or step % config.log_every == 0)
       save = stop or due
       if save or step % config.log_every == 0:
-        last = _flush(pending, log, bar, t0, config.batch_size) or last
+        last = _flush(pending, log, bar, t0, config.batch_size, schedule) or last
         t0 = time.perf_counter()
       if save:
         ckpt.save(step, _first_replica(rstate), data.state_dict(), config_json,
@@ -358,8 +370,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       final_eval[ev.name] = ev.run(model, _host_params(rstate), tokenizer)
       log.write(step, ev.log_keys(final_eval[ev.name]))
   log.close()
-  return {"step": step, "last_metrics": last, "eval": final_eval, "stopped_early": stopped_early,
-          "model": model, "params": _host_params(rstate), "tokenizer": tokenizer}
+  result = {"step": step, "last_metrics": last, "eval": final_eval,
+            "stopped_early": stopped_early, "model": model, "params": _host_params(rstate),
+            "tokenizer": tokenizer}
+  if main and not stopped_early:
+    from negclip_jax import export
+    out = export.export_run(result, config, workdir / "export" / "hf", workdir.name)
+    print(f"Exported to {out}", flush=True)
+  return result
 
 
 def _first_replica(tree):
@@ -378,8 +396,8 @@ def _host_params(rstate):
 
 # ---------------------------------------------------------------------------- CLI
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file.",
-                                          lock_config=True)
+_CONFIG = configs.define_flag("config", "Config file path, or a shipped config name: "
+                             + ", ".join(configs.NAMES))
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0 for multi-process runs; on TPU pods "
@@ -436,8 +454,24 @@ def main(argv):
                     **(result["last_metrics"] or {})}), flush=True)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing; a bad flag or `--config.KEY=VALUE` override exits with one line."""
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, except that -h/--help prints the flags and every config key with
+  its default and meaning (of --config's config if given, else the base) and exits 0; a
+  bad flag or `--config.KEY=VALUE` override exits with one line."""
+  if "-h" in argv or "--help" in argv:
+    given = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+    given += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    name = given[0] if given else configs.BASE
+    try:
+      table = configs.help_table(configs.load(name))
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    print(__doc__ + "\nflags:")
+    for holder in (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _DISTRIBUTED,
+                   _HEARTBEAT_TIMEOUT):
+      print(f"  --{holder.name}: {flags.FLAGS[holder.name].help}")
+    print(f"\nconfig keys (--config.KEY=VALUE; defaults of {name}):\n{table}")
+    sys.exit(0)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -449,6 +483,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(f"error: bad --config override: {' '.join(message.split())}")
 
 
-if __name__ == "__main__":
+def cli():
+  """Console script `negclip-train` (= python -m negclip_jax.train)."""
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  cli()

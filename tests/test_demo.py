@@ -52,6 +52,8 @@ def test_demo_fast_writes_everything_and_follows_seed(tmp_path, monkeypatch):
   for export in ("pretrained/hf", "export/hf"):
     assert (tmp_path / export / "model.safetensors").is_file()
     assert (tmp_path / export / "vocab.json").is_file()
+  card = (tmp_path / "export/hf/README.md").read_text()  # the model card holds the results
+  assert f"| negshapes.presence_acc | {results['omni_negclip']['presence_acc']:.4f} |" in card
   # The fine-tuned export is a real transformers CLIP with the same text features.
   model, params = load_pretrained(tmp_path / "export/hf")
   hf = transformers.CLIPModel.from_pretrained(tmp_path / "export/hf").eval()

@@ -32,22 +32,9 @@ def _feature_at(builder, path: tuple[str, ...]):
     return feature
 
 
-def load_tfds_captions(
-    name: str = "coco_captions",
-    split: str = "test",
-    *,
-    data_dir: str | os.PathLike,
-    image_key: str | Sequence[str] = "image",
-    caption_key: str | Sequence[str] = ("captions", "text"),
-) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """Yield ``(image uint8[H, W, 3], captions)`` per example of a prepared TFDS split.
-
-    ``name`` may carry a config/version (``"coco_captions/2014:1.1.0"``); keys are
-    nested feature paths. Checks run before the iterator is returned, so a missing or
-    unprepared dataset raises DataError at call time. Example order is TFDS's
-    deterministic order (``shuffle_files=False``), not the original file order.
-    """
-    import tensorflow_datasets as tfds  # Heavy import, only needed here.
+def _prepared_builder(name: str, data_dir: str | os.PathLike):
+    """The TFDS builder of ``name`` prepared under ``data_dir``, else DataError saying how."""
+    import tensorflow_datasets as tfds
 
     data_dir = os.fspath(data_dir)
     if not storage.isdir(data_dir):
@@ -66,6 +53,27 @@ def load_tfds_captions(
         raise DataError(builder.data_dir, f"TFDS dataset {builder.info.full_name!r} (version "
                         f"{builder.info.version}) is not prepared under data_dir {data_dir!r}; "
                         f"{how}")
+    return builder
+
+
+def load_tfds_captions(
+    name: str = "coco_captions",
+    split: str = "test",
+    *,
+    data_dir: str | os.PathLike,
+    image_key: str | Sequence[str] = "image",
+    caption_key: str | Sequence[str] = ("captions", "text"),
+) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """Yield ``(image uint8[H, W, 3], captions)`` per example of a prepared TFDS split.
+
+    ``name`` may carry a config/version (``"coco_captions/2014:1.1.0"``); keys are
+    nested feature paths. Checks run before the iterator is returned, so a missing or
+    unprepared dataset raises DataError at call time. Example order is TFDS's
+    deterministic order (``shuffle_files=False``), not the original file order.
+    """
+    import tensorflow_datasets as tfds  # Heavy import, only needed here.
+
+    builder = _prepared_builder(name, data_dir)
     image_path, caption_path = _key_path(image_key), _key_path(caption_key)
     image_feature = _feature_at(builder, image_path)
     if not (isinstance(image_feature, tfds.features.Image)
@@ -98,3 +106,54 @@ def load_tfds_captions(
             yield image, captions
 
     return examples()
+
+
+def load_tfds_images(
+    name: str,
+    split: str = "test",
+    *,
+    data_dir: str | os.PathLike | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+) -> tuple[Iterator[tuple[np.ndarray, int, str]], list[str], int]:
+    """``(examples, label names, count)`` of a labelled image split.
+
+    ``name`` is a TFDS dataset prepared under ``data_dir`` (``imagenet2012``,
+    ``cifar100``, ...) or, with ``data_dir`` None, an image folder
+    ``name/<split>/<label>/<image>`` read by TFDS's ``ImageFolder``. ``examples`` yields
+    ``(image uint8[H, W, 3], label index, key)``: the key is the file name where the
+    dataset records one (``image/filename``), else the example index. TFDS's
+    deterministic order (``shuffle_files=False``).
+    """
+    import tensorflow_datasets as tfds
+
+    if data_dir is None:
+        if not os.path.isdir(name):
+            raise DataError(name, "not an image folder (<split>/<label>/<image>); for a TFDS "
+                            "dataset name also give its data_dir")
+        builder = tfds.folder_dataset.ImageFolder(os.fspath(name))
+    else:
+        builder = _prepared_builder(name, data_dir)
+    image_feature = _feature_at(builder, (image_key,))
+    if not (isinstance(image_feature, tfds.features.Image) and image_feature.np_dtype == np.uint8
+            and image_feature.shape[-1] in (None, 3)):
+        raise DataError(builder.data_dir, f"expected a uint8 RGB Image feature, got "
+                        f"{image_feature!r}", key=image_key)
+    label_feature = _feature_at(builder, (label_key,))
+    if not isinstance(label_feature, tfds.features.ClassLabel):
+        raise DataError(builder.data_dir, f"expected a ClassLabel feature, got {label_feature!r}",
+                        key=label_key)
+    try:
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+        count = builder.info.splits[split].num_examples
+    except (KeyError, ValueError) as e:
+        raise DataError(builder.data_dir, f"cannot read split {split!r} (available: "
+                        f"{sorted(builder.info.splits)})") from e
+
+    def examples() -> Iterator[tuple[np.ndarray, int, str]]:
+        for i, example in enumerate(tfds.as_numpy(dataset)):
+            key = example.get("image/filename", str(i))
+            yield (example[image_key], int(example[label_key]),
+                   key.decode("utf-8") if isinstance(key, bytes) else key)
+
+    return examples(), list(label_feature.names), count
