@@ -63,6 +63,11 @@ def get_config():
   c.margin = 0.9
   c.global_negatives = True          # gather embeddings over all devices/hosts
 
+  # Parallelism (may change on resume): "pmap" replicates the state on every device; "fsdp"
+  # shards params and optimizer state over `fsdp` devices (-1: all) in one jitted step.
+  c.parallelism = "pmap"             # pmap | fsdp (docs/performance.md: memory per device)
+  c.fsdp = -1
+
   # Bookkeeping.
   c.log_every = 50
   c.save_every = 1000

@@ -35,7 +35,7 @@ TOKENIZER_DIR = "tokenizer"
 UNREADABLE_DIR = "unreadable_checkpoints"
 # Config keys (dotted) that may change on resume: they do not alter the training state.
 STATE_NEUTRAL_KEYS = ("log_every", "save_every", "max_to_keep", "eval_every", "eval_task",
-                      "eval_num", "data.cache_dir")
+                      "eval_num", "data.cache_dir", "parallelism", "fsdp")
 STATE_NEUTRAL_PREFIXES = ("evals.",)
 # Compared by the caller through the schedule length they imply (see `train.resume_check`).
 SCHEDULE_LENGTH_KEYS = ("num_epochs", "total_steps")
@@ -139,14 +139,18 @@ class Checkpointer:
     return self.manager.should_save(step)
 
   def save(self, step: int, state, data_state: dict, config: dict, force: bool = False) -> bool:
-    """Saves host copies of `state` (unreplicated) at `step`; async unless disabled."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(jax.device_get(state)),
+    """Saves `state` (one global jax.Array per leaf, e.g. `sharding.Fsdp.to_save`) at `step`;
+    async unless disabled. Nothing is gathered: each process writes the shards it holds."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config))
     return self.manager.save(step, args=args, force=force)
 
   def restore_latest(self, abstract_state, check_config: Callable[[dict, int], None] | None = None
                      ) -> tuple[Any, dict, int] | None:
     """Restores the newest readable checkpoint -> (state, data_state, step), or None.
+
+    `abstract_state`: ShapeDtypeStructs with the target shardings (`restore_target` of
+    `sharding.Pmap` / `Fsdp`); any mesh, whatever mesh the step was saved from.
 
     `check_config(saved_config, step)` runs on each readable step first and raises to stop
     (e.g. `ResumeError`); so does a saved state tree that differs from `abstract_state`.
@@ -265,7 +269,8 @@ def load_run(run_dir: str | os.PathLike, dtype=jnp.float32):
   if not config_file.is_file():
     raise FileNotFoundError(f"{run_dir} has no {MODEL_CONFIG_FILE}: not a negclip_jax run directory")
   config = model_config_from_json(json.loads(config_file.read_text()))
-  manager = ocp.CheckpointManager(run_dir / "checkpoints", item_names=("state",),
+  manager = ocp.CheckpointManager(run_dir / "checkpoints",
+                                  item_handlers={"state": ocp.StandardCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   params = _latest_params(manager, run_dir / "checkpoints")
   tok_dir = run_dir / TOKENIZER_DIR
@@ -279,8 +284,12 @@ def _latest_params(manager, directory: Path):
   steps = sorted(manager.all_steps(), reverse=True)
   for step in steps:
     try:
+      # Onto this process's first device, whatever mesh the step was saved from.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            manager.item_metadata(step)["state"].tree)
       return manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore())).state["params"]
+          state=ocp.args.StandardRestore(target))).state["params"]
     except Exception as e:  # noqa: BLE001 - any failure means "unreadable": fall back
       logging.warning("Checkpoint %s/%d is unreadable (%s); trying an earlier one.", directory,
                       step, type(e).__name__)

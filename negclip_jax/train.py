@@ -26,7 +26,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from negclip_jax import checkpoint, convert, losses, model as model_lib, partition, train_step
+from negclip_jax import (checkpoint, convert, losses, model as model_lib, partition, sharding,
+                         train_step)
 from negclip_jax.data import image_cache, negshapes, pipeline
 from negclip_jax.tokenizer import ClipTokenizer
 
@@ -198,12 +199,12 @@ class MetricsLog:
       self.tb.close()
 
 
-def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int):
-  """Fetches queued step metrics (one host sync), checks them, logs their mean."""
+def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int, host):
+  """Fetches queued step metrics (`host`: device -> numpy), checks them, logs their mean."""
   if not pending:
     return None
   steps, values = zip(*pending)
-  values = jax.device_get([_first_replica(v) for v in values])
+  values = [host(v) for v in values]
   for step, m in zip(steps, values):
     if not all(np.isfinite(x) for x in m.values()):
       raise NonFiniteLossError(
@@ -252,11 +253,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     print(partition.summary(params, labels), flush=True)
   total_steps = num_train_steps(config, len(presence), len(absence))
   tx = optimizer_from_config(config, labels, total_steps)
-  state = train_step.create_train_state(params, tx)
+  placement = sharding.for_config(config)  # pmap replicas or an fsdp mesh
+  abstract_state = jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params)
 
   ckpt = checkpoint.Checkpointer(workdir, config.save_every, config.max_to_keep)
   try:
-    restored = ckpt.restore_latest(jax.device_get(state), resume_check(
+    restored = ckpt.restore_latest(placement.restore_target(abstract_state), resume_check(
         config, workdir, total_steps, (len(presence), len(absence)),
         model.config.text.num_hidden_layers))
   except checkpoint.ResumeError:
@@ -265,8 +267,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   start = 0
   if restored is not None:
     state, data_state, start = restored
+    rstate = placement.place(state)
+    del state
     if main:
       print(f"Resuming from {ckpt.directory}/{start}", flush=True)
+  else:
+    rstate = placement.init_state(params, tx)
   if main:
     (workdir / checkpoint.MODEL_CONFIG_FILE).write_text(
         json.dumps(checkpoint.model_config_to_json(model.config), indent=2))
@@ -284,12 +290,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   if restored is not None:
     data.load_state_dict(data_state)
 
-  step_fn = train_step.pmap_train_step(train_step.make_train_step(
+  step_fn = placement.compile(train_step.make_train_step(
       model, labels, tx, objective=config.objective, lambda_stage2=config.lambda_stage2,
       lambda_orig=config.lambda_orig, lambda_text=config.lambda_text, margin=config.margin,
-      global_negatives=config.global_negatives))
-  rstate = train_step.replicate(state)
-  del state, params
+      global_negatives=config.global_negatives, axis_name=placement.axis_name), rstate)
+  del params
   config_json = json.loads(config.to_json())
   log = MetricsLog(workdir)
   preempt = checkpoint.PreemptionWatcher()
@@ -302,7 +307,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   try:
     for batch in data:
       batch.pop("step")
-      rstate, metrics = step_fn(rstate, batch)
+      rstate, metrics = step_fn(rstate, placement.batch(batch))
       pending.append((step, metrics))
       step += 1
       bar.update(1)
@@ -310,13 +315,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       stop = preempt.should_stop(step, ckpt, boundary=due or step % config.log_every == 0)
       save = stop or due
       if save or step % config.log_every == 0:
-        last = _flush(pending, log, bar, t0, config.batch_size) or last
+        last = _flush(pending, log, bar, t0, config.batch_size, placement.host) or last
         t0 = time.perf_counter()
       if save:
-        ckpt.save(step, _first_replica(rstate), data.state_dict(), config_json,
+        ckpt.save(step, placement.to_save(rstate), data.state_dict(), config_json,
                   force=True)
       if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
-        last_eval = step, eval_fn(model, _host_params(rstate), tokenizer)
+        last_eval = step, eval_fn(model, placement.host(rstate.params), tokenizer)
         log.write(*last_eval)
       if stop:
         stopped_early = step < total_steps
@@ -329,25 +334,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if last_eval[0] == step:  # the loop has just evaluated this step
       final_eval = last_eval[1]
     else:
-      final_eval = eval_fn(model, _host_params(rstate), tokenizer)
+      final_eval = eval_fn(model, placement.host(rstate.params), tokenizer)
       log.write(step, final_eval)
   log.close()
   return {"step": step, "last_metrics": last, "eval": final_eval, "stopped_early": stopped_early,
-          "model": model, "params": _host_params(rstate), "tokenizer": tokenizer}
-
-
-def _first_replica(tree):
-  """Host (numpy) copy of local device 0's replica of each pmapped leaf [devices, ...].
-
-  Copies the shard instead of indexing the global array: `x[0]` would compile a gather
-  over the local devices, which on multi-process CPU runs is a gloo collective that can
-  deadlock against the pmapped step.
-  """
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
-
-
-def _host_params(rstate):
-  return _first_replica(rstate.params)
+          "model": model, "params": placement.host(rstate.params), "tokenizer": tokenizer}
 
 
 # ---------------------------------------------------------------------------- CLI

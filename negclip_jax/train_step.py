@@ -66,10 +66,20 @@ def image_embeddings(model, params, batch) -> dict:
 def make_train_step(model, labels, tx: optax.GradientTransformation, *, objective="omni_negclip",
                     lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1.0, margin=0.9,
                     global_negatives=True, axis_name=AXIS):
-  """Returns step(state, batch) -> (state, metrics), to run under pmap/shard_map."""
+  """Returns step(state, batch) -> (state, metrics), to run under pmap/shard_map.
+
+  axis_name=None: the step sees the global batch as one array (`jax.jit` over a sharded
+  mesh, `negclip_jax.sharding.Fsdp`): no collectives; the compiler inserts them. Needs
+  global_negatives (the whole batch is the negatives).
+  """
+  if axis_name is None and not global_negatives:
+    raise ValueError("global_negatives=False needs per-device batches: use "
+                     "parallelism='pmap' (the fsdp step sees the global batch)")
 
   def gather(x):
-    return lax.all_gather(x, axis_name, axis=0, tiled=True) if global_negatives else x
+    if axis_name is None or not global_negatives:
+      return x
+    return lax.all_gather(x, axis_name, axis=0, tiled=True)
 
   def step(state: TrainState, batch):
     trainable, frozen = partition.split(state.params, labels)
@@ -100,8 +110,9 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
       return jax.vmap(gather)(text) if global_negatives else text
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    grads = lax.pmean(grads, axis_name)
-    metrics = lax.pmean(metrics, axis_name)
+    if axis_name is not None:
+      grads = lax.pmean(grads, axis_name)
+      metrics = lax.pmean(metrics, axis_name)
     # Frozen leaves get scalar zero "gradients": nothing is computed or stored for them.
     full_grads = partition.merge(grads, {k: jnp.zeros((), v.dtype) for k, v in frozen.items()})
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
