@@ -11,7 +11,7 @@ import numpy as np
 from flax import traverse_util
 
 from negclip_jax import sharding, train_step
-from test_train_step import make_batch, run_pmap, setup
+from test_train_step import MODEL, make_batch, run_pmap, setup
 
 STEPS = 3
 MESHES = ((8, 1), (2, 4), (1, 8))
@@ -39,10 +39,10 @@ def max_diff(a, b):
 def main():
   jax.config.update("jax_default_matmul_precision", "highest")
   assert jax.device_count() == 8, jax.devices()
-  params, labels, tx, _ = setup()
+  params, labels, tx, pmap_step = setup()
   batches = [make_batch(8, seed=s, pixels=False) for s in range(STEPS)]
-  pmap_state, pmap_metrics = run_pmap(setup()[3], params, tx, batches, jax.devices())
-  step = setup(axis_name=None)[3]
+  pmap_state, pmap_metrics = run_pmap(pmap_step, params, tx, batches, jax.devices())
+  step = train_step.make_train_step(MODEL, labels, tx, axis_name=None)
   out = {}
   for shape in MESHES:
     mesh = sharding.make_mesh(shape[1])
