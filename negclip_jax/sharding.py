@@ -12,7 +12,8 @@ each host batch, hand Orbax the arrays to save, and describe the restore target.
 
 Why sharding annotations, not `shard_map`: the step is written once, on global arrays
 (`make_train_step(axis_name=None)`: the global batch is the gather, no `pmean`), and only
-its inputs and outputs carry shardings. XLA's SPMD partitioner then inserts the per-layer
+its inputs and outputs carry shardings, plus one constraint keeping the text tower's rows
+batch-sharded (`row_sharding`). XLA's SPMD partitioner then inserts the per-layer
 all-gathers of the parameters, the reduce-scatters of their gradients and the gathers of
 the embeddings for global-batch negatives. Under `shard_map` every Flax layer would have to
 gather its own weights by hand (the model would need to know the mesh), and the optimizer
@@ -85,7 +86,8 @@ def fsdp_train_step(step_fn: Callable, mesh: Mesh, shardings) -> Callable:
 
 class Pmap:
   """The state replicated on every local device ([devices, ...]), the per-device step."""
-  axis_name = train_step.AXIS
+  step_options = {"axis_name": train_step.AXIS}  # for `train_step.make_train_step`
+  mesh = None  # `Embedder` replicates
 
   def __init__(self):
     self.replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("replica",)), P())
@@ -121,13 +123,15 @@ class Pmap:
     a gather over local devices, a gloo collective on multi-process CPU)."""
     return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
+  eval_params = host  # what `Embedder(mesh=None)` replicates
+
 
 class Fsdp:
   """State sharded over the mesh's "fsdp" axis, batch over all devices, one jitted step."""
-  axis_name = None
 
   def __init__(self, mesh: Mesh):
     self.mesh = mesh
+    self.step_options = {"axis_name": None, "row_sharding": batch_sharding(mesh)}
 
   def shardings(self, abstract_tree):
     return state_shardings(abstract_tree, self.mesh)
@@ -157,6 +161,9 @@ class Fsdp:
 
   def to_save(self, state):
     return state  # the sharded arrays: each process writes the shards it holds
+
+  def eval_params(self, params):
+    return params  # `Embedder(mesh=self.mesh)` uses the shards in place
 
   def host(self, tree):
     """Host copy of the global value on every process (a gather across processes for

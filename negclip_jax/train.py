@@ -1,4 +1,4 @@
-r"""Omni-NegCLIP training: config -> data -> pmapped steps -> logs -> Orbax checkpoints.
+r"""Omni-NegCLIP training: config -> data -> pmap/fsdp steps -> logs -> Orbax checkpoints.
 
 python -m negclip_jax.train --config configs/omni_negclip_vitb32.py --workdir DIR \
     [--config.key=value ...]
@@ -43,13 +43,19 @@ class ConfigError(ValueError):
 
 
 def validate_config(config):
-  """ConfigError (one line) for a bad `objective` or `layers` value."""
+  """ConfigError (one line) for a bad `objective`, `layers` or `parallelism` value."""
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
   try:
     partition.parse_layers(config.layers)
   except ValueError as e:
     raise ConfigError(f"config.layers: {e}") from e
+  parallelism = config.get("parallelism", "pmap")
+  if parallelism not in sharding.PARALLELISMS:
+    raise ConfigError(f"config.parallelism={parallelism!r}; choose from {sharding.PARALLELISMS}")
+  if parallelism == "fsdp" and not config.global_negatives:
+    raise ConfigError("config.global_negatives=False needs config.parallelism='pmap' (the "
+                      "fsdp step sees the global batch, so every example is a negative)")
 
 
 # ------------------------------------------------------------------------- set-up
@@ -220,15 +226,16 @@ def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int
   return mean
 
 
-def task_eval_fn(config):
-  """`config.eval_task` (options: `eval_num`, seed 0) as eval_fn(model, params, tokenizer)."""
+def task_eval_fn(config, mesh=None):
+  """`config.eval_task` (options: `eval_num`, seed 0) as eval_fn(model, params, tokenizer);
+  `mesh`: embed with params sharded on it (fsdp runs)."""
   if not config.eval_task:
     return None
   from negclip_jax import evaluate
 
   def eval_fn(model, params, tokenizer):
     metrics = evaluate.run_task(config.eval_task, model, params, tokenizer, progress=False,
-                                num=config.eval_num)
+                                num=config.eval_num, mesh=mesh)
     return {f"eval_{k}": v for k, v in metrics.items()}
   return eval_fn
 
@@ -293,12 +300,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   step_fn = placement.compile(train_step.make_train_step(
       model, labels, tx, objective=config.objective, lambda_stage2=config.lambda_stage2,
       lambda_orig=config.lambda_orig, lambda_text=config.lambda_text, margin=config.margin,
-      global_negatives=config.global_negatives, axis_name=placement.axis_name), rstate)
+      global_negatives=config.global_negatives, **placement.step_options), rstate)
   del params
   config_json = json.loads(config.to_json())
   log = MetricsLog(workdir)
   preempt = checkpoint.PreemptionWatcher()
-  eval_fn = task_eval_fn(config)
+  eval_fn = task_eval_fn(config, placement.mesh)
   pending, last, final_eval, stopped_early = [], None, None, False
   last_eval = (None, None)
   bar = tqdm(total=total_steps, initial=start, desc="train", disable=not main, dynamic_ncols=True)
@@ -321,7 +328,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         ckpt.save(step, placement.to_save(rstate), data.state_dict(), config_json,
                   force=True)
       if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
-        last_eval = step, eval_fn(model, placement.host(rstate.params), tokenizer)
+        last_eval = step, eval_fn(model, placement.eval_params(rstate.params), tokenizer)
         log.write(*last_eval)
       if stop:
         stopped_early = step < total_steps
@@ -334,7 +341,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if last_eval[0] == step:  # the loop has just evaluated this step
       final_eval = last_eval[1]
     else:
-      final_eval = eval_fn(model, placement.host(rstate.params), tokenizer)
+      final_eval = eval_fn(model, placement.eval_params(rstate.params), tokenizer)
       log.write(step, final_eval)
   log.close()
   return {"step": step, "last_metrics": last, "eval": final_eval, "stopped_early": stopped_early,

@@ -65,12 +65,14 @@ def image_embeddings(model, params, batch) -> dict:
 
 def make_train_step(model, labels, tx: optax.GradientTransformation, *, objective="omni_negclip",
                     lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1.0, margin=0.9,
-                    global_negatives=True, axis_name=AXIS):
+                    global_negatives=True, axis_name=AXIS, row_sharding=None):
   """Returns step(state, batch) -> (state, metrics), to run under pmap/shard_map.
 
   axis_name=None: the step sees the global batch as one array (`jax.jit` over a sharded
   mesh, `negclip_jax.sharding.Fsdp`): no collectives; the compiler inserts them. Needs
-  global_negatives (the whole batch is the negatives).
+  global_negatives (the whole batch is the negatives). `row_sharding` (with axis_name=None):
+  where the rows of the text tower's input and output live, the batch's sharding; without
+  it the partitioner may replicate the concatenated texts and their activations.
   """
   if axis_name is None and not global_negatives:
     raise ValueError("global_negatives=False needs per-device batches: use "
@@ -91,11 +93,13 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
                        f"presence_distractor_image_emb in the batch; got keys {sorted(batch)}")
     ids = [batch[k] for k in _TEXT_KEYS]
     b = ids[0].shape[0]
+    rows = ((lambda x: x) if row_sharding is None else
+            (lambda x: jax.lax.with_sharding_constraint(x, row_sharding)))
 
     def loss_fn(trainable):
       params = partition.merge(trainable, frozen)
-      text = model.apply({"params": params}, jnp.concatenate(ids, axis=0),
-                         method="get_text_features")
+      text = rows(model.apply({"params": params}, rows(jnp.concatenate(ids, axis=0)),
+                              method="get_text_features"))
       text = gather_rows(losses.l2_normalize(text).reshape(len(ids), b, -1))
       emb = {"presence_image": images["presence"], "absence_image": images["absence"],
              **{k.removesuffix("_ids"): t for k, t in zip(_TEXT_KEYS, text)}}

@@ -42,11 +42,11 @@ def main():
   params, labels, tx, pmap_step = setup()
   batches = [make_batch(8, seed=s, pixels=False) for s in range(STEPS)]
   pmap_state, pmap_metrics = run_pmap(pmap_step, params, tx, batches, jax.devices())
-  step = train_step.make_train_step(MODEL, labels, tx, axis_name=None)
   out = {}
   for shape in MESHES:
     mesh = sharding.make_mesh(shape[1])
     assert dict(mesh.shape) == {"data": shape[0], "fsdp": shape[1]}
+    step = train_step.make_train_step(MODEL, labels, tx, **sharding.Fsdp(mesh).step_options)
     state, metrics, device_state = run_fsdp(step, params, tx, batches, mesh)
     emb = device_state.params["text_model"]["embeddings"]["token_embedding"]["embedding"]
     mu = device_state.opt_state.inner_states["trainable"].inner_state[1].mu

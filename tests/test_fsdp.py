@@ -99,6 +99,11 @@ def test_checkpoint_from_mesh_2x4_continues_here(reference, tmp_path, overrides,
   assert f"Resuming from {workdir}/checkpoints/{RESUME_FROM}" in capsys.readouterr().out
   assert out["step"] == STEPS
   assert_params_close(out["params"], reference[1])
+  if overrides["parallelism"] == "pmap":  # and back: a pmap checkpoint continues on (2, 2)
+    keep_checkpoints_up_to(workdir, STEPS - 1)
+    out = train.train(config(parallelism="fsdp", fsdp=2), workdir)
+    assert f"Resuming from {workdir}/checkpoints/{STEPS - 1}" in capsys.readouterr().out
+    assert_params_close(out["params"], reference[1])
 
 
 def test_checkpoint_from_mesh_2x4_continues_on_one_device(reference, tmp_path, env):
@@ -139,3 +144,25 @@ def test_big_presets_are_open_clips(preset, name):
   params = jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(0)))
   n = sum(np.prod(x.shape) for x in jax.tree.leaves(params))
   assert abs(n - counts[preset]) / counts[preset] < 0.01, n
+
+
+def test_embedder_sharded_like_fsdp_equals_replicated():
+  from negclip_jax.embed import Embedder
+  from test_train_step import CONFIG, MODEL, make_batch
+  params = model_lib.init_params(MODEL, jax.random.key(0))
+  batch = make_batch(13)  # not a multiple of the batch size: padding is dropped
+  replicated = Embedder(MODEL, params, batch_size=8, progress=False)
+  sharded = Embedder(MODEL, params, batch_size=8, progress=False, mesh=sharding.make_mesh(2))
+  emb = sharded.params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+  assert emb.sharding.spec == P("fsdp", None)  # [49408, 32] split over the fsdp pairs
+  for kind, x in (("texts", batch["presence_caption_ids"]), ("images", batch["presence_pixels"])):
+    expected, actual = getattr(replicated, kind)(x), getattr(sharded, kind)(x)
+    assert actual.shape == (13, CONFIG.projection_dim)
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6, err_msg=kind)
+
+
+def test_fsdp_config_errors_are_one_line():
+  with pytest.raises(train.ConfigError, match="config.parallelism='ddp'; choose from"):
+    train.validate_config(config(parallelism="ddp"))
+  with pytest.raises(train.ConfigError, match="global_negatives=False needs config.parallelism"):
+    train.validate_config(config(parallelism="fsdp", global_negatives=False))
