@@ -137,8 +137,11 @@ class Fsdp:
     return state_shardings(abstract_tree, self.mesh)
 
   def init_state(self, params, tx):
-    """The state created sharded: the optimizer moments never exist unsharded."""
-    params = jax.device_put(params, self.shardings(params))
+    """The state created sharded: the optimizer moments never exist unsharded. `params`
+    (host or one device, the same on every process) are cut into this process's shards."""
+    params = jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x[i])),
+        params, self.shardings(params))
     create = lambda p: train_step.create_train_state(p, tx)
     abstract = jax.eval_shape(create, params)
     return jax.jit(create, out_shardings=self.shardings(abstract))(params)
