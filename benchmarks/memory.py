@@ -10,8 +10,8 @@ global batch B and device count n (skipped when n does not divide B):
 
   pmap: the per-device step (`train_step.make_train_step` under `jax.shard_map`, what
         `jax.pmap` runs): full state replica, B / n examples per device.
-  fsdp: `sharding.fsdp_train_step` on mesh (1, n): params and AdamW moments sharded over n,
-        B / n examples per device.
+  fsdp: `sharding.fsdp_train_step` on mesh (1, n) (or (n / f, f) with `--fsdp f`): params
+        and AdamW moments sharded over n (f), B / n examples per device.
 
 The paper's step: float32, the image tower's features from the cache (`data.image_cache`,
 so the frozen tower's weights are held but not run), 77-token texts, text blocks `--layers`
@@ -35,6 +35,8 @@ def parse_args(argv=None):
   p.add_argument("--batches", default="128,4096")
   p.add_argument("--devices", default="8,32,256")
   p.add_argument("--layers", default="front")
+  p.add_argument("--fsdp", type=int, default=-1,
+                 help="fsdp axis size (mesh (n / fsdp, fsdp)); -1: all n devices")
   return p.parse_args(argv)
 
 
@@ -95,7 +97,7 @@ def pmap_memory(model, labels, tx, state, batch: int, n: int) -> dict:
 
 
 def fsdp_memory(model, labels, tx, state, batch: int, n: int) -> dict:
-  mesh = sharding.make_mesh(n, jax.devices()[:n])
+  mesh = sharding.make_mesh(n if ARGS.fsdp == -1 else ARGS.fsdp, jax.devices()[:n])
   fsdp = sharding.Fsdp(mesh)
   step = fsdp.compile(train_step.make_train_step(model, labels, tx, **fsdp.step_options), state)
   b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
@@ -109,14 +111,14 @@ def main():
   batches = [int(b) for b in ARGS.batches.split(",")]
   devices = [int(n) for n in ARGS.devices.split(",")]
   print(f"JAX {jax.__version__}, {jax.device_count()} fake CPU devices; float32, layers="
-        f"{ARGS.layers}, cached image features, 77-token texts; GiB per device", flush=True)
+        f"{ARGS.layers}, cached image features, 77-token texts; fsdp axis "
+        f"{'all devices' if ARGS.fsdp == -1 else ARGS.fsdp}; GiB per device", flush=True)
   print("| model | params | global batch | devices | pmap state | pmap temp | pmap peak | "
         "fsdp state | fsdp temp | fsdp peak | compile s |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for preset in models:
     model, labels, tx, state = abstract_setup(preset, ARGS.layers)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    pmap_by_local_batch = {}
     for batch in batches:
       for n in devices:
         if batch % n:
@@ -124,9 +126,7 @@ def main():
                 " | | | | | |", flush=True)
           continue
         t0 = time.perf_counter()
-        if batch // n not in pmap_by_local_batch:  # a replica's step depends on B / n only
-          pmap_by_local_batch[batch // n] = pmap_memory(model, labels, tx, state, batch, n)
-        pm = pmap_by_local_batch[batch // n]
+        pm = pmap_memory(model, labels, tx, state, batch, n)
         fs = fsdp_memory(model, labels, tx, state, batch, n)
         print(f"| {preset} | {count / 1e6:,.0f}M | {batch} | {n} | {pm['state']:.2f} | "
               f"{pm['temp']:.2f} | {pm['peak']:.2f} | {fs['state']:.3f} | {fs['temp']:.2f} | "
