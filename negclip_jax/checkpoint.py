@@ -35,7 +35,8 @@ MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 UNREADABLE_DIR = "unreadable_checkpoints"
 # Config keys (dotted) that may change on resume: they do not alter the training state.
-STATE_NEUTRAL_KEYS = ("log_every", "save_every", "max_to_keep", "data.cache_dir")
+STATE_NEUTRAL_KEYS = ("log_every", "save_every", "max_to_keep", "data.cache_dir", "parallelism",
+                      "fsdp")
 STATE_NEUTRAL_PREFIXES = ("evals.",)
 # Compared by the caller through the schedule length they imply (see `train.resume_check`).
 SCHEDULE_LENGTH_KEYS = ("num_epochs", "total_steps")
@@ -139,14 +140,18 @@ class Checkpointer:
     return self.manager.should_save(step)
 
   def save(self, step: int, state, data_state: dict, config: dict, force: bool = False) -> bool:
-    """Saves host copies of `state` (unreplicated) at `step`; async unless disabled."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(jax.device_get(state)),
+    """Saves `state` (one global jax.Array per leaf, e.g. `sharding.Fsdp.to_save`) at `step`;
+    async unless disabled. Nothing is gathered: each process writes the shards it holds."""
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                               data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config))
     return self.manager.save(step, args=args, force=force)
 
   def restore_latest(self, abstract_state, check_config: Callable[[dict, int], None] | None = None
                      ) -> tuple[Any, dict, int] | None:
     """Restores the newest readable checkpoint -> (state, data_state, step), or None.
+
+    `abstract_state`: ShapeDtypeStructs with the target shardings (`restore_target` of
+    `sharding.Pmap` / `Fsdp`); any mesh, whatever mesh the step was saved from.
 
     `check_config(saved_config, step)` runs on each readable step first and raises to stop
     (e.g. `ResumeError`); so does a saved state tree that differs from `abstract_state`.
@@ -276,8 +281,11 @@ def read_step(run_dir: str | os.PathLike, step: int | None = None) -> tuple[int,
   """(step, params, training config JSON) of checkpoint `step` of a run directory, or of
   the newest step that restores; FileNotFoundError if none does."""
   directory = storage.path(run_dir) / "checkpoints"
-  manager = ocp.CheckpointManager(directory, item_names=("state", "config"),
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+      directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
+                                "config": ocp.JsonCheckpointHandler(),
+                                "data": ocp.JsonCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True))
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
@@ -285,8 +293,12 @@ def read_step(run_dir: str | os.PathLike, step: int | None = None) -> tuple[int,
     steps = [step]
   for s in steps:
     try:
+      # Onto this process's first device, whatever mesh the step was saved from.
+      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            manager.item_metadata(s)["state"].tree)
       restored = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), config=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
       return s, restored.state["params"], restored.config
     except Exception as e:  # noqa: BLE001 - any failure means "unreadable": fall back
       logging.warning("Checkpoint %s/%d is unreadable (%s); trying an earlier one.", directory,

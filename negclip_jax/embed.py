@@ -5,6 +5,11 @@ of `batch_size` per process (a multiple of the local device count); the last bat
 padded and its padding dropped, so every example counts exactly once on any number of
 devices and hosts. Every process returns the full [N, D] result.
 
+With `mesh` (`sharding.make_mesh`), the parameters are sharded over its "fsdp" axis and
+each batch over all its devices, as `config.parallelism="fsdp"` trains (one jitted call,
+the compiler gathers the weights layer by layer), so a model too big to replicate is
+evaluated where it was trained.
+
 `dtype` sets the inference precision (`DTYPES`): the model computes in it with
 float32 parameters cast per layer (LayerNorm statistics and attention softmax stay
 float32); features are returned, normalized, in float32.
@@ -23,7 +28,7 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from negclip_jax import losses
+from negclip_jax import losses, sharding
 
 TEXT_BUCKETS = (16, 32, 48, 64, 77)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -62,14 +67,25 @@ def bucket_length(ids: np.ndarray, buckets: Sequence[int] = TEXT_BUCKETS) -> int
   return next((b for b in buckets if b >= used and b <= length), length)
 
 
-@functools.lru_cache(maxsize=None)
-def _pmapped(model, kind: str, normalize: bool):
+def _features(model, kind: str, normalize: bool):
   method = "get_text_features" if kind == "text" else "get_image_features"
 
   def fn(params, x):
     out = model.apply({"params": params}, x, method=method)
     return losses.l2_normalize(out) if normalize else out.astype(jnp.float32)
-  return jax.pmap(fn)
+  return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _pmapped(model, kind: str, normalize: bool):
+  return jax.pmap(_features(model, kind, normalize))
+
+
+@functools.lru_cache(maxsize=None)
+def _sharded(model, kind: str, normalize: bool, mesh):
+  """jit on the inputs' shardings (params placed by `Embedder`, batch over all devices)."""
+  return jax.jit(_features(model, kind, normalize),
+                 out_shardings=sharding.batch_sharding(mesh))
 
 
 class Embedder:
@@ -78,11 +94,12 @@ class Embedder:
   texts(ids [N, L] int32) -> [N, D]; images(items, load) -> [N, D] where `load(item)`
   returns one preprocessed float32 [S, S, 3] image (items may be arrays or paths).
   Outputs are L2-normalized float32 unless normalize=False. `dtype` (a `DTYPES` name;
-  None keeps the model's) is the compute precision.
+  None keeps the model's) is the compute precision. `mesh`: shard as fsdp training does
+  (module docstring); None replicates on local devices (pmap).
   """
 
   def __init__(self, model, params, batch_size: int = 256, normalize: bool = True,
-               progress: bool = True, dtype: str | None = None):
+               progress: bool = True, dtype: str | None = None, mesh=None):
     if dtype is not None and dtype not in DTYPES:
       raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
     self.model = model if dtype is None else model.clone(dtype=DTYPES[dtype])
@@ -90,7 +107,11 @@ class Embedder:
     self.batch_size = math.ceil(batch_size / self.n_local) * self.n_local
     self.normalize = normalize
     self.progress = progress and jax.process_index() == 0
-    self.params = jax_utils.replicate(params)
+    self.mesh = mesh
+    if mesh is None:
+      self.params = jax_utils.replicate(params)
+    else:
+      self.params = jax.device_put(params, sharding.state_shardings(params, mesh))
 
   def texts(self, ids: np.ndarray, desc: str = "texts") -> np.ndarray:
     ids = np.asarray(ids, np.int32)
@@ -108,7 +129,8 @@ class Embedder:
   def _run(self, kind, n, get, desc, gather: bool = True) -> np.ndarray:
     if n == 0:
       raise ValueError(f"Nothing to embed: no {desc}")
-    fn = _pmapped(self.model, kind, self.normalize)
+    fn = (_pmapped(self.model, kind, self.normalize) if self.mesh is None else
+          _sharded(self.model, kind, self.normalize, self.mesh))
     lo, hi = process_block(n)
     per_proc = math.ceil(n / jax.process_count())
     steps = max(1, math.ceil(per_proc / self.batch_size))  # same count on every process
@@ -124,6 +146,11 @@ class Embedder:
   def _apply(self, fn, x, count):
     pad = self.batch_size - len(x)
     x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
+    if self.mesh is not None:  # this process's rows of one global batch
+      out = fn(self.params, jax.make_array_from_process_local_data(
+          sharding.batch_sharding(self.mesh), x))
+      shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+      return np.concatenate([np.asarray(s.data) for s in shards])[:count]
     x = x.reshape((self.n_local, -1) + x.shape[1:])
     out = np.asarray(fn(self.params, x))
     return out.reshape((self.batch_size,) + out.shape[2:])[:count]

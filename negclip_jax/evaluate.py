@@ -109,15 +109,16 @@ def _run(task: str, embedder: Embedder, tokenizer, options: dict) -> dict:
 
 
 def run_task(task: str, model, params, tokenizer, batch_size: int = 256, progress: bool = True,
-             dtype: str = "float32", **options) -> dict:
-  """Runs one task -> {metric: value, ..., "n": count}, computing in `dtype`.
+             dtype: str = "float32", mesh=None, **options) -> dict:
+  """Runs one task -> {metric: value, ..., "n": count}, computing in `dtype`; `mesh`
+  (`sharding.make_mesh`): params sharded over its fsdp axis (`Embedder`).
 
   options (None = default): data, image_root (files; required where the task has them),
   eval_size, split, num, seed, image_size, protocol, ties, negation_words, num_ops,
   mcq_layout, embeddings, plot_path, tfds_data_dir, classnames, templates (see `TASKS`).
   Raises ValueError naming a missing option, TypeError for options the task does not take.
   """
-  embedder = Embedder(model, params, batch_size, progress=progress, dtype=dtype)
+  embedder = Embedder(model, params, batch_size, progress=progress, dtype=dtype, mesh=mesh)
   return _run(task, embedder, tokenizer, options)
 
 
@@ -149,6 +150,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--task", required=True, choices=[*TASKS, "all"])
   p.add_argument("--out", help="results JSON path (also writes <stem>.md, <stem>_layers.png)")
   p.add_argument("--batch-size", type=int, default=256, help="per process")
+  p.add_argument("--fsdp", type=int, default=0,
+                 help="shard the parameters over this many devices (-1: all), as "
+                      "config.parallelism=fsdp trains; 0 (default): replicate on each device")
   p.add_argument("--protocol", choices=sorted(PREPROCESS), default="original",
                  help="original: as the original scripts (OpenAI clip preprocessing); "
                       "hf: CLIPImageProcessor preprocessing (not negshapes, layers)")
@@ -217,7 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
       parser.error("; ".join(missing))
   try:
     model, params, tokenizer = load_model(args.model)
-    embedder = Embedder(model, params, args.batch_size, dtype=args.dtype)
+    mesh = None
+    if args.fsdp:
+      from negclip_jax import sharding
+      mesh = sharding.make_mesh(args.fsdp)
+    embedder = Embedder(model, params, args.batch_size, dtype=args.dtype, mesh=mesh)
     results = {t: _run(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks}
   except (OSError, ValueError) as e:  # a missing/unreadable file or record, named in `e`
     sys.exit(f"error: {e}")

@@ -42,10 +42,10 @@ class Evaluator:
     """Whether the evaluator runs after global step `step` (not counting the final run)."""
     return self.every > 0 and step % self.every == 0
 
-  def run(self, model, params, tokenizer) -> dict:
-    """{metric: value} of the task on (model, params)."""
+  def run(self, model, params, tokenizer, mesh=None) -> dict:
+    """{metric: value} of the task on (model, params); `mesh`: params sharded on it (fsdp)."""
     return evaluate.run_task(self.task, model, params, tokenizer, batch_size=self.batch_size,
-                             progress=False, dtype=self.dtype, **self.options)
+                             progress=False, dtype=self.dtype, mesh=mesh, **self.options)
 
   def log_keys(self, metrics: Mapping) -> dict:
     """{"eval/<name>/<metric>": value} for the metrics log."""

@@ -78,11 +78,28 @@ def _l(image_size):
       projection_dim=768)
 
 
+def _open_clip(text_width, text_heads, text_layers, vision_width, vision_heads, vision_layers,
+               vision_mlp, embed_dim):
+  """open_clip's ViT-*-14 models: GELU (not quick_gelu), 224 px, patch 14, text MLP 4x, EOT
+  pooling at argmax(ids); `convert.config_from_open_clip` of its model_configs JSON."""
+  return CLIPConfig(
+      text=TextConfig(hidden_size=text_width, intermediate_size=4 * text_width,
+                      num_hidden_layers=text_layers, num_attention_heads=text_heads,
+                      hidden_act="gelu", eos_token_id=OPENAI_EOS_TOKEN_ID),
+      vision=VisionConfig(hidden_size=vision_width, intermediate_size=vision_mlp,
+                          num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
+                          image_size=224, patch_size=14, hidden_act="gelu"),
+      projection_dim=embed_dim)
+
+
 PRESETS = {
     "vit-b-32": _b(32),  # openai/clip-vit-base-patch32, the paper's model.
     "vit-b-16": _b(16),
     "vit-l-14": _l(224),
     "vit-l-14-336": _l(336),
+    # open_clip ViT-H-14 (~1.0B parameters) and ViT-bigG-14 (~2.5B; vision MLP 1664 * 4.9231).
+    "vit-h-14": _open_clip(1024, 16, 24, 1280, 16, 32, 5120, 1024),
+    "vit-bigg-14": _open_clip(1280, 20, 32, 1664, 16, 48, 8192, 1280),
     # Demo: 32px images, 8px patches; trains from scratch in minutes on a CPU.
     "small": CLIPConfig(
         text=TextConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=6,

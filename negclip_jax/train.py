@@ -1,4 +1,4 @@
-r"""Omni-NegCLIP training: config -> data -> pmapped steps -> logs -> Orbax checkpoints.
+r"""Omni-NegCLIP training: config -> data -> pmap/fsdp steps -> logs -> Orbax checkpoints.
 
 negclip-train --config omni_negclip_vitb32 --workdir DIR [--config.key=value ...]
 (= python -m negclip_jax.train; --config takes a file path or a shipped config name)
@@ -27,7 +27,7 @@ from etils import epath
 from tqdm.auto import tqdm
 
 from negclip_jax import (batch as batch_lib, checkpoint, configs, convert, evaluate, evaluators,
-                         losses, model as model_lib, partition, storage, train_step)
+                         losses, model as model_lib, partition, sharding, storage, train_step)
 from negclip_jax.data import image_cache, negshapes, pipeline
 from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.tokenizer import ClipTokenizer
@@ -47,13 +47,19 @@ class ConfigError(ValueError):
 
 
 def validate_config(config):
-  """ConfigError (one line) for a bad `objective` or `layers` value."""
+  """ConfigError (one line) for a bad `objective`, `layers` or `parallelism` value."""
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
   try:
     partition.parse_layers(config.layers)
   except ValueError as e:
     raise ConfigError(f"config.layers: {e}") from e
+  parallelism = config.get("parallelism", "pmap")
+  if parallelism not in sharding.PARALLELISMS:
+    raise ConfigError(f"config.parallelism={parallelism!r}; choose from {sharding.PARALLELISMS}")
+  if parallelism == "fsdp" and not config.global_negatives:
+    raise ConfigError("config.global_negatives=False needs config.parallelism='pmap' (the "
+                      "fsdp step sees the global batch, so every example is a negative)")
 
 
 # ------------------------------------------------------------------------- set-up
@@ -235,14 +241,14 @@ def tensorboard_tag(key: str) -> str:
   return key if "/" in key else f"train/{key}"
 
 
-def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int,
+def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int, host,
            schedule: optax.Schedule):
-  """Fetches queued step metrics (one host sync), checks them, logs their mean and the
-  learning rate `schedule` gave the last of those steps."""
+  """Fetches queued step metrics (`host`: device -> numpy), checks them, logs their mean and
+  the learning rate `schedule` gave the last of those steps."""
   if not pending:
     return None
   steps, values = zip(*pending)
-  values = jax.device_get([_first_replica(v) for v in values])
+  values = [host(v) for v in values]
   for step, m in zip(steps, values):
     if not all(np.isfinite(x) for x in m.values()):
       raise NonFiniteLossError(
@@ -285,11 +291,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   tx = optimizer_from_config(config, labels, total_steps)
   schedule = partition.learning_rate_schedule(config.schedule, config.learning_rate,
                                               config.warmup_steps, total_steps)
-  state = train_step.create_train_state(params, tx)
+  placement = sharding.for_config(config)  # pmap replicas or an fsdp mesh
+  abstract_state = jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params)
 
   ckpt = checkpoint.Checkpointer(workdir, config.save_every, config.max_to_keep)
   try:
-    restored = ckpt.restore_latest(jax.device_get(state), resume_check(
+    restored = ckpt.restore_latest(placement.restore_target(abstract_state), resume_check(
         config, workdir, total_steps, (len(presence), len(absence)),
         model.config.text.num_hidden_layers))
   except checkpoint.ResumeError:
@@ -298,8 +305,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   start = 0
   if restored is not None:
     state, data_state, start = restored
+    rstate = placement.place(state)
+    del state
     if main:
       print(f"Resuming from {ckpt.directory}/{start}", flush=True)
+  else:
+    rstate = placement.init_state(params, tx)
   if main:
     (workdir / checkpoint.MODEL_CONFIG_FILE).write_text(
         json.dumps(checkpoint.model_config_to_json(model.config), indent=2))
@@ -321,12 +332,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   if restored is not None:
     data.load_state_dict(data_state)
 
-  step_fn = train_step.pmap_train_step(train_step.make_train_step(
+  step_fn = placement.compile(train_step.make_train_step(
       model, labels, tx, objective=config.objective, lambda_stage2=config.lambda_stage2,
       lambda_orig=config.lambda_orig, lambda_text=config.lambda_text, margin=config.margin,
-      global_negatives=config.global_negatives))
-  rstate = train_step.replicate(state)
-  del state, params
+      global_negatives=config.global_negatives, **placement.step_options), rstate)
+  del params
   config_json = json.loads(config.to_json())
   log = MetricsLog(workdir, start)
   preempt = checkpoint.PreemptionWatcher()
@@ -338,7 +348,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   try:
     for batch in data:
       batch.pop(batch_lib.STEP_KEY)
-      rstate, metrics = step_fn(rstate, batch)
+      rstate, metrics = step_fn(rstate, placement.batch(batch))
       pending.append((step, metrics))
       step += 1
       bar.update(1)
@@ -346,14 +356,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       stop = preempt.should_stop(step, ckpt, boundary=due or step % config.log_every == 0)
       save = stop or due
       if save or step % config.log_every == 0:
-        last = _flush(pending, log, bar, t0, config.batch_size, schedule) or last
+        last = _flush(pending, log, bar, t0, config.batch_size, placement.host, schedule) or last
         t0 = time.perf_counter()
       if save:
-        ckpt.save(step, _first_replica(rstate), data.state_dict(), config_json,
+        ckpt.save(step, placement.to_save(rstate), data.state_dict(), config_json,
                   force=True)
       for ev in evals:
         if ev.due(step):
-          latest_eval[ev.name] = step, ev.run(model, _host_params(rstate), tokenizer)
+          latest_eval[ev.name] = step, ev.run(model, placement.eval_params(rstate.params),
+                                              tokenizer, placement.mesh)
           log.write(step, ev.log_keys(latest_eval[ev.name][1]))
       if stop:
         stopped_early = step < total_steps
@@ -367,31 +378,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if latest_eval.get(ev.name, (None,))[0] == step:  # the loop has just run it
       final_eval[ev.name] = latest_eval[ev.name][1]
     else:
-      final_eval[ev.name] = ev.run(model, _host_params(rstate), tokenizer)
+      final_eval[ev.name] = ev.run(model, placement.eval_params(rstate.params), tokenizer,
+                                   placement.mesh)
       log.write(step, ev.log_keys(final_eval[ev.name]))
   log.close()
   result = {"step": step, "last_metrics": last, "eval": final_eval,
-            "stopped_early": stopped_early, "model": model, "params": _host_params(rstate),
-            "tokenizer": tokenizer}
+            "stopped_early": stopped_early, "model": model,
+            "params": placement.host(rstate.params), "tokenizer": tokenizer}
   if main and not stopped_early:
     from negclip_jax import export
     out = export.export_run(result, config, workdir / "export" / "hf", workdir.name)
     print(f"Exported to {out}", flush=True)
   return result
-
-
-def _first_replica(tree):
-  """Host (numpy) copy of local device 0's replica of each pmapped leaf [devices, ...].
-
-  Copies the shard instead of indexing the global array: `x[0]` would compile a gather
-  over the local devices, which on multi-process CPU runs is a gloo collective that can
-  deadlock against the pmapped step.
-  """
-  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
-
-
-def _host_params(rstate):
-  return _first_replica(rstate.params)
 
 
 # ---------------------------------------------------------------------------- CLI

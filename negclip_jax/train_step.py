@@ -59,11 +59,23 @@ def image_embeddings(model, params, batch) -> dict:
 
 def make_train_step(model, labels, tx: optax.GradientTransformation, *, objective="omni_negclip",
                     lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1.0, margin=0.9,
-                    global_negatives=True, axis_name=AXIS):
-  """Returns step(state, batch) -> (state, metrics), to run under pmap/shard_map."""
+                    global_negatives=True, axis_name=AXIS, row_sharding=None):
+  """Returns step(state, batch) -> (state, metrics), to run under pmap/shard_map.
+
+  axis_name=None: the step sees the global batch as one array (`jax.jit` over a sharded
+  mesh, `negclip_jax.sharding.Fsdp`): no collectives; the compiler inserts them. Needs
+  global_negatives (the whole batch is the negatives). `row_sharding` (with axis_name=None):
+  where the rows of the text tower's input and output live, the batch's sharding; without
+  it the partitioner may replicate the concatenated texts and their activations.
+  """
+  if axis_name is None and not global_negatives:
+    raise ValueError("global_negatives=False needs per-device batches: use "
+                     "parallelism='pmap' (the fsdp step sees the global batch)")
 
   def gather(x):
-    return lax.all_gather(x, axis_name, axis=0, tiled=True) if global_negatives else x
+    if axis_name is None or not global_negatives:
+      return x
+    return lax.all_gather(x, axis_name, axis=0, tiled=True)
 
   def step(state: TrainState, batch):
     trainable, frozen = partition.split(state.params, labels)
@@ -75,11 +87,13 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
                        f"presence_distractor_image_emb in the batch; got keys {sorted(batch)}")
     ids = [batch[k] for k in batch_lib.TEXT_KEYS]
     b = ids[0].shape[0]
+    rows = ((lambda x: x) if row_sharding is None else
+            (lambda x: jax.lax.with_sharding_constraint(x, row_sharding)))
 
     def loss_fn(trainable):
       params = partition.merge(trainable, frozen)
-      text = model.apply({"params": params}, jnp.concatenate(ids, axis=0),
-                         method="get_text_features")
+      text = rows(model.apply({"params": params}, rows(jnp.concatenate(ids, axis=0)),
+                              method="get_text_features"))
       text = gather_rows(losses.l2_normalize(text).reshape(len(ids), b, -1))
       emb = {"presence_image": images["presence"], "absence_image": images["absence"],
              **{k.removesuffix("_ids"): t for k, t in zip(batch_lib.TEXT_KEYS, text)}}
@@ -94,8 +108,9 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
       return jax.vmap(gather)(text) if global_negatives else text
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    grads = lax.pmean(grads, axis_name)
-    metrics = lax.pmean(metrics, axis_name)
+    if axis_name is not None:
+      grads = lax.pmean(grads, axis_name)
+      metrics = lax.pmean(metrics, axis_name)
     # Frozen leaves get scalar zero "gradients": nothing is computed or stored for them.
     full_grads = partition.merge(grads, {k: jnp.zeros((), v.dtype) for k, v in frozen.items()})
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)

@@ -103,4 +103,4 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match=r"\[N, 32, 32, 3\] \(NHWC"):
     model.apply({"params": params}, np.zeros((1, 3, 32, 32), np.float32), method="get_image_features")
   with pytest.raises(KeyError, match="Unknown CLIP preset"):
-    model_lib.get_config("vit-h-14")
+    model_lib.get_config("vit-h-15")

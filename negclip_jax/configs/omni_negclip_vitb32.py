@@ -62,6 +62,10 @@ def get_config():
   c.margin = 0.9                     # margin of L_text
   c.global_negatives = True          # gather embeddings over all devices/hosts
 
+  # Parallelism (may change on resume; docs/performance.md has the memory per device).
+  c.parallelism = "pmap"             # pmap: state replicated per device; fsdp: params and optimizer state sharded, one jitted step
+  c.fsdp = -1                        # fsdp: devices the state is sharded over (-1: all)
+
   # Bookkeeping.
   c.log_every = 50                   # steps between metric logs
   c.save_every = 1000                # steps between Orbax checkpoints

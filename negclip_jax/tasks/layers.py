@@ -54,8 +54,10 @@ def evaluate(embedder: Embedder, tokenizer, context_length: int, captions: Seque
              negated: Sequence[str], embeddings: bool = False) -> dict:
   """"cosine_block_0" ... "cosine_block_{L-1}", the `summarize` keys, "n"; with
   `embeddings` also "cosine_embeddings" (first). Values are mean cosines over the pairs."""
-  states = Embedder(_eot_model(embedder.model), jax_utils.unreplicate(embedder.params),
-                    embedder.batch_size, progress=embedder.progress)  # per-layer L2-normalized
+  params = (jax_utils.unreplicate(embedder.params) if embedder.mesh is None
+            else embedder.params)  # replicated [devices, ...] or already sharded
+  states = Embedder(_eot_model(embedder.model), params, embedder.batch_size,
+                    progress=embedder.progress, mesh=embedder.mesh)  # per-layer L2-normalized
   pos = common.embed_texts(states, tokenizer, context_length, captions, "captions")
   neg = common.embed_texts(states, tokenizer, context_length, negated, "negated captions")
   cosine = np.sum(pos * neg, -1).mean(0)  # [L + 1]
