@@ -36,6 +36,7 @@ def get_config():
   c.data.on_error = "raise"          # raise | skip (skipped examples are counted and reported)
   c.data.image_cache = True          # embed the frozen image tower's inputs once
   c.data.cache_dir = ""              # default: <workdir>/image_cache
+  c.data.pack_text = True            # several captions per text-tower row (exact; packing.py)
 
   # Optimization: the original recipe, exactly (`torch.optim.AdamW(trainable, lr, weight_decay)`
   # with torch's betas/eps, decay on every trainable tensor, and the original `cosine_lr`).

@@ -23,7 +23,7 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from negclip_jax import losses
+from negclip_jax import losses, packing
 
 TEXT_BUCKETS = (16, 32, 48, 64, 77)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -46,7 +46,14 @@ def _pmapped(model, kind: str, normalize: bool):
   method = "get_text_features" if kind == "text" else "get_image_features"
 
   def fn(params, x):
-    out = model.apply({"params": params}, x, method=method)
+    if kind == "packed_text":  # x: (packed rows [r, T] without the pool, slots [r, K])
+      rows, slots = x
+      r, length = rows[packing.PACKED_IDS].shape
+      pool = jnp.arange(r)[:, None] * length + slots
+      out = model.apply({"params": params}, *(rows[k] for k in packing.PACKED_KEYS[:3]), pool,
+                        method="get_packed_text_features")
+    else:
+      out = model.apply({"params": params}, x, method=method)
     return losses.l2_normalize(out) if normalize else out.astype(jnp.float32)
   return jax.pmap(fn)
 
@@ -57,11 +64,13 @@ class Embedder:
   texts(ids [N, L] int32) -> [N, D]; images(items, load) -> [N, D] where `load(item)`
   returns one preprocessed float32 [S, S, 3] image (items may be arrays or paths).
   Outputs are L2-normalized float32 unless normalize=False. `dtype` (a `DTYPES` name;
-  None keeps the model's) is the compute precision.
+  None keeps the model's) is the compute precision. With `pack` (default) texts are packed
+  several to a row of L tokens (`negclip_jax.packing`; the same features to float rounding)
+  and a call embeds up to batch_size rows; otherwise batch_size texts cut to their bucket.
   """
 
   def __init__(self, model, params, batch_size: int = 256, normalize: bool = True,
-               progress: bool = True, dtype: str | None = None):
+               progress: bool = True, dtype: str | None = None, pack: bool = True):
     if dtype is not None and dtype not in DTYPES:
       raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
     self.model = model if dtype is None else model.clone(dtype=DTYPES[dtype])
@@ -70,31 +79,48 @@ class Embedder:
     self.normalize = normalize
     self.progress = progress and jax.process_index() == 0
     self.params = jax_utils.replicate(params)
+    self.pack = pack
 
   def texts(self, ids: np.ndarray, desc: str = "texts") -> np.ndarray:
     ids = np.asarray(ids, np.int32)
+    if self.pack and len(ids):
+      return self._packed_texts(ids, desc)
     ids = ids[:, :bucket_length(ids)]
     return self._run("text", len(ids), lambda lo, hi: ids[lo:hi], desc)
+
+  def _packed_texts(self, ids: np.ndarray, desc: str) -> np.ndarray:
+    """All texts packed into rows of L tokens; the rows are the items of `_run`, up to
+    batch_size (a `packing.ladder_rows` rung, a multiple of the devices) per call."""
+    packed = packing.pack(ids, None, ids.shape[1], self.model.config.text.eos_token_id)
+    slots, where = packing.row_slots(packed)
+    rows = {k: packed[k] for k in packing.PACKED_KEYS[:3]}
+    per_call = min(self.batch_size, packing.ladder_rows(math.ceil(len(slots) / jax.process_count())))
+    per_call = math.ceil(per_call / self.n_local) * self.n_local
+    out = self._run("packed_text", len(slots),
+                    lambda lo, hi: ({k: v[lo:hi] for k, v in rows.items()}, slots[lo:hi]),
+                    desc, per_call)
+    return out.reshape(-1, out.shape[-1])[where]
 
   def images(self, items: Sequence, load: Callable | None = None, desc: str = "images") -> np.ndarray:
     load = load or (lambda x: x)
     return self._run("image", len(items),
                      lambda lo, hi: np.stack([load(items[i]) for i in range(lo, hi)]), desc)
 
-  def _run(self, kind, n, get, desc) -> np.ndarray:
+  def _run(self, kind, n, get, desc, batch_size=None) -> np.ndarray:
     if n == 0:
       raise ValueError(f"Nothing to embed: no {desc}")
+    batch_size = batch_size or self.batch_size
     fn = _pmapped(self.model, kind, self.normalize)
     procs, me = jax.process_count(), jax.process_index()
     per_proc = math.ceil(n / procs)
     lo, hi = min(n, me * per_proc), min(n, (me + 1) * per_proc)
-    steps = max(1, math.ceil(per_proc / self.batch_size))  # same count on every process
+    steps = max(1, math.ceil(per_proc / batch_size))  # same count on every process
     outs = []
     for s in tqdm(range(steps), desc=f"embed {desc}", disable=not self.progress):
-      a, b = min(hi, lo + s * self.batch_size), min(hi, lo + (s + 1) * self.batch_size)
+      a, b = min(hi, lo + s * batch_size), min(hi, lo + (s + 1) * batch_size)
       # A process past its last example still joins the collective batch (with filler).
       x = get(a, b) if b > a else get(0, 1)
-      outs.append(self._apply(fn, x, b - a))
+      outs.append(self._apply(fn, x, b - a, batch_size))
     local = np.concatenate(outs)[:hi - lo]
     if procs == 1:
       return local
@@ -104,10 +130,11 @@ class Embedder:
     return np.concatenate([every[p][:max(0, min(n, (p + 1) * per_proc) - p * per_proc)]
                            for p in range(procs)])
 
-  def _apply(self, fn, x, count):
-    pad = self.batch_size - len(x)
-    x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
-    x = x.reshape((self.n_local, -1) + x.shape[1:])
-    out = np.asarray(fn(self.params, x))
-    return out.reshape((self.batch_size,) + out.shape[2:])[:count]
+  def _apply(self, fn, x, count, batch_size):
+    """x: an array (or a tree of arrays) of <= batch_size items, padded by repeating the first."""
+    def shard(a):
+      a = np.concatenate([a, np.repeat(a[:1], batch_size - len(a), axis=0)])
+      return a.reshape((self.n_local, -1) + a.shape[1:])
+    out = np.asarray(fn(self.params, jax.tree.map(shard, x)))
+    return out.reshape((batch_size,) + out.shape[2:])[:count]
 

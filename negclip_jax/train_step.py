@@ -29,7 +29,7 @@ import optax
 from jax import lax
 
 from negclip_jax import batch as batch_lib
-from negclip_jax import losses, partition
+from negclip_jax import losses, packing, partition
 
 MAX_LOGIT_SCALE = math.log(100.0)
 AXIS = "batch"
@@ -57,6 +57,19 @@ def image_embeddings(model, params, batch) -> dict:
   return out
 
 
+def text_embeddings(model, params, batch) -> jax.Array:
+  """Raw text features [4, b, D] in `batch_lib.TEXT_KEYS` order, from the four id arrays
+  or from a packed text batch (`negclip_jax.packing`, the same features to float rounding)."""
+  if packing.PACKED_POOL in batch:
+    text = model.apply({"params": params}, *(batch[k] for k in packing.PACKED_KEYS),
+                       method="get_packed_text_features")
+  else:
+    text = model.apply({"params": params},
+                       jnp.concatenate([batch[k] for k in batch_lib.TEXT_KEYS], axis=0),
+                       method="get_text_features")
+  return text.reshape(len(batch_lib.TEXT_KEYS), -1, text.shape[-1])
+
+
 def make_train_step(model, labels, tx: optax.GradientTransformation, *, objective="omni_negclip",
                     lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1.0, margin=0.9,
                     global_negatives=True, axis_name=AXIS):
@@ -73,14 +86,10 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
     if objective == "conclip" and "presence_distractor" not in images:
       raise ValueError("objective 'conclip' needs presence_distractor_pixels or "
                        f"presence_distractor_image_emb in the batch; got keys {sorted(batch)}")
-    ids = [batch[k] for k in batch_lib.TEXT_KEYS]
-    b = ids[0].shape[0]
 
     def loss_fn(trainable):
       params = partition.merge(trainable, frozen)
-      text = model.apply({"params": params}, jnp.concatenate(ids, axis=0),
-                         method="get_text_features")
-      text = gather_rows(losses.l2_normalize(text).reshape(len(ids), b, -1))
+      text = gather_rows(losses.l2_normalize(text_embeddings(model, params, batch)))
       emb = {"presence_image": images["presence"], "absence_image": images["absence"],
              **{k.removesuffix("_ids"): t for k, t in zip(batch_lib.TEXT_KEYS, text)}}
       if "presence_distractor" in images:
