@@ -89,8 +89,10 @@ class Embedder:
     return self._run("text", len(ids), lambda lo, hi: ids[lo:hi], desc)
 
   def _packed_texts(self, ids: np.ndarray, desc: str) -> np.ndarray:
-    """All texts packed into rows of L tokens; the rows are the items of `_run`, up to
-    batch_size (a `packing.ladder_rows` rung, a multiple of the devices) per call."""
+    """The distinct texts packed into rows of L tokens (equal texts share one feature, so
+    ties stay exact); the rows are the items of `_run`, up to batch_size (a
+    `packing.ladder_rows` rung, a multiple of the devices) per call."""
+    ids, inverse = np.unique(ids, axis=0, return_inverse=True)
     packed = packing.pack(ids, None, ids.shape[1], self.model.config.text.eos_token_id)
     slots, where = packing.row_slots(packed)
     rows = {k: packed[k] for k in packing.PACKED_KEYS[:3]}
@@ -99,7 +101,7 @@ class Embedder:
     out = self._run("packed_text", len(slots),
                     lambda lo, hi: ({k: v[lo:hi] for k, v in rows.items()}, slots[lo:hi]),
                     desc, per_call)
-    return out.reshape(-1, out.shape[-1])[where]
+    return out.reshape(-1, out.shape[-1])[where][inverse.reshape(-1)]
 
   def images(self, items: Sequence, load: Callable | None = None, desc: str = "images") -> np.ndarray:
     load = load or (lambda x: x)
