@@ -23,7 +23,7 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from negclip_jax import losses, packing
+from negclip_jax import losses, model as model_lib, packing
 
 TEXT_BUCKETS = (16, 32, 48, 64, 77)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -67,6 +67,10 @@ class Embedder:
   None keeps the model's) is the compute precision. With `pack` (default) texts are packed
   several to a row of L tokens (`negclip_jax.packing`; the same features to float rounding)
   and a call embeds up to batch_size rows; otherwise batch_size texts cut to their bucket.
+  Packed features depend on a text's place in its row at float rounding, so the Embedder
+  keeps each packed text's feature and reuses it for the same ids in later calls: equal
+  texts always get bitwise equal features (the tasks count ties as wrong). A model that
+  overrides `get_text_features` is never packed.
   """
 
   def __init__(self, model, params, batch_size: int = 256, normalize: bool = True,
@@ -79,7 +83,8 @@ class Embedder:
     self.normalize = normalize
     self.progress = progress and jax.process_index() == 0
     self.params = jax_utils.replicate(params)
-    self.pack = pack
+    self.pack = pack and type(self.model).get_text_features is model_lib.CLIP.get_text_features
+    self._packed_features: dict[bytes, np.ndarray] = {}  # ids row -> feature
 
   def texts(self, ids: np.ndarray, desc: str = "texts") -> np.ndarray:
     ids = np.asarray(ids, np.int32)
@@ -88,11 +93,23 @@ class Embedder:
     ids = ids[:, :bucket_length(ids)]
     return self._run("text", len(ids), lambda lo, hi: ids[lo:hi], desc)
 
+  def forget_texts(self) -> None:
+    """Drops the kept packed text features (benchmarks: time every pass from scratch)."""
+    self._packed_features.clear()
+
   def _packed_texts(self, ids: np.ndarray, desc: str) -> np.ndarray:
-    """The distinct texts packed into rows of L tokens (equal texts share one feature, so
-    ties stay exact); the rows are the items of `_run`, up to batch_size (a
-    `packing.ladder_rows` rung, a multiple of the devices) per call."""
-    ids, inverse = np.unique(ids, axis=0, return_inverse=True)
+    """The texts not embedded before, each once, packed into rows of L tokens; the rows are
+    the items of `_run`, up to batch_size (a `packing.ladder_rows` rung, a multiple of the
+    devices) per call."""
+    keys = [row.tobytes() for row in ids]
+    new = {k: i for i, k in enumerate(keys) if k not in self._packed_features}
+    if new:
+      idx = np.fromiter(new.values(), np.int64, len(new))
+      for k, f in zip(new, self._embed_packed(ids[idx], desc)):
+        self._packed_features[k] = f
+    return np.stack([self._packed_features[k] for k in keys])
+
+  def _embed_packed(self, ids: np.ndarray, desc: str) -> np.ndarray:
     packed = packing.pack(ids, None, ids.shape[1], self.model.config.text.eos_token_id)
     slots, where = packing.row_slots(packed)
     rows = {k: packed[k] for k in packing.PACKED_KEYS[:3]}
@@ -101,7 +118,7 @@ class Embedder:
     out = self._run("packed_text", len(slots),
                     lambda lo, hi: ({k: v[lo:hi] for k, v in rows.items()}, slots[lo:hi]),
                     desc, per_call)
-    return out.reshape(-1, out.shape[-1])[where][inverse.reshape(-1)]
+    return out.reshape(-1, out.shape[-1])[where]
 
   def images(self, items: Sequence, load: Callable | None = None, desc: str = "images") -> np.ndarray:
     load = load or (lambda x: x)

@@ -138,3 +138,12 @@ def test_embedder_packed_equals_unpacked(params):
   packed = embed.Embedder(model, params, batch_size=4, progress=False).texts(ids)
   plain = embed.Embedder(model, params, batch_size=4, progress=False, pack=False).texts(ids)
   np.testing.assert_allclose(packed, plain, rtol=0, atol=1e-5)
+
+
+def test_embedder_equal_texts_get_bitwise_equal_features_across_calls(params):
+  model = model_lib.CLIP(CONFIG)
+  ids = captions(9, 3)
+  embedder = embed.Embedder(model, params, batch_size=4, progress=False)
+  first = embedder.texts(ids[:5])
+  second = embedder.texts(np.concatenate([ids[5:], ids[2:4]]))  # two texts again, new rows
+  np.testing.assert_array_equal(second[-2:], first[2:4])
