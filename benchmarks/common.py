@@ -116,6 +116,18 @@ def train_step_flops(config, batch: int, text_length: int, trainable_blocks: Seq
   return 4 * batch * text + 2 * batch * vision
 
 
+def packed_text_step_flops(config, rows: int, row_length: int, captions: int,
+                           trainable_blocks: Sequence[int]) -> int:
+  """Model FLOPs of a packed step's text part (cached image features): `rows` rows of
+  `row_length` tokens through the blocks, forward + backward, with the attention core
+  over the whole row (masked across captions, but computed), and the text projection of
+  the `captions` pooled vectors, forward + backward."""
+  proj = 2 * config.text.hidden_size * config.projection_dim  # forward, per pooled vector
+  per_row = (text_forward_flops(config, row_length) + text_backward_flops(
+      config, row_length, trainable_blocks)) - 3 * proj
+  return rows * per_row + captions * 3 * proj
+
+
 # ------------------------------------------------------------------------ matmul peak
 
 

@@ -16,12 +16,17 @@ Variants, measured in one run on the same batch:
                   cached image embeddings (`*_image_emb`, computed once by the frozen tower
                   before timing, so the step runs only the text tower), no weight gradients
                   for frozen leaves, pmap with a donated state.
+  packed          ours with the texts packed (`negclip_jax.packing`, `data.pack_text`): the
+                  step's captions share rows of 77 tokens, each with its own positions,
+                  a block-diagonal causal mask and its own EOT pooling (the same features
+                  to float rounding), so padding no longer costs FLOPs. What
+                  `negclip_jax.train` does by default.
   ours_exact_off  our step, 77 tokens, pixels through the vision tower every step: the
                   framework/compiler gain alone.
   pytorch         transformers `CLIPModel` with the same weights, frozen parameters
-                  requires_grad=False, eager, `torch.optim.AdamW(lr=1e-6, weight_decay=0.2)`
-                  with torch's betas/eps (0.9, 0.999, 1e-8) as the original recipe and our
-                  optimizer use them, the same losses written
+                  requires_grad=False, eager, the original recipe's optimizer
+                  `torch.optim.AdamW(lr=1e-6, weight_decay=0.2, betas=(0.9, 0.999), eps=1e-8)`
+                  (ours: `partition.make_optimizer` with the same values), the same losses written
                   plainly in torch, logit_scale clamped; 77 tokens, pixels every step, all
                   texts in one `get_text_features` call and all images in one
                   `get_image_features` call.
@@ -39,6 +44,9 @@ Utilization: model FLOPs of the untruncated step (`common.train_step_flops`, for
 divided by the measured dense-matmul FLOP/s of this machine (jitted jnp n×n @ n×n, n = 2048
 on CPU, 8192 on an accelerator, in --dtype), sampled at start and after every round (median).
 
+Padding: `padding_fraction_<variant>` is the share of the text tower's token slots that
+hold no caption token (a caption's tokens run up to its EOT).
+
 The last lines are `name: value` headline figures (see docs/performance.md).
 """
 
@@ -55,15 +63,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from negclip_jax import model as model_lib, partition, train_step  # noqa: E402
+from negclip_jax import model as model_lib, packing, partition, train_step  # noqa: E402
 from negclip_jax.embed import bucket_length  # noqa: E402
 from negclip_jax.tokenizer import ClipTokenizer  # noqa: E402
 
 TEXT_KEYS = ("presence_caption", "presence_negated", "absence_caption", "absence_updated")
-LR, WEIGHT_DECAY = 1e-6, 0.2  # the original recipe's AdamW (torch's betas and eps)
+LR, WEIGHT_DECAY, BETAS, EPS = 1e-6, 0.2, (0.9, 0.999), 1e-8  # the original recipe's AdamW
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -84,6 +93,9 @@ def parse_args(argv=None):
   p.add_argument("--matmul-size", type=int, default=8192 if accel else 2048,
                  help="n of the n x n @ n x n matmul that measures the machine peak")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--profile", action="store_true",
+                 help="also time the packed step's pieces: the text forward alone, the step "
+                      "without the optimizer (forward + backward + loss), the whole step")
   p.add_argument("--breakdown", action="store_true",
                  help="also time the untruncated step's pieces on both sides: the text part "
                       "(77 tokens, cached image features) and the vision forward")
@@ -95,8 +107,9 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------- data
 
 
-def make_batches(config, batch: int, seed: int, model, params):
-  """-> (full, fast, info): global numpy batches for the untruncated and fast variants."""
+def make_batches(config, batch: int, seed: int, model, params, n_dev: int):
+  """-> (full, fast, packed, info): global numpy batches of the untruncated, bucketed and
+  packed variants (packed: per-device rows flattened, [n_dev * R, T] and [n_dev * P])."""
   ctx = config.text.max_position_embeddings
   data = common.negshapes_texts(batch, seed, config.vision.image_size)
   tok = ClipTokenizer()
@@ -112,11 +125,22 @@ def make_batches(config, batch: int, seed: int, model, params):
   cache_s = time.perf_counter() - t0
   fast = {f"{k}_ids": v[:, :bucket] for k, v in ids.items()}
   fast["presence_image_emb"], fast["absence_image_emb"] = emb[:batch], emb[batch:]
+  t0 = time.perf_counter()
+  rows = packing.pack_text_batch(full, n_dev, ctx, config.text.eos_token_id)
+  pack_s = time.perf_counter() - t0
+  packed = {k: v.reshape((-1,) + v.shape[2:]) for k, v in rows.items()}
+  packed.update({k: v for k, v in fast.items() if k.endswith("_image_emb")})
   lengths = common.token_lengths(np.concatenate(list(ids.values())))
+  texts = len(lengths)
   info = dict(bucket=bucket, mean_len=float(lengths.mean()), max_len=int(lengths.max()),
               min_len=int(lengths.min()), cache_s=cache_s, context=ctx,
-              example=data["presence_negated"][0])
-  return full, fast, info
+              example=data["presence_negated"][0], pack_s=pack_s,
+              rows=rows[packing.PACKED_IDS].shape[1],
+              padding={"ours": 1 - lengths.sum() / (texts * bucket),
+                       "packed": packing.padding_fraction(rows),
+                       "ours_exact_off": 1 - lengths.sum() / (texts * ctx)})
+  info["padding"]["pytorch"] = info["padding"]["ours_exact_off"]
+  return full, fast, packed, info
 
 
 def to_devices(batch: dict, n: int) -> dict:
@@ -204,7 +228,8 @@ class TorchVariant:
       raise RuntimeError(f"trainable keys missing in the torch model: {sorted(trainable - names)[:5]}")
     self.params = [p for p in self.model.parameters() if p.requires_grad]
     self.num_trainable = sum(p.numel() for p in self.params)
-    self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
+    self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
+                                 eps=EPS)
     ids = np.concatenate([batch[f"{k}_ids"] for k in TEXT_KEYS])
     self.ids = torch.from_numpy(ids.astype(np.int64)).to(self.device)
     self.image_emb = self.pixels = None
@@ -245,7 +270,8 @@ class TorchVariant:
 
 
 class VisionForward:
-  """--breakdown: the frozen tower's forward on the step's 2·batch images, alone."""
+  """A forward-only piece, timed alone: --breakdown (the frozen tower's forward on the
+  step's 2·batch images) and --profile (the packed text forward)."""
 
   def __init__(self, fn):
     self.fn = fn
@@ -308,23 +334,36 @@ def main(argv=None):
   blocks = partition.text_layers(args.layers, config.text.num_hidden_layers)
   print(partition.summary(params, labels), flush=True)
   tx = partition.make_optimizer(labels, learning_rate=LR, weight_decay=WEIGHT_DECAY,
-                                warmup_steps=1, total_steps=100_000)
+                                warmup_steps=1, total_steps=100_000, b1=BETAS[0], b2=BETAS[1],
+                                eps=EPS)
   state = train_step.create_train_state(params, tx)
   step_fn = train_step.pmap_train_step(train_step.make_train_step(model, labels, tx))
 
-  full, fast, info = make_batches(config, args.batch, args.seed, model, params)
+  full, fast, packed, info = make_batches(config, args.batch, args.seed, model, params, n_dev)
   print(f"batch: {args.batch} presence + {args.batch} absence examples ({2 * args.batch} "
         f"samples/step), {4 * args.batch} texts, {2 * args.batch} images "
         f"{config.vision.image_size}px, {n_dev} device(s)", flush=True)
   print(f"tokens: length min/mean/max {info['min_len']}/{info['mean_len']:.1f}/{info['max_len']} "
-        f"of {info['context']} -> bucket {info['bucket']} (e.g. {info['example']!r})", flush=True)
+        f"of {info['context']} -> bucket {info['bucket']} (e.g. {info['example']!r}); packed: "
+        f"{info['rows']} rows of {info['context']} per device (packing took "
+        f"{info['pack_s'] * 1e3:.1f} ms on the host)", flush=True)
   print(f"image-embedding cache: {2 * args.batch} images in {info['cache_s']:.2f}s "
         "(once, incl. compile; excluded from the step time)", flush=True)
 
   variants = {"ours": JaxVariant(step_fn, state, fast, n_dev),
+              "packed": JaxVariant(step_fn, state, packed, n_dev),
               "ours_exact_off": JaxVariant(step_fn, state, full, n_dev)}
   if not args.skip_torch:
     variants["pytorch"] = TorchVariant(config, params, labels, full, args.batch, args.dtype)
+  if args.profile:  # pieces of the packed step
+    no_opt = optax.set_to_zero()  # the gradients (and their norm) are still computed
+    variants["packed_no_optimizer"] = JaxVariant(
+        train_step.pmap_train_step(train_step.make_train_step(model, labels, no_opt)),
+        train_step.create_train_state(params, no_opt), packed, n_dev)
+    fwd = jax.pmap(lambda p, b: train_step.text_embeddings(model, p, b))
+    rparams, dev_packed = train_step.replicate(params), to_devices(packed, n_dev)
+    variants["packed_text_fwd"] = VisionForward(
+        lambda: fwd(rparams, dev_packed).block_until_ready())
   if args.breakdown:  # pieces of the untruncated step: text part + vision forward
     text77 = {**{k: v for k, v in full.items() if k.endswith("_ids")},
               **{k: v for k, v in fast.items() if k.endswith("_image_emb")}}
@@ -393,19 +432,32 @@ def main(argv=None):
             f"{common.median(times[f'pytorch_{piece}']):.3f}s -> ours {ratio:.2f}x faster",
             flush=True)
 
+  if args.profile:
+    med = lambda name: common.median(times[name])
+    whole, no_opt, fwd = med("packed"), med("packed_no_optimizer"), med("packed_text_fwd")
+    print(f"profile packed step: text forward {fwd:.3f}s ({100 * fwd / whole:.0f}%), backward "
+          f"+ loss {no_opt - fwd:.3f}s ({100 * (no_opt - fwd) / whole:.0f}%), optimizer "
+          f"(AdamW on the trainable leaves) {whole - no_opt:.3f}s "
+          f"({100 * (whole - no_opt) / whole:.0f}%); whole step {whole:.3f}s", flush=True)
+
   samples = 2 * args.batch
   sps = {name: samples / common.median(t) for name, t in times.items()}
   ctx = config.text.max_position_embeddings
   flops_full = common.train_step_flops(config, args.batch, ctx, blocks, pixels=True)
   flops_fast = common.train_step_flops(config, args.batch, info["bucket"], blocks, pixels=False)
+  flops_packed = common.packed_text_step_flops(config, n_dev * info["rows"], ctx, 4 * args.batch,
+                                               blocks)
   achieved = flops_full / common.median(times["ours_exact_off"])
   util = achieved / peak
   print(f"model FLOPs/step: untruncated {flops_full / 1e9:.1f} GFLOP (text fwd+bwd "
         f"{common.train_step_flops(config, args.batch, ctx, blocks, pixels=False) / 1e9:.1f}, "
         f"vision fwd {2 * args.batch * common.vision_forward_flops(config) / 1e9:.1f}); "
-        f"ours (bucket {info['bucket']}, cached images) {flops_fast / 1e9:.1f} GFLOP", flush=True)
+        f"ours (bucket {info['bucket']}, cached images) {flops_fast / 1e9:.1f} GFLOP; packed "
+        f"({n_dev * info['rows']} rows of {ctx}, cached images) {flops_packed / 1e9:.1f} GFLOP",
+        flush=True)
   print(f"achieved: ours_exact_off {achieved / 1e9:.1f} GFLOP/s = {100 * util:.1f}% of the matmul "
-        f"peak; ours {flops_fast / common.median(times['ours']) / 1e9:.1f} GFLOP/s (useful)", flush=True)
+        f"peak; ours {flops_fast / common.median(times['ours']) / 1e9:.1f} GFLOP/s, packed "
+        f"{flops_packed / common.median(times['packed']) / 1e9:.1f} GFLOP/s", flush=True)
   if "pytorch" in times:
     t_achieved = flops_full / common.median(times["pytorch"])
     print(f"achieved: pytorch {t_achieved / 1e9:.1f} GFLOP/s = {100 * t_achieved / peak:.1f}% of "
@@ -414,12 +466,18 @@ def main(argv=None):
 
   print("", flush=True)
   common.headline("samples_per_s_ours", sps["ours"])
+  common.headline("samples_per_s_packed", sps["packed"])
   common.headline("samples_per_s_ours_exact_off", sps["ours_exact_off"])
   if "pytorch" in sps:
     common.headline("samples_per_s_pytorch", sps["pytorch"])
     common.headline("speedup_vs_pytorch", sps["ours"] / sps["pytorch"])
+    common.headline("speedup_vs_pytorch_packed", sps["packed"] / sps["pytorch"])
     common.headline("speedup_vs_pytorch_exact_off", sps["ours_exact_off"] / sps["pytorch"])
   common.headline("speedup_exact_on_vs_off", sps["ours"] / sps["ours_exact_off"])
+  common.headline("speedup_packed_vs_ours", sps["packed"] / sps["ours"])
+  for name in times:
+    if name in info["padding"]:
+      common.headline(f"padding_fraction_{name}", float(info["padding"][name]))
   common.headline("utilization_untruncated", util)
   common.headline("matmul_peak_gflops", peak / 1e9)
 

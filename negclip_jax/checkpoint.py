@@ -35,8 +35,8 @@ MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 UNREADABLE_DIR = "unreadable_checkpoints"
 # Config keys (dotted) that may change on resume: they do not alter the training state.
-STATE_NEUTRAL_KEYS = ("log_every", "save_every", "max_to_keep", "data.cache_dir", "parallelism",
-                      "fsdp")
+STATE_NEUTRAL_KEYS = ("log_every", "save_every", "max_to_keep", "data.cache_dir", "data.pack_text",
+                      "parallelism", "fsdp")
 STATE_NEUTRAL_PREFIXES = ("evals.",)
 # Compared by the caller through the schedule length they imply (see `train.resume_check`).
 SCHEDULE_LENGTH_KEYS = ("num_epochs", "total_steps")

@@ -28,7 +28,7 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from negclip_jax import losses, sharding
+from negclip_jax import losses, model as model_lib, packing, sharding
 
 TEXT_BUCKETS = (16, 32, 48, 64, 77)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -71,7 +71,14 @@ def _features(model, kind: str, normalize: bool):
   method = "get_text_features" if kind == "text" else "get_image_features"
 
   def fn(params, x):
-    out = model.apply({"params": params}, x, method=method)
+    if kind == "packed_text":  # x: (packed rows [r, T] without the pool, slots [r, K])
+      rows, slots = x
+      r, length = rows[packing.PACKED_IDS].shape
+      pool = jnp.arange(r)[:, None] * length + slots
+      out = model.apply({"params": params}, *(rows[k] for k in packing.PACKED_KEYS[:3]), pool,
+                        method="get_packed_text_features")
+    else:
+      out = model.apply({"params": params}, x, method=method)
     return losses.l2_normalize(out) if normalize else out.astype(jnp.float32)
   return fn
 
@@ -95,11 +102,17 @@ class Embedder:
   returns one preprocessed float32 [S, S, 3] image (items may be arrays or paths).
   Outputs are L2-normalized float32 unless normalize=False. `dtype` (a `DTYPES` name;
   None keeps the model's) is the compute precision. `mesh`: shard as fsdp training does
-  (module docstring); None replicates on local devices (pmap).
+  (module docstring); None replicates on local devices (pmap). With `pack` (default, and
+  only without a mesh) texts are packed several to a row of L tokens (`negclip_jax.packing`;
+  the same features to float rounding) and a call embeds up to batch_size rows; otherwise
+  batch_size texts cut to their bucket. Packed features depend on a text's place in its row
+  at float rounding, so the Embedder keeps each packed text's feature and reuses it for the
+  same ids in later calls: equal texts always get bitwise equal features (the tasks count
+  ties as wrong). A model that overrides `get_text_features` is never packed.
   """
 
   def __init__(self, model, params, batch_size: int = 256, normalize: bool = True,
-               progress: bool = True, dtype: str | None = None, mesh=None):
+               progress: bool = True, dtype: str | None = None, mesh=None, pack: bool = True):
     if dtype is not None and dtype not in DTYPES:
       raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
     self.model = model if dtype is None else model.clone(dtype=DTYPES[dtype])
@@ -112,11 +125,44 @@ class Embedder:
       self.params = jax_utils.replicate(params)
     else:
       self.params = jax.device_put(params, sharding.state_shardings(params, mesh))
+    self.pack = (pack and mesh is None and
+                 type(self.model).get_text_features is model_lib.CLIP.get_text_features)
+    self._packed_features: dict[bytes, np.ndarray] = {}  # ids row -> feature
 
   def texts(self, ids: np.ndarray, desc: str = "texts") -> np.ndarray:
     ids = np.asarray(ids, np.int32)
+    if self.pack and len(ids):
+      return self._packed_texts(ids, desc)
     ids = ids[:, :bucket_length(ids)]
     return self._run("text", len(ids), lambda lo, hi: ids[lo:hi], desc)
+
+  def forget_texts(self) -> None:
+    """Drops the kept packed text features (benchmarks: time every pass from scratch)."""
+    self._packed_features.clear()
+
+  def _packed_texts(self, ids: np.ndarray, desc: str) -> np.ndarray:
+    """The texts not embedded before, each once, packed into rows of L tokens; the rows are
+    the items of `_run`, up to batch_size (a `packing.ladder_rows` rung, a multiple of the
+    devices) per call."""
+    keys = [row.tobytes() for row in ids]
+    new = {k: i for i, k in enumerate(keys) if k not in self._packed_features}
+    if new:
+      idx = np.fromiter(new.values(), np.int64, len(new))
+      for k, f in zip(new, self._embed_packed(ids[idx], desc)):
+        self._packed_features[k] = f
+    return np.stack([self._packed_features[k] for k in keys])
+
+  def _embed_packed(self, ids: np.ndarray, desc: str) -> np.ndarray:
+    packed = packing.pack(ids, None, ids.shape[1], self.model.config.text.eos_token_id)
+    slots, where = packing.row_slots(packed)
+    rows = {k: packed[k] for k in packing.PACKED_KEYS[:3]}
+    per_call = min(self.batch_size,
+                   packing.ladder_rows(math.ceil(len(slots) / jax.process_count())))
+    per_call = math.ceil(per_call / self.n_local) * self.n_local
+    out = self._run("packed_text", len(slots),
+                    lambda lo, hi: ({k: v[lo:hi] for k, v in rows.items()}, slots[lo:hi]),
+                    desc, batch_size=per_call)
+    return out.reshape(-1, out.shape[-1])[where]
 
   def images(self, items: Sequence, load: Callable | None = None, desc: str = "images",
              gather: bool = True) -> np.ndarray:
@@ -126,32 +172,34 @@ class Embedder:
                      lambda lo, hi: np.stack([load(items[i]) for i in range(lo, hi)]), desc,
                      gather)
 
-  def _run(self, kind, n, get, desc, gather: bool = True) -> np.ndarray:
+  def _run(self, kind, n, get, desc, gather: bool = True, batch_size=None) -> np.ndarray:
     if n == 0:
       raise ValueError(f"Nothing to embed: no {desc}")
+    batch_size = batch_size or self.batch_size
     fn = (_pmapped(self.model, kind, self.normalize) if self.mesh is None else
           _sharded(self.model, kind, self.normalize, self.mesh))
     lo, hi = process_block(n)
     per_proc = math.ceil(n / jax.process_count())
-    steps = max(1, math.ceil(per_proc / self.batch_size))  # same count on every process
+    steps = max(1, math.ceil(per_proc / batch_size))  # same count on every process
     outs = []
     for s in tqdm(range(steps), desc=f"embed {desc}", disable=not self.progress):
-      a, b = min(hi, lo + s * self.batch_size), min(hi, lo + (s + 1) * self.batch_size)
+      a, b = min(hi, lo + s * batch_size), min(hi, lo + (s + 1) * batch_size)
       # A process past its last example still joins the collective batch (with filler).
       x = get(a, b) if b > a else get(0, 1)
-      outs.append(self._apply(fn, x, b - a))
+      outs.append(self._apply(fn, x, b - a, batch_size))
     local = np.concatenate(outs)[:hi - lo]
     return gather_blocks(local, n) if gather else local
 
-  def _apply(self, fn, x, count):
-    pad = self.batch_size - len(x)
-    x = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
-    if self.mesh is not None:  # this process's rows of one global batch
+  def _apply(self, fn, x, count, batch_size):
+    """x: an array (or, packed, a tree of arrays) of <= batch_size items, padded by
+    repeating the first."""
+    pad = lambda a: np.concatenate([a, np.repeat(a[:1], batch_size - len(a), axis=0)])
+    if self.mesh is not None:  # this process's rows of one global batch (never packed)
       out = fn(self.params, jax.make_array_from_process_local_data(
-          sharding.batch_sharding(self.mesh), x))
+          sharding.batch_sharding(self.mesh), pad(x)))
       shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
       return np.concatenate([np.asarray(s.data) for s in shards])[:count]
-    x = x.reshape((self.n_local, -1) + x.shape[1:])
-    out = np.asarray(fn(self.params, x))
-    return out.reshape((self.batch_size,) + out.shape[2:])[:count]
+    shard = lambda a: pad(a).reshape((self.n_local, -1) + a.shape[1:])
+    out = np.asarray(fn(self.params, jax.tree.map(shard, x)))
+    return out.reshape((batch_size,) + out.shape[2:])[:count]
 

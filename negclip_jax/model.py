@@ -152,7 +152,8 @@ class Attention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, causal: bool):
+  def __call__(self, x, mask):
+    """mask: bool [N or 1, 1, L, L], True where a query may attend a key; None = all."""
     head_dim = self.hidden_size // self.num_heads
     dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=_normal(0.02), name=name)
@@ -162,9 +163,7 @@ class Attention(nn.Module):
     v = split(dense("v_proj")(x))
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # softmax in >= f32
-    if causal:
-      length = x.shape[1]
-      mask = jnp.tril(jnp.ones((length, length), bool))
+    if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("nhqk,nkhd->nqhd", weights, v).reshape(x.shape[:2] + (self.hidden_size,))
@@ -197,10 +196,10 @@ class EncoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, causal: bool):
+  def __call__(self, x, mask):
     ln = lambda name: layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name)
     x = x + Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype,
-                      name="self_attn")(ln("layer_norm1")(x), causal)
+                      name="self_attn")(ln("layer_norm1")(x), mask)
     return x + MLP(self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype,
                    self.param_dtype, name="mlp")(ln("layer_norm2")(x))
 
@@ -212,13 +211,13 @@ class Layers(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, causal: bool):
-    """x [N, L, D] -> tuple of num_hidden_layers + 1 hidden states, input first."""
+  def __call__(self, x, mask):
+    """x [N, L, D], mask (see `Attention`) -> tuple of num_hidden_layers + 1 hidden states, input first."""
     c = self.config
     states = [x]
     for i in range(c.num_hidden_layers):
       x = EncoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.hidden_act,
-                       c.layer_norm_eps, self.dtype, self.param_dtype, name=str(i))(x, causal)
+                       c.layer_norm_eps, self.dtype, self.param_dtype, name=str(i))(x, mask)
       states.append(x)
     return tuple(states)
 
@@ -229,8 +228,8 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, causal: bool):
-    return Layers(self.config, self.dtype, self.param_dtype, name="layers")(x, causal)
+  def __call__(self, x, mask):
+    return Layers(self.config, self.dtype, self.param_dtype, name="layers")(x, mask)
 
 
 class TextEmbeddings(nn.Module):
@@ -239,33 +238,49 @@ class TextEmbeddings(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids):
+  def __call__(self, input_ids, positions=None):
+    """positions [N, L] (packed rows); default 0..L-1 in every row."""
     c = self.config
     tok = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                    embedding_init=_normal(0.02), name="token_embedding")
     pos = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=self.dtype,
                    param_dtype=self.param_dtype, embedding_init=_normal(0.01),
                    name="position_embedding")
-    return tok(input_ids) + pos(jnp.arange(input_ids.shape[-1]))[None]
+    if positions is None:
+      return tok(input_ids) + pos(jnp.arange(input_ids.shape[-1]))[None]
+    return tok(input_ids) + pos(positions)
 
 
 class TextTransformer(nn.Module):
-  """`CLIPTextTransformer`: input_ids [N, L] int32 with L <= max_position_embeddings."""
+  """`CLIPTextTransformer`: input_ids [N, L] int32 with L <= max_position_embeddings.
+
+  Packed rows (`negclip_jax.packing`): with `packed=(positions, segments, pool)` each row
+  holds several captions; attention is causal within a caption and blocked across them,
+  and the pooled outputs are the final-LayerNorm states at the flat indices `pool`
+  (any shape, into the N * L tokens), so L is free and only positions are bounded.
+  """
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids):
-    """Returns (pooled [N, D], last_hidden_state [N, L, D], hidden_states tuple)."""
+  def __call__(self, input_ids, packed=None):
+    """Returns (pooled [N, D] or pool.shape + [D], last_hidden_state [N, L, D], hidden_states)."""
     c = self.config
-    if input_ids.shape[-1] > c.max_position_embeddings:
+    positions, segments, pool = packed if packed is not None else (None, None, None)
+    if packed is None and input_ids.shape[-1] > c.max_position_embeddings:
       raise ValueError(f"input_ids length {input_ids.shape[-1]} exceeds "
                        f"max_position_embeddings={c.max_position_embeddings}")
-    x = TextEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(input_ids)
-    states = Encoder(c, self.dtype, self.param_dtype, name="encoder")(x, causal=True)
+    x = TextEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(input_ids, positions)
+    length = input_ids.shape[-1]
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    if segments is not None:
+      mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
+    states = Encoder(c, self.dtype, self.param_dtype, name="encoder")(x, mask)
     last = layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype,
                       "final_layer_norm")(states[-1])
+    if pool is not None:
+      return last.reshape(-1, last.shape[-1])[pool], last, states
     pooled = last[jnp.arange(last.shape[0]), eot_positions(input_ids, c.eos_token_id)]
     return pooled, last, states
 
@@ -317,7 +332,7 @@ class VisionTransformer(nn.Module):
     ln = lambda name: layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype, name)
     x = VisionEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(pixel_values)
     x = ln("pre_layrnorm")(x)  # sic: Hugging Face's spelling.
-    x = Encoder(c, self.dtype, self.param_dtype, name="encoder")(x, causal=False)[-1]
+    x = Encoder(c, self.dtype, self.param_dtype, name="encoder")(x, None)[-1]
     return ln("post_layernorm")(x[:, 0])
 
 
@@ -326,6 +341,8 @@ class CLIP(nn.Module):
 
   Methods (use with `model.apply({"params": p}, x, method=...)`):
     get_text_features(input_ids [N, L] int32) -> [N, projection_dim] (not normalized)
+    get_packed_text_features(ids, positions, segments, pool) -> pool.shape + [projection_dim]
+      (packed rows [R, T], `negclip_jax.packing`)
     get_image_features(pixel_values [N, H, W, 3] f32) -> [N, projection_dim]
     get_text_hidden_states(input_ids) -> tuple of L_text + 1 arrays [N, L, D]
     __call__(input_ids, pixel_values) -> (image_features, text_features, logit_scale)
@@ -352,6 +369,10 @@ class CLIP(nn.Module):
 
   def get_text_features(self, input_ids):
     pooled, _, _ = self.text_model(input_ids)
+    return self.text_projection(pooled).astype(self._feature_dtype)
+
+  def get_packed_text_features(self, input_ids, positions, segments, pool):
+    pooled, _, _ = self.text_model(input_ids, (positions, segments, pool))
     return self.text_projection(pooled).astype(self._feature_dtype)
 
   def get_image_features(self, pixel_values):

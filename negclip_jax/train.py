@@ -328,7 +328,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   data = pipeline.TrainPipeline(presence, absence, tokenizer=tokenizer,
                                 context_length=model.config.text.max_position_embeddings,
                                 global_batch=config.batch_size, seed=config.seed,
-                                image_size=image_size, num_steps=total_steps, start_step=start)
+                                image_size=image_size, num_steps=total_steps, start_step=start,
+                                pack_text=config.data.pack_text and placement.mesh is None,
+                                eos_token_id=model.config.text.eos_token_id)
   if restored is not None:
     data.load_state_dict(data_state)
 

@@ -29,7 +29,7 @@ import optax
 from jax import lax
 
 from negclip_jax import batch as batch_lib
-from negclip_jax import losses, partition
+from negclip_jax import losses, packing, partition
 
 MAX_LOGIT_SCALE = math.log(100.0)
 AXIS = "batch"
@@ -55,6 +55,20 @@ def image_embeddings(model, params, batch) -> dict:
       out[prefix] = model.apply({"params": params}, batch[batch_lib.pixels_key(prefix)],
                                 method="get_image_features")
   return out
+
+
+def text_embeddings(model, params, batch, rows=lambda x: x) -> jax.Array:
+  """Raw text features [4, b, D] in `batch_lib.TEXT_KEYS` order, from the four id arrays
+  or from a packed text batch (`negclip_jax.packing`, the same features to float rounding).
+  `rows`: a sharding constraint for the unpacked text tower's input and output rows."""
+  if packing.PACKED_POOL in batch:
+    text = model.apply({"params": params}, *(batch[k] for k in packing.PACKED_KEYS),
+                       method="get_packed_text_features")
+  else:
+    text = rows(model.apply({"params": params},
+                            rows(jnp.concatenate([batch[k] for k in batch_lib.TEXT_KEYS], axis=0)),
+                            method="get_text_features"))
+  return text.reshape(len(batch_lib.TEXT_KEYS), -1, text.shape[-1])
 
 
 def make_train_step(model, labels, tx: optax.GradientTransformation, *, objective="omni_negclip",
@@ -85,16 +99,12 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
     if objective == "conclip" and "presence_distractor" not in images:
       raise ValueError("objective 'conclip' needs presence_distractor_pixels or "
                        f"presence_distractor_image_emb in the batch; got keys {sorted(batch)}")
-    ids = [batch[k] for k in batch_lib.TEXT_KEYS]
-    b = ids[0].shape[0]
     rows = ((lambda x: x) if row_sharding is None else
             (lambda x: jax.lax.with_sharding_constraint(x, row_sharding)))
 
     def loss_fn(trainable):
       params = partition.merge(trainable, frozen)
-      text = rows(model.apply({"params": params}, rows(jnp.concatenate(ids, axis=0)),
-                              method="get_text_features"))
-      text = gather_rows(losses.l2_normalize(text).reshape(len(ids), b, -1))
+      text = gather_rows(losses.l2_normalize(text_embeddings(model, params, batch, rows)))
       emb = {"presence_image": images["presence"], "absence_image": images["absence"],
              **{k.removesuffix("_ids"): t for k, t in zip(batch_lib.TEXT_KEYS, text)}}
       if "presence_distractor" in images:

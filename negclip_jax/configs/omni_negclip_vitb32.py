@@ -34,6 +34,7 @@ def get_config():
   c.data.distractor_image_dir = ""   # COCO train2017 images
   c.data.on_error = "raise"          # raise | skip (skipped examples are counted and reported)
   c.data.image_cache = True          # embed the frozen image tower's inputs once
+  c.data.pack_text = True            # several captions per text row (exact; pmap runs only)
   c.data.cache_dir = ""              # default: <workdir>/image_cache
 
   # Optimization: the original recipe, exactly (`torch.optim.AdamW(trainable, lr, weight_decay)`

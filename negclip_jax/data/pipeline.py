@@ -30,6 +30,9 @@ Batches (one step, one host; b = B / P, d local devices)
   (the same on every host; ``truncate_text=False`` keeps L = context_length); pixels, or
   image features for tables with embeddings, per image prefix the tables hold; and
   "step": int32 [d], the global step (repeated, so the whole dict can go through pmap).
+  With ``pack_text=True`` the four token-id arrays are replaced by the packed layout of
+  `negclip_jax.packing` ([d, R, T] rows of T = context_length tokens, [d, 4 b / d] pooled
+  indices), R the rung that holds every device's captions of the global batch.
 
 Checkpointing
   The iterator position is the step: the checkpoint stores `TrainPipeline.state_dict()`
@@ -55,7 +58,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from negclip_jax import batch as batch_lib
-from negclip_jax import storage
+from negclip_jax import packing, storage
 from negclip_jax.data.records import AbsenceRecord, BadRecords, DataError, PresenceRecord
 from negclip_jax.embed import bucket_length
 from negclip_jax.preprocess import preprocess_image
@@ -427,7 +430,8 @@ class TrainPipeline:
                context_length: int, global_batch: int, seed: int, image_size: int,
                num_steps: int, start_step: int = 0, process_index: int | None = None,
                process_count: int | None = None, local_devices: int | None = None,
-               truncate_text: bool = True, prefetch: int = 2):
+               truncate_text: bool = True, prefetch: int = 2, pack_text: bool = False,
+               eos_token_id: int = 49407):
     self.tables = {"presence": presence, "absence": absence}
     self.context_length, self.global_batch = context_length, global_batch
     self.seed, self.image_size, self.num_steps = seed, image_size, num_steps
@@ -435,6 +439,7 @@ class TrainPipeline:
     self.process_count = jax.process_count() if process_count is None else process_count
     self.local_devices = jax.local_device_count() if local_devices is None else local_devices
     self.truncate_text, self.prefetch = truncate_text, prefetch
+    self.pack_text, self.eos_token_id = pack_text, eos_token_id
     if seed < 0 or start_step < 0:
       raise ValueError(f"seed and start_step must be >= 0, got {seed} and {start_step}")
     if global_batch % (self.process_count * self.local_devices):
@@ -477,10 +482,17 @@ class TrainPipeline:
     """This host's batch of global step `step` (keys and shapes in the module doc)."""
     glob = self.global_indices(step)
     ids = {key: table_ids[glob[self._streams[key]]] for key, table_ids in self._ids.items()}
-    length = (bucket_length(np.concatenate(list(ids.values()))) if self.truncate_text
-              else self.context_length)
     mine = lambda idx: host_slice(idx, self.process_index, self.process_count)
-    batch = {key: np.ascontiguousarray(mine(v)[:, :length]) for key, v in ids.items()}
+    if self.pack_text:
+      d = self.local_devices
+      batch = packing.pack_text_batch(ids, self.process_count * d, self.context_length,
+                                      self.eos_token_id,
+                                      slice(self.process_index * d, (self.process_index + 1) * d))
+      batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}  # reshaped below
+    else:
+      length = (bucket_length(np.concatenate(list(ids.values()))) if self.truncate_text
+                else self.context_length)
+      batch = {key: np.ascontiguousarray(mine(v)[:, :length]) for key, v in ids.items()}
     for name, table in self.tables.items():
       idx = mine(glob[name])
       for column in table.image_columns():
@@ -507,7 +519,8 @@ class TrainPipeline:
 
   def _output_dtypes(self) -> dict[str, type]:
     """Batch key -> dtype, in `build_host_batch`'s key order."""
-    return {**{key: batch_lib.TEXT_DTYPE for key in self._ids},
+    texts = packing.PACKED_KEYS if self.pack_text else self._ids
+    return {**{key: batch_lib.TEXT_DTYPE for key in texts},
             **{key: batch_lib.IMAGE_DTYPE for key in self._image_keys.values()},
             batch_lib.STEP_KEY: np.int32}
 
