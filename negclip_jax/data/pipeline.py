@@ -60,7 +60,7 @@ from tqdm.auto import tqdm
 from negclip_jax import batch as batch_lib
 from negclip_jax import packing, storage
 from negclip_jax.data.records import AbsenceRecord, BadRecords, DataError, PresenceRecord
-from negclip_jax.embed import bucket_length
+from negclip_jax.embed import bucket_length, process_block
 from negclip_jax.preprocess import preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -225,8 +225,7 @@ def _undecodable(table: _Table, image_size: int):
     if isinstance(images, np.ndarray):
       continue
     failed = {}
-    p, count = jax.process_index(), jax.process_count()
-    block = -(-len(images) // count)
+    lo, hi = process_block(len(images))
 
     def check(i):
       try:
@@ -234,9 +233,8 @@ def _undecodable(table: _Table, image_size: int):
       except DataError as e:
         failed[i] = e.reason
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-      list(tqdm(pool.map(check, range(p * block, min((p + 1) * block, len(images)))),
-                total=max(0, min(block, len(images) - p * block)), desc=f"check {column}",
-                disable=p != 0, leave=False))
+      list(tqdm(pool.map(check, range(lo, hi)), total=hi - lo, desc=f"check {column}",
+                disable=jax.process_index() != 0, leave=False))
     for i, reason in sorted(gather_failures(failed, len(images)).items()):
       yield i, IMAGE_COLUMNS[column].image_key, reason
 
