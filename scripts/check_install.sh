@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the wheel, installs it with an extra into a fresh venv from the package index
 # (no requirements file), then, from outside the repository: negclip-train --help, a
-# 2-step tiny run (which exports), negclip-export of that run, and the given tests run
-# against the installed package.
-#   scripts/check_install.sh [EXTRA [TEST ...]]   e.g. tpu, or test tests/test_export.py
+# 2-step tiny run (which exports), negclip-export of that run, and the given tests (paths
+# relative to the repository; `tests` for the suite) against the installed package, from a
+# copy of the repository without negclip_jax/.
+#   scripts/check_install.sh [EXTRA [TEST ...]]   e.g. tpu, or test tests
 # With the torch or test extra, torch's CPU build is installed first (PyPI's default
 # torch wheels for Linux pull the CUDA libraries), from $TORCH_INDEX (default PyTorch's CPU
 # index; TORCH_INDEX= uses only the configured index, e.g. an offline mirror).
@@ -33,10 +34,15 @@ cd "$tmp"
   2> "$tmp/train.log" | tail -2
 "$tmp/venv/bin/negclip-export" "$tmp/run" --format hf --out "$tmp/export" 2> "$tmp/export.log"
 if (($#)); then
-  mkdir "$tmp/tests"
-  for t in tests/conftest.py tests/references.py "$@"; do  # paths relative to the repository
-    cp "$repo/$t" "$tmp/tests/"
-  done
-  "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider "$tmp/tests"
+  # The repository without its package source: tests, configs aliases, launch scripts.
+  # Tests and their subprocesses put this copy on the path, so only the installed
+  # negclip_jax can be imported.
+  mkdir "$tmp/repo"
+  (cd "$repo" && git ls-files --cached --others --exclude-standard | grep -v '^negclip_jax/' |
+    tar -cf - -T -) | tar -xf - -C "$tmp/repo"
+  cd "$tmp/repo"
+  installed=$("$tmp/venv/bin/python" -c 'import negclip_jax; print(negclip_jax.__file__)')
+  [[ $installed == "$tmp/venv/"* ]] || { echo "imports $installed, not the install" >&2; exit 1; }
+  PYTHON="$tmp/venv/bin/python" "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider "$@"
 fi
 echo "ok in $((SECONDS - start)) s"

@@ -10,12 +10,15 @@ import sys
 import zipfile
 from pathlib import Path
 
+import negclip_jax
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_ships_commands_configs_data_and_declares_extras(tmp_path):
   src = tmp_path / "src"
-  shutil.copytree(ROOT / "negclip_jax", src / "negclip_jax",
+  package = Path(negclip_jax.__file__).parent  # the repository's, or an installed copy's
+  shutil.copytree(package, src / "negclip_jax",
                   ignore=shutil.ignore_patterns("__pycache__"))
   for name in ("pyproject.toml", "README.md"):
     shutil.copy(ROOT / name, src / name)
@@ -25,7 +28,7 @@ def test_wheel_ships_commands_configs_data_and_declares_extras(tmp_path):
   assert out.returncode == 0, out.stderr[-2000:]
   wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("negclip_jax-*.whl")))
   names = set(wheel.namelist())
-  for config in (ROOT / "negclip_jax" / "configs").glob("*.py"):
+  for config in (package / "configs").glob("*.py"):
     assert f"negclip_jax/configs/{config.name}" in names
   for data in ("assets/bpe_simple_vocab_16e6.txt.gz", "assets/zeroshot/templates.json",
                "assets/zeroshot/imagenet_classnames.json"):
