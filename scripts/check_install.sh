@@ -28,6 +28,7 @@ if [[ $extra == torch || $extra == test ]]; then
 fi
 "$pip" install -q "$(ls "$tmp"/dist/*.whl)${extra:+[$extra]}"
 echo "installed ${extra:-no extra} in $((SECONDS - start)) s: $("$pip" freeze | wc -l) packages"
+"$pip" freeze | grep -iE "^(jax|jaxlib|libtpu|jax-cuda12-plugin|torch|tensorflow-cpu)==" | tr "\n" " "; echo
 cd "$tmp"
 "$tmp/venv/bin/negclip-train" --help > /dev/null
 "$tmp/venv/bin/negclip-train" --config tiny --workdir "$tmp/run" --config.total_steps=2 \
