@@ -451,7 +451,8 @@ def main(argv):
           end="", flush=True)
   # Every process prints the summary (multi-process runs can compare their final metrics).
   print(json.dumps({"step": result["step"], "stopped_early": result["stopped_early"],
-                    **(result["last_metrics"] or {})}), flush=True)
+                    **(result["last_metrics"] or {}),
+                    **({"eval": result["eval"]} if result["eval"] else {})}), flush=True)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

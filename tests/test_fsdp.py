@@ -20,8 +20,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from negclip_jax import checkpoint, convert, model as model_lib, sharding, train
-from test_multiprocess import (ROOT, assert_params_close, cluster_cmd, config,
-                               keep_checkpoints_up_to, summary)
+from test_multiprocess import (ROOT, assert_eval_equals_one_process, assert_params_close,
+                               config, config_with_eval, keep_checkpoints_up_to, run_cluster)
 
 STEPS = 4
 RESUME_FROM = 2
@@ -113,15 +113,16 @@ def test_checkpoint_from_mesh_2x4_continues_on_one_device(reference, tmp_path, e
   assert_params_close(checkpoint.load_run(workdir)[1], reference[1])
 
 
-def test_two_process_fsdp_resumes_and_each_process_writes_its_shards(reference, tmp_path, env):
+def test_two_process_fsdp_resumes_evaluates_and_each_process_writes_its_shards(reference,
+                                                                              tmp_path, env):
   workdir = resumable_copy(reference, tmp_path)
-  cmd = cluster_cmd(workdir) + ["--config.parallelism=fsdp"]  # 2 processes x 2 devices
-  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-5000:]
-  assert "2 process(es), 4 device(s)" in proc.stdout
-  assert f"Resuming from {workdir}/checkpoints/{RESUME_FROM}" in proc.stdout
-  assert summary(proc.stdout)["step"] == STEPS
+  first, output = run_cluster(workdir, env, config_file=config_with_eval(tmp_path),
+                              train_flags=("--config.parallelism=fsdp",))  # 2 x 2 devices
+  assert f"Resuming from {workdir}/checkpoints/{RESUME_FROM}" in output
+  assert first["step"] == STEPS
   assert_params_close(checkpoint.load_run(workdir)[1], reference[1])
+  # The final evaluation embedded with the params sharded across both processes.
+  assert_eval_equals_one_process(workdir, first["eval"])
   # Step 4 was written by the 2 processes, state sharded (1, 4): each wrote its own half.
   state = workdir / "checkpoints" / str(STEPS) / "state"
   written = {p: sum(f.stat().st_size for f in (state / f"ocdbt.process_{p}").rglob("*")

@@ -7,10 +7,12 @@ same global batch of 8):
     non-zero; re-launching the same command resumes from the last checkpoint and finishes
     with the reference's params, both processes reporting the same final losses;
   * a checkpoint written by 2 processes continues in 1 process, and one written by 1
-    process continues in 2 processes, both ending at the reference's params;
+    process continues in 2 processes, both ending at the reference's params; the latter
+    evaluates at the end (`config.evals`) on both processes, equal to a 1-process
+    evaluation of its final params;
   * the host sharding of the input pipeline (disjoint shares covering each epoch);
   * the cloud launchers' --dry-run output.
-Subprocesses share a persistent compilation cache, so only the first one compiles.
+Subprocesses share the session's persistent compilation cache (conftest.py).
 """
 
 import json
@@ -29,7 +31,7 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from negclip_jax import checkpoint, train
+from negclip_jax import checkpoint, evaluate, train
 from negclip_jax.data import negshapes, pipeline
 from negclip_jax.tokenizer import ClipTokenizer
 
@@ -84,25 +86,25 @@ def summary(text: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp("jax_cache")
+def env():
   e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  e.update(PYTHON=sys.executable, JAX_COMPILATION_CACHE_DIR=str(cache),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONUNBUFFERED="1")
+  e.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1")
   return e
 
 
-def cluster_cmd(workdir: Path, *options: str) -> list[str]:
-  train_args = ["--config", str(ROOT / "configs/tiny.py"), "--workdir", str(workdir),
+def cluster_cmd(workdir: Path, *options: str, config_file: Path = ROOT / "configs/tiny.py",
+                train_flags: tuple[str, ...] = ()) -> list[str]:
+  train_args = ["--config", str(config_file), "--workdir", str(workdir),
                 *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
-                f"--heartbeat_timeout={HEARTBEAT_S}"]
+                f"--heartbeat_timeout={HEARTBEAT_S}", *train_flags]
   return ["bash", str(LOCAL_CLUSTER), "--processes", "2", "--devices-per-process", "2",
           "--port", str(free_port()), *options, "--", *train_args]
 
 
-def run_cluster(workdir: Path, env: dict, timeout: int = 400) -> tuple[dict, str]:
-  """Runs the 2-process cluster to completion -> (the summary both printed, process 0's output)."""
-  proc = subprocess.run(cluster_cmd(workdir), cwd=ROOT, env=env, capture_output=True,
+def run_cluster(workdir: Path, env: dict, timeout: int = 400, **cmd) -> tuple[dict, str]:
+  """Runs the 2-process cluster (`cluster_cmd` keywords) to completion -> (the summary both
+  printed, process 0's output)."""
+  proc = subprocess.run(cluster_cmd(workdir, **cmd), cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
   log1 = (workdir / "cluster_logs" / "process_1.log").read_text()
   assert proc.returncode == 0, proc.stderr[-5000:] + log1[-3000:]
@@ -110,7 +112,30 @@ def run_cluster(workdir: Path, env: dict, timeout: int = 400) -> tuple[dict, str
   assert "2 process(es), 4 device(s)" in proc.stdout
   for key in LOSSES:  # the processes computed the same (pmean'd) metrics
     assert first[key] == second[key], (key, first, second)
+  assert first.get("eval") == second.get("eval"), (first, second)  # and the same evaluation
   return first, proc.stdout + proc.stderr
+
+
+EVAL_NUM = 24
+
+
+def config_with_eval(tmp_path: Path) -> Path:
+  """A config file: tiny with a NegShapes evaluator run at the end of training."""
+  path = tmp_path / "tiny_with_eval.py"
+  path.write_text("from negclip_jax.configs import tiny\n\n\ndef get_config():\n"
+                  f"  c = tiny.get_config()\n  c.evals.negshapes = dict(num={EVAL_NUM})\n"
+                  "  return c\n")
+  return path
+
+
+def assert_eval_equals_one_process(workdir: Path, evaluated: dict):
+  """`evaluated` (a run's final `eval`) = the NegShapes task run here on its final params."""
+  model, params, tokenizer = checkpoint.load_run(workdir)
+  expected = evaluate.run_task("negshapes", model, params, tokenizer, num=EVAL_NUM,
+                               progress=False)
+  assert set(evaluated) == {"negshapes"} and set(evaluated["negshapes"]) == set(expected)
+  for key, value in expected.items():
+    np.testing.assert_allclose(evaluated["negshapes"][key], value, rtol=1e-6, err_msg=key)
 
 
 @pytest.fixture(scope="module")
@@ -234,16 +259,18 @@ def test_two_process_checkpoint_continues_in_one_process(killed_then_resumed, re
   assert_params_close(out["params"], reference[1]["params"])
 
 
-def test_one_process_checkpoint_continues_in_two_processes(reference, env, tmp_path):
+def test_one_process_checkpoint_continues_in_two_processes_and_evaluates(reference, env,
+                                                                        tmp_path):
   ref_dir, ref = reference
   copy = tmp_path / "from_one"
   shutil.copytree(ref_dir, copy, ignore=shutil.ignore_patterns("image_cache"))
   keep_checkpoints_up_to(copy, STEPS - 1)
-  first, output = run_cluster(copy, env)
+  first, output = run_cluster(copy, env, config_file=config_with_eval(tmp_path))
   assert f"Resuming from {copy}/checkpoints/{STEPS - 1}" in output
   assert first["step"] == STEPS
   _, params, _ = checkpoint.load_run(copy)
   assert_params_close(params, ref["params"])
+  assert_eval_equals_one_process(copy, first["eval"])  # each process embedded its block
 
 
 def test_local_cluster_stops_the_others_when_one_fails(tmp_path):
