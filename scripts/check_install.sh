@@ -28,7 +28,11 @@ if [[ $extra == torch || $extra == test ]]; then
 fi
 "$pip" install -q "$(ls "$tmp"/dist/*.whl)${extra:+[$extra]}"
 echo "installed ${extra:-no extra} in $((SECONDS - start)) s: $("$pip" freeze | wc -l) packages"
-"$pip" freeze | grep -iE "^(jax|jaxlib|libtpu|jax-cuda12-plugin|torch|tensorflow-cpu)==" | tr "\n" " "; echo
+if [[ $extra == torch || $extra == test ]]; then  # the extra must keep the CPU torch
+  torch=$("$tmp/venv/bin/python" -c 'import torch; print(torch.__version__)')
+  [[ $torch == 2.13.0+cpu ]] || { echo "torch $torch replaced torch 2.13.0+cpu" >&2; exit 1; }
+fi
+"$pip" freeze | grep -iE "^(jax|jaxlib|libtpu|jax-cuda12-plugin|torch|torchvision|tensorflow-cpu|nvidia-[a-z0-9-]+)==" | tr "\n" " "; echo
 cd "$tmp"
 "$tmp/venv/bin/negclip-train" --help > /dev/null
 "$tmp/venv/bin/negclip-train" --config tiny --workdir "$tmp/run" --config.total_steps=2 \
