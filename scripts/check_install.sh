@@ -27,6 +27,9 @@ if [[ $extra == torch || $extra == test ]]; then
   "$pip" install -q ${index:+--extra-index-url "$index"} "torch==2.13.0+cpu"
 fi
 "$pip" install -q "$(ls "$tmp"/dist/*.whl)${extra:+[$extra]}"
+if [[ $extra == test ]]; then  # see pyproject.toml: open_clip without torchvision
+  "$pip" install -q --no-deps open_clip_torch==3.3.0
+fi
 echo "installed ${extra:-no extra} in $((SECONDS - start)) s: $("$pip" freeze | wc -l) packages"
 if [[ $extra == torch || $extra == test ]]; then  # the extra must keep the CPU torch
   torch=$("$tmp/venv/bin/python" -c 'import torch; print(torch.__version__)')

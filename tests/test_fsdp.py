@@ -137,7 +137,7 @@ def test_big_presets_are_open_clips(preset, name):
   """The presets are open_clip's model_configs (installed with open_clip_torch), parsed the
   way `convert` loads an open_clip checkpoint."""
   spec = importlib.util.find_spec("open_clip")
-  assert spec is not None, "open_clip_torch is needed (see requirements.txt)"
+  assert spec is not None, "pip install --no-deps open_clip_torch==3.3.0 (see the Makefile)"
   cfg = json.loads((Path(spec.origin).parent / "model_configs" / f"{name}.json").read_text())
   assert model_lib.get_config(preset) == convert.config_from_open_clip(cfg)
   counts = {"vit-h-14": 986e6, "vit-bigg-14": 2.54e9}  # open_clip's published sizes
