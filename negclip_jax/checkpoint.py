@@ -264,17 +264,23 @@ def load_run(run_dir: str | os.PathLike, dtype=jnp.float32, step: int | None = N
   skipped with a warning, not moved aside. `dtype`: the model's compute dtype; `step`:
   that checkpoint (default: the newest readable one, see `read_step`).
   """
+  model, tokenizer = run_model(run_dir, dtype)
+  _, params, _ = read_step(run_dir, step)
+  return model, params, tokenizer
+
+
+def run_model(run_dir: str | os.PathLike, dtype=jnp.float32):
+  """(model, tokenizer) a training run directory describes (no weights read)."""
   from negclip_jax import model as model_lib, tokenizer as tokenizer_lib
   run_dir = storage.path(run_dir)
   config_file = run_dir / MODEL_CONFIG_FILE
   if not config_file.is_file():
     raise FileNotFoundError(f"{run_dir} has no {MODEL_CONFIG_FILE}: not a negclip_jax run directory")
   config = model_config_from_json(json.loads(config_file.read_text()))
-  _, params, _ = read_step(run_dir, step)
   tok_dir = run_dir / TOKENIZER_DIR
   tokenizer = (tokenizer_lib.ClipTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir()
                else tokenizer_lib.ClipTokenizer())
-  return model_lib.CLIP(config, dtype=dtype), params, tokenizer
+  return model_lib.CLIP(config, dtype=dtype), tokenizer
 
 
 def read_step(run_dir: str | os.PathLike, step: int | None = None) -> tuple[int, Any, dict]:

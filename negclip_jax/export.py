@@ -160,8 +160,8 @@ def load(source: str | os.PathLike):
     model, params = convert.load_pretrained(source)
     card = model_card(model.config, params, name=f"{source.name} (converted by negclip-jax)")
     return model, params, ClipTokenizer.for_model_dir(source), card
-  step, _, run_config = checkpoint.read_step(run_dir, step)
-  model, params, tokenizer = checkpoint.load_run(run_dir, step=step)
+  model, tokenizer = checkpoint.run_model(run_dir)
+  step, params, run_config = checkpoint.read_step(run_dir, step)  # one restore
   card = model_card(model.config, params, run_config, step, final_evaluation(run_dir, step),
                     name=f"{run_dir.name} (Omni-NegCLIP, negclip-jax)")
   return model, params, tokenizer, card

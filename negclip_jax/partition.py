@@ -199,6 +199,13 @@ def make_optimizer(labels, learning_rate=1e-6, weight_decay=0.2, warmup_steps=50
   branch, so frozen leaves carry no optimizer state.
   """
   rate = learning_rate_schedule(schedule, learning_rate, warmup_steps, total_steps)
+  return masked_adamw(labels, rate, weight_decay, grad_clip_norm, b1=b1, b2=b2, eps=eps)
+
+
+def masked_adamw(labels, rate: optax.Schedule, weight_decay: float,
+                 grad_clip_norm: float | None = None, b1=0.9, b2=0.999,
+                 eps=1e-8) -> optax.GradientTransformation:
+  """`make_optimizer` given its learning-rate schedule `rate` (step -> rate)."""
   trainable = torch_adamw(rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   if grad_clip_norm:
     trainable = optax.chain(optax.clip_by_global_norm(grad_clip_norm), trainable)

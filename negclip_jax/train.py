@@ -170,20 +170,24 @@ def resume_check(config, workdir: epath.Path, total_steps: int, table_sizes: tup
       logger.info("Resuming with %s changed: %r -> %r (does not alter the training state)",
                   key, old, new)
     if total_steps > saved_total:
-      rate = lambda total: float(partition.learning_rate_schedule(
-          config.schedule, config.learning_rate, config.warmup_steps, total)(step))
+      rate = lambda total: float(schedule_from_config(config, total)(step))
       logger.warning("Resuming with total steps %d -> %d: the learning-rate schedule is "
                      "stretched from step %d on (rate there %.4g, was %.4g).", saved_total,
                      total_steps, step, rate(total_steps), rate(saved_total))
   return check
 
 
-def optimizer_from_config(config, labels, total_steps: int):
-  """`partition.make_optimizer` with the config's optimizer keys."""
-  return partition.make_optimizer(
-      labels, config.learning_rate, config.weight_decay, config.warmup_steps, total_steps,
-      config.grad_clip_norm or None, b1=config.b1, b2=config.b2, eps=config.eps,
-      schedule=config.schedule)
+def schedule_from_config(config, total_steps: int) -> optax.Schedule:
+  """`partition.learning_rate_schedule` with the config's keys, over `total_steps`."""
+  return partition.learning_rate_schedule(config.schedule, config.learning_rate,
+                                          config.warmup_steps, total_steps)
+
+
+def optimizer_from_config(config, labels, schedule: optax.Schedule):
+  """`partition.masked_adamw` with the config's optimizer keys, following `schedule`."""
+  return partition.masked_adamw(labels, schedule, config.weight_decay,
+                                config.grad_clip_norm or None, b1=config.b1, b2=config.b2,
+                                eps=config.eps)
 
 
 # --------------------------------------------------------------------------- loop
@@ -288,9 +292,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   if main:
     print(partition.summary(params, labels), flush=True)
   total_steps = num_train_steps(config, len(presence), len(absence))
-  tx = optimizer_from_config(config, labels, total_steps)
-  schedule = partition.learning_rate_schedule(config.schedule, config.learning_rate,
-                                              config.warmup_steps, total_steps)
+  schedule = schedule_from_config(config, total_steps)  # the optimizer's, and logged
+  tx = optimizer_from_config(config, labels, schedule)
   placement = sharding.for_config(config)  # pmap replicas or an fsdp mesh
   abstract_state = jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params)
 
