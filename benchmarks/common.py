@@ -189,7 +189,7 @@ def negshapes_texts(batch: int, seed: int = 0, image_size: int = 224) -> dict:
 
 def preprocess_images(images: np.ndarray, image_size: int) -> np.ndarray:
   """uint8 [N, S, S, 3] -> normalized float32 NHWC, the model's input."""
-  from negclip_jax import preprocess
+  from negclip_jax.model import preprocess
   return preprocess.preprocess_images(list(images), image_size)
 
 
@@ -218,7 +218,7 @@ def build_torch_clip(config, params, device: str = "cpu"):
   """transformers.CLIPModel with exactly our `params` (via `negclip_jax.convert`)."""
   import torch
   import transformers
-  from negclip_jax import convert
+  from negclip_jax.model import convert
   hf_config = transformers.CLIPConfig(**convert.config_to_hf(config))
   model = transformers.CLIPModel(hf_config)
   sd = {k: torch.from_numpy(np.asarray(v)) for k, v in convert.params_to_state_dict(params).items()}

@@ -42,8 +42,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from negclip_jax import embed, model as model_lib  # noqa: E402
-from negclip_jax.tokenizer import ClipTokenizer  # noqa: E402
+from negclip_jax.eval import embed
+from negclip_jax.model import clip as model_lib
+from negclip_jax.train import packing
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 
 def parse_args(argv=None):
@@ -117,7 +119,7 @@ def main(argv=None):
   model = model_lib.CLIP(config, dtype=jnp.dtype(args.dtype))
   params = jax.device_get(model_lib.init_params(model_lib.CLIP(config), jax.random.key(args.seed)))
   pixels, ids = make_inputs(config, args.num_images, args.num_texts, args.seed)
-  bucket = embed.bucket_length(ids)
+  bucket = packing.bucket_length(ids)
   lengths = common.token_lengths(ids)
   print(f"inputs: {len(pixels)} images {config.vision.image_size}px, {len(ids)} texts "
         f"(tokens min/mean/max {lengths.min()}/{lengths.mean():.1f}/{lengths.max()} of "

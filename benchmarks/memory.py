@@ -54,7 +54,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from negclip_jax import model as model_lib, partition, sharding, train_step  # noqa: E402
+from negclip_jax.model import clip as model_lib
+from negclip_jax.train import optim
+from negclip_jax.train import param_groups
+from negclip_jax.train import sharding
+from negclip_jax.train import step as train_step
 
 GIB = 2 ** 30
 TEXT_KEYS = ("presence_caption_ids", "presence_negated_ids", "absence_caption_ids",
@@ -65,8 +69,8 @@ def abstract_setup(preset: str, layers: str):
   """(model, labels, tx, abstract state) for `preset`, nothing allocated."""
   model = model_lib.CLIP(model_lib.get_config(preset))
   params = jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(0)))
-  labels = partition.label_params(params, layers)
-  tx = partition.make_optimizer(labels)
+  labels = param_groups.label_params(params, layers)
+  tx = optim.make_optimizer(labels)
   state = jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params)
   return model, labels, tx, state
 

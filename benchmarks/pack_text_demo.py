@@ -5,7 +5,7 @@
     python benchmarks/pack_text_demo.py runs/pack 100 500 unpacked,packed
 
 Pretrains the demo's small CLIP (`demo._pretrained`, PRETRAIN_STEPS steps at the demo's
-batch), then runs `train.train(configs/demo.py)` once per name in ORDER ("packed" sets
+batch), then runs `trainer.train(configs/demo.py)` once per name in ORDER ("packed" sets
 `data.pack_text=True`, anything else False; a shared image cache), evaluates each on every
 NegShapes task (EVAL_NUM items, seed 0), prints each run's wall time and last logged
 metrics, the largest metric differences between the first two runs, and writes
@@ -22,8 +22,10 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import demo as demo_config  # noqa: E402
-from negclip_jax import demo, model as model_lib, train  # noqa: E402
-from negclip_jax.tokenizer import ClipTokenizer  # noqa: E402
+from negclip_jax import demo, rundir
+from negclip_jax.model import clip as model_lib
+from negclip_jax.train import trainer
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 
 def main(workdir: str, pretrain_steps: str, eval_num: str, order: str):
@@ -38,12 +40,12 @@ def main(workdir: str, pretrain_steps: str, eval_num: str, order: str):
   for name in order.split(","):
     c = copy.deepcopy(config)
     c.data.pack_text = name == "packed"
-    c.data.cache_dir = str(wd / "image_cache")
+    c.data.cache_dir = str(wd / rundir.IMAGE_CACHE_DIR)
     run_dir = wd / f"ft_{name}_{len(out)}"
     t0 = time.perf_counter()
-    result = train.train(c, run_dir)
+    result = trainer.train(c, run_dir)
     secs = time.perf_counter() - t0
-    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    rows = rundir.read_metrics(run_dir)
     ev = demo.evaluate_negshapes(result["model"], result["params"], tok, eval_num, 0)
     out[f"{name}_{len(out)}"] = dict(train_s=secs, rows=rows, eval=ev)
     print(name, "train_s", secs, "last", rows[-1], flush=True)

@@ -26,7 +26,7 @@ Variants, measured in one run on the same batch:
   pytorch         transformers `CLIPModel` with the same weights, frozen parameters
                   requires_grad=False, eager, the original recipe's optimizer
                   `torch.optim.AdamW(lr=1e-6, weight_decay=0.2, betas=(0.9, 0.999), eps=1e-8)`
-                  (ours: `partition.make_optimizer` with the same values), the same losses written
+                  (ours: `optim.make_optimizer` with the same values), the same losses written
                   plainly in torch, logit_scale clamped; 77 tokens, pixels every step, all
                   texts in one `get_text_features` call and all images in one
                   `get_image_features` call.
@@ -67,9 +67,13 @@ import optax  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from negclip_jax import model as model_lib, packing, partition, train_step  # noqa: E402
-from negclip_jax.embed import bucket_length  # noqa: E402
-from negclip_jax.tokenizer import ClipTokenizer  # noqa: E402
+from negclip_jax.model import clip as model_lib
+from negclip_jax.train import optim
+from negclip_jax.train import packing
+from negclip_jax.train import param_groups
+from negclip_jax.train import step as train_step
+from negclip_jax.train.packing import bucket_length
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 TEXT_KEYS = ("presence_caption", "presence_negated", "absence_caption", "absence_updated")
 LR, WEIGHT_DECAY, BETAS, EPS = 1e-6, 0.2, (0.9, 0.999), 1e-8  # the original recipe's AdamW
@@ -219,7 +223,7 @@ class TorchVariant:
     self.device = common.torch_device()
     self.model = common.build_torch_clip(config, params, self.device).train()
     trainable = {hf_key(p) for p, l in traverse_util.flatten_dict(labels).items()
-                 if l == partition.TRAINABLE}
+                 if l == param_groups.TRAINABLE}
     names = set()
     for name, p in self.model.named_parameters():
       p.requires_grad_(name in trainable)
@@ -330,10 +334,10 @@ def main(argv=None):
 
   model = model_lib.CLIP(config, dtype=dtype)
   params = jax.device_get(model_lib.init_params(model_lib.CLIP(config), jax.random.key(args.seed)))
-  labels = partition.label_params(params, args.layers)
-  blocks = partition.text_layers(args.layers, config.text.num_hidden_layers)
-  print(partition.summary(params, labels), flush=True)
-  tx = partition.make_optimizer(labels, learning_rate=LR, weight_decay=WEIGHT_DECAY,
+  labels = param_groups.label_params(params, args.layers)
+  blocks = param_groups.text_layers(args.layers, config.text.num_hidden_layers)
+  print(param_groups.summary(params, labels), flush=True)
+  tx = optim.make_optimizer(labels, learning_rate=LR, weight_decay=WEIGHT_DECAY,
                                 warmup_steps=1, total_steps=100_000, b1=BETAS[0], b2=BETAS[1],
                                 eps=EPS)
   state = train_step.create_train_state(params, tx)
@@ -375,7 +379,7 @@ def main(argv=None):
   del state
   if not args.skip_torch:
     n_jax = sum(v.size for p, v in traverse_util.flatten_dict(params).items()
-                if traverse_util.flatten_dict(labels)[p] == partition.TRAINABLE)
+                if traverse_util.flatten_dict(labels)[p] == param_groups.TRAINABLE)
     if variants["pytorch"].num_trainable != n_jax:
       raise RuntimeError(f"trainable params differ: torch {variants['pytorch'].num_trainable:,} "
                          f"vs ours {n_jax:,}")

@@ -26,53 +26,35 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax import lax
 from tqdm.auto import tqdm
 
-from negclip_jax import convert, export, losses, model as model_lib, train, train_step
-from negclip_jax.embed import bucket_length
-from negclip_jax.data import negshapes, pipeline
-from negclip_jax.tasks import negshapes as negshapes_task
-from negclip_jax.preprocess import preprocess_images
-from negclip_jax.tokenizer import ClipTokenizer
+from negclip_jax import export, rundir
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
+from negclip_jax.train import optim
+from negclip_jax.train import step as train_step
+from negclip_jax.train import trainer
+from negclip_jax.train.packing import bucket_length
+from negclip_jax.data import negshapes
+from negclip_jax.train import pipeline
+from negclip_jax.eval.tasks import negshapes_task
+from negclip_jax.model.preprocess import preprocess_images
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 METRICS = (*(f"{t}_acc" for t in negshapes_task.TASKS),
            *(f"mcq{s}_{t}_acc" for s in ("", "_heldout") for t in negshapes.MCQ_TEMPLATES),
            "retrieval_t2i_r1", "retrieval_i2t_r1")
 
 
-def make_pretrain_step(model, tx):
-  """Plain CLIP pretraining step (all parameters, global-batch negatives), per device."""
-
-  def step(state, pixels, ids):
-    def loss_fn(params):
-      img = losses.l2_normalize(model.apply({"params": params}, pixels, method="get_image_features"))
-      txt = losses.l2_normalize(model.apply({"params": params}, ids, method="get_text_features"))
-      gather = lambda x: lax.all_gather(x, train_step.AXIS, axis=0, tiled=True)
-      loss, _ = losses.clip_loss(gather(img), gather(txt), jnp.exp(params["logit_scale"]))
-      return loss
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    grads = lax.pmean(grads, train_step.AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, train_step.MAX_LOGIT_SCALE)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), lax.pmean(loss, train_step.AXIS)
-
-  return jax.pmap(step, axis_name=train_step.AXIS, donate_argnums=(0,))
-
-
 def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> tuple[dict, list]:
   """Pretrains `model` on (images, plain captions) -> (params, per-step losses)."""
   params = model_lib.init_params(model, jax.random.key(seed))
   schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, steps // 10), steps)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1))
-  step_fn = make_pretrain_step(model, tx)
+  tx = optim.pretrain_adamw(schedule)
+  step_fn = train_step.make_pretrain_step(model, tx)
   state = train_step.replicate(train_step.create_train_state(params, tx))
   pixels = preprocess_images(data["images"], model.config.vision.image_size)
   ids = tokenizer(data["captions"], model.config.text.max_position_embeddings)
@@ -89,8 +71,8 @@ def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> 
 
 def evaluate_negshapes(model, params, tokenizer, num: int, seed: int) -> dict:
   """Every NegShapes task (paper-style and shortcut-free) with its shortcut audit."""
-  from negclip_jax import evaluate
-  return evaluate.run_task("negshapes", model, params, tokenizer, progress=False, num=num,
+  from negclip_jax.eval import registry
+  return registry.run_task("negshapes", model, params, tokenizer, progress=False, num=num,
                            seed=seed)
 
 
@@ -127,14 +109,13 @@ def table(before: dict, after: dict) -> str:
   return "\n".join(rows)
 
 
-def plot(path: Path, pretrain_losses: list, finetune_log: Path, before: dict, after: dict):
+def plot(path: Path, pretrain_losses: list, finetune_rows: list[dict], before: dict, after: dict):
   """Training curves (top) and before/after accuracies with error bars, value labels and
   chance lines (bottom) -> PNG."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = ([json.loads(l) for l in finetune_log.read_text().splitlines()]
-          if finetune_log.exists() else [])
+  rows = finetune_rows
   fig = plt.figure(figsize=(17, 9))
   grid = fig.add_gridspec(2, 2, height_ratios=(1, 1.3))
   ax1, ax2 = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])
@@ -235,7 +216,7 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
   print("pretrained:\n" + negshapes_task.report(before), flush=True)
 
   config.init = str(workdir / "pretrained" / "hf")  # as one loads openai/clip-vit-base-patch32
-  result = train.train(config, workdir / f"finetune{tag}")
+  result = trainer.train(config, workdir / f"finetune{tag}")
   after = evaluate_negshapes(result["model"], result["params"], tokenizer, eval_num, seed)
   export.export_run({**result, "eval": {"negshapes": after}}, config,
                     workdir / f"export{tag}" / "hf", f"demo{tag}")
@@ -244,7 +225,7 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
              "omni_negclip": after}
   (workdir / f"results{tag}.json").write_text(json.dumps(results, indent=2))
   plot(workdir / f"demo{tag}.png", pretrain_losses,
-       workdir / f"finetune{tag}" / "metrics.jsonl", before, after)
+       rundir.read_metrics(workdir / f"finetune{tag}"), before, after)
   print("\nOmni-NegCLIP, shortcut audit (trivial rules on the same items):\n"
         + negshapes_task.report(after))
   print("\n" + table(before, after))

@@ -19,7 +19,11 @@ import os
 
 from etils import epath
 
-from negclip_jax import checkpoint, convert, partition, storage
+from negclip_jax import storage
+from negclip_jax import configs
+from negclip_jax.model import convert
+from negclip_jax import rundir
+from negclip_jax.train import param_groups
 
 FORMATS = ("hf", "openai")
 CARD = "README.md"
@@ -48,9 +52,9 @@ def model_card(model_config, params, run_config: dict | None = None, step: int |
            f"{text.max_position_embeddings}; embeddings {model_config.projection_dim}-d")]
   if run_config is not None:
     c, d = run_config, run_config["data"]
-    labels = partition.label_params(params, c["layers"],
+    labels = param_groups.label_params(params, c["layers"],
                                     extra_trainable=tuple(c.get("extra_trainable", ())))
-    trained = partition.summary(params, labels).replace("\n", "; ")
+    trained = param_groups.summary(params, labels).replace("\n", "; ")
     sources = {"ccneg": f"CC-Neg (`{d.get('ccneg_path')}`)",
                "coco_negation": f"NegationCLIP COCO (`{d.get('coco_json')}`)",
                "negshapes": f"NegShapes ({d.get('negshapes_num')} generated examples)"}
@@ -71,7 +75,7 @@ def model_card(model_config, params, run_config: dict | None = None, step: int |
     shown = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
     results = "\n".join(["| metric | value |", "|---|---:|",
                          *(f"| {k} | {shown(v)} |"
-                           for k, v in checkpoint.flat_config(evaluation).items())])
+                           for k, v in configs.flat_config(evaluation).items())])
   else:
     results = "No evaluation was logged for this checkpoint."
   if openai_loadable(model_config):
@@ -132,39 +136,17 @@ def export(model, params, tokenizer, out: str | os.PathLike, formats=("hf",),
   return dirs
 
 
-def final_evaluation(run_dir: epath.Path, step: int) -> dict | None:
-  """{evaluator: {metric: value}} logged at `step` in metrics.jsonl (its
-  "eval/<name>/<metric>" keys, as `train.train` returns them), or None."""
-  log = run_dir / "metrics.jsonl"
-  if not log.is_file():
-    return None
-  found = {}
-  for line in log.read_text().splitlines():
-    row = json.loads(line)
-    for key, value in row.items():
-      if row.get("step") == step and key.startswith("eval/"):
-        name, metric = key.removeprefix("eval/").split("/", 1)
-        found.setdefault(name, {})[metric] = value
-  return found or None
-
-
 def load(source: str | os.PathLike):
-  """(model, params, tokenizer, card) of a run dir, a run's checkpoint dir, or a model."""
-  from negclip_jax.tokenizer import ClipTokenizer
-  source = storage.path(source)
-  if source.parent.name == "checkpoints" and source.name.isdigit():
-    run_dir, step = source.parent.parent, int(source.name)
-  elif checkpoint.is_run_dir(source):
-    run_dir, step = source, None
+  """(model, params, tokenizer, card) of anything `rundir.load` reads (restored once)."""
+  loaded = rundir.load(source)
+  if loaded.run_dir is None:
+    name = f"{storage.path(source).name} (converted by negclip-jax)"
+    card = model_card(loaded.model.config, loaded.params, name=name)
   else:
-    model, params = convert.load_pretrained(source)
-    card = model_card(model.config, params, name=f"{source.name} (converted by negclip-jax)")
-    return model, params, ClipTokenizer.for_model_dir(source), card
-  model, tokenizer = checkpoint.run_model(run_dir)
-  step, params, run_config = checkpoint.read_step(run_dir, step)  # one restore
-  card = model_card(model.config, params, run_config, step, final_evaluation(run_dir, step),
-                    name=f"{run_dir.name} (Omni-NegCLIP, negclip-jax)")
-  return model, params, tokenizer, card
+    card = model_card(loaded.model.config, loaded.params, loaded.run_config, loaded.step,
+                      rundir.evaluation_at(loaded.run_dir, loaded.step),
+                      name=f"{loaded.run_dir.name} (Omni-NegCLIP, negclip-jax)")
+  return loaded.model, loaded.params, loaded.tokenizer, card
 
 
 def export_run(result: dict, config, out: str | os.PathLike, name: str) -> epath.Path:

@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from negclip_jax import sharding, train_step
+from negclip_jax.train import sharding
+from negclip_jax.train import step as train_step
 from test_train_step import MODEL, make_batch, run_pmap, setup
 
 STEPS = 3

@@ -15,7 +15,10 @@ import pytest
 
 from configs import tiny
 from file_datasets import write_file_datasets
-from negclip_jax import evaluate, evaluators, train
+from negclip_jax.eval import cli as eval_cli
+from negclip_jax.eval import evaluators
+from negclip_jax import rundir
+from negclip_jax.train import trainer
 from negclip_jax.data.records import BadRecords, DataError
 
 N = 16
@@ -83,7 +86,7 @@ def test_every_kind_of_bad_record_is_skipped_listed_and_stat_once(tmp_path, cach
       stats[str(path)] = stats.get(str(path), 0) + 1
     return real_stat(path, *args, **kwargs)
   monkeypatch.setattr(os, "stat", counting_stat)
-  out = train.train(_config(data, **{"data.on_error": "skip", "data.image_cache": cache}),
+  out = trainer.train(_config(data, **{"data.on_error": "skip", "data.image_cache": cache}),
                     tmp_path / "run")
   assert out["step"] == 2 and np.isfinite(out["last_metrics"]["total"])
   rows = [json.loads(line) for line in (tmp_path / "run/skipped.jsonl").read_text().splitlines()]
@@ -95,7 +98,7 @@ def test_every_kind_of_bad_record_is_skipped_listed_and_stat_once(tmp_path, cach
 def test_bad_records_raise_by_default_naming_file_record_and_key(tmp_path):
   data, _ = _bad_datasets(tmp_path / "data")
   with pytest.raises(DataError, match=r"ccneg.jsonl, record 1, key 'caption': empty"):
-    train.train(_config(data), tmp_path / "run")
+    trainer.train(_config(data), tmp_path / "run")
   assert not (tmp_path / "run/checkpoints").exists()
 
 
@@ -104,7 +107,7 @@ def test_skipped_undecodable_image_without_cache_is_found_before_training(tmp_pa
   data, _ = _bad_datasets(tmp_path / "data")
   c = _config(data, **{"data.on_error": "skip", "data.image_cache": False})
   bad = BadRecords("skip")
-  presence, absence = train.load_tables(c, 32, bad)
+  presence, absence = trainer.load_tables(c, 32, bad)
   assert 4 in presence.dropped and 4 in absence.dropped
   assert str(tmp_path / "data/cc3m/images/4.png") not in presence.images
 
@@ -128,7 +131,7 @@ def test_evaluator_config_errors_are_one_line_and_found_before_training(tmp_path
   c = tiny.get_config()
   c.evals = cases["config.evals.ccneg.data: no such file or directory: /no/such.pt"]
   with pytest.raises(evaluators.EvalConfigError):
-    train.train(c, tmp_path / "run")
+    trainer.train(c, tmp_path / "run")
   assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
@@ -145,13 +148,13 @@ def test_file_evaluators_run_at_their_cadence_and_print_a_final_table(tmp_path, 
       "coco": {"task": "negationclip", "data": data["coco_json"], "image_root": images},
       "layers": {"data": data["ccneg_path"], "eval_size": 8, "num": 4},
   }
-  out = train.train(c, tmp_path / "run")
+  out = trainer.train(c, tmp_path / "run")
   rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
   evaluated = [(r["step"], k.split("/")[1]) for r in rows for k in r
                if k.startswith("eval/") and k.endswith("/n")]
   assert evaluated == [(1, "ccneg"), (2, "ccneg"), (2, "coco"), (2, "layers")]
   assert set(out["eval"]) == {"ccneg", "coco", "layers"}
-  cli = evaluate.main(["--model", str(tmp_path / "run"), "--task", "ccneg", "--data",
+  cli = eval_cli.main(["--model", str(tmp_path / "run"), "--task", "ccneg", "--data",
                        data["ccneg_path"], "--image-root", data["ccneg_image_root"],
                        "--eval-size", "8"])
   for k, v in cli["ccneg"].items():
@@ -164,16 +167,16 @@ def test_file_evaluators_run_at_their_cadence_and_print_a_final_table(tmp_path, 
 def test_evaluate_cli_errors_are_one_line_naming_the_file_and_record(tmp_path):
   data = write_file_datasets(tmp_path / "data", N, 32)
   with pytest.raises(SystemExit, match=r"^error: No checkpoint file at /no/such/model$"):
-    evaluate.main(["--model", "/no/such/model", "--task", "negshapes"])
+    eval_cli.main(["--model", "/no/such/model", "--task", "negshapes"])
   run = tmp_path / "run"
   c = tiny.get_config()
   c.total_steps = c.save_every = 1
-  train.train(c, run)
+  trainer.train(c, run)
   bad_image = Path(data["ccneg_image_root"]) / "images/5.png"
   bad_image.write_bytes(b"\x89PNG truncated")
   with pytest.raises(SystemExit, match=rf"^error: {bad_image}, record 5, key 'image_path': "
                                        "cannot read the image"):
-    evaluate.main(["--model", str(run), "--task", "ccneg", "--data", data["ccneg_path"],
+    eval_cli.main(["--model", str(run), "--task", "ccneg", "--data", data["ccneg_path"],
                    "--image-root", data["ccneg_image_root"], "--eval-size", str(N)])
 
 
@@ -181,5 +184,5 @@ def test_metrics_log_keeps_one_row_per_step_after_a_fallback(tmp_path):
   rows = [{"step": s, "total": float(s)} for s in (1, 2, 3, 4, 5, 6)]
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  train._drop_rows_after(path, 4)
+  rundir._drop_rows_after(path, 4)
   assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]

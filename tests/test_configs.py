@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from negclip_jax import configs
-from negclip_jax.checkpoint import flat_config
+from negclip_jax.configs import flat_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

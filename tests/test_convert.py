@@ -12,7 +12,8 @@ import torch
 import transformers
 
 import negclip_jax
-from negclip_jax import convert, model as model_lib
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
 from references import open_clip_model
 
 # head_dim 64 so OpenAI's width // 64 head rule infers the same architecture.
@@ -207,7 +208,7 @@ def test_openai_export_round_trips_every_cheap_preset_exactly(tmp_path, name):
 def test_export_config_round_trips_big_presets(name):
   """Big presets: the config (all `load_pretrained` reads besides the weights) round-trips."""
   config = model_lib.get_config(name)
-  back = convert.config_from_dict(json.loads(json.dumps(convert.config_to_dict(config))))
+  back = model_lib.config_from_dict(json.loads(json.dumps(model_lib.config_to_dict(config))))
   assert back == config
 
 

@@ -7,9 +7,11 @@ import numpy as np
 import torch
 import transformers
 
-from negclip_jax import demo, load_pretrained, train
-from negclip_jax.data import negshapes, pipeline
-from negclip_jax.tasks import negshapes as negshapes_task
+from negclip_jax import demo, load_pretrained
+from negclip_jax.train import trainer
+from negclip_jax.data import negshapes
+from negclip_jax.train import pipeline
+from negclip_jax.eval.tasks import negshapes_task
 
 
 def _recording(monkeypatch, module, name, phase, seen, seed_of):
@@ -29,7 +31,7 @@ def test_demo_fast_writes_everything_and_follows_seed(tmp_path, monkeypatch):
   _recording(monkeypatch, demo, "pretrain", "pretrain", seen, lambda *a: a[-1])
   _recording(monkeypatch, pipeline, "step_indices", "batch order", seen,
              lambda step, n, batch, seed, *a, **k: seed)
-  _recording(monkeypatch, train, "train", "fine-tune", seen, lambda config, workdir: config.seed)
+  _recording(monkeypatch, trainer, "train", "fine-tune", seen, lambda config, workdir: config.seed)
   _recording(monkeypatch, negshapes_task, "generate", "evaluation", seen,
              lambda num, seed, *a: seed)
   results = demo.main(["--workdir", str(tmp_path), "--fast", "--seed", "3"])

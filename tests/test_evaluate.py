@@ -25,13 +25,18 @@ import transformers
 from flax import traverse_util
 from PIL import Image
 
-from negclip_jax import convert, evaluate, model as model_lib
+from negclip_jax.eval import cli as eval_cli
+from negclip_jax.eval import registry
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
 from negclip_jax.data import negshapes
 from negclip_jax.data.records import DataError
-from negclip_jax.embed import Embedder
-from negclip_jax.preprocess import preprocess_image
-from negclip_jax.tasks import common, layers, metrics
-from negclip_jax.tokenizer import ClipTokenizer
+from negclip_jax.eval.embed import Embedder
+from negclip_jax.model.preprocess import preprocess_image
+from negclip_jax.eval import embed
+from negclip_jax.eval import metrics
+from negclip_jax.eval.tasks import layers_task
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 CONFIG = model_lib.get_config("tiny")
 CONTEXT = CONFIG.text.max_position_embeddings
@@ -440,19 +445,19 @@ def test_embeddings_match_pytorch(clip, files):
   embedder = Embedder(clip.model, clip.params, batch_size=3, progress=False)
   paths = [_path(files.root, i) for i in (2, 0, 2, 7)]  # a repeat: embedded once
   for protocol in ("original", "hf"):
-    np.testing.assert_allclose(common.embed_files(embedder, paths, protocol=protocol),
+    np.testing.assert_allclose(embed.embed_files(embedder, paths, protocol=protocol),
                                _ref_images(clip.hf, paths, protocol), atol=1e-5)
-  np.testing.assert_allclose(common.embed_texts(embedder, ClipTokenizer(), CONTEXT, NEGATED),
+  np.testing.assert_allclose(embed.embed_texts(embedder, ClipTokenizer(), CONTEXT, NEGATED),
                              _ref_texts(clip.hf, NEGATED), atol=1e-5)
 
 
 # Tested elsewhere: negshapes in tests/test_negshapes.py, zeroshot in tests/test_zeroshot.py.
-MINE = [t for t in evaluate.TASKS if t not in ("negshapes", "zeroshot")]
+MINE = [t for t in registry.TASKS if t not in ("negshapes", "zeroshot")]
 
 
 @pytest.mark.parametrize("task", MINE)
 def test_task_matches_reference(task, clip, files, reference):
-  got = evaluate.run_task(task, clip.model, clip.params, ClipTokenizer(), batch_size=4,
+  got = registry.run_task(task, clip.model, clip.params, ClipTokenizer(), batch_size=4,
                           progress=False, **files.options[task])
   _assert_same(got, reference(task))
 
@@ -462,12 +467,12 @@ def test_hf_protocol_matches_reference(task, clip, files):
   options = dict(files.options[task], protocol="hf")
   if task == "negrefcocog":  # "hf" rejects a ref_bbox missing from bbox_list
     with pytest.raises(DataError, match=r"refs.json, record 4, key 'ref_bbox'"):
-      evaluate.run_task(task, clip.model, clip.params, ClipTokenizer(), progress=False, **options)
+      registry.run_task(task, clip.model, clip.params, ClipTokenizer(), progress=False, **options)
     refs = json.loads(open(options["data"]).read())[:-1]
     options["data"] = os.path.join(files.root, "refs_complete.json")
     with open(options["data"], "w") as f:
       json.dump(refs, f)
-  got = evaluate.run_task(task, clip.model, clip.params, ClipTokenizer(), batch_size=4,
+  got = registry.run_task(task, clip.model, clip.params, ClipTokenizer(), batch_size=4,
                           progress=False, **options)
   want = (_ref_negrefcocog(clip.hf, files.root, "hf", REFS[:-1]) if task == "negrefcocog"
           else _ref_ccneg(clip.hf, files.root, "hf"))
@@ -487,7 +492,7 @@ def test_fixtures_exercise_crop_rounding_and_ties(files):
 
 
 def test_layers_on_negshapes_matches_reference(clip):
-  got = evaluate.run_task("layers", clip.model, clip.params, ClipTokenizer(), progress=False,
+  got = registry.run_task("layers", clip.model, clip.params, ClipTokenizer(), progress=False,
                           data="negshapes", num=5, seed=1)
   pairs = negshapes.presence_task(5, 1)
   _assert_same(got, _ref_layers(clip.hf, pairs["captions"], pairs["negated"]))
@@ -495,7 +500,7 @@ def test_layers_on_negshapes_matches_reference(clip):
 
 def test_layer_thirds_match_the_original_for_12_blocks():
   sims = list(np.random.default_rng(0).normal(size=12))
-  got = layers.summarize(sims)
+  got = layers_task.summarize(sims)
   assert got == {"cosine_front": pytest.approx(sum(sims[0:4]) / 4),
                  "cosine_middle": pytest.approx(sum(sims[4:8]) / 4),
                  "cosine_back": pytest.approx(sum(sims[8:12]) / 4)}
@@ -521,9 +526,9 @@ def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path,
     if "image_root" in options:
       argv += [f"--{task}-data", options["data"], f"--{task}-image-root", options["image_root"]]
   argv += ["--layers-data", "negshapes"]
-  evaluate.main(argv)
+  eval_cli.main(argv)
   results = json.loads((tmp_path / "res.json").read_text())
-  assert list(results) == [t for t in evaluate.TASKS if t != "zeroshot"]  # no --zeroshot-data
+  assert list(results) == [t for t in registry.TASKS if t != "zeroshot"]  # no --zeroshot-data
   pairs = negshapes.presence_task(6, 3)
   for task in MINE:
     want = (_ref_layers(clip.hf, pairs["captions"], pairs["negated"], embeddings=True)
@@ -556,7 +561,7 @@ def test_retrieval_ties_on_a_repeated_image(clip, files, tmp_path):
     w.writerow(["filepath", "captions"])
     for c in range(3):
       w.writerow([IMAGES[2][0], repr([NEGATED[c]])])
-  got = evaluate.run_task("negbench-retrieval", clip.model, clip.params, ClipTokenizer(),
+  got = registry.run_task("negbench-retrieval", clip.model, clip.params, ClipTokenizer(),
                           progress=False, data=str(path), image_root=files.root, ties="both")
   image = _ref_files(clip.hf, [_path(files.root, 2)] * 3)
   want = _ref_retrieval(image, _ref_texts(clip.hf, NEGATED[:3]), range(3), (1, 5),
@@ -574,13 +579,13 @@ def test_roc_auc_matches_pairwise_rule():
 
 def test_missing_data_is_a_clear_error(clip, files, capsys):
   with pytest.raises(SystemExit):
-    evaluate.main(["--model", clip.dir, "--task", "negrefcocog", "--image-root", files.root])
+    eval_cli.main(["--model", clip.dir, "--task", "negrefcocog", "--image-root", files.root])
   assert "task 'negrefcocog' needs --data" in capsys.readouterr().err
   with pytest.raises(ValueError, match="needs --image-root"):
-    evaluate.run_task("ccneg", clip.model, clip.params, ClipTokenizer(),
+    registry.run_task("ccneg", clip.model, clip.params, ClipTokenizer(),
                       data=files.options["ccneg"]["data"])
   with pytest.raises(SystemExit):
-    evaluate.main(["--model", clip.dir, "--task", "all", "--data", "x.json"])
+    eval_cli.main(["--model", clip.dir, "--task", "all", "--data", "x.json"])
   assert "ambiguous with --task all" in capsys.readouterr().err
 
 

@@ -18,7 +18,10 @@ import torch
 import transformers
 
 import negclip_jax
-from negclip_jax import checkpoint, convert, export, model as model_lib
+from negclip_jax import export
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
+from negclip_jax import rundir
 from references import openai_clip_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +53,7 @@ def _pixels(size, n=2, seed=0):
 
 def test_training_ends_with_an_hf_export_equal_to_transformers(run_dir):
   hf_dir = run_dir / "export" / "hf"
-  model, params, tokenizer = checkpoint.load_run(run_dir)
+  model, params, tokenizer = rundir.load_run(run_dir)
   hf = transformers.CLIPModel.from_pretrained(hf_dir).eval()
   assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["CLIPModel"]
   umask = os.umask(0)
@@ -91,7 +94,7 @@ def test_export_command_writes_both_formats_of_a_checkpoint(run_dir, tmp_path):
   dirs = export.main([str(run_dir / "checkpoints" / "2"), "--format", "both",
                       "--out", str(tmp_path / "out")])
   assert dirs == {"hf": tmp_path / "out" / "hf", "openai": tmp_path / "out" / "openai"}
-  _, params, _ = checkpoint.load_run(run_dir, step=2)
+  _, params, _ = rundir.load_run(run_dir, step=2)
   for directory in dirs.values():
     _, back = negclip_jax.load_pretrained(directory)
     for a, b in zip(*(convert.params_to_state_dict(p).values() for p in (params, back))):

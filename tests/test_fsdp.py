@@ -19,7 +19,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from negclip_jax import checkpoint, convert, model as model_lib, sharding, train
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
+from negclip_jax import rundir
+from negclip_jax.train import sharding
+from negclip_jax.train import trainer
 from test_multiprocess import (ROOT, assert_eval_equals_one_process, assert_params_close,
                                config, config_with_eval, keep_checkpoints_up_to, run_cluster)
 
@@ -54,7 +58,7 @@ def reference(tmp_path_factory, env):
   """An uninterrupted fsdp run on mesh (2, 4) (8 devices) -> (workdir, final params)."""
   workdir = tmp_path_factory.mktemp("mesh_2x4")
   run(train_cmd(workdir, parallelism="fsdp", fsdp=4), env, devices=8)
-  return workdir, checkpoint.load_run(workdir)[1]
+  return workdir, rundir.load_run(workdir)[1]
 
 
 def resumable_copy(reference, tmp_path) -> Path:
@@ -95,13 +99,13 @@ def test_fsdp_step_equals_pmap_step_on_three_meshes(env):
                          ids=["mesh_4x1", "pmap"])
 def test_checkpoint_from_mesh_2x4_continues_here(reference, tmp_path, overrides, capsys):
   workdir = resumable_copy(reference, tmp_path)
-  out = train.train(config(**overrides), workdir)
+  out = trainer.train(config(**overrides), workdir)
   assert f"Resuming from {workdir}/checkpoints/{RESUME_FROM}" in capsys.readouterr().out
   assert out["step"] == STEPS
   assert_params_close(out["params"], reference[1])
   if overrides["parallelism"] == "pmap":  # and back: a pmap checkpoint continues on (2, 2)
     keep_checkpoints_up_to(workdir, STEPS - 1)
-    out = train.train(config(parallelism="fsdp", fsdp=2), workdir)
+    out = trainer.train(config(parallelism="fsdp", fsdp=2), workdir)
     assert f"Resuming from {workdir}/checkpoints/{STEPS - 1}" in capsys.readouterr().out
     assert_params_close(out["params"], reference[1])
 
@@ -110,7 +114,7 @@ def test_checkpoint_from_mesh_2x4_continues_on_one_device(reference, tmp_path, e
   workdir = resumable_copy(reference, tmp_path)
   out = run(train_cmd(workdir, parallelism="fsdp"), env, devices=1)
   assert "1 process(es), 1 device(s)" in out and f"checkpoints/{RESUME_FROM}" in out
-  assert_params_close(checkpoint.load_run(workdir)[1], reference[1])
+  assert_params_close(rundir.load_run(workdir)[1], reference[1])
 
 
 def test_two_process_fsdp_resumes_evaluates_and_each_process_writes_its_shards(reference,
@@ -120,7 +124,7 @@ def test_two_process_fsdp_resumes_evaluates_and_each_process_writes_its_shards(r
                               train_flags=("--config.parallelism=fsdp",))  # 2 x 2 devices
   assert f"Resuming from {workdir}/checkpoints/{RESUME_FROM}" in output
   assert first["step"] == STEPS
-  assert_params_close(checkpoint.load_run(workdir)[1], reference[1])
+  assert_params_close(rundir.load_run(workdir)[1], reference[1])
   # The final evaluation embedded with the params sharded across both processes.
   assert_eval_equals_one_process(workdir, first["eval"])
   # Step 4 was written by the 2 processes, state sharded (1, 4): each wrote its own half.
@@ -148,7 +152,7 @@ def test_big_presets_are_open_clips(preset, name):
 
 
 def test_embedder_sharded_like_fsdp_equals_replicated():
-  from negclip_jax.embed import Embedder
+  from negclip_jax.eval.embed import Embedder
   from test_train_step import CONFIG, MODEL, make_batch
   params = model_lib.init_params(MODEL, jax.random.key(0))
   batch = make_batch(13)  # not a multiple of the batch size: padding is dropped
@@ -163,7 +167,7 @@ def test_embedder_sharded_like_fsdp_equals_replicated():
 
 
 def test_fsdp_config_errors_are_one_line():
-  with pytest.raises(train.ConfigError, match="config.parallelism='ddp'; choose from"):
-    train.validate_config(config(parallelism="ddp"))
-  with pytest.raises(train.ConfigError, match="global_negatives=False needs config.parallelism"):
-    train.validate_config(config(parallelism="fsdp", global_negatives=False))
+  with pytest.raises(trainer.ConfigError, match="config.parallelism='ddp'; choose from"):
+    trainer.validate_config(config(parallelism="ddp"))
+  with pytest.raises(trainer.ConfigError, match="global_negatives=False needs config.parallelism"):
+    trainer.validate_config(config(parallelism="fsdp", global_negatives=False))

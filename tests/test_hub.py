@@ -8,7 +8,11 @@ import pytest
 from huggingface_hub import constants
 
 import negclip_jax
-from negclip_jax import ClipTokenizer, convert, evaluate, hub, model as model_lib
+from negclip_jax import ClipTokenizer
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
+from negclip_jax.model import hub
+from negclip_jax import rundir
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -49,7 +53,7 @@ def test_hub_id_loads_model_and_tokenizer_from_the_cache(hf_cache):
   bundled = ClipTokenizer()
   own = ClipTokenizer.for_model_dir("someone/tiny-clip")  # reads the snapshot's vocab.json
   assert own(["a photo"])[0, 1] == bundled(["photo"])[0, 1]
-  model, _, tokenizer = evaluate.load_model("someone/tiny-clip")  # what `--model` passes
+  model, _, tokenizer = rundir.load_model("someone/tiny-clip")  # what `--model` passes
   assert model.config == config and tokenizer(["a photo"])[0, 1] == bundled(["photo"])[0, 1]
 
 

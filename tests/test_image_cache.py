@@ -10,12 +10,15 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from negclip_jax import partition, train_step
-from negclip_jax.data import image_cache, negshapes
-from negclip_jax.data import pipeline as pl
+from negclip_jax.train import optim
+from negclip_jax.train import param_groups
+from negclip_jax.train import step as train_step
+from negclip_jax.data import negshapes
+from negclip_jax.train import image_cache
+from negclip_jax.train import pipeline as pl
 from negclip_jax.data.records import DataError
-from negclip_jax.model import CLIP, get_config, init_params
-from negclip_jax.tokenizer import ClipTokenizer
+from negclip_jax.model.clip import CLIP, get_config, init_params
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 SIZE = 32  # the tiny preset's image size
 
@@ -140,8 +143,8 @@ def test_train_step_on_cached_embeddings_matches_pixels(model, params, tmp_path,
   assert "presence_pixels" in pixel_batch and "presence_image_emb" in emb_batch
   assert ("presence_distractor_image_emb" in emb_batch) == distractors
 
-  labels = partition.label_params(params)
-  tx = partition.make_optimizer(labels, learning_rate=1e-3, warmup_steps=0, total_steps=10)
+  labels = param_groups.label_params(params)
+  tx = optim.make_optimizer(labels, learning_rate=1e-3, warmup_steps=0, total_steps=10)
   step = train_step.pmap_train_step(train_step.make_train_step(model, labels, tx,
                                                                objective=objective))
   state = train_step.create_train_state(params, tx)

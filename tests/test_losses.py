@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 
-from negclip_jax import losses
+from negclip_jax.train import losses
 
 
 def np_ce(logits, labels):

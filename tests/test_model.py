@@ -8,7 +8,8 @@ import transformers
 import jax
 import jax.numpy as jnp
 
-from negclip_jax import convert, model as model_lib
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
 
 
 def _hf_model(config, seed=0):

@@ -31,14 +31,17 @@ import pytest
 from flax import traverse_util
 
 from configs import tiny
-from negclip_jax import checkpoint, evaluate, train
-from negclip_jax.data import negshapes, pipeline
-from negclip_jax.tokenizer import ClipTokenizer
+from negclip_jax.eval import registry
+from negclip_jax import rundir
+from negclip_jax.train import trainer
+from negclip_jax.data import negshapes
+from negclip_jax.train import pipeline
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_CLUSTER = ROOT / "launch" / "local_cluster.sh"
 STEPS = 4
-HEARTBEAT_S = 10  # survivors of a dead process abort after this (train.py --heartbeat_timeout)
+HEARTBEAT_S = 10  # survivors of a dead process abort after this (trainer.py --heartbeat_timeout)
 OVERRIDES = dict(total_steps=STEPS, save_every=1, log_every=1, max_to_keep=10)
 TOL = dict(rtol=1e-5, atol=1e-5)
 LOSSES = ("L1", "L2", "L3", "L_neg", "L_orig", "L_text", "absence", "presence", "total")
@@ -79,7 +82,7 @@ def keep_checkpoints_up_to(workdir: Path, step: int):
 
 
 def summary(text: str) -> dict:
-  """The JSON summary line train.py prints last."""
+  """The JSON summary line trainer.py prints last."""
   lines = [l for l in text.splitlines() if l.startswith("{") and '"step"' in l]
   assert lines, text[-3000:]
   return json.loads(lines[-1])
@@ -130,8 +133,8 @@ def config_with_eval(tmp_path: Path) -> Path:
 
 def assert_eval_equals_one_process(workdir: Path, evaluated: dict):
   """`evaluated` (a run's final `eval`) = the NegShapes task run here on its final params."""
-  model, params, tokenizer = checkpoint.load_run(workdir)
-  expected = evaluate.run_task("negshapes", model, params, tokenizer, num=EVAL_NUM,
+  model, params, tokenizer = rundir.load_run(workdir)
+  expected = registry.run_task("negshapes", model, params, tokenizer, num=EVAL_NUM,
                                progress=False)
   assert set(evaluated) == {"negshapes"} and set(evaluated["negshapes"]) == set(expected)
   for key, value in expected.items():
@@ -142,7 +145,7 @@ def assert_eval_equals_one_process(workdir: Path, evaluated: dict):
 def reference(tmp_path_factory):
   """1 process x 4 devices (this pytest process), checkpoints at every step."""
   workdir = tmp_path_factory.mktemp("reference")
-  out = train.train(config(), workdir)
+  out = trainer.train(config(), workdir)
   assert out["step"] == STEPS and steps_on_disk(workdir) == list(range(1, STEPS + 1))
   return workdir, out
 
@@ -241,7 +244,7 @@ def test_killed_process_fails_fast_and_relaunch_resumes(killed_then_resumed, ref
   assert f"Resuming from {workdir}/checkpoints/{max(killed['steps'])}" in output
   assert resumed["step"] == STEPS and not resumed["stopped_early"]
   assert steps_on_disk(workdir)[-1] == STEPS
-  _, params, _ = checkpoint.load_run(workdir)
+  _, params, _ = rundir.load_run(workdir)
   ref_dir, ref = reference
   assert_params_close(params, ref["params"])
   for key in LOSSES:
@@ -254,7 +257,7 @@ def test_two_process_checkpoint_continues_in_one_process(killed_then_resumed, re
   copy = tmp_path / "from_two"
   shutil.copytree(workdir, copy)
   keep_checkpoints_up_to(copy, 2)  # step 2: written by the 2-process relaunch
-  out = train.train(config(), copy)
+  out = trainer.train(config(), copy)
   assert out["step"] == STEPS
   assert_params_close(out["params"], reference[1]["params"])
 
@@ -268,7 +271,7 @@ def test_one_process_checkpoint_continues_in_two_processes_and_evaluates(referen
   first, output = run_cluster(copy, env, config_file=config_with_eval(tmp_path))
   assert f"Resuming from {copy}/checkpoints/{STEPS - 1}" in output
   assert first["step"] == STEPS
-  _, params, _ = checkpoint.load_run(copy)
+  _, params, _ = rundir.load_run(copy)
   assert_params_close(params, ref["params"])
   assert_eval_equals_one_process(copy, first["eval"])  # each process embedded its block
 

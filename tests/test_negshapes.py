@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from negclip_jax.data import negshapes as ns
-from negclip_jax.tasks import negshapes as T
+from negclip_jax.eval.tasks import negshapes_task as T
 
 N = 600  # examples per generated set; ~0.1 s each
 
@@ -420,7 +420,7 @@ def test_text_only_rule_fit_on_the_task_itself_is_at_chance(audited):
 
 
 def test_hard_negatives_reach_the_presence_table():
-  from negclip_jax.data import pipeline
+  from negclip_jax.train import pipeline
   data = ns.generate_pairs(40, seed=0, image_size=16, hard_fraction=0.5)
   presence, absence = pipeline.negshapes_tables(data)
   assert list(presence.captions) == data["presence_captions"] != data["captions"]

@@ -7,8 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from negclip_jax import batch as batch_lib
-from negclip_jax import embed, model as model_lib, packing, partition, train_step
+from negclip_jax.train import batch as batch_lib
+from negclip_jax.eval import embed
+from negclip_jax.model import clip as model_lib
+from negclip_jax.train import packing
+from negclip_jax.train import param_groups
+from negclip_jax.train import step as train_step
 
 TINY = model_lib.get_config("tiny")
 # The tiny preset with the real 77-token context, so a full-length caption is tested.
@@ -50,7 +54,7 @@ def test_packed_features_equal_unpacked(params, eos_token_id):
 def test_packed_step_loss_and_gradients_equal_unpacked(params):
   """One step with optax.identity: the parameter change is the gradient."""
   model = model_lib.CLIP(CONFIG)
-  labels = partition.label_params(params, "front")
+  labels = param_groups.label_params(params, "front")
   tx = optax.identity()
   pmapped = jax.pmap(train_step.make_train_step(model, labels, tx), axis_name=train_step.AXIS)
   one = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
@@ -69,7 +73,7 @@ def test_packed_step_loss_and_gradients_equal_unpacked(params):
   new_p, m_p = step(state, {**packed, **images})
   np.testing.assert_allclose(m_p["total"], m_u["total"], rtol=1e-5)
   np.testing.assert_allclose(m_p["grad_norm"], m_u["grad_norm"], rtol=1e-5)
-  grads = lambda new: partition.split(jax.tree.map(lambda a, p: a - p, new.params, params),
+  grads = lambda new: param_groups.split(jax.tree.map(lambda a, p: a - p, new.params, params),
                                       labels)[0]
   g_u, g_p = grads(new_u), grads(new_p)
   assert float(optax.tree.norm(g_u)) > 0
@@ -112,8 +116,9 @@ def test_pack_layout_and_fallback():
 
 
 def test_pipeline_packs_every_hosts_devices_alike():
-  from negclip_jax.data import negshapes, pipeline
-  from negclip_jax.tokenizer import ClipTokenizer
+  from negclip_jax.data import negshapes
+  from negclip_jax.train import pipeline
+  from negclip_jax.model.tokenizer import ClipTokenizer
   presence, absence = pipeline.negshapes_tables(negshapes.generate_pairs(32, 0, image_size=32))
   kw = dict(tokenizer=ClipTokenizer(), context_length=CONTEXT, global_batch=8, seed=0,
             image_size=32, num_steps=3, process_count=2, local_devices=2)

@@ -5,10 +5,10 @@ import logging
 import numpy as np
 import pytest
 
-from negclip_jax.data import pipeline as pl
+from negclip_jax.train import pipeline as pl
 from negclip_jax.data.records import DataError, PresenceRecord
-from negclip_jax.preprocess import preprocess_image
-from negclip_jax.tokenizer import ClipTokenizer
+from negclip_jax.model.preprocess import preprocess_image
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 SIZE = 8  # image side, px
 

@@ -20,8 +20,7 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from negclip_jax.preprocess import (CLIP_MEAN, CLIP_STD, crop_box, denormalize, get_preprocess,
-                                    preprocess_image, preprocess_image_openai, preprocess_images)
+from negclip_jax.model.preprocess import CLIP_MEAN, CLIP_STD, crop_box, denormalize, get_preprocess, preprocess_image, preprocess_image_openai, preprocess_images
 
 ATOL = 1e-5
 

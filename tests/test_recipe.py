@@ -19,7 +19,11 @@ import torch.nn.functional as F
 import transformers
 from flax import traverse_util
 
-from negclip_jax import convert, model as model_lib, partition, train_step
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
+from negclip_jax.train import optim
+from negclip_jax.train import param_groups
+from negclip_jax.train import step as train_step
 from references import openai_clip_model
 
 BATCH, CONTEXT, VOCAB = 8, 16, 64
@@ -154,8 +158,8 @@ def to_params(clip):
 
 def run_ours(config, params, batches, layers, lr, weight_decay, warmup):
   model = model_lib.CLIP(config, dtype=jax.tree.leaves(params)[0].dtype)
-  labels = partition.label_params(params, layers)
-  tx = partition.make_optimizer(labels, learning_rate=lr, weight_decay=weight_decay,
+  labels = param_groups.label_params(params, layers)
+  tx = optim.make_optimizer(labels, learning_rate=lr, weight_decay=weight_decay,
                                 warmup_steps=warmup, total_steps=len(batches))
   step = train_step.pmap_train_step(train_step.make_train_step(model, labels, tx))
   state = train_step.replicate(train_step.create_train_state(params, tx))
@@ -187,7 +191,7 @@ def compare_trajectories(layers, lr, weight_decay, warmup, steps, dtype):
   error = {}
   for path, label in labels.items():
     assert ours[path].dtype == np.dtype(dtype), path
-    if label == partition.FROZEN:
+    if label == param_groups.FROZEN:
       assert np.array_equal(ours[path], theirs[path]), path  # frozen: bitwise
       continue
     update = np.linalg.norm(theirs[path] - initial[path])
@@ -219,10 +223,10 @@ def test_trajectory_in_float64_at_the_papers_settings():
 
 def test_schedule_is_the_original_cosine_lr():
   base, warmup, total = 1e-6, 50, 400
-  schedule = partition.original_cosine_lr(base, warmup, total)
+  schedule = optim.original_cosine_lr(base, warmup, total)
   ours = np.array([schedule(step) for step in range(total)])
   expected = np.array([recipe_lr(step, base, warmup, total) for step in range(total)])
   np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-14)
   assert ours[warmup] > base  # the original overshoots at step == warmup: base * 51 / 50
-  flat = partition.original_cosine_lr(base, 5, 5)  # total == warmup: denominator 1
+  flat = optim.original_cosine_lr(base, 5, 5)  # total == warmup: denominator 1
   assert float(flat(6)) == pytest.approx(recipe_lr(6, base, 5, 5), rel=1e-5)

@@ -17,7 +17,8 @@ import optax
 import pytest
 
 from configs import tiny
-from negclip_jax import checkpoint, train
+from negclip_jax import rundir
+from negclip_jax.train import resume, trainer
 
 
 def config(**overrides):
@@ -44,7 +45,7 @@ def snapshot(workdir: Path) -> dict:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("base")
-  out = train.train(config(), workdir)
+  out = trainer.train(config(), workdir)
   assert steps_on_disk(workdir) == [2, 4, 6]
   return workdir, out
 
@@ -88,18 +89,18 @@ def test_state_changing_config_stops_before_writing_anything(run_copy, key):
   new = str(run_copy) if new == "RUN_DIR" else new
   before = snapshot(run_copy)
   with pytest.raises(ValueError, match="was saved with a different config") as e:
-    train.train(config(**{key: CLI_VALUE.get(key, new)}), run_copy)
+    trainer.train(config(**{key: CLI_VALUE.get(key, new)}), run_copy)
   message = str(e.value)
   assert message.startswith(f"{run_copy}/checkpoints/6 was saved with a different config")
   assert f"\n  {key}: {old!r} -> {new!r}\n" in message
   assert "new --workdir" in message and f"--config.init={run_copy}" in message
   assert snapshot(run_copy) == before  # nothing written, moved or deleted
-  assert isinstance(e.value, checkpoint.ResumeError)  # the CLI prints it without a traceback
+  assert isinstance(e.value, resume.ResumeError)  # the CLI prints it without a traceback
 
 
 def test_every_changed_key_gets_a_line_and_shrinking_the_schedule_is_a_change(run_copy):
-  with pytest.raises(checkpoint.ResumeError) as e:
-    train.train(config(grad_clip_norm=1.0, seed=3, total_steps=4), run_copy)
+  with pytest.raises(resume.ResumeError) as e:
+    trainer.train(config(grad_clip_norm=1.0, seed=3, total_steps=4), run_copy)
   lines = str(e.value).splitlines()
   assert lines[1:4] == ["  grad_clip_norm: 0.0 -> 1.0", "  seed: 0 -> 3",
                         "  total steps (num_epochs, total_steps): 6 -> 4"]
@@ -110,8 +111,8 @@ def test_issue_scenario_clip_and_extend_keeps_the_old_run(run_copy):
   """Issue 13 #1: grad_clip_norm changed and total_steps extended used to restart at 0 and
   queue the old checkpoints for deletion."""
   before = snapshot(run_copy)
-  with pytest.raises(checkpoint.ResumeError, match="grad_clip_norm: 0.0 -> 1.0"):
-    train.train(config(grad_clip_norm=1.0, total_steps=64, save_every=1, max_to_keep=3), run_copy)
+  with pytest.raises(resume.ResumeError, match="grad_clip_norm: 0.0 -> 1.0"):
+    trainer.train(config(grad_clip_norm=1.0, total_steps=64, save_every=1, max_to_keep=3), run_copy)
   assert snapshot(run_copy) == before
 
 
@@ -119,7 +120,7 @@ def test_state_neutral_changes_resume_and_are_logged(run_copy, caplog, capsys):
   caplog.set_level(logging.INFO, logger="negclip_jax")
   c = config(log_every=1, save_every=1, max_to_keep=5, layers="0,1", total_steps=8)
   c.evals.shapes = {"task": "negshapes", "num": 16}
-  out = train.train(c, run_copy)
+  out = trainer.train(c, run_copy)
   assert f"Resuming from {run_copy}/checkpoints/6" in capsys.readouterr().out
   assert out["step"] == 8 and steps_on_disk(run_copy) == [2, 4, 6, 7, 8]
   for key, change in (("log_every", "2 -> 1"), ("save_every", "2 -> 1"),
@@ -137,16 +138,16 @@ def test_corrupt_final_checkpoint_is_moved_aside_and_a_rerun_recovers(run_copy, 
   corrupted = [f for f in (run_copy / "checkpoints/6" / item).rglob("*") if f.is_file()]
   for f in corrupted:
     f.write_bytes(f.read_bytes()[:3])
-  out = train.train(config(), run_copy)
+  out = trainer.train(config(), run_copy)
   assert "Checkpoint" in caplog.text and f"/6 is unreadable ({item}" in caplog.text
   assert out["step"] == 6 and steps_on_disk(run_copy) == [2, 4, 6]
   for a, b in zip(leaves(out["params"]), leaves(base_run[1]["params"])):  # exact resume from 4
     np.testing.assert_array_equal(a, b)
-  aside = list((run_copy / checkpoint.UNREADABLE_DIR).iterdir())
+  aside = list((run_copy / rundir.UNREADABLE_DIR).iterdir())
   assert [p.name.split(".")[0] for p in aside] == ["6"]
   sizes = [f.stat().st_size for f in (aside[0] / item).rglob("*") if f.is_file()]
   assert sizes == [3] * len(corrupted)  # kept as found
-  again = train.train(config(), run_copy)  # and the next rerun finds nothing to do
+  again = trainer.train(config(), run_copy)  # and the next rerun finds nothing to do
   assert again["step"] == 6
   rows = (run_copy / "metrics.jsonl").read_text().splitlines()
   steps = [json.loads(line)["step"] for line in rows]
@@ -157,30 +158,30 @@ def test_every_checkpoint_unreadable_starts_over_keeping_them(run_copy):
   for f in (run_copy / "checkpoints").rglob("*"):
     if f.is_file() and "state" in f.parts:
       f.write_bytes(b"")
-  out = train.train(config(), run_copy)
+  out = trainer.train(config(), run_copy)
   assert out["step"] == 6 and steps_on_disk(run_copy) == [2, 4, 6]
-  aside = sorted(p.name.split(".")[0] for p in (run_copy / checkpoint.UNREADABLE_DIR).iterdir())
+  aside = sorted(p.name.split(".")[0] for p in (run_copy / rundir.UNREADABLE_DIR).iterdir())
   assert aside == ["2", "4", "6"]
 
 
 def test_changed_state_tree_is_an_error_not_corruption(run_copy, monkeypatch):
   """The same config with a different optimizer state (another code version)."""
-  make = train.optimizer_from_config
-  monkeypatch.setattr(train, "optimizer_from_config",
+  make = trainer.optimizer_from_config
+  monkeypatch.setattr(trainer, "optimizer_from_config",
                       lambda *a: optax.chain(optax.clip_by_global_norm(1.0), make(*a)))
-  with pytest.raises(checkpoint.ResumeError, match=r"checkpoints/6: the saved training state "
+  with pytest.raises(resume.ResumeError, match=r"checkpoints/6: the saved training state "
                      r"does not match .*another version of negclip_jax"):
-    train.train(config(), run_copy)
+    trainer.train(config(), run_copy)
   assert steps_on_disk(run_copy) == [2, 4, 6]
-  assert not (run_copy / checkpoint.UNREADABLE_DIR).exists()
+  assert not (run_copy / rundir.UNREADABLE_DIR).exists()
 
 
 def test_new_run_from_a_run_directory(run_copy, base_run, tmp_path):
   """The way forward the error names: --config.init=OLD_WORKDIR in a new workdir."""
-  _, params, _ = train.load_model(config(init=str(run_copy)))
+  _, params, _ = trainer.load_model(config(init=str(run_copy)))
   for a, b in zip(leaves(params), leaves(base_run[1]["params"])):
     np.testing.assert_array_equal(a, b)
-  out = train.train(config(init=str(run_copy), grad_clip_norm=1.0, total_steps=2),
+  out = trainer.train(config(init=str(run_copy), grad_clip_norm=1.0, total_steps=2),
                     tmp_path / "new")
   assert out["step"] == 2
   saved = json.loads((tmp_path / "new/model_config.json").read_text())
@@ -191,7 +192,7 @@ def test_load_run_skips_an_unreadable_latest_step(run_copy, base_run, caplog):
   for f in (run_copy / "checkpoints/6/state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
-  _, params, _ = checkpoint.load_run(run_copy)
+  _, params, _ = rundir.load_run(run_copy)
   assert "checkpoints/6 is unreadable" in caplog.text
   assert steps_on_disk(run_copy) == [2, 4, 6]  # read-only: nothing moved
   final = leaves(base_run[1]["params"])

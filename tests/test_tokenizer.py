@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import transformers
 
-from negclip_jax.tokenizer import ClipTokenizer, clean_text, tokenize
+from negclip_jax.model.tokenizer import ClipTokenizer, clean_text, tokenize
 
 SOT, EOT = 49406, 49407
 

@@ -18,8 +18,13 @@ import jax
 
 from configs import tiny
 from file_datasets import write_file_datasets
-from negclip_jax import checkpoint, evaluators, model as model_lib, partition, train
-from negclip_jax.data import image_cache
+from negclip_jax.eval import evaluators
+from negclip_jax.model import clip as model_lib
+from negclip_jax import rundir
+from negclip_jax.train import checkpoint
+from negclip_jax.train import param_groups
+from negclip_jax.train import trainer
+from negclip_jax.train import image_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,17 +41,17 @@ def leaves(params):
 
 
 def test_run_writes_checkpoints_metrics_and_resumes_as_noop(tmp_path):
-  out = train.train(config(), tmp_path)
+  out = trainer.train(config(), tmp_path)
   assert out["step"] == 6 and not out["stopped_early"]
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [2, 4, 6]
   assert {"L1", "L2", "L3", "L_neg", "L_orig", "L_text", "total", "samples_per_s"} <= set(rows[0])
   assert list((tmp_path / "tensorboard").iterdir())
-  model, params, _ = checkpoint.load_run(tmp_path)
+  model, params, _ = rundir.load_run(tmp_path)
   for a, b in zip(leaves(params), leaves(out["params"])):
     np.testing.assert_array_equal(a, b)
-  again = train.train(config(), tmp_path)  # same command again: nothing left to do
+  again = trainer.train(config(), tmp_path)  # same command again: nothing left to do
   assert again["step"] == 6
 
 
@@ -76,16 +81,16 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
   # Library INFO logs (Orbax: ~40 lines per save) stay off without -v.
   info = [l for l in output.splitlines() if re.match(r"I\d{4} ", l)]
   assert not [l for l in info if "checkpoint" in l], info[:5]
-  resumed = train.train(config(total_steps=steps, save_every=4, log_every=4), tmp_path / "interrupted")
-  straight = train.train(config(total_steps=steps, save_every=100, log_every=4), tmp_path / "straight")
+  resumed = trainer.train(config(total_steps=steps, save_every=4, log_every=4), tmp_path / "interrupted")
+  straight = trainer.train(config(total_steps=steps, save_every=100, log_every=4), tmp_path / "straight")
   assert resumed["step"] == straight["step"] == steps
   for a, b in zip(leaves(resumed["params"]), leaves(straight["params"])):
     np.testing.assert_array_equal(a, b)
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoints(tmp_path):
-  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
-    train.train(config(learning_rate=1e30, total_steps=12, save_every=1, log_every=1), tmp_path)
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+"):
+    trainer.train(config(learning_rate=1e30, total_steps=12, save_every=1, log_every=1), tmp_path)
   ckpt = checkpoint.Checkpointer(tmp_path)
   steps = ckpt.manager.all_steps()
   ckpt.close()
@@ -109,10 +114,10 @@ def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
     for k, v in {**data_keys, "image_cache": cache}.items():
       setattr(c.data, k, v)
     if cache:
-      presence, _ = train.load_tables(c, 32)
+      presence, _ = trainer.load_tables(c, 32)
       assert presence.distractors == [str(tmp_path / "data/coco" / f"{1000 + i}.png")
                                       for i in range(16)]
-    runs[cache] = train.train(c, tmp_path / f"cache_{cache}")
+    runs[cache] = trainer.train(c, tmp_path / f"cache_{cache}")
   rows = [json.loads(l) for l in (tmp_path / "cache_True/metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == [1, 2]
   assert all(np.isfinite(r[k]) for r in rows for k in ("L1", "L2", "L3", "L_neg", "total"))
@@ -127,9 +132,9 @@ def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
   for k, v in {**data_keys, "distractor_mapping": ""}.items():
     setattr(c.data, k, v)
   with pytest.raises(ValueError, match="config.data.distractor_mapping must be set"):
-    train.train(c, tmp_path / "no_mapping")
+    trainer.train(c, tmp_path / "no_mapping")
   with pytest.raises(ValueError, match=r"config.objective='con_clip'; choose from"):
-    train.train(config(objective="con_clip"), tmp_path / "typo")
+    trainer.train(config(objective="con_clip"), tmp_path / "typo")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")
@@ -137,10 +142,11 @@ def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
 def test_every_config_loads_with_valid_choices(name):
   import importlib
 
-  from negclip_jax import losses, partition
+  from negclip_jax.train import losses
+  from negclip_jax.train import param_groups
   c = importlib.import_module(f"configs.{name}").get_config()
   assert c.objective in losses.OBJECTIVES
-  assert partition.text_layers(c.layers, 12)
+  assert param_groups.text_layers(c.layers, 12)
   assert {c.data.presence, c.data.absence} <= {"ccneg", "coco_negation", "negshapes"}
   assert c.data.on_error in ("raise", "skip")
 
@@ -157,22 +163,22 @@ def test_layers_from_the_command_line(spelling):
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
   layers = ast.literal_eval(proc.stdout)
-  train.validate_config(config(layers=layers))
-  assert partition.text_layers(layers, 4) == (0, 2)
-  labels = partition.label_params(model_lib.init_params(model_lib.CLIP(model_lib.get_config(
+  trainer.validate_config(config(layers=layers))
+  assert param_groups.text_layers(layers, 4) == (0, 2)
+  labels = param_groups.label_params(model_lib.init_params(model_lib.CLIP(model_lib.get_config(
       "tiny")), jax.random.key(0)), layers)
   blocks = {k for k, v in labels["text_model"]["encoder"]["layers"].items()
-            if v["mlp"]["fc1"]["kernel"] == partition.TRAINABLE}
+            if v["mlp"]["fc1"]["kernel"] == param_groups.TRAINABLE}
   assert blocks == {"0", "2"}
 
 
 def test_layers_from_a_config_file_and_bad_values():
-  assert partition.text_layers((2, 0, 2), 4) == (0, 2) and partition.text_layers(3, 4) == (3,)
-  with pytest.raises(train.ConfigError, match=r"^config.layers: Unknown layer preset '0,x'; use "
+  assert param_groups.text_layers((2, 0, 2), 4) == (0, 2) and param_groups.text_layers(3, 4) == (3,)
+  with pytest.raises(trainer.ConfigError, match=r"^config.layers: Unknown layer preset '0,x'; use "
                      r"one of .* or text block indices such as 0,1$"):
-    train.validate_config(config(layers="0,x"))
+    trainer.validate_config(config(layers="0,x"))
   with pytest.raises(ValueError, match=r"^layers: text block indices \[4\] out of range"):
-    partition.text_layers("[0,4]", 4)
+    param_groups.text_layers("[0,4]", 4)
 
 
 def test_cli_config_errors_are_one_line(tmp_path):
@@ -215,7 +221,7 @@ def test_train_loop_marks_log_and_save_steps_as_boundaries_and_evaluates_once(tm
   monkeypatch.setattr(checkpoint.PreemptionWatcher, "should_stop", spy)
   monkeypatch.setattr(evaluators.Evaluator, "run",
                       lambda self, *a: evaluated.append(self.name) or {"x": 1.0})
-  out = train.train(config(total_steps=7, log_every=3, save_every=5,
+  out = trainer.train(config(total_steps=7, log_every=3, save_every=5,
                            evals={"a": {"task": "negshapes", "every": 7},
                                   "b": {"task": "negshapes", "every": 3}}), tmp_path)
   assert [s for s, b in sorted(boundaries.items()) if b] == [3, 5, 6, 7]

@@ -7,7 +7,10 @@ import jax
 import jax.numpy as jnp
 from flax import jax_utils, traverse_util
 
-from negclip_jax import model as model_lib, partition, train_step
+from negclip_jax.model import clip as model_lib
+from negclip_jax.train import optim
+from negclip_jax.train import param_groups
+from negclip_jax.train import step as train_step
 
 CONFIG = model_lib.get_config("tiny")
 MODEL = model_lib.CLIP(CONFIG)
@@ -40,8 +43,8 @@ def make_batch(global_batch, seed=0, pixels=True, distractors=False):
 
 def setup(layers="front", lr=1e-3, **step_kw):
   params = model_lib.init_params(MODEL, jax.random.key(0))
-  labels = partition.label_params(params, layers)
-  tx = partition.make_optimizer(labels, learning_rate=lr, warmup_steps=1, total_steps=10,
+  labels = param_groups.label_params(params, layers)
+  tx = optim.make_optimizer(labels, learning_rate=lr, warmup_steps=1, total_steps=10,
                                 grad_clip_norm=1.0)
   step = train_step.make_train_step(MODEL, labels, tx, **step_kw)
   return params, labels, tx, step
@@ -67,7 +70,7 @@ def test_frozen_bitwise_trainable_changed_logit_scale_clamped():
   flat_labels = traverse_util.flatten_dict(labels)
   for path, old in flat_old.items():
     new = flat_new[path]
-    if flat_labels[path] == partition.FROZEN:
+    if flat_labels[path] == param_groups.FROZEN:
       assert np.array_equal(np.asarray(old), new), path
     elif path != ("logit_scale",):
       assert not np.array_equal(np.asarray(old), new), path
@@ -77,28 +80,28 @@ def test_frozen_bitwise_trainable_changed_logit_scale_clamped():
 
 
 def test_layer_presets_and_labels():
-  assert partition.text_layers("front", 12) == (0, 1, 2, 3, 4, 5)
-  assert partition.text_layers("middle", 12) == (4, 5, 6, 7)
-  assert partition.text_layers("back", 12) == (8, 9, 10, 11)
-  assert partition.text_layers("whole", 12) == tuple(range(12))
-  assert partition.text_layers([3, 1, 3], 12) == (1, 3)
+  assert param_groups.text_layers("front", 12) == (0, 1, 2, 3, 4, 5)
+  assert param_groups.text_layers("middle", 12) == (4, 5, 6, 7)
+  assert param_groups.text_layers("back", 12) == (8, 9, 10, 11)
+  assert param_groups.text_layers("whole", 12) == tuple(range(12))
+  assert param_groups.text_layers([3, 1, 3], 12) == (1, 3)
   with pytest.raises(ValueError, match=r"\[12\] out of range"):
-    partition.text_layers([12], 12)
+    param_groups.text_layers([12], 12)
   with pytest.raises(ValueError, match="Unknown layer preset 'top'"):
-    partition.text_layers("top", 12)
+    param_groups.text_layers("top", 12)
   params = model_lib.init_params(MODEL, jax.random.key(0))
-  labels = traverse_util.flatten_dict(partition.label_params(params, "front"))
-  trainable = {"/".join(p) for p, l in labels.items() if l == partition.TRAINABLE}
+  labels = traverse_util.flatten_dict(param_groups.label_params(params, "front"))
+  trainable = {"/".join(p) for p, l in labels.items() if l == param_groups.TRAINABLE}
   assert "text_model/embeddings/token_embedding/embedding" in trainable
   assert "text_model/encoder/layers/1/mlp/fc1/kernel" in trainable
   assert "text_model/encoder/layers/2/mlp/fc1/kernel" not in trainable
   assert "logit_scale" in trainable and "text_projection/kernel" in trainable
   assert not any(p.startswith(("vision_model", "visual_projection")) for p in trainable)
-  extra = partition.label_params(params, "front", extra_trainable=[r"layers/3/layer_norm1"])
+  extra = param_groups.label_params(params, "front", extra_trainable=[r"layers/3/layer_norm1"])
   assert traverse_util.flatten_dict(extra)[("text_model", "encoder", "layers", "3", "layer_norm1", "scale")] == "trainable"
   with pytest.raises(ValueError, match="vision tower is always frozen"):
-    partition.label_params(params, "front", extra_trainable=[r"vision_model/.*/fc1"])
-  assert "trainable text blocks: [0, 1]" in partition.summary(params, partition.label_params(params, "front"))
+    param_groups.label_params(params, "front", extra_trainable=[r"vision_model/.*/fc1"])
+  assert "trainable text blocks: [0, 1]" in param_groups.summary(params, param_groups.label_params(params, "front"))
 
 
 def test_optimizer_state_only_for_trainable_leaves():
@@ -106,7 +109,7 @@ def test_optimizer_state_only_for_trainable_leaves():
   state = tx.init(params)
   # Adam keeps mu and nu per trainable leaf (+ a few scalar counts); nothing for frozen leaves.
   sizes = sum(x.size for x in jax.tree.leaves(state))
-  trainable_size = sum(v.size for v in partition.split(params, labels)[0].values())
+  trainable_size = sum(v.size for v in param_groups.split(params, labels)[0].values())
   assert 2 * trainable_size <= sizes <= 2 * trainable_size + 8
 
 
@@ -124,7 +127,7 @@ def test_frozen_weight_gradients_are_not_computed():
   # Each trainable block adds 6 weight-gradient matmuls (q, k, v, out, fc1, fc2);
   # frozen blocks only pass activation gradients through.
   front, whole = _count_weight_grads("front"), _count_weight_grads("whole")
-  frozen_blocks = CONFIG.text.num_hidden_layers - len(partition.text_layers("front", CONFIG.text.num_hidden_layers))
+  frozen_blocks = CONFIG.text.num_hidden_layers - len(param_groups.text_layers("front", CONFIG.text.num_hidden_layers))
   assert whole - front == 6 * frozen_blocks
 
 

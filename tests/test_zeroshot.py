@@ -13,11 +13,13 @@ import torch
 import transformers
 from PIL import Image
 
-from negclip_jax import convert, evaluate, model as model_lib
+from negclip_jax.eval import registry
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
 from negclip_jax.data.records import DataError
-from negclip_jax.preprocess import get_preprocess
-from negclip_jax.tasks import zeroshot
-from negclip_jax.tokenizer import ClipTokenizer
+from negclip_jax.model.preprocess import get_preprocess
+from negclip_jax.eval.tasks import zeroshot_task
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 CLASSES = ["black_dog", "blue car", "green frog", "red apple", "white cat", "yellow sun"]  # sorted,
 #                                          as ImageFolder numbers its class folders
@@ -110,17 +112,17 @@ def test_folder_and_tfds_data_dir_equal_pytorch_clipmodel(data, models):
                                 for i in range(len(files))])) for k in (1, 5)}
   assert 0 < want_top[1] < want_top[5] < 1  # the check can tell right from wrong
   key_row = {str(p): i for i, (p, _) in enumerate(files)}
-  embedder = evaluate.Embedder(model, params, batch_size=8, progress=False)
+  embedder = registry.Embedder(model, params, batch_size=8, progress=False)
   context = model.config.text.max_position_embeddings
   for source in ({"data": str(folder)}, {"data": "zeroshot_test", "tfds_data_dir": str(data_dir)}):
-    scores, got_labels, keys, names = zeroshot.classify(
+    scores, got_labels, keys, names = zeroshot_task.classify(
         embedder, tokenizer, context, **source, templates=str(templates), protocol="hf")
     rows = [key_row[k] for k in keys]
     assert sorted(rows) == list(range(len(files)))
     np.testing.assert_array_equal(got_labels, labels[rows])
     np.testing.assert_allclose(scores, want[rows], atol=1e-5)
     assert names[0] == "black dog"
-    result = evaluate.run_task("zeroshot", model, params, tokenizer, progress=False,
+    result = registry.run_task("zeroshot", model, params, tokenizer, progress=False,
                                batch_size=8, **source, templates=str(templates), protocol="hf")
     assert result == {"top1": want_top[1], "top5": want_top[5], "n": len(files),
                       "n_classes": len(CLASSES)}
@@ -132,18 +134,18 @@ def test_shipped_imagenet_lists_are_openais():
   module_spec = importlib.util.spec_from_file_location("_zero_shot_metadata", path)
   metadata = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(metadata)
-  assert zeroshot.shipped_classnames("imagenet") == list(metadata.IMAGENET_CLASSNAMES)
-  assert len(zeroshot.shipped_classnames("imagenet")) == 1000
-  openai = zeroshot.load_templates("openai_imagenet")
+  assert zeroshot_task.shipped_classnames("imagenet") == list(metadata.IMAGENET_CLASSNAMES)
+  assert len(zeroshot_task.shipped_classnames("imagenet")) == 1000
+  openai = zeroshot_task.load_templates("openai_imagenet")
   assert openai == [t("{}") for t in metadata.OPENAI_IMAGENET_TEMPLATES] and len(openai) == 80
-  assert zeroshot.load_classnames(None, "imagenet2012", [f"n{i:08d}" for i in range(1000)])[:2] \
+  assert zeroshot_task.load_classnames(None, "imagenet2012", [f"n{i:08d}" for i in range(1000)])[:2] \
       == ["tench", "goldfish"]
 
 
 def test_bad_inputs_fail_in_one_line(data, models, tmp_path):
   folder, data_dir, _, _ = data
   model, params, tokenizer, _, _ = models
-  run = lambda **o: evaluate.run_task("zeroshot", model, params, tokenizer, progress=False, **o)
+  run = lambda **o: registry.run_task("zeroshot", model, params, tokenizer, progress=False, **o)
   with pytest.raises(DataError, match="4 class names for a dataset with 6 labels"):
     (tmp_path / "names.json").write_text(json.dumps(CLASSES[:4]))
     run(data=str(folder), classnames=str(tmp_path / "names.json"))

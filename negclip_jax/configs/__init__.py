@@ -85,9 +85,19 @@ def meanings() -> dict[str, str]:
 
 def help_table(config) -> str:
   """Every key of `config` with its value and meaning, one per line."""
-  from negclip_jax.checkpoint import flat_config
   flat = flat_config(json.loads(config.to_json()))
   meaning = meanings()
   width = max(len(k) for k in flat) + 2
   return "\n".join(f"  --config.{k.ljust(width)}{json.dumps(v):<16} {meaning.get(k, '')}".rstrip()
                    for k, v in flat.items())
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+  """Nested config dict -> {"a.b": value}."""
+  out = {}
+  for k, v in config.items():
+    if isinstance(v, dict):
+      out.update(flat_config(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out

@@ -35,7 +35,8 @@ from typing import Sequence
 import numpy as np
 
 from negclip_jax.data import negshapes
-from negclip_jax.tasks import common, metrics
+from negclip_jax.eval import embed
+from negclip_jax.eval import metrics
 
 NEGATION_WORDS = frozenset(("no", "not", "without"))
 TEXT_CHOICE = ("presence", "presence_hard", "mcq")  # one image, K texts
@@ -205,12 +206,12 @@ def model_scores(embedder, tokenizer, context_length: int, name: str, task: dict
   """float [N, K]: the model's similarity of each item's options."""
   if "texts" in task:
     images, _, _ = image_choices(task)
-    text = common.embed_texts(embedder, tokenizer, context_length, task["texts"], name)
-    return np.stack([np.sum(text * common.embed_arrays(embedder, x, f"{name} images {j}"), -1)
+    text = embed.embed_texts(embedder, tokenizer, context_length, task["texts"], name)
+    return np.stack([np.sum(text * embed.embed_arrays(embedder, x, f"{name} images {j}"), -1)
                      for j, x in enumerate(images)], 1)
   options, _ = text_choices(task)
-  image = common.embed_arrays(embedder, task["images"], f"{name} images")
-  flat = common.embed_texts(embedder, tokenizer, context_length,
+  image = embed.embed_arrays(embedder, task["images"], f"{name} images")
+  flat = embed.embed_texts(embedder, tokenizer, context_length,
                             [t for row in options for t in row], f"{name} texts")
   return np.einsum("nd,nkd->nk", image, flat.reshape(len(options), -1, flat.shape[-1]))
 
@@ -248,8 +249,8 @@ def evaluate(embedder, tokenizer, context_length: int, data: dict) -> dict:
       out.update(audit(name, data[name], data["text_rule"]))
   retrieval = data["retrieval"]
   recall = metrics.retrieval_metrics(
-      common.embed_arrays(embedder, retrieval["images"], "retrieval images"),
-      common.embed_texts(embedder, tokenizer, context_length, retrieval["captions"],
+      embed.embed_arrays(embedder, retrieval["images"], "retrieval images"),
+      embed.embed_texts(embedder, tokenizer, context_length, retrieval["captions"],
                          "retrieval captions"),
       np.arange(len(retrieval["captions"])), ks=(1,))
   out.update({f"retrieval_{k}": v for k, v in recall.items()})
@@ -276,5 +277,5 @@ def report(results: dict) -> str:
 def run(embedder, tokenizer, context_length: int, *, num: int = 500, seed: int = 0,
         image_size: int | None = None) -> dict:
   """`evaluate` on freshly generated data; image_size defaults to the model's."""
-  data = generate(num, seed, image_size or common.image_size(embedder))
+  data = generate(num, seed, image_size or embed.image_size(embedder))
   return evaluate(embedder, tokenizer, context_length, data)

@@ -25,46 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from negclip_jax import losses, model as model_lib, packing, sharding
+from negclip_jax import hosts
+from negclip_jax.data.records import DataError
+from negclip_jax.model.preprocess import get_preprocess
+from negclip_jax.model import clip as model_lib
+from negclip_jax.train import losses
+from negclip_jax.train import packing
+from negclip_jax.train import sharding
 
-TEXT_BUCKETS = (16, 32, 48, 64, 77)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def process_block(n: int, process: int | None = None) -> tuple[int, int]:
-  """[lo, hi): the contiguous block of n inputs that `process` (default: this one) embeds."""
-  per_proc = math.ceil(n / jax.process_count())
-  p = jax.process_index() if process is None else process
-  return min(n, p * per_proc), min(n, (p + 1) * per_proc)
-
-
-def gather_blocks(local: np.ndarray, n: int) -> np.ndarray:
-  """Every process's `process_block` rows `local` [hi - lo, ...] -> all n rows, on every
-  process (one all-gather when multi-process)."""
-  procs = jax.process_count()
-  if procs == 1:
-    return local
-  per_proc = math.ceil(n / procs)
-  padded = np.zeros((per_proc,) + local.shape[1:], local.dtype)
-  padded[:len(local)] = local
-  every = multihost_utils.process_allgather(padded)  # [procs, per_proc, D]
-  return np.concatenate([every[p][:max(0, min(n, (p + 1) * per_proc) - p * per_proc)]
-                         for p in range(procs)])
-
-
-def bucket_length(ids: np.ndarray, buckets: Sequence[int] = TEXT_BUCKETS) -> int:
-  """Smallest bucket >= the longest sequence (last non-zero token) in ids [N, L].
-
-  The causal mask makes every token's features depend only on earlier tokens, so
-  running the text tower on ids[:, :bucket] gives the same EOT features.
-  """
-  length = ids.shape[-1]
-  nonzero = ids != 0
-  used = int((length - np.argmax(nonzero[..., ::-1], axis=-1)).max()) if ids.size else 1
-  return next((b for b in buckets if b >= used and b <= length), length)
 
 
 def _features(model, kind: str, normalize: bool):
@@ -133,7 +104,7 @@ class Embedder:
     ids = np.asarray(ids, np.int32)
     if self.pack and len(ids):
       return self._packed_texts(ids, desc)
-    ids = ids[:, :bucket_length(ids)]
+    ids = ids[:, :packing.bucket_length(ids)]
     return self._run("text", len(ids), lambda lo, hi: ids[lo:hi], desc)
 
   def forget_texts(self) -> None:
@@ -166,7 +137,7 @@ class Embedder:
 
   def images(self, items: Sequence, load: Callable | None = None, desc: str = "images",
              gather: bool = True) -> np.ndarray:
-    """gather=False: only this process's `process_block` rows [hi - lo, D]."""
+    """gather=False: only this process's `hosts.process_block` rows [hi - lo, D]."""
     load = load or (lambda x: x)
     return self._run("image", len(items),
                      lambda lo, hi: np.stack([load(items[i]) for i in range(lo, hi)]), desc,
@@ -178,7 +149,7 @@ class Embedder:
     batch_size = batch_size or self.batch_size
     fn = (_pmapped(self.model, kind, self.normalize) if self.mesh is None else
           _sharded(self.model, kind, self.normalize, self.mesh))
-    lo, hi = process_block(n)
+    lo, hi = hosts.process_block(n)
     per_proc = math.ceil(n / jax.process_count())
     steps = max(1, math.ceil(per_proc / batch_size))  # same count on every process
     outs = []
@@ -188,7 +159,7 @@ class Embedder:
       x = get(a, b) if b > a else get(0, 1)
       outs.append(self._apply(fn, x, b - a, batch_size))
     local = np.concatenate(outs)[:hi - lo]
-    return gather_blocks(local, n) if gather else local
+    return hosts.gather_blocks(local, n) if gather else local
 
   def _apply(self, fn, x, count, batch_size):
     """x: an array (or, packed, a tree of arrays) of <= batch_size items, padded by
@@ -203,3 +174,57 @@ class Embedder:
     out = np.asarray(fn(self.params, jax.tree.map(shard, x)))
     return out.reshape((batch_size,) + out.shape[2:])[:count]
 
+
+# ------------------------------------------------ helpers the tasks share
+# Tokenize / preprocess, then embed; outputs are L2-normalized float32 [N, D]. `protocol`
+# picks the image preprocessing (`preprocess.PREPROCESS`: "original" = OpenAI `clip`'s
+# transform, "hf" = `CLIPImageProcessor`).
+
+
+def image_size(embedder: Embedder) -> int:
+  """Side in pixels of the model's square input images."""
+  return embedder.model.config.vision.image_size
+
+
+def embed_texts(embedder: Embedder, tokenizer, context_length: int, texts: Sequence[str],
+                desc: str = "texts") -> np.ndarray:
+  """[N, D] embeddings of N texts, tokenized to `context_length`."""
+  return embedder.texts(tokenizer(list(texts), context_length), desc=desc)
+
+
+def image_loader(embedder: Embedder, protocol: str):
+  """`load(image) -> [S, S, 3]`: `protocol`'s preprocessing to the model's input size S."""
+  return functools.partial(get_preprocess(protocol), image_size=image_size(embedder))
+
+
+def embed_arrays(embedder: Embedder, images: np.ndarray, desc: str = "images",
+                 protocol: str = "hf") -> np.ndarray:
+  """[N, D] embeddings of uint8 images [N, H, W, 3], preprocessed to the model's size."""
+  return embedder.images(images, image_loader(embedder, protocol), desc=desc)
+
+
+def gallery(image_paths: Sequence[str]) -> tuple[list[str], list[int]]:
+  """(distinct paths in first-seen order, index of each input path among them)."""
+  unique = list(dict.fromkeys(image_paths))
+  row = {p: i for i, p in enumerate(unique)}
+  return unique, [row[p] for p in image_paths]
+
+
+def embed_files(embedder: Embedder, paths: Sequence[str], desc: str = "images",
+                protocol: str = "hf") -> np.ndarray:
+  """[N, D] embeddings of N image files; each distinct path is decoded and embedded once.
+
+  A file that cannot be read raises DataError naming it, the first position (record) in
+  `paths` that holds it, and the key "image_path".
+  """
+  unique, rows = gallery(paths)
+  first = {p: i for i, p in reversed(list(enumerate(paths)))}
+  load = image_loader(embedder, protocol)
+
+  def load_file(path):
+    try:
+      return load(path)
+    except (OSError, ValueError) as e:  # missing, truncated or not an image
+      raise DataError(path, f"cannot read the image: {e}", index=first[path],
+                      key="image_path") from e
+  return embedder.images(unique, load_file, desc=desc)[rows]

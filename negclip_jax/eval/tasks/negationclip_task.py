@@ -6,7 +6,8 @@ from typing import Sequence
 
 from negclip_jax.data.coco_negation import load_coco_negation
 from negclip_jax.data.records import AbsenceRecord
-from negclip_jax.tasks import common, metrics
+from negclip_jax.eval import embed
+from negclip_jax.eval import metrics
 
 
 def evaluate(embedder, tokenizer, context_length: int, records: Sequence[AbsenceRecord],
@@ -15,12 +16,12 @@ def evaluate(embedder, tokenizer, context_length: int, records: Sequence[Absence
 
   The gallery is the records' distinct images; one text per record (n texts).
   """
-  paths, caption_to_image = common.gallery([r.image_path for r in records])
-  images = common.embed_files(embedder, paths, protocol=protocol)
+  paths, caption_to_image = embed.gallery([r.image_path for r in records])
+  images = embed.embed_files(embedder, paths, protocol=protocol)
   out = {}
   for name, texts in (("updated", [r.updated for r in records]),
                       ("original", [r.caption for r in records])):
-    text_emb = common.embed_texts(embedder, tokenizer, context_length, texts, f"{name} captions")
+    text_emb = embed.embed_texts(embedder, tokenizer, context_length, texts, f"{name} captions")
     out.update({f"{name}_{k}": v for k, v in
                 metrics.retrieval_metrics(images, text_emb, caption_to_image, ties=ties).items()})
   return {**out, "n": len(records), "n_images": len(paths)}

@@ -9,8 +9,9 @@ import numpy as np
 
 from negclip_jax.data.negrefcocog import load_negrefcocog
 from negclip_jax.data.records import RefRecord
-from negclip_jax.preprocess import crop_box, load_image
-from negclip_jax.tasks import common, metrics
+from negclip_jax.model.preprocess import crop_box, load_image
+from negclip_jax.eval import embed
+from negclip_jax.eval import metrics
 
 _DECODED_CACHE = 8  # images kept decoded while their boxes are cropped
 
@@ -24,13 +25,13 @@ def evaluate(embedder, tokenizer, context_length: int, records: Sequence[RefReco
   Crops are pixels (x, y, x + w, y + h) of each box, preprocessed like whole images;
   under "original" they are cut in the image's own mode (OpenAI `clip` order).
   """
-  load = common.image_loader(embedder, protocol)
+  load = embed.image_loader(embedder, protocol)
   decode = functools.lru_cache(_DECODED_CACHE)(load_image)
   rgb = protocol == "hf"
   crops = [(r.image_path, box) for r in records for box in r.bbox_list]
   crop_emb = embedder.images(
       crops, lambda item: load(crop_box(decode(item[0]), item[1], rgb=rgb)), "crops")
-  phrases = common.embed_texts(embedder, tokenizer, context_length,
+  phrases = embed.embed_texts(embedder, tokenizer, context_length,
                                [r.phrase for r in records], "phrases")
   bounds = np.cumsum([0] + [len(r.bbox_list) for r in records])
   correct = np.array([r.bbox_list[int(np.argmax(crop_emb[lo:hi] @ phrase))] == r.ref_bbox

@@ -31,7 +31,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from negclip_jax import train_step
+from negclip_jax.train import step as train_step
 
 PARALLELISMS = ("pmap", "fsdp")
 DATA, FSDP = "data", "fsdp"

@@ -5,9 +5,9 @@
   c.evals.negshapes = dict(task="negshapes", every=0, num=500)
   c.evals.ccneg = dict(task="ccneg", every=1000, data="ccneg.pt", image_root="cc3m/")
 
-Keys: `task` (an `evaluate.TASKS` name; default: the evaluator's name), `every` (steps
+Keys: `task` (an `registry.TASKS` name; default: the evaluator's name), `every` (steps
 between runs; 0 = only at the end), `batch_size` (256), `dtype` ("float32"), and the
-task's own options, spelled as `evaluate.run_task` takes them (`data`, `image_root`, `num`,
+task's own options, spelled as `registry.run_task` takes them (`data`, `image_root`, `num`,
 `protocol`, ...). `from_config` validates every evaluator (task, options, that its files
 exist) before training starts; each runs at its cadence and once at the end, logging
 ``eval/<name>/<metric>``. The `evaluate` CLI runs the same task code.
@@ -19,7 +19,8 @@ import dataclasses
 import os
 from typing import Mapping
 
-from negclip_jax import evaluate
+from negclip_jax import rundir, storage
+from negclip_jax.eval import registry
 
 _EVALUATOR_KEYS = ("task", "every", "batch_size", "dtype")
 
@@ -30,7 +31,7 @@ class EvalConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
-  """One named evaluation: `evaluate.run_task(task, ..., **options)` every `every` steps."""
+  """One named evaluation: `registry.run_task(task, ..., **options)` every `every` steps."""
   name: str
   task: str
   every: int = 0
@@ -44,12 +45,12 @@ class Evaluator:
 
   def run(self, model, params, tokenizer, mesh=None) -> dict:
     """{metric: value} of the task on (model, params); `mesh`: params sharded on it (fsdp)."""
-    return evaluate.run_task(self.task, model, params, tokenizer, batch_size=self.batch_size,
+    return registry.run_task(self.task, model, params, tokenizer, batch_size=self.batch_size,
                              progress=False, dtype=self.dtype, mesh=mesh, **self.options)
 
   def log_keys(self, metrics: Mapping) -> dict:
     """{"eval/<name>/<metric>": value} for the metrics log."""
-    return {f"eval/{self.name}/{k}": v for k, v in metrics.items()}
+    return {rundir.eval_key(self.name, k): v for k, v in metrics.items()}
 
 
 def from_config(evals: Mapping) -> list[Evaluator]:
@@ -60,11 +61,11 @@ def from_config(evals: Mapping) -> list[Evaluator]:
     settings = dict(settings)
     where = f"config.evals.{name}"
     task = settings.pop("task", name)
-    if task not in evaluate.TASKS:
+    if task not in registry.TASKS:
       raise EvalConfigError(f"{where}.task={task!r} is not a task; choose from "
-                            f"{sorted(evaluate.TASKS)}")
+                            f"{sorted(registry.TASKS)}")
     fixed = {k: settings.pop(k) for k in _EVALUATOR_KEYS[1:] if k in settings}
-    spec = evaluate.TASKS[task]
+    spec = registry.TASKS[task]
     allowed = [*spec.files, *spec.shared]
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
@@ -76,7 +77,7 @@ def from_config(evals: Mapping) -> list[Evaluator]:
                             f"({'; '.join(spec.files[o] for o in missing)})")
     for option in spec.files:
       path = os.fspath(settings[option])
-      if not (task == "layers" and path == "negshapes") and not os.path.exists(path):
+      if not (task == "layers" and path == "negshapes") and not storage.path(path).exists():
         raise EvalConfigError(f"{where}.{option}: no such file or directory: {path}")
     if fixed.get("every", 0) < 0:
       raise EvalConfigError(f"{where}.every={fixed['every']} must be >= 0 (0: only at the end)")

@@ -6,7 +6,7 @@ each image once; unreadable images go to the `records.BadRecords` policy (raised
 dropped and reported), so a cached run finds corrupt files before training starts.
 
 Stored (``cache_dir``, local or ``gs://``) as one folder per key: each process writes the
-features of its own block of images (`embed.process_block`) to ``shard-<p>-of-<P>.npy``,
+features of its own block of images (`hosts.process_block`) to ``shard-<p>-of-<P>.npy``,
 float32 [rows, D] (rows of unloadable images included), then process 0 writes
 ``index.json`` {"num_images", "num_kept", "dim", "image_size", "source", "dropped":
 {position: reason}, "shards": [{"file", "start", "stop"}]}; every file is written
@@ -34,12 +34,11 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from negclip_jax import storage
-from negclip_jax.data.pipeline import (IMAGE_COLUMNS, Images, bad_records, gather_failures,
-                                      load_example_image)
+from negclip_jax import hosts, storage
+from negclip_jax.train.pipeline import IMAGE_COLUMNS, Images, bad_records, load_example_image
 from negclip_jax.data.records import BadRecords, DataError
-from negclip_jax.embed import Embedder, gather_blocks, process_block
-from negclip_jax.preprocess import CLIP_MEAN, CLIP_STD
+from negclip_jax.eval.embed import Embedder
+from negclip_jax.model.preprocess import CLIP_MEAN, CLIP_STD
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def _read_block(entry: epath.Path, n: int):
     meta = json.loads((entry / INDEX_FILE).read_text())
     if meta["num_images"] != n:
       raise ValueError(f"{meta['num_images']} images indexed, {n} asked for")
-    lo, hi = process_block(n)
+    lo, hi = hosts.process_block(n)
     parts = []
     for shard in meta["shards"]:
       start, stop = shard["start"], shard["stop"]
@@ -122,9 +121,7 @@ def _hit_everywhere(cached) -> bool:
   """Whether every process found the entry: a miss anywhere makes all recompute, so the
   collectives of `_compute` are entered by all processes or by none."""
   hit = cached is not None
-  if jax.process_count() == 1:
-    return hit
-  every = bool(np.all(multihost_utils.process_allgather(np.array(hit))))
+  every = hosts.all_processes(hit)
   if hit and not every:
     logger.warning("image cache: hit here but missed on another process; recomputing")
   return every
@@ -144,7 +141,7 @@ def _write_entry(entry: epath.Path, block: np.ndarray, dropped, images: Images,
   if jax.process_index() != 0:
     return
   shards = [{"file": _shard_file(p, procs), "start": lo, "stop": hi}
-            for p in range(procs) for lo, hi in [process_block(n, p)] if hi > lo]
+            for p in range(procs) for lo, hi in [hosts.process_block(n, p)] if hi > lo]
   meta = {"num_images": n, "num_kept": n - len(dropped), "dim": block.shape[1],
           "image_size": image_size, "source": _describe(images),
           "dropped": {str(i): r for i, r in sorted(dropped.items())}, "shards": shards}
@@ -168,7 +165,7 @@ def _compute(model, params, images: Images, image_size, batch_size, skip: bool, 
 
   embedder = Embedder(model, params, batch_size, normalize=False)
   block = embedder.images(range(len(images)), load, desc="image cache", gather=False)
-  return np.ascontiguousarray(block, np.float32), gather_failures(failed, len(images))
+  return np.ascontiguousarray(block, np.float32), hosts.gather_failures(failed, len(images))
 
 
 def image_embeddings(model, params, images: Images, image_size: int, cache_dir: str | None = None,
@@ -200,7 +197,7 @@ def image_embeddings(model, params, images: Images, image_size: int, cache_dir: 
       _write_entry(entry, block, dropped, images, image_size)
   else:
     block, dropped = cached
-  emb = gather_blocks(block, n)
+  emb = hosts.gather_blocks(block, n)
   for i, reason in sorted(dropped.items()):
     where = source or ("image array" if isinstance(images, np.ndarray) else images[i])
     bad(DataError(where, f"unreadable image: {reason}", index=int(record_index[i]), key=key))

@@ -40,7 +40,8 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from negclip_jax import model as model_lib, storage
+from negclip_jax import storage
+from negclip_jax.model import clip as model_lib
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def config_to_hf(config: model_lib.CLIPConfig) -> dict:
 
 def _image_processor_config(size: int) -> dict:
   """`CLIPImageProcessor` settings matching `negclip_jax.preprocess` at `size` px."""
-  from negclip_jax import preprocess
+  from negclip_jax.model import preprocess
   return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
           "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,
           "crop_size": {"height": size, "width": size}, "do_rescale": True,
@@ -392,21 +393,6 @@ EXPORT_CONFIG = "model_config.json"
 OpenAI state dict cannot express (heads, activation, EOT rule, LayerNorm eps)."""
 
 
-def config_to_dict(config: model_lib.CLIPConfig) -> dict:
-  """`CLIPConfig` -> JSON-able dict {"text": {...}, "vision": {...}, "projection_dim", ...}."""
-  return dataclasses.asdict(config)
-
-
-def config_from_dict(d: Mapping[str, Any], source: str = EXPORT_CONFIG) -> model_lib.CLIPConfig:
-  """Inverse of `config_to_dict`; unknown or missing fields name the file."""
-  try:
-    return model_lib.CLIPConfig(
-        text=model_lib.TextConfig(**d["text"]), vision=model_lib.VisionConfig(**d["vision"]),
-        **{k: v for k, v in d.items() if k not in ("text", "vision")})
-  except (KeyError, TypeError) as e:
-    raise ValueError(f"{source}: not a negclip-jax CLIP config ({type(e).__name__}: {e})") from e
-
-
 def _export_config_beside(weights: epath.Path) -> model_lib.CLIPConfig | None:
   """The config an OpenAI-format export wrote beside `weights`, if it names that file."""
   sidecar = weights.parent / EXPORT_CONFIG
@@ -415,7 +401,7 @@ def _export_config_beside(weights: epath.Path) -> model_lib.CLIPConfig | None:
   meta = _read_json(sidecar)
   if meta.get("weights") != weights.name:
     return None
-  return config_from_dict(meta.get("config", {}), str(sidecar))
+  return model_lib.config_from_dict(meta.get("config", {}), str(sidecar))
 
 
 # ------------------------------------------------------------------------- files
@@ -441,7 +427,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
       raise ValueError(f"{path}: unreadable safetensors file ({e}); truncated?") from e
   else:
     try:
-      from negclip_jax import torch_io
+      from negclip_jax.model import torch_io
     except ImportError as e:
       raise ImportError(f"{path}: {e}") from e
     sd = torch_io.load(path, hint="re-save the state dict with safetensors or as a plain "
@@ -473,7 +459,7 @@ _LAYOUTS = (
      ("model.safetensors", "pytorch_model.bin")),
     ("open_clip_config.json", lambda f: config_from_open_clip(_read_json(f), str(f)),
      ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
-    (EXPORT_CONFIG, lambda f: config_from_dict(_read_json(f).get("config", {}), str(f)),
+    (EXPORT_CONFIG, lambda f: model_lib.config_from_dict(_read_json(f).get("config", {}), str(f)),
      ("model.pt",)),
 )
 
@@ -526,7 +512,7 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *,
                                        activation=activation).items() if v is not None}
   if config is not None and conventions:
     raise ValueError(f"pass either config= or {sorted(conventions)}, not both")
-  from negclip_jax import hub
+  from negclip_jax.model import hub
   path = hub.resolve(path)
   if path.is_dir():
     weights, stated = _describe_dir(path)
@@ -583,7 +569,7 @@ def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
     with (out / "model.pt").open("wb") as f:
       torch.save({k: torch.from_numpy(np.array(v)) for k, v in hf_to_openai(sd).items()}, f)
     (out / EXPORT_CONFIG).write_text(json.dumps(
-        {"weights": "model.pt", "config": config_to_dict(model.config)}, indent=2))
+        {"weights": "model.pt", "config": model_lib.config_to_dict(model.config)}, indent=2))
   else:
     raise ValueError(f"format must be 'hf' or 'openai', got {format!r}")
   return out

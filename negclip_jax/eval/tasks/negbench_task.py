@@ -10,7 +10,8 @@ import numpy as np
 
 from negclip_jax.data.negbench import load_negbench_mcq, load_negbench_retrieval
 from negclip_jax.data.records import McqRecord, RetrievalSet
-from negclip_jax.tasks import common, metrics
+from negclip_jax.eval import embed
+from negclip_jax.eval import metrics
 
 ANSWER_TYPES = {  # MCQ layout -> caption index -> answer type (the original's mapping)
     "coco": {1: "hybrid", 2: "positive", 3: "negative"},  # COCO, VOC2007, MSR-VTT MCQs
@@ -21,8 +22,8 @@ ANSWER_TYPES = {  # MCQ layout -> caption index -> answer type (the original's m
 def _predictions(embedder, tokenizer, context_length: int, records: Sequence[McqRecord],
                  protocol: str) -> np.ndarray:
   """int [N]: argmax over each record's captions (first maximum wins)."""
-  images = common.embed_files(embedder, [r.image_path for r in records], protocol=protocol)
-  texts = common.embed_texts(embedder, tokenizer, context_length,
+  images = embed.embed_files(embedder, [r.image_path for r in records], protocol=protocol)
+  texts = embed.embed_texts(embedder, tokenizer, context_length,
                              [c for r in records for c in r.captions], "captions")
   scores = np.einsum("nkd,nd->nk", texts.reshape(len(records), -1, texts.shape[-1]), images)
   return np.argmax(scores, -1)
@@ -72,8 +73,8 @@ def evaluate_binary_mcq(embedder, tokenizer, context_length: int, records: Seque
 def evaluate_retrieval(embedder, tokenizer, context_length: int, data: RetrievalSet,
                        protocol: str = "original", ties: str = "optimistic") -> dict:
   """"t2i_r1", "t2i_r5" (each caption's own row image), "n" texts, "n_images"."""
-  images = common.embed_files(embedder, data.image_paths, protocol=protocol)
-  texts = common.embed_texts(embedder, tokenizer, context_length, data.captions, "captions")
+  images = embed.embed_files(embedder, data.image_paths, protocol=protocol)
+  texts = embed.embed_texts(embedder, tokenizer, context_length, data.captions, "captions")
   out = metrics.retrieval_metrics(images, texts, data.caption_to_image, ks=(1, 5),
                                   directions=("t2i",), ties=ties)
   return {**out, "n": len(data.captions), "n_images": len(data.image_paths)}

@@ -26,16 +26,26 @@ from absl import logging as absl_logging
 from etils import epath
 from tqdm.auto import tqdm
 
-from negclip_jax import (batch as batch_lib, checkpoint, configs, convert, evaluate, evaluators,
-                         losses, model as model_lib, partition, sharding, storage, train_step)
-from negclip_jax.data import image_cache, negshapes, pipeline
+from negclip_jax import configs, storage
+from negclip_jax.eval import evaluators
+from negclip_jax.eval import registry
+from negclip_jax.model import clip as model_lib
+from negclip_jax import rundir
+from negclip_jax.train import batch as batch_lib
+from negclip_jax.train import checkpoint
+from negclip_jax.train import losses
+from negclip_jax.train import optim
+from negclip_jax.train import param_groups
+from negclip_jax.train import resume
+from negclip_jax.train import sharding
+from negclip_jax.train import step as train_step
+from negclip_jax.data import negshapes
+from negclip_jax.train import image_cache
+from negclip_jax.train import pipeline
 from negclip_jax.data.records import BadRecords, DataError
-from negclip_jax.tokenizer import ClipTokenizer
+from negclip_jax.model.tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
-
-
-SKIPPED_FILE = "skipped.jsonl"  # the records `data.on_error=skip` left out, one JSON line each
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -51,7 +61,7 @@ def validate_config(config):
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
   try:
-    partition.parse_layers(config.layers)
+    param_groups.parse_layers(config.layers)
   except ValueError as e:
     raise ConfigError(f"config.layers: {e}") from e
   parallelism = config.get("parallelism", "pmap")
@@ -66,19 +76,13 @@ def validate_config(config):
 
 
 def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
-  """The initial model: `config.init` (a run directory: its latest params; an HF dir or an
-  OpenAI checkpoint) or a random preset."""
+  """The initial model: `config.init` (anything `rundir.load` reads: a run directory's latest
+  params, one of its steps, an HF dir, an OpenAI checkpoint) or a random preset."""
   dtype = jnp.dtype(config.dtype)
-  if config.init and checkpoint.is_run_dir(config.init):
-    return checkpoint.load_run(config.init, dtype=dtype)
   if config.init:
-    model, params = convert.load_pretrained(config.init, dtype=dtype)
-    tokenizer = ClipTokenizer.for_model_dir(config.init)
-  else:
-    model = model_lib.CLIP(model_lib.get_config(config.model), dtype=dtype)
-    params = model_lib.init_params(model, jax.random.key(config.seed))
-    tokenizer = ClipTokenizer()
-  return model, params, tokenizer
+    return rundir.load_model(config.init, dtype=dtype)
+  model = model_lib.CLIP(model_lib.get_config(config.model), dtype=dtype)
+  return model, model_lib.init_params(model, jax.random.key(config.seed)), ClipTokenizer()
 
 
 def load_tables(config, image_size: int, bad: BadRecords | None = None):
@@ -141,7 +145,7 @@ def _canonical(config_json: dict, num_layers: int) -> dict:
   """`config_json` with `layers` resolved to block indices: "front", "0,1" and (0, 1) are
   the same blocks on a 4-layer text tower."""
   try:
-    layers = list(partition.text_layers(config_json.get("layers"), num_layers))
+    layers = list(param_groups.text_layers(config_json.get("layers"), num_layers))
   except (TypeError, ValueError):
     return config_json
   return {**config_json, "layers": layers}
@@ -158,14 +162,14 @@ def resume_check(config, workdir: epath.Path, total_steps: int, table_sizes: tup
   current = _canonical(json.loads(config.to_json()), num_layers)
 
   def check(saved: dict, step: int):
-    breaking, neutral = checkpoint.config_changes(_canonical(saved, num_layers), current)
+    breaking, neutral = resume.config_changes(_canonical(saved, num_layers), current)
     saved_total = num_train_steps(ml_collections.ConfigDict(saved), *table_sizes)
     if total_steps < saved_total:
       breaking["total steps (num_epochs, total_steps)"] = (saved_total, total_steps)
     if "layers" in breaking:  # as spelled, not as resolved
       breaking["layers"] = (saved.get("layers"), config.layers)
     if breaking:
-      raise checkpoint.mismatch_error(f"{workdir}/checkpoints/{step}", breaking, workdir)
+      raise resume.mismatch_error(f"{workdir / rundir.CHECKPOINTS_DIR}/{step}", breaking, workdir)
     for key, (old, new) in neutral.items():
       logger.info("Resuming with %s changed: %r -> %r (does not alter the training state)",
                   key, old, new)
@@ -178,14 +182,14 @@ def resume_check(config, workdir: epath.Path, total_steps: int, table_sizes: tup
 
 
 def schedule_from_config(config, total_steps: int) -> optax.Schedule:
-  """`partition.learning_rate_schedule` with the config's keys, over `total_steps`."""
-  return partition.learning_rate_schedule(config.schedule, config.learning_rate,
+  """`optim.learning_rate_schedule` with the config's keys, over `total_steps`."""
+  return optim.learning_rate_schedule(config.schedule, config.learning_rate,
                                           config.warmup_steps, total_steps)
 
 
 def optimizer_from_config(config, labels, schedule: optax.Schedule):
-  """`partition.masked_adamw` with the config's optimizer keys, following `schedule`."""
-  return partition.masked_adamw(labels, schedule, config.weight_decay,
+  """`optim.masked_adamw` with the config's optimizer keys, following `schedule`."""
+  return optim.masked_adamw(labels, schedule, config.weight_decay,
                                 config.grad_clip_norm or None, b1=config.b1, b2=config.b2,
                                 eps=config.eps)
 
@@ -193,59 +197,7 @@ def optimizer_from_config(config, labels, schedule: optax.Schedule):
 # --------------------------------------------------------------------------- loop
 
 
-class MetricsLog:
-  """metrics.jsonl + TensorBoard events under workdir (process 0 only).
-
-  A run that resumes at `start_step` first drops the rows of later steps (written by a run
-  that went past its last readable checkpoint), so every step is logged once.
-  """
-
-  def __init__(self, workdir: epath.Path, start_step: int = 0):
-    self.enabled = jax.process_index() == 0
-    if not self.enabled:
-      return
-    _drop_rows_after(workdir / "metrics.jsonl", start_step)
-    self.jsonl = storage.AppendLog(workdir / "metrics.jsonl")
-    from tensorboardX import SummaryWriter
-    self.tb_dir = storage.LocalMirror(workdir / "tensorboard")
-    self.tb = SummaryWriter(self.tb_dir.local)
-
-  def write(self, step: int, metrics: dict):
-    if not self.enabled:
-      return
-    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    for k, v in metrics.items():
-      self.tb.add_scalar(tensorboard_tag(k), v, step)
-    self.tb.flush()
-    self.tb_dir.sync()
-
-  def close(self):
-    if self.enabled:
-      self.jsonl.close()
-      self.tb.close()
-      self.tb_dir.close()
-
-
-def _drop_rows_after(path: epath.Path, step: int) -> None:
-  """Rewrites metrics.jsonl without the rows of steps > `step` (logged)."""
-  if not path.exists():
-    return
-  rows = path.read_text().splitlines(keepends=True)
-  keep = [r for r in rows if not r.strip() or json.loads(r).get("step", 0) <= step]
-  if len(keep) < len(rows):
-    logger.warning("%s: dropped %d rows of steps after %d, logged by a run that went past its "
-                   "last readable checkpoint; those steps are trained again", path,
-                   len(rows) - len(keep), step)
-    storage.write_atomic(path, "".join(keep).encode())
-
-
-def tensorboard_tag(key: str) -> str:
-  """TensorBoard tag of a metrics key: training metrics grouped as train/...; the
-  evaluators' keys are eval/<name>/<metric> already."""
-  return key if "/" in key else f"train/{key}"
-
-
-def _flush(pending: list, log: MetricsLog, bar, t0: float, samples_per_step: int, host,
+def _flush(pending: list, log: rundir.MetricsLog, bar, t0: float, samples_per_step: int, host,
            schedule: optax.Schedule):
   """Fetches queued step metrics (`host`: device -> numpy), checks them, logs their mean and
   the learning rate `schedule` gave the last of those steps."""
@@ -288,21 +240,22 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   bad = BadRecords(config.data.on_error)
   presence, absence = load_tables(config, image_size, bad)
 
-  labels = partition.label_params(params, config.layers, extra_trainable=config.extra_trainable)
+  labels = param_groups.label_params(params, config.layers, extra_trainable=config.extra_trainable)
   if main:
-    print(partition.summary(params, labels), flush=True)
+    print(param_groups.summary(params, labels), flush=True)
   total_steps = num_train_steps(config, len(presence), len(absence))
   schedule = schedule_from_config(config, total_steps)  # the optimizer's, and logged
   tx = optimizer_from_config(config, labels, schedule)
   placement = sharding.for_config(config)  # pmap replicas or an fsdp mesh
   abstract_state = jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params)
 
-  ckpt = checkpoint.Checkpointer(workdir, config.save_every, config.max_to_keep)
+  ckpt = checkpoint.Checkpointer(workdir / rundir.CHECKPOINTS_DIR, workdir / rundir.UNREADABLE_DIR,
+                                 config.save_every, config.max_to_keep)
   try:
     restored = ckpt.restore_latest(placement.restore_target(abstract_state), resume_check(
         config, workdir, total_steps, (len(presence), len(absence)),
         model.config.text.num_hidden_layers))
-  except checkpoint.ResumeError:
+  except resume.ResumeError:
     ckpt.close()
     raise
   start = 0
@@ -315,19 +268,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   else:
     rstate = placement.init_state(params, tx)
   if main:
-    (workdir / checkpoint.MODEL_CONFIG_FILE).write_text(
-        json.dumps(checkpoint.model_config_to_json(model.config), indent=2))
-    tokenizer.save_pretrained(workdir / checkpoint.TOKENIZER_DIR)
+    rundir.write_model(workdir, model.config, tokenizer)
 
   if config.data.image_cache:  # frozen tower: embed every image once
-    cache_dir = config.data.cache_dir or str(workdir / "image_cache")
+    cache_dir = config.data.cache_dir or str(workdir / rundir.IMAGE_CACHE_DIR)
     presence, absence = (image_cache.embed_table(t, model, params, image_size, cache_dir=cache_dir,
                                                  on_error=bad)
                          for t in (presence, absence))
   if main:
-    bad.write(workdir / SKIPPED_FILE)
+    bad.write(workdir / rundir.SKIPPED_FILE)
     if bad.skipped:
-      print(f"{bad.summary()}; all listed in {workdir / SKIPPED_FILE}", flush=True)
+      print(f"{bad.summary()}; all listed in {workdir / rundir.SKIPPED_FILE}", flush=True)
   data = pipeline.TrainPipeline(presence, absence, tokenizer=tokenizer,
                                 context_length=model.config.text.max_position_embeddings,
                                 global_batch=config.batch_size, seed=config.seed,
@@ -343,7 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       global_negatives=config.global_negatives, **placement.step_options), rstate)
   del params
   config_json = json.loads(config.to_json())
-  log = MetricsLog(workdir, start)
+  log = rundir.MetricsLog(workdir, start)
   preempt = checkpoint.PreemptionWatcher()
   pending, last, stopped_early = [], None, False
   latest_eval = {}  # evaluator name -> (step, metrics)
@@ -392,7 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
             "params": placement.host(rstate.params), "tokenizer": tokenizer}
   if main and not stopped_early:
     from negclip_jax import export
-    out = export.export_run(result, config, workdir / "export" / "hf", workdir.name)
+    out = export.export_run(result, config, workdir / rundir.EXPORT_DIR, workdir.name)
     print(f"Exported to {out}", flush=True)
   return result
 
@@ -446,11 +397,11 @@ def main(argv):
           f"{jax.device_count()} device(s) ({jax.devices()[0].platform})", flush=True)
   try:
     result = train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, evaluators.EvalConfigError, checkpoint.ResumeError, DataError,
+  except (ConfigError, evaluators.EvalConfigError, resume.ResumeError, DataError,
           NonFiniteLossError) as e:
     sys.exit(f"error: {e}")
   if result["eval"] and jax.process_index() == 0:
-    print(f"Final evaluation (step {result['step']}):\n{evaluate.markdown(result['eval'])}",
+    print(f"Final evaluation (step {result['step']}):\n{registry.markdown(result['eval'])}",
           end="", flush=True)
   # Every process prints the summary (multi-process runs can compare their final metrics).
   print(json.dumps({"step": result["step"], "stopped_early": result["stopped_early"],

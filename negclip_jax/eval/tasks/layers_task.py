@@ -19,11 +19,11 @@ from flax import jax_utils
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from negclip_jax import model as model_lib
+from negclip_jax.model import clip as model_lib
 from negclip_jax.data import negshapes
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE, load_ccneg
-from negclip_jax.embed import Embedder
-from negclip_jax.tasks import common
+from negclip_jax.eval.embed import Embedder
+from negclip_jax.eval import embed
 
 THIRDS = ("front", "middle", "back")
 
@@ -58,8 +58,8 @@ def evaluate(embedder: Embedder, tokenizer, context_length: int, captions: Seque
             else embedder.params)  # replicated [devices, ...] or already sharded
   states = Embedder(_eot_model(embedder.model), params, embedder.batch_size,
                     progress=embedder.progress, mesh=embedder.mesh)  # per-layer L2-normalized
-  pos = common.embed_texts(states, tokenizer, context_length, captions, "captions")
-  neg = common.embed_texts(states, tokenizer, context_length, negated, "negated captions")
+  pos = embed.embed_texts(states, tokenizer, context_length, captions, "captions")
+  neg = embed.embed_texts(states, tokenizer, context_length, negated, "negated captions")
   cosine = np.sum(pos * neg, -1).mean(0)  # [L + 1]
   out = {"cosine_embeddings": float(cosine[0])} if embeddings else {}
   out.update({f"cosine_block_{i}": float(c) for i, c in enumerate(cosine[1:])})

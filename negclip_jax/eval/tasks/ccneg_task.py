@@ -15,7 +15,8 @@ import numpy as np
 from negclip_jax.data.ccneg import (CCNEG_EVAL_SIZE, ImagePairRecord, load_ccneg, load_ccneg2,
                                     load_num_ops, strip_commas)
 from negclip_jax.data.records import PresenceRecord
-from negclip_jax.tasks import common, metrics
+from negclip_jax.eval import embed
+from negclip_jax.eval import metrics
 
 NEGATION_WORDS = ("no", "not", "without")
 
@@ -29,9 +30,9 @@ def has_word(text: str, words: Sequence[str]) -> bool:
 def _correct(embedder, tokenizer, context_length: int, image_paths: Sequence[str],
              captions: Sequence[str], negated: Sequence[str], protocol: str) -> np.ndarray:
   """bool [N]: sim(image, caption) >= sim(image, negated)."""
-  images = common.embed_files(embedder, image_paths, protocol=protocol)
-  pos = common.embed_texts(embedder, tokenizer, context_length, captions, "captions")
-  neg = common.embed_texts(embedder, tokenizer, context_length, negated, "negated captions")
+  images = embed.embed_files(embedder, image_paths, protocol=protocol)
+  pos = embed.embed_texts(embedder, tokenizer, context_length, captions, "captions")
+  neg = embed.embed_texts(embedder, tokenizer, context_length, negated, "negated captions")
   return metrics.pairwise_correct(np.sum(images * pos, -1), np.sum(images * neg, -1),
                                   ties_correct=True)
 
@@ -70,13 +71,13 @@ def evaluate2(embedder, tokenizer, context_length: int, records: Sequence[ImageP
   when argmax is the caption (ties: caption), negative images when it is the negated
   caption; AUC is the ROC AUC of p against label 0 / 1 (positive / negative image).
   """
-  pos = common.embed_texts(embedder, tokenizer, context_length, [r.caption for r in records],
+  pos = embed.embed_texts(embedder, tokenizer, context_length, [r.caption for r in records],
                            "captions")
-  neg = common.embed_texts(embedder, tokenizer, context_length, [r.negated for r in records],
+  neg = embed.embed_texts(embedder, tokenizer, context_length, [r.negated for r in records],
                            "negated captions")
   out, probs = {}, []
   for label, name in enumerate(("positive", "negative")):
-    images = common.embed_files(embedder, [getattr(r, f"{name}_path") for r in records],
+    images = embed.embed_files(embedder, [getattr(r, f"{name}_path") for r in records],
                                 f"{name} images", protocol)
     logits = logit_scale * np.stack([np.sum(images * pos, -1), np.sum(images * neg, -1)], -1)
     out[f"{name}_acc"] = metrics.accuracy(np.argmax(logits, -1) == label)

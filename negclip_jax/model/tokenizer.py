@@ -15,10 +15,10 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import importlib.resources
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import ftfy
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
-DEFAULT_BPE_PATH = Path(__file__).resolve().parent / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+DEFAULT_BPE_PATH = importlib.resources.files("negclip_jax") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
 # OpenAI keeps the first 49152 - 256 - 2 merges of the BPE file.
 _NUM_OPENAI_MERGES = 49152 - 256 - 2
 
@@ -118,7 +118,7 @@ class ClipTokenizer:
     """`from_pretrained(path)` if `path` is a directory with ``vocab.json`` (a HF CLIP
     directory; a Hub id resolves as in `load_pretrained`, see `negclip_jax.hub`), else the
     bundled OpenAI vocabulary (e.g. for an OpenAI checkpoint file)."""
-    from negclip_jax import hub
+    from negclip_jax.model import hub
     path = hub.resolve(path)
     return cls.from_pretrained(path) if (path / "vocab.json").is_file() else cls()
 

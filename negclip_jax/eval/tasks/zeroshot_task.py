@@ -15,6 +15,7 @@ names with "_" read as " ", except ``imagenet2012*``, whose WordNet ids map to O
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from pathlib import Path
@@ -24,9 +25,9 @@ import numpy as np
 
 from negclip_jax.data.records import DataError
 from negclip_jax.data.tfds_source import load_tfds_images
-from negclip_jax.tasks import common
+from negclip_jax.eval import embed
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets" / "zeroshot"
+ASSETS = importlib.resources.files("negclip_jax") / "assets" / "zeroshot"
 CLASSNAMES = {"imagenet": "imagenet_classnames.json"}
 TEMPLATES = ("openai_imagenet", "simple_imagenet")
 _CHUNK = 4096  # images held in memory at once
@@ -78,7 +79,7 @@ def class_embeddings(embedder, tokenizer, context_length: int, classnames: Seque
                      templates: Sequence[str]) -> np.ndarray:
   """[C, D] prompt-ensembled, L2-normalized class embeddings."""
   texts = [t.format(c) for c in classnames for t in templates]
-  prompts = common.embed_texts(embedder, tokenizer, context_length, texts, "prompts")
+  prompts = embed.embed_texts(embedder, tokenizer, context_length, texts, "prompts")
   mean = prompts.reshape(len(classnames), len(templates), -1).mean(axis=1)
   return mean / np.linalg.norm(mean, axis=-1, keepdims=True)
 
@@ -98,7 +99,7 @@ def classify(embedder, tokenizer, context_length: int, *, data: str,
   names = load_classnames(classnames, data, label_names)
   classes = class_embeddings(embedder, tokenizer, context_length, names,
                              load_templates(templates))
-  load = common.image_loader(embedder, protocol)
+  load = embed.image_loader(embedder, protocol)
   count = count if num is None else min(num, count)
   scores, labels, keys, chunk = [], [], [], []
 

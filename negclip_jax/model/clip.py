@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -59,6 +59,21 @@ class CLIPConfig:
 
   def replace(self, **kw) -> "CLIPConfig":
     return dataclasses.replace(self, **kw)
+
+
+def config_to_dict(config: CLIPConfig) -> dict:
+  """`CLIPConfig` -> JSON-able dict {"text": {...}, "vision": {...}, "projection_dim", ...}."""
+  return dataclasses.asdict(config)
+
+
+def config_from_dict(d: Mapping[str, Any], source: str = "model config") -> CLIPConfig:
+  """Inverse of `config_to_dict`; unknown or missing fields name the file."""
+  try:
+    return CLIPConfig(
+        text=TextConfig(**d["text"]), vision=VisionConfig(**d["vision"]),
+        **{k: v for k, v in d.items() if k not in ("text", "vision")})
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{source}: not a negclip-jax CLIP config ({type(e).__name__}: {e})") from e
 
 
 def _b(patch, image_size=224, vision_width=768, vision_layers=12, heads=12):

@@ -25,10 +25,12 @@ truncated, and a caption longer than T is an error.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-from negclip_jax import batch as batch_lib
-from negclip_jax.model import OPENAI_EOS_TOKEN_ID
+from negclip_jax.train import batch as batch_lib
+from negclip_jax.model.clip import OPENAI_EOS_TOKEN_ID
 
 PACKED_IDS = "packed_ids"
 PACKED_POSITIONS = "packed_positions"
@@ -166,3 +168,18 @@ def row_slots(packed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
   slots = np.zeros((rows, k), np.int32)
   slots[row, slot] = pos
   return slots, row * k + slot
+
+
+TEXT_BUCKETS = (16, 32, 48, 64, 77)
+
+
+def bucket_length(ids: np.ndarray, buckets: Sequence[int] = TEXT_BUCKETS) -> int:
+  """Smallest bucket >= the longest sequence (last non-zero token) in ids [N, L].
+
+  The causal mask makes every token's features depend only on earlier tokens, so
+  running the text tower on ids[:, :bucket] gives the same EOT features.
+  """
+  length = ids.shape[-1]
+  nonzero = ids != 0
+  used = int((length - np.argmax(nonzero[..., ::-1], axis=-1)).max()) if ids.size else 1
+  return next((b for b in buckets if b >= used and b <= length), length)

@@ -54,14 +54,14 @@ from typing import ClassVar, Mapping, NamedTuple, Sequence, Union
 import jax
 import numpy as np
 from absl import logging as absl_logging
-from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from negclip_jax import batch as batch_lib
-from negclip_jax import packing, storage
+from negclip_jax.train import batch as batch_lib
+from negclip_jax import hosts, storage
+from negclip_jax.train import packing
 from negclip_jax.data.records import AbsenceRecord, BadRecords, DataError, PresenceRecord
-from negclip_jax.embed import bucket_length, process_block
-from negclip_jax.preprocess import preprocess_image
+from negclip_jax.train.packing import bucket_length
+from negclip_jax.model.preprocess import preprocess_image
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def _undecodable(table: _Table, image_size: int):
     if isinstance(images, np.ndarray):
       continue
     failed = {}
-    lo, hi = process_block(len(images))
+    lo, hi = hosts.process_block(len(images))
 
     def check(i):
       try:
@@ -235,20 +235,8 @@ def _undecodable(table: _Table, image_size: int):
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
       list(tqdm(pool.map(check, range(lo, hi)), total=hi - lo, desc=f"check {column}",
                 disable=jax.process_index() != 0, leave=False))
-    for i, reason in sorted(gather_failures(failed, len(images)).items()):
+    for i, reason in sorted(hosts.gather_failures(failed, len(images)).items()):
       yield i, IMAGE_COLUMNS[column].image_key, reason
-
-
-def gather_failures(failed: Mapping[int, str], n: int) -> dict[int, str]:
-  """{position: reason} of every process's failures among n items (one all-gather when
-  multi-process; the reason of another process's failure is not sent, only its position)."""
-  if jax.process_count() == 1:
-    return dict(failed)
-  mask = np.zeros(n, np.int32)
-  mask[list(failed)] = 1
-  every = np.asarray(multihost_utils.process_allgather(mask)).reshape(-1, n).any(0)
-  return {int(i): failed.get(int(i), "could not be loaded (see the log of the process that "
-                                     "loaded it)") for i in np.flatnonzero(every)}
 
 
 def validate(table: _Table, on_error: BadRecords | str = "raise", check_images: bool = True,
@@ -374,12 +362,6 @@ def step_indices(step: int, n: int, global_batch: int, seed: int, stream: int,
                                                                (position + 1) * global_batch]
 
 
-def host_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-  """Process p's contiguous share [p * B / P, (p + 1) * B / P) of a global batch [B]."""
-  b = len(indices) // process_count
-  return indices[process_index * b:(process_index + 1) * b]
-
-
 def _tensorflow():
   """TensorFlow, imported on first use and kept off accelerators (JAX owns them).
 
@@ -473,14 +455,14 @@ class TrainPipeline:
 
   def host_indices(self, step: int) -> dict[str, np.ndarray]:
     """Stream name -> int64 [global_batch / process_count]: this process's share."""
-    return {name: host_slice(idx, self.process_index, self.process_count)
+    return {name: hosts.host_slice(idx, self.process_index, self.process_count)
             for name, idx in self.global_indices(step).items()}
 
   def build_host_batch(self, step: int) -> dict[str, np.ndarray]:
     """This host's batch of global step `step` (keys and shapes in the module doc)."""
     glob = self.global_indices(step)
     ids = {key: table_ids[glob[self._streams[key]]] for key, table_ids in self._ids.items()}
-    mine = lambda idx: host_slice(idx, self.process_index, self.process_count)
+    mine = lambda idx: hosts.host_slice(idx, self.process_index, self.process_count)
     if self.pack_text:
       d = self.local_devices
       batch = packing.pack_text_batch(ids, self.process_count * d, self.context_length,
