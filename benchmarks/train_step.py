@@ -222,8 +222,8 @@ class TorchVariant:
     self.torch = torch
     self.device = common.torch_device()
     self.model = common.build_torch_clip(config, params, self.device).train()
-    trainable = {hf_key(p) for p, l in traverse_util.flatten_dict(labels).items()
-                 if l == param_groups.TRAINABLE}
+    trainable = {hf_key(p) for p, label in traverse_util.flatten_dict(labels).items()
+                 if label == param_groups.TRAINABLE}
     names = set()
     for name, p in self.model.named_parameters():
       p.requires_grad_(name in trainable)

@@ -21,6 +21,7 @@ from etils import epath
 
 from negclip_jax import storage
 from negclip_jax import configs
+from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
 from negclip_jax import rundir
 from negclip_jax.train import param_groups
@@ -35,7 +36,7 @@ def openai_loadable(config) -> bool:
   towers = (config.text, config.vision)
   return (all(t.hidden_size == 64 * t.num_attention_heads and t.hidden_act == "quick_gelu"
               and t.layer_norm_eps == 1e-5 for t in towers)
-          and config.text.eos_token_id == 2)
+          and config.text.eos_token_id == model_lib.OPENAI_EOS_TOKEN_ID)
 
 
 def model_card(model_config, params, run_config: dict | None = None, step: int | None = None,

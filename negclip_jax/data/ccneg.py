@@ -62,7 +62,7 @@ _JSONL_HINT = ("convert it yourself to JSONL (one {\"image_path\", \"caption\", 
 
 def _load_pt(path: str, hint: str = _JSONL_HINT) -> object:
     """`negclip_jax.torch_io.load` (the safe loader); DataError naming the file if it refuses."""
-    from negclip_jax.model import torch_io
+    from negclip_jax import torch_io
 
     try:
         return torch_io.load(path, hint=hint)

@@ -27,9 +27,9 @@ from etils import epath
 from negclip_jax import rundir
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE
 from negclip_jax.eval.embed import DTYPES, Embedder
-from negclip_jax.eval.metrics import TIES
+from negclip_jax.eval.metrics import NEGATION_WORDS, TIES
 from negclip_jax.eval.registry import TASKS, markdown, missing_options, run_with_embedder
-from negclip_jax.eval.tasks import ccneg_task, zeroshot_task
+from negclip_jax.eval.tasks import zeroshot_task
 from negclip_jax.eval.tasks.negbench_task import ANSWER_TYPES
 from negclip_jax.model.preprocess import PREPROCESS
 
@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--image-size", type=int, help="negshapes: rendered size (default model's)")
   p.add_argument("--ties", choices=[*TIES, "both"], default="optimistic",
                  help="retrieval tasks: rank rule for tied scores (both: add *_pessimistic)")
-  p.add_argument("--negation-words", nargs="+", default=list(ccneg_task.NEGATION_WORDS),
+  p.add_argument("--negation-words", nargs="+", default=list(NEGATION_WORDS),
                  help="ccneg: report the subset whose negated caption contains each word")
   p.add_argument("--num-ops", action="store_true",
                  help="ccneg: subsets by object-predicate count (the .pt's num_ops field)")

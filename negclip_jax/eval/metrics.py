@@ -12,6 +12,8 @@ import numpy as np
 _QUERY_CHUNK = 1024  # queries per similarity block in `best_ranks`
 TIES = ("optimistic", "pessimistic")  # rank rules for tied scores (`best_ranks`)
 
+NEGATION_WORDS = ("no", "not", "without")  # words that mark a caption as negated
+
 
 def pairwise_correct(pos: np.ndarray, neg: np.ndarray, ties_correct: bool) -> np.ndarray:
   """bool [N]: pos [N] beats neg [N] (`>=` when ties count as correct, else `>`)."""

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+EOT_TOKEN_ID = 49407  # "<|endoftext|>" in CLIP's BPE vocabulary (`ClipTokenizer.eot_token_id`).
 OPENAI_EOS_TOKEN_ID = 2  # HF's marker for "pool at argmax(input_ids)" (OpenAI configs).
 
 
@@ -34,7 +35,7 @@ class TextConfig:
   max_position_embeddings: int = 77
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
-  eos_token_id: int = 49407  # 2 means argmax(input_ids), as in OpenAI configs.
+  eos_token_id: int = EOT_TOKEN_ID  # OPENAI_EOS_TOKEN_ID means argmax(input_ids).
 
 
 @dataclasses.dataclass(frozen=True)

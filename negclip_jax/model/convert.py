@@ -427,7 +427,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
       raise ValueError(f"{path}: unreadable safetensors file ({e}); truncated?") from e
   else:
     try:
-      from negclip_jax.model import torch_io
+      from negclip_jax import torch_io
     except ImportError as e:
       raise ImportError(f"{path}: {e}") from e
     sd = torch_io.load(path, hint="re-save the state dict with safetensors or as a plain "

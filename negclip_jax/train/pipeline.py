@@ -61,6 +61,7 @@ from negclip_jax import hosts, storage
 from negclip_jax.train import packing
 from negclip_jax.data.records import AbsenceRecord, BadRecords, DataError, PresenceRecord
 from negclip_jax.train.packing import bucket_length
+from negclip_jax.model import clip as model_lib
 from negclip_jax.model.preprocess import preprocess_image
 
 logger = logging.getLogger(__name__)
@@ -411,7 +412,7 @@ class TrainPipeline:
                num_steps: int, start_step: int = 0, process_index: int | None = None,
                process_count: int | None = None, local_devices: int | None = None,
                truncate_text: bool = True, prefetch: int = 2, pack_text: bool = False,
-               eos_token_id: int = 49407):
+               eos_token_id: int = model_lib.EOT_TOKEN_ID):
     self.tables = {"presence": presence, "absence": absence}
     self.context_length, self.global_batch = context_length, global_batch
     self.seed, self.image_size, self.num_steps = seed, image_size, num_steps

@@ -181,8 +181,5 @@ class Fsdp:
 def for_config(config) -> Pmap | Fsdp:
   """`config.parallelism` ("pmap" | "fsdp", with `config.fsdp` devices per fsdp group)."""
   kind = config.get("parallelism", "pmap")
-  if kind == "pmap":
-    return Pmap()
-  if kind == "fsdp":
-    return Fsdp(make_mesh(config.get("fsdp", -1)))
-  raise ValueError(f"config.parallelism={kind!r}; choose from {PARALLELISMS}")
+  assert kind in PARALLELISMS, kind  # `trainer.validate_config` says so to the user
+  return Pmap() if kind == "pmap" else Fsdp(make_mesh(config.get("fsdp", -1)))

@@ -84,9 +84,7 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
   where the rows of the text tower's input and output live, the batch's sharding; without
   it the partitioner may replicate the concatenated texts and their activations.
   """
-  if axis_name is None and not global_negatives:
-    raise ValueError("global_negatives=False needs per-device batches: use "
-                     "parallelism='pmap' (the fsdp step sees the global batch)")
+  assert axis_name is not None or global_negatives, "the global-array step sees every negative"
 
   def gather(x):
     if axis_name is None or not global_negatives:

@@ -18,7 +18,6 @@ from negclip_jax.data.records import PresenceRecord
 from negclip_jax.eval import embed
 from negclip_jax.eval import metrics
 
-NEGATION_WORDS = ("no", "not", "without")
 
 
 def has_word(text: str, words: Sequence[str]) -> bool:
@@ -38,7 +37,7 @@ def _correct(embedder, tokenizer, context_length: int, image_paths: Sequence[str
 
 
 def evaluate(embedder, tokenizer, context_length: int, records: Sequence[PresenceRecord],
-             protocol: str = "original", negation_words: Sequence[str] = NEGATION_WORDS,
+             protocol: str = "original", negation_words: Sequence[str] = metrics.NEGATION_WORDS,
              num_ops: dict[int, Sequence[int]] | None = None) -> dict:
   """"accuracy", "n", then per word w "accuracy_word_<w>", "n_word_<w>" and per count k
   of `num_ops` (k -> record positions) "accuracy_ops_<k>", "n_ops_<k>".
@@ -89,7 +88,7 @@ def evaluate2(embedder, tokenizer, context_length: int, records: Sequence[ImageP
 
 def run(embedder, tokenizer, context_length: int, *, data: str, image_root: str,
         eval_size: int = CCNEG_EVAL_SIZE, protocol: str = "original",
-        negation_words: Sequence[str] = NEGATION_WORDS, num_ops: bool = False) -> dict:
+        negation_words: Sequence[str] = metrics.NEGATION_WORDS, num_ops: bool = False) -> dict:
   """`evaluate` on the eval split (last `eval_size` records) of a .pt/.jsonl file;
   `num_ops` adds the subsets of the .pt's "num_ops" field."""
   records = load_ccneg(data, image_root, split="eval", eval_size=eval_size, keep_commas=True)

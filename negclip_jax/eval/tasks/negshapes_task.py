@@ -38,7 +38,6 @@ from negclip_jax.data import negshapes
 from negclip_jax.eval import embed
 from negclip_jax.eval import metrics
 
-NEGATION_WORDS = frozenset(("no", "not", "without"))
 TEXT_CHOICE = ("presence", "presence_hard", "mcq")  # one image, K texts
 IMAGE_CHOICE = ("absence", "absence_hard")  # one text, K images
 TASKS = tuple(f"{kind}{split}" for kind in ("presence", "absence", "presence_hard",
@@ -115,7 +114,7 @@ def words(text: str) -> list[str]:
 
 def negation_count(text: str) -> int:
   """Number of "no" / "not" / "without" words."""
-  return sum(w in NEGATION_WORDS for w in words(text))
+  return sum(w in metrics.NEGATION_WORDS for w in words(text))
 
 
 def object_pixels(images: np.ndarray) -> np.ndarray:

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from configs import tiny
-from file_datasets import write_file_datasets
+from negclip_jax.configs import tiny
+from helpers import write_file_datasets
 from negclip_jax.eval import cli as eval_cli
 from negclip_jax.eval import evaluators
 from negclip_jax import rundir

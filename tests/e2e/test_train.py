@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -16,8 +15,8 @@ import pytest
 
 import jax
 
-from configs import tiny
-from file_datasets import write_file_datasets
+from helpers import ROOT, leaves, tiny_config
+from helpers import write_file_datasets
 from negclip_jax.eval import evaluators
 from negclip_jax.model import clip as model_lib
 from negclip_jax import rundir
@@ -26,32 +25,20 @@ from negclip_jax.train import param_groups
 from negclip_jax.train import trainer
 from negclip_jax.train import image_cache
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def config(**overrides):
-  c = tiny.get_config()
-  for k, v in overrides.items():
-    setattr(c, k, v)
-  return c
-
-
-def leaves(params):
-  return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
 def test_run_writes_checkpoints_metrics_and_resumes_as_noop(tmp_path):
-  out = trainer.train(config(), tmp_path)
+  out = trainer.train(tiny_config(), tmp_path)
   assert out["step"] == 6 and not out["stopped_early"]
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
-  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  rows = rundir.read_metrics(tmp_path)
   assert [r["step"] for r in rows] == [2, 4, 6]
   assert {"L1", "L2", "L3", "L_neg", "L_orig", "L_text", "total", "samples_per_s"} <= set(rows[0])
   assert list((tmp_path / "tensorboard").iterdir())
   model, params, _ = rundir.load_run(tmp_path)
   for a, b in zip(leaves(params), leaves(out["params"])):
     np.testing.assert_array_equal(a, b)
-  again = trainer.train(config(), tmp_path)  # same command again: nothing left to do
+  again = trainer.train(tiny_config(), tmp_path)  # same command again: nothing left to do
   assert again["step"] == 6
 
 
@@ -79,10 +66,10 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
   saved = {int(p.name) for p in (tmp_path / "interrupted" / "checkpoints").iterdir() if p.name.isdigit()}
   assert stopped["step"] in saved
   # Library INFO logs (Orbax: ~40 lines per save) stay off without -v.
-  info = [l for l in output.splitlines() if re.match(r"I\d{4} ", l)]
-  assert not [l for l in info if "checkpoint" in l], info[:5]
-  resumed = trainer.train(config(total_steps=steps, save_every=4, log_every=4), tmp_path / "interrupted")
-  straight = trainer.train(config(total_steps=steps, save_every=100, log_every=4), tmp_path / "straight")
+  info = [row for row in output.splitlines() if re.match(r"I\d{4} ", row)]
+  assert not [row for row in info if "checkpoint" in row], info[:5]
+  resumed = trainer.train(tiny_config(total_steps=steps, save_every=4, log_every=4), tmp_path / "interrupted")
+  straight = trainer.train(tiny_config(total_steps=steps, save_every=100, log_every=4), tmp_path / "straight")
   assert resumed["step"] == straight["step"] == steps
   for a, b in zip(leaves(resumed["params"]), leaves(straight["params"])):
     np.testing.assert_array_equal(a, b)
@@ -90,12 +77,12 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
 
 def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoints(tmp_path):
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+"):
-    trainer.train(config(learning_rate=1e30, total_steps=12, save_every=1, log_every=1), tmp_path)
+    trainer.train(tiny_config(learning_rate=1e30, total_steps=12, save_every=1, log_every=1), tmp_path)
   ckpt = checkpoint.Checkpointer(tmp_path)
   steps = ckpt.manager.all_steps()
   ckpt.close()
   for step in steps:  # every checkpoint on disk was saved before the first bad step
-    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = rundir.read_metrics(tmp_path)
     assert any(r["step"] == step and np.isfinite(r["total"]) for r in rows)
 
 
@@ -110,7 +97,7 @@ def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
   data_keys = write_file_datasets(tmp_path / "data", 16, 32)
   runs = {}
   for cache in (True, False):
-    c = config(objective="conclip", total_steps=2, log_every=1, save_every=2)
+    c = tiny_config(objective="conclip", total_steps=2, log_every=1, save_every=2)
     for k, v in {**data_keys, "image_cache": cache}.items():
       setattr(c.data, k, v)
     if cache:
@@ -118,7 +105,7 @@ def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
       assert presence.distractors == [str(tmp_path / "data/coco" / f"{1000 + i}.png")
                                       for i in range(16)]
     runs[cache] = trainer.train(c, tmp_path / f"cache_{cache}")
-  rows = [json.loads(l) for l in (tmp_path / "cache_True/metrics.jsonl").read_text().splitlines()]
+  rows = rundir.read_metrics(tmp_path / "cache_True")
   assert [r["step"] for r in rows] == [1, 2]
   assert all(np.isfinite(r[k]) for r in rows for k in ("L1", "L2", "L3", "L_neg", "total"))
   # The cached image tower (images and distractors) trains exactly as the pixel path.
@@ -128,13 +115,13 @@ def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
   # One cache entry for the images (both tables list the same files), one for the distractors.
   assert len(list((tmp_path / "cache_True/image_cache").glob("*/index.json"))) == 2
   # Without the mapping the run stops before training, naming the key.
-  c = config(objective="conclip")
+  c = tiny_config(objective="conclip")
   for k, v in {**data_keys, "distractor_mapping": ""}.items():
     setattr(c.data, k, v)
   with pytest.raises(ValueError, match="config.data.distractor_mapping must be set"):
     trainer.train(c, tmp_path / "no_mapping")
   with pytest.raises(ValueError, match=r"config.objective='con_clip'; choose from"):
-    trainer.train(config(objective="con_clip"), tmp_path / "typo")
+    trainer.train(tiny_config(objective="con_clip"), tmp_path / "typo")
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")
@@ -163,7 +150,7 @@ def test_layers_from_the_command_line(spelling):
                         capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr
   layers = ast.literal_eval(proc.stdout)
-  trainer.validate_config(config(layers=layers))
+  trainer.validate_config(tiny_config(layers=layers))
   assert param_groups.text_layers(layers, 4) == (0, 2)
   labels = param_groups.label_params(model_lib.init_params(model_lib.CLIP(model_lib.get_config(
       "tiny")), jax.random.key(0)), layers)
@@ -176,7 +163,7 @@ def test_layers_from_a_config_file_and_bad_values():
   assert param_groups.text_layers((2, 0, 2), 4) == (0, 2) and param_groups.text_layers(3, 4) == (3,)
   with pytest.raises(trainer.ConfigError, match=r"^config.layers: Unknown layer preset '0,x'; use "
                      r"one of .* or text block indices such as 0,1$"):
-    trainer.validate_config(config(layers="0,x"))
+    trainer.validate_config(tiny_config(layers="0,x"))
   with pytest.raises(ValueError, match=r"^layers: text block indices \[4\] out of range"):
     param_groups.text_layers("[0,4]", 4)
 
@@ -221,13 +208,13 @@ def test_train_loop_marks_log_and_save_steps_as_boundaries_and_evaluates_once(tm
   monkeypatch.setattr(checkpoint.PreemptionWatcher, "should_stop", spy)
   monkeypatch.setattr(evaluators.Evaluator, "run",
                       lambda self, *a: evaluated.append(self.name) or {"x": 1.0})
-  out = trainer.train(config(total_steps=7, log_every=3, save_every=5,
+  out = trainer.train(tiny_config(total_steps=7, log_every=3, save_every=5,
                            evals={"a": {"task": "negshapes", "every": 7},
                                   "b": {"task": "negshapes", "every": 3}}), tmp_path)
   assert [s for s, b in sorted(boundaries.items()) if b] == [3, 5, 6, 7]
   # every=7 divides 7: once; every=3: steps 3, 6, then once at the end
   assert evaluated == ["b", "b", "a", "b"] and out["eval"] == {"a": {"x": 1.0}, "b": {"x": 1.0}}
-  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  rows = rundir.read_metrics(tmp_path)
   assert [(r["step"], k) for r in rows for k in r if k.startswith("eval/")] == [
       (3, "eval/b/x"), (6, "eval/b/x"), (7, "eval/a/x"), (7, "eval/b/x")]
 

@@ -8,7 +8,6 @@ reference run on mesh (2, 4), a resume on 1 device and a 2-process resume.
 
 import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,8 +23,8 @@ from negclip_jax.model import convert
 from negclip_jax import rundir
 from negclip_jax.train import sharding
 from negclip_jax.train import trainer
-from test_multiprocess import (ROOT, assert_eval_equals_one_process, assert_params_close,
-                               config, config_with_eval, keep_checkpoints_up_to, run_cluster)
+from helpers import (ROOT, assert_eval_equals_one_process, assert_params_close, cluster_config,
+                     config_with_eval, keep_checkpoints_up_to, run_cluster, subprocess_env)
 
 STEPS = 4
 RESUME_FROM = 2
@@ -33,11 +32,8 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  e.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-           PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
-  return e
+def env():
+  return subprocess_env()
 
 
 def run(cmd: list[str], env: dict, devices: int) -> str:
@@ -81,7 +77,7 @@ def test_param_spec_shards_the_largest_dimension_that_divides():
 
 
 def test_fsdp_step_equals_pmap_step_on_three_meshes(env):
-  out = run([sys.executable, str(ROOT / "tests" / "fsdp_step_parity.py")], env, devices=8)
+  out = run([sys.executable, str(Path(__file__).parent / "fsdp_step_parity.py")], env, devices=8)
   result = json.loads(out.strip().splitlines()[-1])
   print("\n" + json.dumps(result, indent=1))
   assert set(result) == {"(8, 1)", "(2, 4)", "(1, 8)"}
@@ -99,13 +95,13 @@ def test_fsdp_step_equals_pmap_step_on_three_meshes(env):
                          ids=["mesh_4x1", "pmap"])
 def test_checkpoint_from_mesh_2x4_continues_here(reference, tmp_path, overrides, capsys):
   workdir = resumable_copy(reference, tmp_path)
-  out = trainer.train(config(**overrides), workdir)
+  out = trainer.train(cluster_config(**overrides), workdir)
   assert f"Resuming from {workdir}/checkpoints/{RESUME_FROM}" in capsys.readouterr().out
   assert out["step"] == STEPS
   assert_params_close(out["params"], reference[1])
   if overrides["parallelism"] == "pmap":  # and back: a pmap checkpoint continues on (2, 2)
     keep_checkpoints_up_to(workdir, STEPS - 1)
-    out = trainer.train(config(parallelism="fsdp", fsdp=2), workdir)
+    out = trainer.train(cluster_config(parallelism="fsdp", fsdp=2), workdir)
     assert f"Resuming from {workdir}/checkpoints/{STEPS - 1}" in capsys.readouterr().out
     assert_params_close(out["params"], reference[1])
 
@@ -168,6 +164,6 @@ def test_embedder_sharded_like_fsdp_equals_replicated():
 
 def test_fsdp_config_errors_are_one_line():
   with pytest.raises(trainer.ConfigError, match="config.parallelism='ddp'; choose from"):
-    trainer.validate_config(config(parallelism="ddp"))
+    trainer.validate_config(cluster_config(parallelism="ddp"))
   with pytest.raises(trainer.ConfigError, match="global_negatives=False needs config.parallelism"):
-    trainer.validate_config(config(parallelism="fsdp", global_negatives=False))
+    trainer.validate_config(cluster_config(parallelism="fsdp", global_negatives=False))

@@ -10,9 +10,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+from helpers import ROOT
 import negclip_jax
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_ships_commands_configs_data_and_declares_extras(tmp_path):
@@ -40,7 +40,7 @@ def test_wheel_ships_commands_configs_data_and_declares_extras(tmp_path):
                "negclip-export = negclip_jax.export:cli", "negclip-demo = negclip_jax.demo:cli"):
     assert line in scripts
   metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-  requires = [l.split(": ", 1)[1] for l in metadata.splitlines() if l.startswith("Requires-Dist")]
+  requires = [row.split(": ", 1)[1] for row in metadata.splitlines() if row.startswith("Requires-Dist")]
   base = [r for r in requires if "extra ==" not in r]
   assert any(r.startswith("jax<0.11,>=0.10.2") or r.startswith("jax>=0.10.2") for r in base)
   assert not any(r.startswith(("torch", "jax[")) for r in base)  # torch is optional

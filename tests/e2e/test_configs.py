@@ -4,14 +4,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from helpers import ROOT
 from negclip_jax import configs
 from negclip_jax.configs import flat_config
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_every_config_key_has_a_meaning():
@@ -42,7 +41,7 @@ def test_help_exits_0_with_config_keys_from_any_directory(tmp_path):
   assert out.returncode == 0, out.stderr
   assert "--workdir: Run directory" in out.stdout
   assert "defaults of " in out.stdout
-  line = next(l for l in out.stdout.splitlines() if l.strip().startswith("--config.layers "))
+  line = next(row for row in out.stdout.splitlines() if row.strip().startswith("--config.layers "))
   assert '"back"' in line and "text blocks" in line
 
 

@@ -11,29 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import optax
 import pytest
 
-from configs import tiny
+from helpers import ROOT, leaves, steps_on_disk, tiny_config
 from negclip_jax import rundir
 from negclip_jax.train import resume, trainer
-
-
-def config(**overrides):
-  """tiny.get_config() with dotted overrides ("data.negshapes_num")."""
-  c = tiny.get_config()
-  c.update_from_flattened_dict(overrides)
-  return c
-
-
-def leaves(params):
-  return [np.asarray(x) for x in jax.tree.leaves(params)]
-
-
-def steps_on_disk(workdir: Path) -> list[int]:
-  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def snapshot(workdir: Path) -> dict:
@@ -45,7 +29,7 @@ def snapshot(workdir: Path) -> dict:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("base")
-  out = trainer.train(config(), workdir)
+  out = trainer.train(tiny_config(), workdir)
   assert steps_on_disk(workdir) == [2, 4, 6]
   return workdir, out
 
@@ -89,7 +73,7 @@ def test_state_changing_config_stops_before_writing_anything(run_copy, key):
   new = str(run_copy) if new == "RUN_DIR" else new
   before = snapshot(run_copy)
   with pytest.raises(ValueError, match="was saved with a different config") as e:
-    trainer.train(config(**{key: CLI_VALUE.get(key, new)}), run_copy)
+    trainer.train(tiny_config(**{key: CLI_VALUE.get(key, new)}), run_copy)
   message = str(e.value)
   assert message.startswith(f"{run_copy}/checkpoints/6 was saved with a different config")
   assert f"\n  {key}: {old!r} -> {new!r}\n" in message
@@ -100,7 +84,7 @@ def test_state_changing_config_stops_before_writing_anything(run_copy, key):
 
 def test_every_changed_key_gets_a_line_and_shrinking_the_schedule_is_a_change(run_copy):
   with pytest.raises(resume.ResumeError) as e:
-    trainer.train(config(grad_clip_norm=1.0, seed=3, total_steps=4), run_copy)
+    trainer.train(tiny_config(grad_clip_norm=1.0, seed=3, total_steps=4), run_copy)
   lines = str(e.value).splitlines()
   assert lines[1:4] == ["  grad_clip_norm: 0.0 -> 1.0", "  seed: 0 -> 3",
                         "  total steps (num_epochs, total_steps): 6 -> 4"]
@@ -112,13 +96,13 @@ def test_issue_scenario_clip_and_extend_keeps_the_old_run(run_copy):
   queue the old checkpoints for deletion."""
   before = snapshot(run_copy)
   with pytest.raises(resume.ResumeError, match="grad_clip_norm: 0.0 -> 1.0"):
-    trainer.train(config(grad_clip_norm=1.0, total_steps=64, save_every=1, max_to_keep=3), run_copy)
+    trainer.train(tiny_config(grad_clip_norm=1.0, total_steps=64, save_every=1, max_to_keep=3), run_copy)
   assert snapshot(run_copy) == before
 
 
 def test_state_neutral_changes_resume_and_are_logged(run_copy, caplog, capsys):
   caplog.set_level(logging.INFO, logger="negclip_jax")
-  c = config(log_every=1, save_every=1, max_to_keep=5, layers="0,1", total_steps=8)
+  c = tiny_config(log_every=1, save_every=1, max_to_keep=5, layers="0,1", total_steps=8)
   c.evals.shapes = {"task": "negshapes", "num": 16}
   out = trainer.train(c, run_copy)
   assert f"Resuming from {run_copy}/checkpoints/6" in capsys.readouterr().out
@@ -138,7 +122,7 @@ def test_corrupt_final_checkpoint_is_moved_aside_and_a_rerun_recovers(run_copy, 
   corrupted = [f for f in (run_copy / "checkpoints/6" / item).rglob("*") if f.is_file()]
   for f in corrupted:
     f.write_bytes(f.read_bytes()[:3])
-  out = trainer.train(config(), run_copy)
+  out = trainer.train(tiny_config(), run_copy)
   assert "Checkpoint" in caplog.text and f"/6 is unreadable ({item}" in caplog.text
   assert out["step"] == 6 and steps_on_disk(run_copy) == [2, 4, 6]
   for a, b in zip(leaves(out["params"]), leaves(base_run[1]["params"])):  # exact resume from 4
@@ -147,7 +131,7 @@ def test_corrupt_final_checkpoint_is_moved_aside_and_a_rerun_recovers(run_copy, 
   assert [p.name.split(".")[0] for p in aside] == ["6"]
   sizes = [f.stat().st_size for f in (aside[0] / item).rglob("*") if f.is_file()]
   assert sizes == [3] * len(corrupted)  # kept as found
-  again = trainer.train(config(), run_copy)  # and the next rerun finds nothing to do
+  again = trainer.train(tiny_config(), run_copy)  # and the next rerun finds nothing to do
   assert again["step"] == 6
   rows = (run_copy / "metrics.jsonl").read_text().splitlines()
   steps = [json.loads(line)["step"] for line in rows]
@@ -158,7 +142,7 @@ def test_every_checkpoint_unreadable_starts_over_keeping_them(run_copy):
   for f in (run_copy / "checkpoints").rglob("*"):
     if f.is_file() and "state" in f.parts:
       f.write_bytes(b"")
-  out = trainer.train(config(), run_copy)
+  out = trainer.train(tiny_config(), run_copy)
   assert out["step"] == 6 and steps_on_disk(run_copy) == [2, 4, 6]
   aside = sorted(p.name.split(".")[0] for p in (run_copy / rundir.UNREADABLE_DIR).iterdir())
   assert aside == ["2", "4", "6"]
@@ -171,17 +155,17 @@ def test_changed_state_tree_is_an_error_not_corruption(run_copy, monkeypatch):
                       lambda *a: optax.chain(optax.clip_by_global_norm(1.0), make(*a)))
   with pytest.raises(resume.ResumeError, match=r"checkpoints/6: the saved training state "
                      r"does not match .*another version of negclip_jax"):
-    trainer.train(config(), run_copy)
+    trainer.train(tiny_config(), run_copy)
   assert steps_on_disk(run_copy) == [2, 4, 6]
   assert not (run_copy / rundir.UNREADABLE_DIR).exists()
 
 
 def test_new_run_from_a_run_directory(run_copy, base_run, tmp_path):
   """The way forward the error names: --config.init=OLD_WORKDIR in a new workdir."""
-  _, params, _ = trainer.load_model(config(init=str(run_copy)))
+  _, params, _ = trainer.load_model(tiny_config(init=str(run_copy)))
   for a, b in zip(leaves(params), leaves(base_run[1]["params"])):
     np.testing.assert_array_equal(a, b)
-  out = trainer.train(config(init=str(run_copy), grad_clip_norm=1.0, total_steps=2),
+  out = trainer.train(tiny_config(init=str(run_copy), grad_clip_norm=1.0, total_steps=2),
                     tmp_path / "new")
   assert out["step"] == 2
   saved = json.loads((tmp_path / "new/model_config.json").read_text())
@@ -200,10 +184,9 @@ def test_load_run_skips_an_unreadable_latest_step(run_copy, base_run, caplog):
 
 
 def test_cli_prints_the_mismatch_without_a_traceback(run_copy):
-  root = Path(__file__).resolve().parents[1]
   proc = subprocess.run([sys.executable, "-m", "negclip_jax.train", "--config",
-                         str(root / "configs/tiny.py"), "--workdir", str(run_copy),
-                         "--config.grad_clip_norm=1.0"], cwd=root, capture_output=True, text=True)
+                         str(ROOT / "configs/tiny.py"), "--workdir", str(run_copy),
+                         "--config.grad_clip_norm=1.0"], cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   error, change, ways = proc.stderr.strip().splitlines()[-3:]
   assert error.startswith(f"error: {run_copy}/checkpoints/6 was saved with a different config")

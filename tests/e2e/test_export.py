@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+from helpers import ROOT
 import negclip_jax
 from negclip_jax import export
 from negclip_jax.model import clip as model_lib
@@ -24,7 +24,6 @@ from negclip_jax.model import convert
 from negclip_jax import rundir
 from references import openai_clip_model
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
 
 
@@ -78,7 +77,7 @@ def test_training_ends_with_an_hf_export_equal_to_transformers(run_dir):
 
 def test_model_card_states_training_and_final_evaluation(run_dir):
   card = (run_dir / "export" / "hf" / "README.md").read_text()
-  final = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+  final = rundir.read_metrics(run_dir)[-1]
   assert final["step"] == 2 and "eval/negshapes/presence_acc" in final
   assert "| base model | random init of preset `tiny` |" in card
   assert "`layers=front`" in card and "trainable text blocks: [0, 1]" in card
@@ -157,7 +156,7 @@ except ImportError as e:
 
 def test_metrics_log_the_learning_rate_and_tensorboard_groups_tags(run_dir):
   import tensorflow as tf
-  rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  rows = rundir.read_metrics(run_dir)
   train_row = next(r for r in rows if "total" in r)
   # tiny: lr 1e-3, 2 warm-up steps; the logged step 2 ran step index 1: 1e-3 * (1 + 1) / 2.
   assert train_row["step"] == 2 and train_row["learning_rate"] == pytest.approx(1e-3)

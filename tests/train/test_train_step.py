@@ -91,7 +91,7 @@ def test_layer_presets_and_labels():
     param_groups.text_layers("top", 12)
   params = model_lib.init_params(MODEL, jax.random.key(0))
   labels = traverse_util.flatten_dict(param_groups.label_params(params, "front"))
-  trainable = {"/".join(p) for p, l in labels.items() if l == param_groups.TRAINABLE}
+  trainable = {"/".join(p) for p, label in labels.items() if label == param_groups.TRAINABLE}
   assert "text_model/embeddings/token_embedding/embedding" in trainable
   assert "text_model/encoder/layers/1/mlp/fc1/kernel" in trainable
   assert "text_model/encoder/layers/2/mlp/fc1/kernel" not in trainable
