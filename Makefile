@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test bench install-check clean
+.PHONY: demo test lint bench install-check clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,8 +21,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+# The style the tree is held to (pyproject.toml [tool.ruff]); `ruff format .` fixes layout.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 bench: $(VENV)/.installed
-	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/step_throughput.py
 	$(PY) benchmarks/eval_throughput.py
 
 # Wheel + `pip install ".[EXTRA]"` into a fresh venv, then negclip-train/-export of the tiny

@@ -74,7 +74,7 @@ def vision_forward_flops(config) -> int:
   patches = (v.image_size // v.patch_size) ** 2
   n = patches + 1  # + class token
   w, a = block_flops(n, v.hidden_size, v.intermediate_size)
-  conv = 2 * patches * (v.num_channels * v.patch_size ** 2) * v.hidden_size
+  conv = 2 * patches * (v.num_channels * v.patch_size**2) * v.hidden_size
   return conv + v.num_hidden_layers * (w + a) + 2 * v.hidden_size * config.projection_dim
 
 
@@ -85,8 +85,13 @@ def text_forward_flops(config, length: int) -> int:
   return t.num_hidden_layers * (w + a) + 2 * t.hidden_size * config.projection_dim
 
 
-def text_backward_flops(config, length: int, trainable_blocks: Sequence[int],
-                        embeddings_trainable: bool = True, projection_trainable: bool = True) -> int:
+def text_backward_flops(
+  config,
+  length: int,
+  trainable_blocks: Sequence[int],
+  embeddings_trainable: bool = True,
+  projection_trainable: bool = True,
+) -> int:
   """Per text: backward of the text tower for the given trainable blocks (see module doc)."""
   t = config.text
   w, a = block_flops(length, t.hidden_size, t.intermediate_size)
@@ -102,8 +107,9 @@ def text_backward_flops(config, length: int, trainable_blocks: Sequence[int],
   return total + (2 * proj if projection_trainable else proj)
 
 
-def train_step_flops(config, batch: int, text_length: int, trainable_blocks: Sequence[int],
-                     pixels: bool = True) -> int:
+def train_step_flops(
+  config, batch: int, text_length: int, trainable_blocks: Sequence[int], pixels: bool = True
+) -> int:
   """Model FLOPs of one Omni-NegCLIP step on `batch` presence + `batch` absence examples.
 
   4·batch texts (captions, negated, captions, updated) forward + backward; 2·batch images
@@ -111,20 +117,24 @@ def train_step_flops(config, batch: int, text_length: int, trainable_blocks: Seq
   The loss (a few [B, 2B] matmuls of width proj) is negligible and not counted.
   """
   text = text_forward_flops(config, text_length) + text_backward_flops(
-      config, text_length, trainable_blocks)
+    config, text_length, trainable_blocks
+  )
   vision = vision_forward_flops(config) if pixels else 0
   return 4 * batch * text + 2 * batch * vision
 
 
-def packed_text_step_flops(config, rows: int, row_length: int, captions: int,
-                           trainable_blocks: Sequence[int]) -> int:
+def packed_text_step_flops(
+  config, rows: int, row_length: int, captions: int, trainable_blocks: Sequence[int]
+) -> int:
   """Model FLOPs of a packed step's text part (cached image features): `rows` rows of
   `row_length` tokens through the blocks, forward + backward, with the attention core
   over the whole row (masked across captions, but computed), and the text projection of
   the `captions` pooled vectors, forward + backward."""
   proj = 2 * config.text.hidden_size * config.projection_dim  # forward, per pooled vector
-  per_row = (text_forward_flops(config, row_length) + text_backward_flops(
-      config, row_length, trainable_blocks)) - 3 * proj
+  per_row = (
+    text_forward_flops(config, row_length)
+    + text_backward_flops(config, row_length, trainable_blocks)
+  ) - 3 * proj
   return rows * per_row + captions * 3 * proj
 
 
@@ -140,12 +150,14 @@ class MatmulProbe:
   machine's load affects both alike); `flops()` is 2·n³ / median of every timed call.
   """
 
-  def __init__(self, n: int = 2048, dtype: str = "float32", library: str = "jax",
-               device: str = "cpu"):
+  def __init__(
+    self, n: int = 2048, dtype: str = "float32", library: str = "jax", device: str = "cpu"
+  ):
     self.n, self.times, self.library, self.device = n, [], library, device
     if library == "jax":
       import jax
       import jax.numpy as jnp
+
       k1, k2 = jax.random.split(jax.random.key(0))
       a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
       b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
@@ -153,12 +165,14 @@ class MatmulProbe:
       self._call = lambda: f(a, b).block_until_ready()
     else:
       import torch
+
       a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
       b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
 
       def call():
         a @ b
         torch_sync(device)
+
       self._call = call
     time_calls(self._call, 2, 0)  # compile / warm caches
 
@@ -166,7 +180,7 @@ class MatmulProbe:
     self.times += time_calls(self._call, 0, k)
 
   def flops(self) -> float:
-    return 2 * self.n ** 3 / median(self.times)
+    return 2 * self.n**3 / median(self.times)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -180,16 +194,22 @@ def negshapes_texts(batch: int, seed: int = 0, image_size: int = 224) -> dict:
   Captions are short (about 8-24 tokens), like CC-Neg or COCO captions.
   """
   from negclip_jax.data import negshapes
+
   data = negshapes.generate_pairs(2 * batch, seed, image_size=image_size)
   p, a = slice(0, batch), slice(batch, 2 * batch)
-  return {"images": data["images"],
-          "presence_caption": data["captions"][p], "presence_negated": data["negated"][p],
-          "absence_caption": data["captions"][a], "absence_updated": data["updated"][a]}
+  return {
+    "images": data["images"],
+    "presence_caption": data["captions"][p],
+    "presence_negated": data["negated"][p],
+    "absence_caption": data["captions"][a],
+    "absence_updated": data["updated"][a],
+  }
 
 
 def preprocess_images(images: np.ndarray, image_size: int) -> np.ndarray:
   """uint8 [N, S, S, 3] -> normalized float32 NHWC, the model's input."""
   from negclip_jax.model import preprocess
+
   return preprocess.preprocess_images(list(images), image_size)
 
 
@@ -204,21 +224,25 @@ def token_lengths(ids: np.ndarray) -> np.ndarray:
 
 def torch_device() -> str:
   import torch
+
   return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def setup_torch_threads() -> int:
   """torch.set_num_threads(os.cpu_count()); returns the thread count."""
   import torch
+
   torch.set_num_threads(os.cpu_count())
   return torch.get_num_threads()
 
 
 def build_torch_clip(config, params, device: str = "cpu"):
-  """transformers.CLIPModel with exactly our `params` (via `negclip_jax.convert`)."""
+  """transformers.CLIPModel with exactly our `params` (via `negclip_jax.model.convert`)."""
   import torch
   import transformers
+
   from negclip_jax.model import convert
+
   hf_config = transformers.CLIPConfig(**convert.config_to_hf(config))
   model = transformers.CLIPModel(hf_config)
   sd = {k: torch.from_numpy(np.asarray(v)) for k, v in convert.params_to_state_dict(params).items()}
@@ -232,12 +256,14 @@ def build_torch_clip(config, params, device: str = "cpu"):
 def torch_features(out):
   """`get_*_features` returns a tensor (transformers 4) or an output with pooler_output (5)."""
   import torch
+
   return out if torch.is_tensor(out) else out.pooler_output
 
 
 def torch_sync(device: str) -> None:
   if device != "cpu":
     import torch
+
     torch.cuda.synchronize()
 
 
@@ -247,6 +273,7 @@ def torch_sync(device: str) -> None:
 def machine_description() -> str:
   """One line: CPU model and cores, JAX backend and devices, library versions."""
   import jax
+
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
@@ -260,14 +287,19 @@ def machine_description() -> str:
     load = "load avg %.2f %.2f %.2f" % os.getloadavg()
   except OSError:
     load = "load avg n/a"
-  parts = [f"{cpu}, {os.cpu_count()} logical CPUs ({load})",
-           f"jax {jax.__version__} {jax.default_backend()} x{jax.local_device_count()} "
-           f"({jax.devices()[0].device_kind})"]
+  parts = [
+    f"{cpu}, {os.cpu_count()} logical CPUs ({load})",
+    f"jax {jax.__version__} {jax.default_backend()} x{jax.local_device_count()} "
+    f"({jax.devices()[0].device_kind})",
+  ]
   try:
     import torch
     import transformers
-    parts.append(f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-                 f"transformers {transformers.__version__}")
+
+    parts.append(
+      f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+      f"transformers {transformers.__version__}"
+    )
   except ImportError:
     pass
   return "; ".join(parts)

@@ -35,34 +35,42 @@ def parse_args(argv=None):
   p.add_argument("--batches", default="128,4096")
   p.add_argument("--devices", default="8,32,256")
   p.add_argument("--layers", default="front")
-  p.add_argument("--fsdp", type=int, default=-1,
-                 help="fsdp axis size (mesh (n / fsdp, fsdp)); -1: all n devices")
+  p.add_argument(
+    "--fsdp", type=int, default=-1, help="fsdp axis size (mesh (n / fsdp, fsdp)); -1: all n devices"
+  )
   return p.parse_args(argv)
 
 
 ARGS = parse_args()
 os.environ["JAX_PLATFORMS"] = "cpu"
 # No LLVM optimization: buffer assignment (what is measured) is unchanged, compiles are faster.
-os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0",
+os.environ["XLA_FLAGS"] = " ".join(
+  [
+    os.environ.get("XLA_FLAGS", ""),
+    "--xla_backend_optimization_level=0",
     "--xla_llvm_disable_expensive_passes=true",
-    f"--xla_force_host_platform_device_count={max(int(n) for n in ARGS.devices.split(','))}"])
+    f"--xla_force_host_platform_device_count={max(int(n) for n in ARGS.devices.split(','))}",
+  ]
+)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 from negclip_jax.model import clip as model_lib
-from negclip_jax.train import optim
-from negclip_jax.train import param_groups
-from negclip_jax.train import sharding
+from negclip_jax.train import optim, param_groups, sharding
 from negclip_jax.train import step as train_step
 
-GIB = 2 ** 30
-TEXT_KEYS = ("presence_caption_ids", "presence_negated_ids", "absence_caption_ids",
-             "absence_updated_ids")
+GIB = 2**30
+TEXT_KEYS = (
+  "presence_caption_ids",
+  "presence_negated_ids",
+  "absence_caption_ids",
+  "absence_updated_ids",
+)
 
 
 def abstract_setup(preset: str, layers: str):
@@ -86,17 +94,25 @@ def abstract_batch(config, batch: int) -> dict:
 def stats(compiled) -> dict:
   m = compiled.memory_analysis()
   args, temp = m.argument_size_in_bytes, m.temp_size_in_bytes
-  return {"state": args / GIB, "temp": temp / GIB,
-          "peak": (args + m.output_size_in_bytes - m.alias_size_in_bytes + temp) / GIB}
+  return {
+    "state": args / GIB,
+    "temp": temp / GIB,
+    "peak": (args + m.output_size_in_bytes - m.alias_size_in_bytes + temp) / GIB,
+  }
 
 
 def pmap_memory(model, labels, tx, state, batch: int, n: int) -> dict:
   mesh = Mesh(np.asarray(jax.devices()[:n]), (train_step.AXIS,))
   step = train_step.shard_map_train_step(train_step.make_train_step(model, labels, tx), mesh)
-  replicated = sharding.with_shardings(state, jax.tree.map(
-      lambda _: NamedSharding(mesh, P()), state))
-  b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-      mesh, P(train_step.AXIS))), abstract_batch(model.config, batch))
+  replicated = sharding.with_shardings(
+    state, jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+  )
+  b = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=NamedSharding(mesh, P(train_step.AXIS))
+    ),
+    abstract_batch(model.config, batch),
+  )
   return stats(step.lower(replicated, b).compile())
 
 
@@ -104,9 +120,10 @@ def fsdp_memory(model, labels, tx, state, batch: int, n: int) -> dict:
   mesh = sharding.make_mesh(n if ARGS.fsdp == -1 else ARGS.fsdp, jax.devices()[:n])
   fsdp = sharding.Fsdp(mesh)
   step = fsdp.compile(train_step.make_train_step(model, labels, tx, **fsdp.step_options), state)
-  b = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                                  sharding=sharding.batch_sharding(mesh)),
-                   abstract_batch(model.config, batch))
+  b = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
+    abstract_batch(model.config, batch),
+  )
   return stats(step.lower(fsdp.restore_target(state), b).compile())
 
 
@@ -114,11 +131,16 @@ def main():
   models = ARGS.models.split(",")
   batches = [int(b) for b in ARGS.batches.split(",")]
   devices = [int(n) for n in ARGS.devices.split(",")]
-  print(f"JAX {jax.__version__}, {jax.device_count()} fake CPU devices; float32, layers="
-        f"{ARGS.layers}, cached image features, 77-token texts; fsdp axis "
-        f"{'all devices' if ARGS.fsdp == -1 else ARGS.fsdp}; GiB per device", flush=True)
-  print("| model | params | global batch | devices | pmap state | pmap temp | pmap peak | "
-        "fsdp state | fsdp temp | fsdp peak | compile s |")
+  print(
+    f"JAX {jax.__version__}, {jax.device_count()} fake CPU devices; float32, layers="
+    f"{ARGS.layers}, cached image features, 77-token texts; fsdp axis "
+    f"{'all devices' if ARGS.fsdp == -1 else ARGS.fsdp}; GiB per device",
+    flush=True,
+  )
+  print(
+    "| model | params | global batch | devices | pmap state | pmap temp | pmap peak | "
+    "fsdp state | fsdp temp | fsdp peak | compile s |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for preset in models:
     model, labels, tx, state = abstract_setup(preset, ARGS.layers)
@@ -126,15 +148,21 @@ def main():
     for batch in batches:
       for n in devices:
         if batch % n:
-          print(f"| {preset} | {count / 1e6:,.0f}M | {batch} | {n} | n/a (batch < devices) |"
-                " | | | | | |", flush=True)
+          print(
+            f"| {preset} | {count / 1e6:,.0f}M | {batch} | {n} | n/a (batch < devices) |"
+            " | | | | | |",
+            flush=True,
+          )
           continue
         t0 = time.perf_counter()
         pm = pmap_memory(model, labels, tx, state, batch, n)
         fs = fsdp_memory(model, labels, tx, state, batch, n)
-        print(f"| {preset} | {count / 1e6:,.0f}M | {batch} | {n} | {pm['state']:.2f} | "
-              f"{pm['temp']:.2f} | {pm['peak']:.2f} | {fs['state']:.3f} | {fs['temp']:.2f} | "
-              f"{fs['peak']:.2f} | {time.perf_counter() - t0:.0f} |", flush=True)
+        print(
+          f"| {preset} | {count / 1e6:,.0f}M | {batch} | {n} | {pm['state']:.2f} | "
+          f"{pm['temp']:.2f} | {pm['peak']:.2f} | {fs['state']:.3f} | {fs['temp']:.2f} | "
+          f"{fs['peak']:.2f} | {time.perf_counter() - t0:.0f} |",
+          flush=True,
+        )
 
 
 if __name__ == "__main__":

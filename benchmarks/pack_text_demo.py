@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import demo as demo_config  # noqa: E402
 from negclip_jax import demo, rundir
 from negclip_jax.model import clip as model_lib
-from negclip_jax.train import trainer
 from negclip_jax.model.tokenizer import ClipTokenizer
+from negclip_jax.train import trainer
 
 
 def main(workdir: str, pretrain_steps: str, eval_num: str, order: str):
@@ -52,9 +52,15 @@ def main(workdir: str, pretrain_steps: str, eval_num: str, order: str):
   json.dump(out, open(wd / "cmp.json", "w"), indent=1, default=float)
   a, b = list(out.values())[:2]
   numbers = lambda d: {k: v for k, v in d.items() if isinstance(v, (int, float))}
-  print("max |eval diff|", max(abs(v - numbers(b["eval"])[k]) for k, v in numbers(a["eval"]).items()))
-  logged = [abs(x[k] - y[k]) for x, y in zip(a["rows"], b["rows"]) for k in x
-            if k not in ("step", "samples_per_s") and isinstance(x[k], float) and k in y]
+  print(
+    "max |eval diff|", max(abs(v - numbers(b["eval"])[k]) for k, v in numbers(a["eval"]).items())
+  )
+  logged = [
+    abs(x[k] - y[k])
+    for x, y in zip(a["rows"], b["rows"])
+    for k in x
+    if k not in ("step", "samples_per_s") and isinstance(x[k], float) and k in y
+  ]
   print("max |logged training metric diff|", max(logged))
 
 

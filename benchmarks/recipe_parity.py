@@ -18,15 +18,15 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=4").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import traverse_util  # noqa: E402
-
 import test_recipe as recipe  # noqa: E402  (the PyTorch recipe and our run, as tested)
+from flax import traverse_util  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -34,9 +34,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def worst(params, reference, initial, labels) -> tuple[str, float]:
   flat = lambda tree: traverse_util.flatten_dict(tree, sep="/")
   params, reference, initial, labels = map(flat, (params, reference, initial, labels))
-  error = {p: np.linalg.norm(params[p].astype(np.float64) - reference[p]) /
-              np.linalg.norm(reference[p] - initial[p])
-           for p, label in labels.items() if label == "trainable" and not p.endswith("k_proj/bias")}
+  error = {
+    p: np.linalg.norm(params[p].astype(np.float64) - reference[p])
+    / np.linalg.norm(reference[p] - initial[p])
+    for p, label in labels.items()
+    if label == "trainable" and not p.endswith("k_proj/bias")
+  }
   path = max(error, key=error.get)
   return path, float(error[path])
 
@@ -51,8 +54,10 @@ def main(specs):
     _, initial, ours, theirs, labels = recipe.train_both(recipe.openai_clip(0), batches, *args)
     print("  ours_vs_original_f32: %.2e (%s)" % worst(ours, theirs, initial, labels)[::-1])
 
-    as64 = [{k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in b.items()}
-            for b in batches]
+    as64 = [
+      {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in b.items()}
+      for b in batches
+    ]
     with jax.enable_x64(True):
       hf64 = recipe.hf_clip(0)  # initialized in float32, so the same start as hf32
       _, exact = recipe.to_params(recipe.run_original(hf64, as64, *args))

@@ -32,21 +32,22 @@ import optax
 from tqdm.auto import tqdm
 
 from negclip_jax import export, rundir
+from negclip_jax.data import negshapes
+from negclip_jax.eval.tasks import negshapes_task
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
-from negclip_jax.train import optim
-from negclip_jax.train import step as train_step
-from negclip_jax.train import trainer
-from negclip_jax.train.packing import bucket_length
-from negclip_jax.data import negshapes
-from negclip_jax.train import pipeline
-from negclip_jax.eval.tasks import negshapes_task
 from negclip_jax.model.preprocess import preprocess_images
 from negclip_jax.model.tokenizer import ClipTokenizer
+from negclip_jax.train import optim, pipeline, trainer
+from negclip_jax.train import step as train_step
+from negclip_jax.train.packing import bucket_length
 
-METRICS = (*(f"{t}_acc" for t in negshapes_task.TASKS),
-           *(f"mcq{s}_{t}_acc" for s in ("", "_heldout") for t in negshapes.MCQ_TEMPLATES),
-           "retrieval_t2i_r1", "retrieval_i2t_r1")
+METRICS = (
+  *(f"{t}_acc" for t in negshapes_task.TASKS),
+  *(f"mcq{s}_{t}_acc" for s in ("", "_heldout") for t in negshapes.MCQ_TEMPLATES),
+  "retrieval_t2i_r1",
+  "retrieval_i2t_r1",
+)
 
 
 def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> tuple[dict, list]:
@@ -58,7 +59,7 @@ def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> 
   state = train_step.replicate(train_step.create_train_state(params, tx))
   pixels = preprocess_images(data["images"], model.config.vision.image_size)
   ids = tokenizer(data["captions"], model.config.text.max_position_embeddings)
-  ids = ids[:, :bucket_length(ids)]  # exact: causal mask (see negclip_jax.embed)
+  ids = ids[:, : bucket_length(ids)]  # exact: causal mask (see negclip_jax.embed)
   n_dev = jax.local_device_count()
   shard = lambda x: x.reshape((n_dev, -1) + x.shape[1:])
   losses_ = []
@@ -66,24 +67,28 @@ def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> 
     idx = pipeline.step_indices(step, len(ids), batch_size, seed, stream=0)
     state, loss = step_fn(state, shard(pixels[idx]), shard(ids[idx]))
     losses_.append(loss)
-  return jax.device_get(jax.tree.map(lambda x: x[0], state.params)), [float(loss[0]) for loss in losses_]
+  return jax.device_get(jax.tree.map(lambda x: x[0], state.params)), [
+    float(loss[0]) for loss in losses_
+  ]
 
 
 def evaluate_negshapes(model, params, tokenizer, num: int, seed: int) -> dict:
   """Every NegShapes task (paper-style and shortcut-free) with its shortcut audit."""
   from negclip_jax.eval import registry
-  return registry.run_task("negshapes", model, params, tokenizer, progress=False, num=num,
-                           seed=seed)
+
+  return registry.run_task(
+    "negshapes", model, params, tokenizer, progress=False, num=num, seed=seed
+  )
 
 
 def _cell(results: dict, key: str) -> str:
-  """"0.688 +- 0.021" for an accuracy with a standard error, else "0.150"."""
+  """ "0.688 +- 0.021" for an accuracy with a standard error, else "0.150"."""
   se = results.get(key.removesuffix("_acc") + "_se")
   return f"{results[key]:.3f}" + (f" +- {se:.3f}" if se is not None else "")
 
 
 def _label(key: str) -> str:
-  """"mcq_heldout_negation_acc" -> "mcq_negation (held-out)"."""
+  """ "mcq_heldout_negation_acc" -> "mcq_negation (held-out)"."""
   name = key.removesuffix("_acc")
   return name.replace("_heldout", "") + (" (held-out)" if "_heldout" in name else "")
 
@@ -97,15 +102,24 @@ def _chance(results: dict, name: str) -> str:
 
 def table(before: dict, after: dict) -> str:
   """Markdown: every metric before and after, with n, chance and standard errors."""
-  rows = ["| task | style | n | chance | pretrained CLIP | Omni-NegCLIP | change |",
-          "|---|---|---:|---:|---:|---:|---:|"]
+  rows = [
+    "| task | style | n | chance | pretrained CLIP | Omni-NegCLIP | change |",
+    "|---|---|---:|---:|---:|---:|---:|",
+  ]
   for key in METRICS:
     name = key.removesuffix("_acc")
-    style = ("paper-style" if negshapes_task.base_task(name) in ("presence", "absence")
-             else "retrieval" if key.startswith("retrieval") else "shortcut-free")
+    style = (
+      "paper-style"
+      if negshapes_task.base_task(name) in ("presence", "absence")
+      else "retrieval"
+      if key.startswith("retrieval")
+      else "shortcut-free"
+    )
     n = after.get(f"{name}_n", after["n"])
-    rows.append(f"| {_label(key)} | {style} | {n} | {_chance(after, name)} | "
-                f"{_cell(before, key)} | {_cell(after, key)} | {after[key] - before[key]:+.3f} |")
+    rows.append(
+      f"| {_label(key)} | {style} | {n} | {_chance(after, name)} | "
+      f"{_cell(before, key)} | {_cell(after, key)} | {after[key] - before[key]:+.3f} |"
+    )
   return "\n".join(rows)
 
 
@@ -113,8 +127,10 @@ def plot(path: Path, pretrain_losses: list, finetune_rows: list[dict], before: d
   """Training curves (top) and before/after accuracies with error bars, value labels and
   chance lines (bottom) -> PNG."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   rows = finetune_rows
   fig = plt.figure(figsize=(17, 9))
   grid = fig.add_gridspec(2, 2, height_ratios=(1, 1.3))
@@ -131,39 +147,57 @@ def plot(path: Path, pretrain_losses: list, finetune_rows: list[dict], before: d
   keys = [f"{t}_acc" for t in negshapes_task.TASKS]
   x = np.arange(len(keys))
   for offset, results, label in ((-0.2, before, "pretrained"), (0.2, after, "Omni-NegCLIP")):
-    bars = ax3.bar(x + offset, [results[k] for k in keys], 0.4, label=label,
-                   yerr=[results[k.removesuffix("_acc") + "_se"] for k in keys], capsize=3)
+    bars = ax3.bar(
+      x + offset,
+      [results[k] for k in keys],
+      0.4,
+      label=label,
+      yerr=[results[k.removesuffix("_acc") + "_se"] for k in keys],
+      capsize=3,
+    )
     ax3.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", color="white")
   for i, key in enumerate(keys):
     chance = after[key.removesuffix("_acc") + "_chance"]
-    ax3.hlines(chance, i - 0.45, i + 0.45, colors="k", linestyles="--",
-               label="chance" if i == 0 else None)
+    ax3.hlines(
+      chance, i - 0.45, i + 0.45, colors="k", linestyles="--", label="chance" if i == 0 else None
+    )
   ax3.set_xticks(x, [_label(k).replace(" (", "\n(") for k in keys], fontsize=8)
-  ax3.set(title=f"3. NegShapes accuracy (n = {after['n']} per task, error bars: 1 s.e.; "
-          "paper-style tasks are solved by trivial rules, see the audit)", ylim=(0, 1.1))
+  ax3.set(
+    title=f"3. NegShapes accuracy (n = {after['n']} per task, error bars: 1 s.e.; "
+    "paper-style tasks are solved by trivial rules, see the audit)",
+    ylim=(0, 1.1),
+  )
   ax3.legend(loc="upper right", fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
 
-def _pretrained(workdir: Path, config, model, tokenizer, steps: int, batch_size: int,
-                seed: int):
+def _pretrained(workdir: Path, config, model, tokenizer, steps: int, batch_size: int, seed: int):
   """(model, params, losses) pretrained on seed's plain captions; reused from
   workdir/pretrained when it was made with the same settings."""
   pretrained_dir = workdir / "pretrained" / "hf"
-  meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "model": config.model,
-          "negshapes_num": config.data.negshapes_num}
+  meta = {
+    "seed": seed,
+    "steps": steps,
+    "batch_size": batch_size,
+    "model": config.model,
+    "negshapes_num": config.data.negshapes_num,
+  }
   meta_path = workdir / "pretrained" / "meta.json"
-  if (pretrained_dir / "model.safetensors").is_file() and meta_path.is_file() and (
-      json.loads(meta_path.read_text()) == meta):
+  if (
+    (pretrained_dir / "model.safetensors").is_file()
+    and meta_path.is_file()
+    and (json.loads(meta_path.read_text()) == meta)
+  ):
     print(f"Reusing the pretrained model in {pretrained_dir}", flush=True)
     model, params = convert.load_pretrained(pretrained_dir)
     return model, params, json.loads((workdir / "pretrained" / "losses.json").read_text())
   for stale in (workdir / "pretrained").glob("negshapes_eval_*.json"):
     stale.unlink()
-  data = negshapes.generate_pairs(config.data.negshapes_num, seed,
-                                  model.config.vision.image_size, split="train")
+  data = negshapes.generate_pairs(
+    config.data.negshapes_num, seed, model.config.vision.image_size, split="train"
+  )
   params, losses_ = pretrain(model, tokenizer, data, steps, batch_size, PRETRAIN_LR, seed)
   convert.save_pretrained(model, params, pretrained_dir, tokenizer=tokenizer)
   (workdir / "pretrained" / "losses.json").write_text(json.dumps(losses_))
@@ -171,10 +205,17 @@ def _pretrained(workdir: Path, config, model, tokenizer, steps: int, batch_size:
   return model, params, losses_
 
 
-def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = None,
-        finetune_steps: int | None = None, eval_num: int | None = None, seed: int = 0,
-        hard_fraction: float = 0.0, lambda_text: float | None = None,
-        objective: str | None = None) -> dict:
+def run(
+  workdir: str | Path,
+  fast: bool = False,
+  pretrain_steps: int | None = None,
+  finetune_steps: int | None = None,
+  eval_num: int | None = None,
+  seed: int = 0,
+  hard_fraction: float = 0.0,
+  lambda_text: float | None = None,
+  objective: str | None = None,
+) -> dict:
   """The whole quickstart; returns the content of results.json.
 
   `seed` seeds every phase: the pretraining data, initialisation and batch order, the
@@ -184,11 +225,14 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
   weight of L_text (suffix "_ltext<value>"), `objective` config.objective (suffix "_<name>").
   """
   from negclip_jax.configs import demo as demo_config
+
   t_start = time.perf_counter()
   workdir = Path(workdir).absolute()
-  tag = (f"_hard{hard_fraction:g}" if hard_fraction else "") + (
-      f"_ltext{lambda_text:g}" if lambda_text is not None else "") + (
-      f"_{objective}" if objective else "")
+  tag = (
+    (f"_hard{hard_fraction:g}" if hard_fraction else "")
+    + (f"_ltext{lambda_text:g}" if lambda_text is not None else "")
+    + (f"_{objective}" if objective else "")
+  )
   config = demo_config.get_config()
   if fast:
     config.model, config.data.negshapes_num, config.batch_size = "tiny", 256, 32
@@ -205,8 +249,14 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
   tokenizer = ClipTokenizer()
   model = model_lib.CLIP(model_lib.get_config(config.model))
   model, params, pretrain_losses = _pretrained(
-      workdir, config, model, tokenizer, pretrain_steps,
-      config.batch_size if fast else PRETRAIN_BATCH, seed)
+    workdir,
+    config,
+    model,
+    tokenizer,
+    pretrain_steps,
+    config.batch_size if fast else PRETRAIN_BATCH,
+    seed,
+  )
   before_path = workdir / "pretrained" / f"negshapes_eval_n{eval_num}.json"  # seed: meta.json
   if before_path.is_file():
     before = json.loads(before_path.read_text())
@@ -218,28 +268,48 @@ def run(workdir: str | Path, fast: bool = False, pretrain_steps: int | None = No
   config.init = str(workdir / "pretrained" / "hf")  # as one loads openai/clip-vit-base-patch32
   result = trainer.train(config, workdir / f"finetune{tag}")
   after = evaluate_negshapes(result["model"], result["params"], tokenizer, eval_num, seed)
-  export.export_run({**result, "eval": {"negshapes": after}}, config,
-                    workdir / f"export{tag}" / "hf", f"demo{tag}")
-  results = {"seed": seed, "hard_fraction": hard_fraction, "lambda_text": config.lambda_text,
-             "objective": config.objective, "pretrained": before,
-             "omni_negclip": after}
+  export.export_run(
+    {**result, "eval": {"negshapes": after}}, config, workdir / f"export{tag}" / "hf", f"demo{tag}"
+  )
+  results = {
+    "seed": seed,
+    "hard_fraction": hard_fraction,
+    "lambda_text": config.lambda_text,
+    "objective": config.objective,
+    "pretrained": before,
+    "omni_negclip": after,
+  }
   (workdir / f"results{tag}.json").write_text(json.dumps(results, indent=2))
-  plot(workdir / f"demo{tag}.png", pretrain_losses,
-       rundir.read_metrics(workdir / f"finetune{tag}"), before, after)
-  print("\nOmni-NegCLIP, shortcut audit (trivial rules on the same items):\n"
-        + negshapes_task.report(after))
+  plot(
+    workdir / f"demo{tag}.png",
+    pretrain_losses,
+    rundir.read_metrics(workdir / f"finetune{tag}"),
+    before,
+    after,
+  )
+  print(
+    "\nOmni-NegCLIP, shortcut audit (trivial rules on the same items):\n"
+    + negshapes_task.report(after)
+  )
   print("\n" + table(before, after))
-  print(f"\nwrote {workdir / f'results{tag}.json'}, {workdir / f'demo{tag}.png'}, "
-        f"{workdir / f'export{tag}' / 'hf'} in {time.perf_counter() - t_start:.0f} s", flush=True)
+  print(
+    f"\nwrote {workdir / f'results{tag}.json'}, {workdir / f'demo{tag}.png'}, "
+    f"{workdir / f'export{tag}' / 'hf'} in {time.perf_counter() - t_start:.0f} s",
+    flush=True,
+  )
   return results
 
 
-VARIANTS = {"paper": {}, "hard": {"hard_fraction": 0.5},
-            "hard_no_ltext": {"hard_fraction": 0.5, "lambda_text": 0.0}}
+VARIANTS = {
+  "paper": {},
+  "hard": {"hard_fraction": 0.5},
+  "hard_no_ltext": {"hard_fraction": 0.5, "lambda_text": 0.0},
+}
 
 
-def compare(workdir: str | Path, seeds: Sequence[int], variants: dict | None = None,
-            **kwargs) -> dict:
+def compare(
+  workdir: str | Path, seeds: Sequence[int], variants: dict | None = None, **kwargs
+) -> dict:
   """`run` per seed and variant ({name: `run` options}; default `VARIANTS`: paper-style
   data, half the presence pairs hard, and that without L_text), sharing each seed's
   pretrained model in workdir/seed<S>; writes compare.json and prints the mean and sample
@@ -249,8 +319,7 @@ def compare(workdir: str | Path, seeds: Sequence[int], variants: dict | None = N
   for seed in seeds:
     for name, options in variants.items():
       runs[name].append(run(workdir / f"seed{seed}", seed=seed, **options, **kwargs))
-  summary = {"seeds": list(seeds), "variants": variants, "runs": runs,
-             "table": compare_table(runs)}
+  summary = {"seeds": list(seeds), "variants": variants, "runs": runs, "table": compare_table(runs)}
   (workdir / "compare.json").write_text(json.dumps(summary, indent=2))
   print("\n" + summary["table"], flush=True)
   return summary
@@ -265,8 +334,10 @@ def _mean_sd(values: Sequence[float]) -> str:
 def compare_table(runs: dict) -> str:
   """Markdown: per metric, mean +- s.d. over seeds before and after each variant."""
   names = list(runs)
-  rows = ["| task | chance | pretrained | " + " | ".join(names) + " |",
-          "|---|---:|---:|" + "---:|" * len(names)]
+  rows = [
+    "| task | chance | pretrained | " + " | ".join(names) + " |",
+    "|---|---:|---:|" + "---:|" * len(names),
+  ]
   first = runs[names[0]][0]["omni_negclip"]
   for key in METRICS:
     name = key.removesuffix("_acc")
@@ -282,32 +353,58 @@ PRETRAIN_LR = 1e-3
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="negclip-demo", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", default="runs/demo",
-                      help="output folder (pretrained model, runs, results, plot, export)")
+  parser = argparse.ArgumentParser(
+    prog="negclip-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  parser.add_argument(
+    "--workdir",
+    default="runs/demo",
+    help="output folder (pretrained model, runs, results, plot, export)",
+  )
   parser.add_argument("--fast", action="store_true", help="a few steps of a tiny model (tests)")
-  parser.add_argument("--pretrain-steps", type=int,
-                      help=f"plain-caption pretraining steps (default {PRETRAIN_STEPS})")
-  parser.add_argument("--finetune-steps", type=int,
-                      help="Omni-NegCLIP steps (default: the demo config's total_steps)")
-  parser.add_argument("--eval-num", type=int,
-                      help="examples per NegShapes task (default: the demo config's eval_num)")
-  parser.add_argument("--seed", type=int, default=0,
-                      help="seeds every phase: pretraining, fine-tuning, evaluation")
-  parser.add_argument("--hard-fraction", type=float, default=0.0,
-                      help="fraction of fine-tuning presence pairs that are hard negatives")
+  parser.add_argument(
+    "--pretrain-steps", type=int, help=f"plain-caption pretraining steps (default {PRETRAIN_STEPS})"
+  )
+  parser.add_argument(
+    "--finetune-steps", type=int, help="Omni-NegCLIP steps (default: the demo config's total_steps)"
+  )
+  parser.add_argument(
+    "--eval-num", type=int, help="examples per NegShapes task (default: the demo config's eval_num)"
+  )
+  parser.add_argument(
+    "--seed", type=int, default=0, help="seeds every phase: pretraining, fine-tuning, evaluation"
+  )
+  parser.add_argument(
+    "--hard-fraction",
+    type=float,
+    default=0.0,
+    help="fraction of fine-tuning presence pairs that are hard negatives",
+  )
   parser.add_argument("--lambda-text", type=float, help="weight of L_text (config default)")
   parser.add_argument("--objective", help="config.objective (default: the demo config's)")
-  parser.add_argument("--compare-seeds", type=int, nargs="+",
-                      help="per seed: paper-style data vs hard negatives (`VARIANTS`)")
+  parser.add_argument(
+    "--compare-seeds",
+    type=int,
+    nargs="+",
+    help="per seed: paper-style data vs hard negatives (`VARIANTS`)",
+  )
   args = parser.parse_args(argv)
-  options = dict(fast=args.fast, pretrain_steps=args.pretrain_steps,
-                 finetune_steps=args.finetune_steps, eval_num=args.eval_num)
+  options = dict(
+    fast=args.fast,
+    pretrain_steps=args.pretrain_steps,
+    finetune_steps=args.finetune_steps,
+    eval_num=args.eval_num,
+  )
   if args.compare_seeds:
     return compare(args.workdir, args.compare_seeds, **options)
-  return run(args.workdir, seed=args.seed, hard_fraction=args.hard_fraction,
-             lambda_text=args.lambda_text, objective=args.objective, **options)
+  return run(
+    args.workdir,
+    seed=args.seed,
+    hard_fraction=args.hard_fraction,
+    lambda_text=args.lambda_text,
+    objective=args.objective,
+    **options,
+  )
 
 
 def cli():

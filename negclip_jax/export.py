@@ -19,11 +19,9 @@ import os
 
 from etils import epath
 
-from negclip_jax import storage
-from negclip_jax import configs
+from negclip_jax import configs, rundir, storage
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
-from negclip_jax import rundir
 from negclip_jax.train import param_groups
 
 FORMATS = ("hf", "openai")
@@ -34,62 +32,102 @@ def openai_loadable(config) -> bool:
   """Whether OpenAI `clip.model.build_model` rebuilds `config` from its state dict alone:
   heads = width / 64, QuickGELU, argmax-EOT pooling, LayerNorm eps 1e-5."""
   towers = (config.text, config.vision)
-  return (all(t.hidden_size == 64 * t.num_attention_heads and t.hidden_act == "quick_gelu"
-              and t.layer_norm_eps == 1e-5 for t in towers)
-          and config.text.eos_token_id == model_lib.OPENAI_EOS_TOKEN_ID)
+  return (
+    all(
+      t.hidden_size == 64 * t.num_attention_heads
+      and t.hidden_act == "quick_gelu"
+      and t.layer_norm_eps == 1e-5
+      for t in towers
+    )
+    and config.text.eos_token_id == model_lib.OPENAI_EOS_TOKEN_ID
+  )
 
 
-def model_card(model_config, params, run_config: dict | None = None, step: int | None = None,
-               evaluation: dict | None = None, name: str = "negclip-jax CLIP") -> str:
+def model_card(
+  model_config,
+  params,
+  run_config: dict | None = None,
+  step: int | None = None,
+  evaluation: dict | None = None,
+  name: str = "negclip-jax CLIP",
+) -> str:
   """README.md (markdown with Hugging Face metadata) describing the model and its training.
 
   `run_config`: the training config JSON (None for a converted model); `evaluation`: the
   final evaluation, {metric: value} or {task: {metric: value}} (shown as "task.metric").
   """
   text, vision = model_config.text, model_config.vision
-  rows = [("architecture", f"CLIP: ViT {vision.num_hidden_layers}x{vision.hidden_size}, patch "
-           f"{vision.patch_size}, {vision.image_size} px; text transformer "
-           f"{text.num_hidden_layers}x{text.hidden_size}, context "
-           f"{text.max_position_embeddings}; embeddings {model_config.projection_dim}-d")]
+  rows = [
+    (
+      "architecture",
+      f"CLIP: ViT {vision.num_hidden_layers}x{vision.hidden_size}, patch "
+      f"{vision.patch_size}, {vision.image_size} px; text transformer "
+      f"{text.num_hidden_layers}x{text.hidden_size}, context "
+      f"{text.max_position_embeddings}; embeddings {model_config.projection_dim}-d",
+    )
+  ]
   if run_config is not None:
     c, d = run_config, run_config["data"]
-    labels = param_groups.label_params(params, c["layers"],
-                                    extra_trainable=tuple(c.get("extra_trainable", ())))
+    labels = param_groups.label_params(
+      params, c["layers"], extra_trainable=tuple(c.get("extra_trainable", ()))
+    )
     trained = param_groups.summary(params, labels).replace("\n", "; ")
-    sources = {"ccneg": f"CC-Neg (`{d.get('ccneg_path')}`)",
-               "coco_negation": f"NegationCLIP COCO (`{d.get('coco_json')}`)",
-               "negshapes": f"NegShapes ({d.get('negshapes_num')} generated examples)"}
+    sources = {
+      "ccneg": f"CC-Neg (`{d.get('ccneg_path')}`)",
+      "coco_negation": f"NegationCLIP COCO (`{d.get('coco_json')}`)",
+      "negshapes": f"NegShapes ({d.get('negshapes_num')} generated examples)",
+    }
     rows += [
-        ("base model", f"`{c['init']}`" if c["init"] else f"random init of preset `{c['model']}`"),
-        ("trained parameters", f"`layers={c['layers']}`: {trained}; the vision tower is frozen"),
-        ("objective", f"`{c['objective']}` with lambda_stage2={c['lambda_stage2']}, "
-         f"lambda_orig={c['lambda_orig']}, lambda_text={c['lambda_text']}, "
-         f"margin={c['margin']}"),
-        ("steps", f"{step} (batch {c['batch_size']} per stream, AdamW lr {c['learning_rate']}, "
-         f"weight decay {c['weight_decay']}, {c['schedule']} schedule, "
-         f"{c['warmup_steps']} warm-up steps, seed {c['seed']})"),
-        ("data", f"presence: {sources.get(d['presence'], d['presence'])}; absence: "
-         f"{sources.get(d['absence'], d['absence'])}"),
+      ("base model", f"`{c['init']}`" if c["init"] else f"random init of preset `{c['model']}`"),
+      ("trained parameters", f"`layers={c['layers']}`: {trained}; the vision tower is frozen"),
+      (
+        "objective",
+        f"`{c['objective']}` with lambda_stage2={c['lambda_stage2']}, "
+        f"lambda_orig={c['lambda_orig']}, lambda_text={c['lambda_text']}, "
+        f"margin={c['margin']}",
+      ),
+      (
+        "steps",
+        f"{step} (batch {c['batch_size']} per stream, AdamW lr {c['learning_rate']}, "
+        f"weight decay {c['weight_decay']}, {c['schedule']} schedule, "
+        f"{c['warmup_steps']} warm-up steps, seed {c['seed']})",
+      ),
+      (
+        "data",
+        f"presence: {sources.get(d['presence'], d['presence'])}; absence: "
+        f"{sources.get(d['absence'], d['absence'])}",
+      ),
     ]
   table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
   if evaluation:  # flat {metric: value} or nested {task: {metric: value}}
     shown = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-    results = "\n".join(["| metric | value |", "|---|---:|",
-                         *(f"| {k} | {shown(v)} |"
-                           for k, v in configs.flat_config(evaluation).items())])
+    results = "\n".join(
+      [
+        "| metric | value |",
+        "|---|---:|",
+        *(f"| {k} | {shown(v)} |" for k, v in configs.flat_config(evaluation).items()),
+      ]
+    )
   else:
     results = "No evaluation was logged for this checkpoint."
   if openai_loadable(model_config):
-    openai = ("```python\nimport torch\nfrom clip.model import build_model  # pip install "
-              "openai-clip\nmodel = build_model(torch.load(\"model.pt\")).float().eval()\n```")
+    openai = (
+      "```python\nimport torch\nfrom clip.model import build_model  # pip install "
+      'openai-clip\nmodel = build_model(torch.load("model.pt")).float().eval()\n```'
+    )
   else:
-    openai = ("This architecture departs from OpenAI's conventions (heads = width / 64, "
-              "QuickGELU), so `clip.model.build_model` cannot rebuild it from `model.pt` alone; "
-              "`negclip_jax.load_pretrained(\"DIR\")` reads model.pt with its model_config.json.")
-  intro = ("A CLIP fine-tuned for negation with Omni-NegCLIP (arXiv 2603.29258) by negclip-jax "
-           "(JAX/Flax), exported to PyTorch formats." if run_config is not None else
-           "A CLIP converted by negclip-jax; it was not trained by negclip-jax, so no training "
-           "facts are known.")
+    openai = (
+      "This architecture departs from OpenAI's conventions (heads = width / 64, "
+      "QuickGELU), so `clip.model.build_model` cannot rebuild it from `model.pt` alone; "
+      '`negclip_jax.load_pretrained("DIR")` reads model.pt with its model_config.json.'
+    )
+  intro = (
+    "A CLIP fine-tuned for negation with Omni-NegCLIP (arXiv 2603.29258) by negclip-jax "
+    "(JAX/Flax), exported to PyTorch formats."
+    if run_config is not None
+    else "A CLIP converted by negclip-jax; it was not trained by negclip-jax, so no training "
+    "facts are known."
+  )
   return f"""---
 library_name: transformers
 pipeline_tag: zero-shot-image-classification
@@ -121,8 +159,9 @@ OpenAI format (`negclip-export ... --format openai`: `model.pt`, an OpenAI-named
 """
 
 
-def export(model, params, tokenizer, out: str | os.PathLike, formats=("hf",),
-           card: str = "") -> dict[str, epath.Path]:
+def export(
+  model, params, tokenizer, out: str | os.PathLike, formats=("hf",), card: str = ""
+) -> dict[str, epath.Path]:
   """Writes each of `formats` (local or ``gs://``) with `card` as README.md ->
   {format: directory}. One format goes into `out`, several into `out/<format>`."""
   unknown = sorted(set(formats) - set(FORMATS))
@@ -131,8 +170,9 @@ def export(model, params, tokenizer, out: str | os.PathLike, formats=("hf",),
   out = storage.path(out)
   dirs = {f: out if len(formats) == 1 else out / f for f in formats}
   for fmt, directory in dirs.items():
-    convert.save_pretrained(model, params, directory, format=fmt,
-                            tokenizer=tokenizer if fmt == "hf" else None)
+    convert.save_pretrained(
+      model, params, directory, format=fmt, tokenizer=tokenizer if fmt == "hf" else None
+    )
     (directory / CARD).write_text(card, encoding="utf-8")
   return dirs
 
@@ -144,28 +184,46 @@ def load(source: str | os.PathLike):
     name = f"{storage.path(source).name} (converted by negclip-jax)"
     card = model_card(loaded.model.config, loaded.params, name=name)
   else:
-    card = model_card(loaded.model.config, loaded.params, loaded.run_config, loaded.step,
-                      rundir.evaluation_at(loaded.run_dir, loaded.step),
-                      name=f"{loaded.run_dir.name} (Omni-NegCLIP, negclip-jax)")
+    card = model_card(
+      loaded.model.config,
+      loaded.params,
+      loaded.run_config,
+      loaded.step,
+      rundir.evaluation_at(loaded.run_dir, loaded.step),
+      name=f"{loaded.run_dir.name} (Omni-NegCLIP, negclip-jax)",
+    )
   return loaded.model, loaded.params, loaded.tokenizer, card
 
 
 def export_run(result: dict, config, out: str | os.PathLike, name: str) -> epath.Path:
   """HF export of `train.train`'s result (its "eval" on the card) into `out`."""
-  card = model_card(result["model"].config, result["params"], json.loads(config.to_json()),
-                    result["step"], result["eval"], name=f"{name} (Omni-NegCLIP, negclip-jax)")
-  return export(result["model"], result["params"], result["tokenizer"], out, ("hf",),
-                card)["hf"]
+  card = model_card(
+    result["model"].config,
+    result["params"],
+    json.loads(config.to_json()),
+    result["step"],
+    result["eval"],
+    name=f"{name} (Omni-NegCLIP, negclip-jax)",
+  )
+  return export(result["model"], result["params"], result["tokenizer"], out, ("hf",), card)["hf"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, epath.Path]:
   """Console script `negclip-export` (= python -m negclip_jax.export)."""
-  p = argparse.ArgumentParser(prog="negclip-export", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("source", metavar="RUN_OR_CHECKPOINT",
-                 help="run dir, RUN/checkpoints/STEP, or any model load_pretrained reads")
-  p.add_argument("--format", choices=[*FORMATS, "both"], default="hf",
-                 help="hf: transformers CLIPModel directory; openai: model.pt for OpenAI clip")
+  p = argparse.ArgumentParser(
+    prog="negclip-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "source",
+    metavar="RUN_OR_CHECKPOINT",
+    help="run dir, RUN/checkpoints/STEP, or any model load_pretrained reads",
+  )
+  p.add_argument(
+    "--format",
+    choices=[*FORMATS, "both"],
+    default="hf",
+    help="hf: transformers CLIPModel directory; openai: model.pt for OpenAI clip",
+  )
   p.add_argument("--out", required=True, help="output directory")
   args = p.parse_args(argv)
   model, params, tokenizer, card = load(args.source)

@@ -29,16 +29,17 @@ def gather_blocks(local: np.ndarray, n: int) -> np.ndarray:
     return local
   per_proc = math.ceil(n / procs)
   padded = np.zeros((per_proc,) + local.shape[1:], local.dtype)
-  padded[:len(local)] = local
+  padded[: len(local)] = local
   every = multihost_utils.process_allgather(padded)  # [procs, per_proc, D]
-  return np.concatenate([every[p][:max(0, min(n, (p + 1) * per_proc) - p * per_proc)]
-                         for p in range(procs)])
+  return np.concatenate(
+    [every[p][: max(0, min(n, (p + 1) * per_proc) - p * per_proc)] for p in range(procs)]
+  )
 
 
 def host_slice(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
   """Process p's contiguous share [p * B / P, (p + 1) * B / P) of a global batch [B]."""
   b = len(indices) // process_count
-  return indices[process_index * b:(process_index + 1) * b]
+  return indices[process_index * b : (process_index + 1) * b]
 
 
 def all_processes(flag: bool) -> bool:
@@ -56,5 +57,7 @@ def gather_failures(failed: Mapping[int, str], n: int) -> dict[int, str]:
   mask = np.zeros(n, np.int32)
   mask[list(failed)] = 1
   every = np.asarray(multihost_utils.process_allgather(mask)).reshape(-1, n).any(0)
-  return {int(i): failed.get(int(i), "could not be loaded (see the log of the process that "
-                                     "loaded it)") for i in np.flatnonzero(every)}
+  return {
+    int(i): failed.get(int(i), "could not be loaded (see the log of the process that loaded it)")
+    for i in np.flatnonzero(every)
+  }

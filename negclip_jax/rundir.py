@@ -61,7 +61,8 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 def write_model(workdir: epath.Path, model_config: model_lib.CLIPConfig, tokenizer) -> None:
   """model_config.json and tokenizer/: what `run_model` reads back."""
   (workdir / MODEL_CONFIG_FILE).write_text(
-      json.dumps(model_lib.config_to_dict(model_config), indent=2))
+    json.dumps(model_lib.config_to_dict(model_config), indent=2)
+  )
   tokenizer.save_pretrained(workdir / TOKENIZER_DIR)
 
 
@@ -70,7 +71,9 @@ def run_model(run_dir: str | os.PathLike, dtype=jnp.float32):
   run_dir = storage.path(run_dir)
   config_file = run_dir / MODEL_CONFIG_FILE
   if not config_file.is_file():
-    raise FileNotFoundError(f"{run_dir} has no {MODEL_CONFIG_FILE}: not a negclip_jax run directory")
+    raise FileNotFoundError(
+      f"{run_dir} has no {MODEL_CONFIG_FILE}: not a negclip_jax run directory"
+    )
   config = model_lib.config_from_dict(json.loads(config_file.read_text()), str(config_file))
   tok_dir = run_dir / TOKENIZER_DIR
   tokenizer = ClipTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else ClipTokenizer()
@@ -80,6 +83,7 @@ def run_model(run_dir: str | os.PathLike, dtype=jnp.float32):
 @dataclasses.dataclass(frozen=True)
 class Loaded:
   """A model with its params and tokenizer; for a training run also where it came from."""
+
   model: model_lib.CLIP
   params: Any
   tokenizer: ClipTokenizer
@@ -153,9 +157,13 @@ def drop_rows_after(path: epath.Path, step: int) -> None:
   rows = path.read_text().splitlines(keepends=True)
   keep = [r for r in rows if not r.strip() or json.loads(r).get("step", 0) <= step]
   if len(keep) < len(rows):
-    logger.warning("%s: dropped %d rows of steps after %d, logged by a run that went past its "
-                   "last readable checkpoint; those steps are trained again", path,
-                   len(rows) - len(keep), step)
+    logger.warning(
+      "%s: dropped %d rows of steps after %d, logged by a run that went past its "
+      "last readable checkpoint; those steps are trained again",
+      path,
+      len(rows) - len(keep),
+      step,
+    )
     storage.write_atomic(path, "".join(keep).encode())
 
 
@@ -173,6 +181,7 @@ class MetricsLog:
     drop_rows_after(workdir / METRICS_FILE, start_step)
     self.jsonl = storage.AppendLog(workdir / METRICS_FILE)
     from tensorboardX import SummaryWriter
+
     self.tb_dir = storage.LocalMirror(workdir / TENSORBOARD_DIR)
     self.tb = SummaryWriter(self.tb_dir.local)
 

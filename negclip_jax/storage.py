@@ -40,8 +40,12 @@ def is_absolute(p: str) -> bool:
   return os.path.isabs(p) or is_remote(p)
 
 
-def open(file: str | os.PathLike, mode: str = "r", encoding: str | None = None,  # noqa: A001
-         newline: str | None = None):
+def open(
+  file: str | os.PathLike,
+  mode: str = "r",
+  encoding: str | None = None,  # noqa: A001
+  newline: str | None = None,
+):
   """`builtins.open` for a local file; a ``gs://`` object is read whole into memory.
 
   Only reading is supported remotely (`write_atomic` writes); `encoding` and `newline`
@@ -52,8 +56,9 @@ def open(file: str | os.PathLike, mode: str = "r", encoding: str | None = None, 
   if mode not in ("r", "rb"):
     raise ValueError(f"{file}: mode {mode!r}; only 'r'/'rb' open a gs:// object (use write_atomic)")
   data = io.BytesIO(epath.Path(file).read_bytes())
-  return data if mode == "rb" else io.TextIOWrapper(data, encoding=encoding or "utf-8",
-                                                    newline=newline)
+  return (
+    data if mode == "rb" else io.TextIOWrapper(data, encoding=encoding or "utf-8", newline=newline)
+  )
 
 
 def isfile(p: str | os.PathLike) -> bool:
@@ -65,7 +70,7 @@ def isdir(p: str | os.PathLike) -> bool:
 
 
 def file_stamp(p: str) -> str | None:
-  """"<size> <mtime>" of a file (one `stat`; one request for a ``gs://`` object), or None
+  """ "<size> <mtime>" of a file (one `stat`; one request for a ``gs://`` object), or None
   if it is not a file."""
   if is_remote(p):
     try:
@@ -91,8 +96,10 @@ def files_exist(paths: Sequence[str]) -> list[bool]:
   for folder in by_folder:
     d = epath.Path(folder)
     listed[folder] = {os.path.basename(os.fspath(c)) for c in d.iterdir()} if d.is_dir() else set()
-  return [os.path.basename(p) in listed[os.path.dirname(p)] if is_remote(p) else os.path.isfile(p)
-          for p in paths]
+  return [
+    os.path.basename(p) in listed[os.path.dirname(p)] if is_remote(p) else os.path.isfile(p)
+    for p in paths
+  ]
 
 
 def write_atomic(file: str | os.PathLike, data: bytes) -> None:

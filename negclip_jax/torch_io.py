@@ -29,8 +29,9 @@ from typing import Any
 try:
   import torch
 except ImportError as e:  # torch is the optional extra `negclip-jax[torch]`
-  raise ImportError("reading PyTorch files (.pt, .bin) needs torch: "
-                    "pip install 'negclip-jax[torch]'") from e
+  raise ImportError(
+    "reading PyTorch files (.pt, .bin) needs torch: pip install 'negclip-jax[torch]'"
+  ) from e
 
 from negclip_jax import storage as storage_lib
 
@@ -38,10 +39,17 @@ SAFE_GLOBALS = (argparse.Namespace,)
 """The only non-tensor classes a ``torch.save`` file may hold."""
 
 _STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64, "IntStorage": torch.int32, "ShortStorage": torch.int16,
-    "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool}
+  "FloatStorage": torch.float32,
+  "HalfStorage": torch.float16,
+  "BFloat16Storage": torch.bfloat16,
+  "DoubleStorage": torch.float64,
+  "LongStorage": torch.int64,
+  "IntStorage": torch.int32,
+  "ShortStorage": torch.int16,
+  "CharStorage": torch.int8,
+  "ByteStorage": torch.uint8,
+  "BoolStorage": torch.bool,
+}
 """The storage classes a TorchScript pickle names, by the dtype of their elements."""
 
 
@@ -77,13 +85,16 @@ def load(path: str | os.PathLike, hint: str = "re-save it as a plain dict of ten
       return torch.load(source, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     raise UnreadableTorchFileError(
-        path, f"cannot be loaded by torch's safe loader (weights_only=True): {_reason(e)}. "
-        "The file holds objects other than tensors, plain containers, strings, numbers and "
-        f"{', '.join(f'{c.__module__}.{c.__qualname__}' for c in SAFE_GLOBALS)}; negclip-jax "
-        f"never unpickles arbitrary objects. If you trust the file, {hint}") from e
+      path,
+      f"cannot be loaded by torch's safe loader (weights_only=True): {_reason(e)}. "
+      "The file holds objects other than tensors, plain containers, strings, numbers and "
+      f"{', '.join(f'{c.__module__}.{c.__qualname__}' for c in SAFE_GLOBALS)}; negclip-jax "
+      f"never unpickles arbitrary objects. If you trust the file, {hint}",
+    ) from e
   except Exception as e:  # torch reports corrupt files as RuntimeError, KeyError, EOFError, ...
     raise UnreadableTorchFileError(
-        path, f"not a readable torch file ({type(e).__name__}: {_first_line(e)})") from e
+      path, f"not a readable torch file ({type(e).__name__}: {_first_line(e)})"
+    ) from e
 
 
 def _is_torchscript(source) -> bool:
@@ -112,6 +123,7 @@ def _first_line(error: Exception) -> str:
 
 class _ScriptObject:
   """An inert stand-in for a ``__torch__.*`` object: keeps its pickled attributes."""
+
   qualname = ""
 
   def __setstate__(self, state):
@@ -142,14 +154,19 @@ class _ArchiveUnpickler(pickle.Unpickler):
     raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], torch.dtype)):
+    if not (
+      isinstance(pid, tuple)
+      and len(pid) == 5
+      and pid[0] == "storage"
+      and isinstance(pid[1], torch.dtype)
+    ):
       raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
     _, dtype, key, _, _ = pid
     if key not in self._storages:
       raw = bytearray(self._archive.read(f"{self._prefix}/data/{key}"))
-      self._storages[key] = (torch.frombuffer(raw, dtype=dtype) if raw
-                             else torch.empty(0, dtype=dtype))
+      self._storages[key] = (
+        torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+      )
     return self._storages[key]
 
 
@@ -179,9 +196,11 @@ def read_torchscript(path: str | os.PathLike, source=None) -> dict[str, torch.Te
       return state_dict
   except Exception as e:  # refused globals, missing entries, bad shapes or code: all refusals
     raise UnreadableTorchFileError(
-        path, f"TorchScript archive refused by negclip-jax's weights-only reader "
-        f"({type(e).__name__}: {_first_line(e)}); it is never run with torch.jit.load. "
-        "If you trust the file, re-save its state_dict() with torch.save") from e
+      path,
+      f"TorchScript archive refused by negclip-jax's weights-only reader "
+      f"({type(e).__name__}: {_first_line(e)}); it is never run with torch.jit.load. "
+      "If you trust the file, re-save its state_dict() with torch.save",
+    ) from e
 
 
 class _Declarations:
@@ -198,9 +217,13 @@ class _Declarations:
       self._files[file] = ast.parse(self._archive.read(file).decode("utf-8"))
     for node in self._files[file].body:
       if isinstance(node, ast.ClassDef) and node.name == name:
-        lists = {t.id: ast.literal_eval(stmt.value) for stmt in node.body
-                 if isinstance(stmt, ast.Assign) for t in stmt.targets
-                 if isinstance(t, ast.Name) and t.id in ("__parameters__", "__buffers__")}
+        lists = {
+          t.id: ast.literal_eval(stmt.value)
+          for stmt in node.body
+          if isinstance(stmt, ast.Assign)
+          for t in stmt.targets
+          if isinstance(t, ast.Name) and t.id in ("__parameters__", "__buffers__")
+        }
         return [*lists.get("__parameters__", []), *lists.get("__buffers__", [])]
     raise KeyError(f"class {qualname} is not declared in {file}")
 

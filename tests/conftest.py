@@ -5,8 +5,9 @@ import tempfile
 
 # Tests run on CPU with 4 fake devices, so every pmapped path is multi-device here.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=4").strip()
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
 
 # One persistent compilation cache for the session, shared with every subprocess (they
 # inherit the environment): the many tiny training runs compile the same programs.

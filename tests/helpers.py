@@ -11,12 +11,11 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
 from flax import traverse_util
 
 from negclip_jax import rundir
-from negclip_jax.eval import registry
 from negclip_jax.configs import tiny
+from negclip_jax.eval import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,8 +47,12 @@ def subprocess_env(**extra) -> dict:
   """This environment for a child Python that imports this checkout (and tests/), on CPU,
   without the parent's fake-device XLA_FLAGS (the child sets its own)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(PYTHON=sys.executable, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-             PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
+  env.update(
+    PYTHON=sys.executable,
+    PYTHONUNBUFFERED="1",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}",
+  )
   env.update(extra)
   return env
 
@@ -93,20 +96,42 @@ def summary(text: str) -> dict:
   return json.loads(lines[-1])
 
 
-def cluster_cmd(workdir: Path, *options: str, config_file: Path = ROOT / "configs/tiny.py",
-                train_flags: tuple[str, ...] = ()) -> list[str]:
-  train_args = ["--config", str(config_file), "--workdir", str(workdir),
-                *(f"--config.{k}={v}" for k, v in CLUSTER_OVERRIDES.items()),
-                f"--heartbeat_timeout={HEARTBEAT_S}", *train_flags]
-  return ["bash", str(LOCAL_CLUSTER), "--processes", "2", "--devices-per-process", "2",
-          "--port", str(free_port()), *options, "--", *train_args]
+def cluster_cmd(
+  workdir: Path,
+  *options: str,
+  config_file: Path = ROOT / "configs/tiny.py",
+  train_flags: tuple[str, ...] = (),
+) -> list[str]:
+  train_args = [
+    "--config",
+    str(config_file),
+    "--workdir",
+    str(workdir),
+    *(f"--config.{k}={v}" for k, v in CLUSTER_OVERRIDES.items()),
+    f"--heartbeat_timeout={HEARTBEAT_S}",
+    *train_flags,
+  ]
+  return [
+    "bash",
+    str(LOCAL_CLUSTER),
+    "--processes",
+    "2",
+    "--devices-per-process",
+    "2",
+    "--port",
+    str(free_port()),
+    *options,
+    "--",
+    *train_args,
+  ]
 
 
 def run_cluster(workdir: Path, env: dict, timeout: int = 400, **cmd) -> tuple[dict, str]:
   """Runs the 2-process cluster (`cluster_cmd` keywords) to completion -> (the summary both
   printed, process 0's output)."""
-  proc = subprocess.run(cluster_cmd(workdir, **cmd), cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=timeout)
+  proc = subprocess.run(
+    cluster_cmd(workdir, **cmd), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+  )
   log1 = (workdir / "cluster_logs" / "process_1.log").read_text()
   assert proc.returncode == 0, proc.stderr[-5000:] + log1[-3000:]
   first, second = summary(proc.stdout), summary(log1)
@@ -123,17 +148,18 @@ EVAL_NUM = 24
 def config_with_eval(tmp_path: Path) -> Path:
   """A config file: tiny with a NegShapes evaluator run at the end of training."""
   path = tmp_path / "tiny_with_eval.py"
-  path.write_text("from negclip_jax.configs import tiny\n\n\ndef get_config():\n"
-                  f"  c = tiny.get_config()\n  c.evals.negshapes = dict(num={EVAL_NUM})\n"
-                  "  return c\n")
+  path.write_text(
+    "from negclip_jax.configs import tiny\n\n\ndef get_config():\n"
+    f"  c = tiny.get_config()\n  c.evals.negshapes = dict(num={EVAL_NUM})\n"
+    "  return c\n"
+  )
   return path
 
 
 def assert_eval_equals_one_process(workdir: Path, evaluated: dict):
   """`evaluated` (a run's final `eval`) = the NegShapes task run here on its final params."""
-  model, params, tokenizer = rundir.load_run(workdir)
-  expected = registry.run_task("negshapes", model, params, tokenizer, num=EVAL_NUM,
-                               progress=False)
+  model, params, tokenizer = rundir.load_model(workdir)
+  expected = registry.run_task("negshapes", model, params, tokenizer, num=EVAL_NUM, progress=False)
   assert set(evaluated) == {"negshapes"} and set(evaluated["negshapes"]) == set(expected)
   for key, value in expected.items():
     np.testing.assert_allclose(evaluated["negshapes"][key], value, rtol=1e-6, err_msg=key)
@@ -156,21 +182,41 @@ def write_file_datasets(root: Path, n: int, size: int) -> dict:
   for i in range(n):
     Image.fromarray(data["images"][i]).save(root / "cc3m/images" / f"{i}.png")
     Image.fromarray(data["distractor_images"][i]).save(root / "coco" / f"{1000 + i}.png")
-  torch.save({"image_paths": [f"/workspace/datasets/cc3m/images/{i}.png" for i in range(n)],
-              "annotations": [{"json": {"caption": c}, "sop_data": {"negative-prompt": m}}
-                              for c, m in zip(data["captions"], data["negated"])]},
-             root / "ccneg_preprocessed.pt")
+  torch.save(
+    {
+      "image_paths": [f"/workspace/datasets/cc3m/images/{i}.png" for i in range(n)],
+      "annotations": [
+        {"json": {"caption": c}, "sop_data": {"negative-prompt": m}}
+        for c, m in zip(data["captions"], data["negated"])
+      ],
+    },
+    root / "ccneg_preprocessed.pt",
+  )
   ids = [1000 + i for i in range(n)][::-1]  # listed out of order; the mapping uses sorted ids
-  (root / "captions_train2017.json").write_text(json.dumps(
-      {"images": [{"id": k, "file_name": f"{k}.png"} for k in ids], "annotations": []}))
+  (root / "captions_train2017.json").write_text(
+    json.dumps({"images": [{"id": k, "file_name": f"{k}.png"} for k in ids], "annotations": []})
+  )
   torch.save([[i, (i + 1) % n] for i in range(n)], root / "distractor_image_mapping.pt")
-  (root / "negation_coco.json").write_text(json.dumps({
-      "images": [{"id": i, "file_name": f"{i}.png"} for i in range(n)],
-      "annotations": [{"image_id": i, "caption": c, "updated_caption": u}
-                      for i, (c, u) in enumerate(zip(data["captions"], data["updated"]))]}))
-  return dict(presence="ccneg", absence="coco_negation", ccneg_path=str(root / "ccneg_preprocessed.pt"),
-              ccneg_image_root=str(root / "cc3m"), ccneg_eval_size=0,
-              coco_json=str(root / "negation_coco.json"), coco_image_dir=str(root / "cc3m/images"),
-              distractor_mapping=str(root / "distractor_image_mapping.pt"),
-              distractor_coco_json=str(root / "captions_train2017.json"),
-              distractor_image_dir=str(root / "coco"))
+  (root / "negation_coco.json").write_text(
+    json.dumps(
+      {
+        "images": [{"id": i, "file_name": f"{i}.png"} for i in range(n)],
+        "annotations": [
+          {"image_id": i, "caption": c, "updated_caption": u}
+          for i, (c, u) in enumerate(zip(data["captions"], data["updated"]))
+        ],
+      }
+    )
+  )
+  return dict(
+    presence="ccneg",
+    absence="coco_negation",
+    ccneg_path=str(root / "ccneg_preprocessed.pt"),
+    ccneg_image_root=str(root / "cc3m"),
+    ccneg_eval_size=0,
+    coco_json=str(root / "negation_coco.json"),
+    coco_image_dir=str(root / "cc3m/images"),
+    distractor_mapping=str(root / "distractor_image_mapping.pt"),
+    distractor_coco_json=str(root / "captions_train2017.json"),
+    distractor_image_dir=str(root / "coco"),
+  )

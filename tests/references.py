@@ -49,7 +49,9 @@ def open_clip_model():
     def __init__(self, *args, **kwargs):
       raise NotImplementedError("torchvision is not installed")
 
-  stubs = {n: types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.misc")}
+  stubs = {
+    n: types.ModuleType(n) for n in ("torchvision", "torchvision.ops", "torchvision.ops.misc")
+  }
   stubs["torchvision.ops.misc"].FrozenBatchNorm2d = FrozenBatchNorm2d
   try:
     sys.modules.update(stubs)

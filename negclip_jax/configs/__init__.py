@@ -34,8 +34,9 @@ def resolve(value: str) -> str:
   name = path.removesuffix(".py")
   if name in NAMES:
     return str(DIR / f"{name}.py") + sep + args
-  raise ValueError(f"--config {path!r} is neither a file nor a shipped config name "
-                   f"({', '.join(NAMES)})")
+  raise ValueError(
+    f"--config {path!r} is neither a file nor a shipped config name ({', '.join(NAMES)})"
+  )
 
 
 def load(value: str):
@@ -79,7 +80,7 @@ def meanings() -> dict[str, str]:
     if token.type == tokenize.COMMENT:
       code = [t.string for t in line_tokens[:-1]]
       if len(code) > 3 and code[:2] == ["c", "."] and "=" in code:
-        out["".join(code[2:code.index("=")])] = token.string.lstrip("# ").strip()
+        out["".join(code[2 : code.index("=")])] = token.string.lstrip("# ").strip()
   return out
 
 
@@ -88,8 +89,10 @@ def help_table(config) -> str:
   flat = flat_config(json.loads(config.to_json()))
   meaning = meanings()
   width = max(len(k) for k in flat) + 2
-  return "\n".join(f"  --config.{k.ljust(width)}{json.dumps(v):<16} {meaning.get(k, '')}".rstrip()
-                   for k, v in flat.items())
+  return "\n".join(
+    f"  --config.{k.ljust(width)}{json.dumps(v):<16} {meaning.get(k, '')}".rstrip()
+    for k, v in flat.items()
+  )
 
 
 def flat_config(config: dict, prefix: str = "") -> dict:

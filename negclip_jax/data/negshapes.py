@@ -68,24 +68,24 @@ import numpy as np
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "white")
 RGB = {
-    "red": (220, 40, 40),
-    "green": (40, 200, 70),
-    "blue": (50, 90, 240),
-    "yellow": (235, 220, 50),
-    "purple": (165, 60, 215),
-    "white": (240, 240, 240),
+  "red": (220, 40, 40),
+  "green": (40, 200, 70),
+  "blue": (50, 90, 240),
+  "yellow": (235, 220, 50),
+  "purple": (165, 60, 215),
+  "white": (240, 240, 240),
 }
 MAX_OBJECTS = 3
 PREFIXES = ("", "a photo of ", "an image of ", "a picture of ")
 NEGATION_CLAUSES = (
-    " but not a {}",
-    ", not a {}",
-    " and no {}",
-    ", but no {}",
-    " without a {}",
-    ", without a {}",
-    ", with no {}",
-    " and not a {}",
+  " but not a {}",
+  ", not a {}",
+  " and no {}",
+  ", but no {}",
+  " without a {}",
+  ", without a {}",
+  ", with no {}",
+  " and not a {}",
 )
 NEGATION_ALONE = ("not a {}", "no {}", "an image without a {}", "a photo with no {}")
 
@@ -93,8 +93,17 @@ Object = tuple[str, str]  # (colour, shape)
 Scene = tuple[Object, ...]
 
 _OBJECTS = tuple((c, s) for c in COLOURS for s in SHAPES)
-_STREAMS = {"train": 0, "eval": 1, "presence": 2, "absence": 3, "retrieval": 4,
-            "presence_hard": 5, "absence_hard": 6, "mcq": 7, "train_hard": 8}
+_STREAMS = {
+  "train": 0,
+  "eval": 1,
+  "presence": 2,
+  "absence": 3,
+  "retrieval": 4,
+  "presence_hard": 5,
+  "absence_hard": 6,
+  "mcq": 7,
+  "train_hard": 8,
+}
 COMPOSITIONS = ("any", "in_distribution", "held_out")
 MCQ_TEMPLATES = ("affirmation", "negation", "hybrid")
 _HELD_OUT_SEED = 20261129  # fixed: the held-out pairs do not depend on any run's seed
@@ -112,15 +121,15 @@ _PAIRS = {n: np.triu_indices(n, 1) for n in range(1, MAX_OBJECTS + 1)}  # box in
 
 def _joins(templates: Sequence[str]) -> frozenset[str]:
   """Text a template puts before the colour of its object."""
-  return frozenset(t[:t.index("{}")] for t in templates)
+  return frozenset(t[: t.index("{}")] for t in templates)
 
 
 # Text allowed before an object's colour, by (first object?, asserted present?).
 _JOINS = {
-    (True, True): frozenset(p + "a " for p in PREFIXES),
-    (False, True): frozenset((", a ", " and a ")),
-    (True, False): _joins(NEGATION_ALONE),
-    (False, False): _joins(NEGATION_CLAUSES),
+  (True, True): frozenset(p + "a " for p in PREFIXES),
+  (False, True): frozenset((", a ", " and a ")),
+  (True, False): _joins(NEGATION_ALONE),
+  (False, False): _joins(NEGATION_CLAUSES),
 }
 
 
@@ -139,8 +148,9 @@ def has_held_out_pair(objects: Sequence[Object]) -> bool:
   return any(frozenset(p) in HELD_OUT_PAIRS for p in itertools.combinations(set(objects), 2))
 
 
-def _composition_ok(compositions: str, true_scene: Sequence[Object],
-                    all_objects: Sequence[Object]) -> bool:
+def _composition_ok(
+  compositions: str, true_scene: Sequence[Object], all_objects: Sequence[Object]
+) -> bool:
   """Whether an item belongs to `compositions` (see the module docstring)."""
   if compositions == "any":
     return True
@@ -163,6 +173,7 @@ def _stream(seed: int, task: str, compositions: str) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------- captions
 
+
 def parse_caption(text: str) -> tuple[tuple[Object, ...], tuple[Object, ...]]:
   """(objects asserted present, objects asserted absent) of a caption in our grammar.
 
@@ -171,7 +182,7 @@ def parse_caption(text: str) -> tuple[tuple[Object, ...], tuple[Object, ...]]:
   present, absent = [], []
   end = 0
   for match in _OBJECT_PHRASE.finditer(text):
-    join = text[end:match.start()]
+    join = text[end : match.start()]
     if join in _JOINS[end == 0, True]:
       present.append(match.groups())
     elif join in _JOINS[end == 0, False]:
@@ -195,7 +206,7 @@ def _pick(options: Sequence, rng: np.random.Generator):
 
 
 def _object_list(objects: Sequence[Object]) -> str:
-  """"a red circle", "a red circle and a blue square", "a, b and c"."""
+  """ "a red circle", "a red circle and a blue square", "a, b and c"."""
   items = [f"a {c} {s}" for c, s in objects]
   return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
@@ -210,16 +221,18 @@ def _absence_clause(obj: Object, rng: np.random.Generator) -> str:
   return _pick(NEGATION_CLAUSES, rng).format(f"{obj[0]} {obj[1]}")
 
 
-def _negation_caption(positives: Sequence[Object], negated: Object,
-                      rng: np.random.Generator) -> str:
+def _negation_caption(
+  positives: Sequence[Object], negated: Object, rng: np.random.Generator
+) -> str:
   """Caption asserting `positives` present and `negated` absent."""
   if not positives:
     return _pick(NEGATION_ALONE, rng).format(f"{negated[0]} {negated[1]}")
   return _plain_caption(positives, rng) + _absence_clause(negated, rng)
 
 
-def _negation_pair(positives: Sequence[Object], first: Object, second: Object,
-                   rng: np.random.Generator) -> tuple[str, str]:
+def _negation_pair(
+  positives: Sequence[Object], first: Object, second: Object, rng: np.random.Generator
+) -> tuple[str, str]:
   """Two captions asserting `positives` present, one denying `first`, one `second`, with
   the same prefix, object order and negation template (they differ in one object)."""
   if not positives:
@@ -232,6 +245,7 @@ def _negation_pair(positives: Sequence[Object], first: Object, second: Object,
 
 # ------------------------------------------------------------------------------- scenes
 
+
 def _sample_scene(num_objects: int, rng: np.random.Generator) -> Scene:
   """Distinct shapes, independent uniform colours."""
   shapes = rng.permutation(len(SHAPES))[:num_objects]
@@ -239,8 +253,9 @@ def _sample_scene(num_objects: int, rng: np.random.Generator) -> Scene:
   return tuple((COLOURS[c], SHAPES[s]) for c, s in zip(colours, shapes))
 
 
-def _sample_absent(scene: Scene, rng: np.random.Generator, new_shape: bool,
-                   seen_only: bool = False) -> Object:
+def _sample_absent(
+  scene: Scene, rng: np.random.Generator, new_shape: bool, seen_only: bool = False
+) -> Object:
   """An object not in `scene`: its group (shares a shape / shares only a colour / shares
   nothing with the scene) uniform over the non-empty groups, then uniform in the group.
   With `new_shape`, only objects whose shape is not in the scene; with `seen_only`, only
@@ -261,16 +276,21 @@ def _sample_new_shape(scene: Scene, rng: np.random.Generator, seen_only: bool = 
   """An object whose shape is not in `scene`, uniform (with `seen_only`: forming no
   held-out pair with the scene)."""
   shapes = {s for _, s in scene}
-  options = [o for o in _OBJECTS if o[1] not in shapes
-             and not (seen_only and has_held_out_pair(scene + (o,)))]
+  options = [
+    o
+    for o in _OBJECTS
+    if o[1] not in shapes and not (seen_only and has_held_out_pair(scene + (o,)))
+  ]
   return _pick(options, rng)
 
 
 # ------------------------------------------------------------------------------ drawing
 
+
 @dataclasses.dataclass(frozen=True)
 class _Drawing:
   """A sampled canvas for up to n objects; `_draw` paints the first len(scene) of them."""
+
   background: np.ndarray  # uint8 [S, S, 3]
   centres: np.ndarray  # float64 [n, 2], (x, y) px
   sizes: np.ndarray  # float64 [n], bounding-box side, px
@@ -314,8 +334,9 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, half: float) -> np.nda
 def _without(drawing: _Drawing, index: int) -> _Drawing:
   """`drawing` with box `index` removed: the other objects keep their places and colours."""
   keep = np.arange(len(drawing.sizes)) != index
-  return dataclasses.replace(drawing, centres=drawing.centres[keep], sizes=drawing.sizes[keep],
-                             jitter=drawing.jitter[keep])
+  return dataclasses.replace(
+    drawing, centres=drawing.centres[keep], sizes=drawing.sizes[keep], jitter=drawing.jitter[keep]
+  )
 
 
 def _draw(scene: Scene, drawing: _Drawing) -> np.ndarray:
@@ -323,8 +344,9 @@ def _draw(scene: Scene, drawing: _Drawing) -> np.ndarray:
   canvas = drawing.background.copy()
   size = canvas.shape[0]
   pixel_centres = np.arange(size) + 0.5
-  for (colour, shape), (cx, cy), side, jitter in zip(scene, drawing.centres, drawing.sizes,
-                                                     drawing.jitter):
+  for (colour, shape), (cx, cy), side, jitter in zip(
+    scene, drawing.centres, drawing.sizes, drawing.jitter
+  ):
     half = side / 2
     x0, y0 = max(int(cx - half), 0), max(int(cy - half), 0)
     x1, y1 = min(int(cx + half) + 1, size), min(int(cy + half) + 1, size)
@@ -341,6 +363,7 @@ def render(scene: Scene, rng: np.random.Generator, image_size: int = 64) -> np.n
 
 # ------------------------------------------------------------------------------ datasets
 
+
 def _rng(seed: int, stream: str) -> np.random.Generator:
   return np.random.default_rng(np.random.SeedSequence([seed, _STREAMS[stream]]))
 
@@ -350,9 +373,14 @@ def _num_objects(rng: np.random.Generator, probs: Sequence[float]) -> int:
   return 1 + bisect.bisect(list(itertools.accumulate(probs[:-1])), rng.random())
 
 
-def _examples(num: int, rng: np.random.Generator, image_size: int, probs: Sequence[float],
-              accept=lambda scene: True,
-              keep_count: bool = False) -> Iterator[tuple[Scene, _Drawing]]:
+def _examples(
+  num: int,
+  rng: np.random.Generator,
+  image_size: int,
+  probs: Sequence[float],
+  accept=lambda scene: True,
+  keep_count: bool = False,
+) -> Iterator[tuple[Scene, _Drawing]]:
   """`num` (scene, drawing); scenes are redrawn until `accept(scene)`, with
   `keep_count` keeping the object count drawn first (its distribution stays `probs`)."""
   for _ in range(num):
@@ -363,8 +391,14 @@ def _examples(num: int, rng: np.random.Generator, image_size: int, probs: Sequen
     yield scene, _sample_drawing(len(scene), rng, image_size)
 
 
-def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "train",
-                   distractors: bool = False, hard_fraction: float = 0.0) -> dict:
+def generate_pairs(
+  num: int,
+  seed: int,
+  image_size: int = 64,
+  split: str = "train",
+  distractors: bool = False,
+  hard_fraction: float = 0.0,
+) -> dict:
   """Training data for the plain, negated and updated objectives (seed >= 0).
 
   Returns images uint8 [N, S, S, 3]; captions, negated, updated: list[str] of N (true,
@@ -388,19 +422,30 @@ def generate_pairs(num: int, seed: int, image_size: int = 64, split: str = "trai
   hard_rng = _rng(seed, "train_hard")
   seen_only = split == "train"
   accept = (lambda scene: not has_held_out_pair(scene)) if seen_only else (lambda scene: True)
-  out = {k: [] for k in ("captions", "negated", "updated", "scenes", "negated_objects",
-                         "absent_objects", "centres")}
+  out = {
+    k: []
+    for k in (
+      "captions",
+      "negated",
+      "updated",
+      "scenes",
+      "negated_objects",
+      "absent_objects",
+      "centres",
+    )
+  }
   hard = {k: [] for k in ("presence_captions", "presence_negated", "hard")}
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   distractor_images = np.empty_like(images) if distractors else None
-  for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (1 / 3,) * 3, accept,
-                                                       keep_count=True)):
+  for i, (scene, drawing) in enumerate(
+    _examples(num, rng, image_size, (1 / 3,) * 3, accept, keep_count=True)
+  ):
     images[i] = _draw(scene, drawing)
     caption = _plain_caption(scene, rng)
     k = rng.integers(len(scene))
     negated = scene[k]
     if distractors:
-      distractor_images[i] = _draw(scene[:k] + scene[k + 1:], _without(drawing, k))
+      distractor_images[i] = _draw(scene[:k] + scene[k + 1 :], _without(drawing, k))
     absent = _sample_absent(scene, rng, new_shape=False, seen_only=seen_only)
     rest = [o for o in scene if o != negated]
     out["captions"].append(caption)
@@ -438,17 +483,20 @@ def presence_task(num: int, seed: int, image_size: int = 64, compositions: str =
   accept = lambda scene: _composition_ok(compositions, scene, scene)
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   captions, negated_captions, scenes, negated_objects = [], [], [], []
-  for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (0.1, 0.45, 0.45),
-                                                 accept)):
+  for i, (scene, drawing) in enumerate(_examples(num, rng, image_size, (0.1, 0.45, 0.45), accept)):
     images[i] = _draw(scene, drawing)
     negated = scene[rng.integers(len(scene))]
     captions.append(_plain_caption(scene, rng))
-    negated_captions.append(
-        _negation_caption([o for o in scene if o != negated], negated, rng))
+    negated_captions.append(_negation_caption([o for o in scene if o != negated], negated, rng))
     scenes.append(scene)
     negated_objects.append(negated)
-  return {"images": images, "captions": captions, "negated": negated_captions,
-          "scenes": scenes, "negated_objects": negated_objects}
+  return {
+    "images": images,
+    "captions": captions,
+    "negated": negated_captions,
+    "scenes": scenes,
+    "negated_objects": negated_objects,
+  }
 
 
 def absence_task(num: int, seed: int, image_size: int = 64, compositions: str = "any") -> dict:
@@ -478,12 +526,19 @@ def absence_task(num: int, seed: int, image_size: int = 64, compositions: str = 
     scenes_pos.append(scene)
     scenes_neg.append(scene + (absent,))
     absent_objects.append(absent)
-  return {"texts": texts, "images_pos": images_pos, "images_neg": images_neg,
-          "scenes_pos": scenes_pos, "scenes_neg": scenes_neg, "absent_objects": absent_objects}
+  return {
+    "texts": texts,
+    "images_pos": images_pos,
+    "images_neg": images_neg,
+    "scenes_pos": scenes_pos,
+    "scenes_neg": scenes_neg,
+    "absent_objects": absent_objects,
+  }
 
 
-def presence_hard_task(num: int, seed: int, image_size: int = 64,
-                       compositions: str = "any") -> dict:
+def presence_hard_task(
+  num: int, seed: int, image_size: int = 64, compositions: str = "any"
+) -> dict:
   """Presence without the negation-word shortcut: both texts negated, exactly one true.
 
   Returns images uint8 [N, S, S, 3] of scenes (1/2/3 objects w.p. .2/.4/.4); captions
@@ -514,8 +569,7 @@ def presence_hard_task(num: int, seed: int, image_size: int = 64,
   return {"images": images, **out}
 
 
-def absence_hard_task(num: int, seed: int, image_size: int = 64,
-                      compositions: str = "any") -> dict:
+def absence_hard_task(num: int, seed: int, image_size: int = 64, compositions: str = "any") -> dict:
   """Absence without the object-count shortcut: two images with equal object counts.
 
   Returns texts "A, no X": list[str]; images_pos uint8 [N, S, S, 3] showing A + Y
@@ -527,15 +581,15 @@ def absence_hard_task(num: int, seed: int, image_size: int = 64,
   rng = _stream(seed, "absence_hard", compositions)
   images_pos = np.empty((num, image_size, image_size, 3), np.uint8)
   images_neg = np.empty_like(images_pos)
-  out = {k: [] for k in ("texts", "scenes_pos", "scenes_neg", "absent_objects",
-                         "swapped_objects")}
+  out = {k: [] for k in ("texts", "scenes_pos", "scenes_neg", "absent_objects", "swapped_objects")}
   for i in range(num):
     while True:
       scene = _sample_scene(_num_objects(rng, (0.3, 0.7)), rng)
       absent = _sample_new_shape(scene, rng)
       swapped = _sample_new_shape(scene, rng)
-      if swapped != absent and _composition_ok(compositions, scene + (swapped,),
-                                               scene + (absent, swapped)):
+      if swapped != absent and _composition_ok(
+        compositions, scene + (swapped,), scene + (absent, swapped)
+      ):
         break
     drawing = _sample_drawing(len(scene) + 1, rng, image_size)
     images_pos[i] = _draw(scene + (swapped,), drawing)
@@ -548,8 +602,9 @@ def absence_hard_task(num: int, seed: int, image_size: int = 64,
   return {"images_pos": images_pos, "images_neg": images_neg, **out}
 
 
-def _mcq_item(template: str, cycle: Sequence[Object],
-              rng: np.random.Generator) -> tuple[list[str], Scene]:
+def _mcq_item(
+  template: str, cycle: Sequence[Object], rng: np.random.Generator
+) -> tuple[list[str], Scene]:
   """(4 options of `template` over the cycle's edges, option 0 true; the true scene)."""
   name = lambda o: f"{o[0]} {o[1]}"
   edges = [(cycle[j], cycle[(j + 1) % 4]) for j in range(4)]
@@ -597,10 +652,12 @@ def mcq_task(num: int, seed: int, image_size: int = 64, compositions: str = "any
 
 def _all_scenes() -> list[Scene]:
   """Every scene up to order (1104 of them), shapes in `SHAPES` order."""
-  return [tuple(zip(colours, shapes))
-          for k in range(1, MAX_OBJECTS + 1)
-          for shapes in itertools.combinations(SHAPES, k)
-          for colours in itertools.product(COLOURS, repeat=k)]
+  return [
+    tuple(zip(colours, shapes))
+    for k in range(1, MAX_OBJECTS + 1)
+    for shapes in itertools.combinations(SHAPES, k)
+    for colours in itertools.product(COLOURS, repeat=k)
+  ]
 
 
 def retrieval_task(num: int, seed: int, image_size: int = 64) -> dict:
@@ -621,5 +678,4 @@ def retrieval_task(num: int, seed: int, image_size: int = 64) -> dict:
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   for i, scene in enumerate(chosen):
     images[i] = render(scene, rng, image_size)
-  return {"images": images, "captions": [_plain_caption(s, rng) for s in chosen],
-          "scenes": chosen}
+  return {"images": images, "captions": [_plain_caption(s, rng) for s in chosen], "scenes": chosen}

@@ -35,49 +35,99 @@ from negclip_jax.model.preprocess import PREPROCESS
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m negclip_jax.evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m negclip_jax.evaluate",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--model", required=True, help="HF CLIP dir, state-dict file, or run dir")
   p.add_argument("--task", required=True, choices=[*TASKS, "all"])
   p.add_argument("--out", help="results JSON path (also writes <stem>.md, <stem>_layers.png)")
   p.add_argument("--batch-size", type=int, default=256, help="per process")
-  p.add_argument("--fsdp", type=int, default=0,
-                 help="shard the parameters over this many devices (-1: all), as "
-                      "config.parallelism=fsdp trains; 0 (default): replicate on each device")
-  p.add_argument("--protocol", choices=sorted(PREPROCESS), default="original",
-                 help="original: as the original scripts (OpenAI clip preprocessing); "
-                      "hf: CLIPImageProcessor preprocessing (not negshapes, layers)")
-  p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                 help="inference precision (the original scripts ran float16 on CUDA)")
+  p.add_argument(
+    "--fsdp",
+    type=int,
+    default=0,
+    help="shard the parameters over this many devices (-1: all), as "
+    "config.parallelism=fsdp trains; 0 (default): replicate on each device",
+  )
+  p.add_argument(
+    "--protocol",
+    choices=sorted(PREPROCESS),
+    default="original",
+    help="original: as the original scripts (OpenAI clip preprocessing); "
+    "hf: CLIPImageProcessor preprocessing (not negshapes, layers)",
+  )
+  p.add_argument(
+    "--dtype",
+    choices=list(DTYPES),
+    default="float32",
+    help="inference precision (the original scripts ran float16 on CUDA)",
+  )
   p.add_argument("--data", help="the chosen task's data file (not with --task all)")
   p.add_argument("--image-root", help="the chosen task's image folder (not with --task all)")
   for task, spec in TASKS.items():
     for option, help_ in spec.files.items():
       p.add_argument(f"--{task}-{option.replace('_', '-')}", help=f"{task}: {help_}")
-  p.add_argument("--eval-size", type=int, default=CCNEG_EVAL_SIZE,
-                 help="ccneg, layers: the last N CC-Neg records are the eval split")
-  p.add_argument("--split", default="test", help="retrieval: Karpathy split; zeroshot: TFDS "
-                 "split (imagenet2012: validation)")
-  p.add_argument("--num", type=int, help="negshapes: examples (default 500); layers: first N "
-                 "pairs (default all CC-Neg train records, 500 NegShapes pairs); zeroshot: "
-                 "first N images (default all)")
+  p.add_argument(
+    "--eval-size",
+    type=int,
+    default=CCNEG_EVAL_SIZE,
+    help="ccneg, layers: the last N CC-Neg records are the eval split",
+  )
+  p.add_argument(
+    "--split",
+    default="test",
+    help="retrieval: Karpathy split; zeroshot: TFDS split (imagenet2012: validation)",
+  )
+  p.add_argument(
+    "--num",
+    type=int,
+    help="negshapes: examples (default 500); layers: first N "
+    "pairs (default all CC-Neg train records, 500 NegShapes pairs); zeroshot: "
+    "first N images (default all)",
+  )
   p.add_argument("--tfds-data-dir", help="zeroshot: TFDS data_dir holding the prepared dataset")
-  p.add_argument("--classnames", help=f"zeroshot: {sorted(zeroshot_task.CLASSNAMES)} or a JSON list "
-                 "in label order (default: the dataset's label names; OpenAI's for imagenet2012)")
-  p.add_argument("--templates", help=f"zeroshot: {list(zeroshot_task.TEMPLATES)} (default "
-                 "openai_imagenet, OpenAI's 80) or a JSON list of '...{}...' prompts")
+  p.add_argument(
+    "--classnames",
+    help=f"zeroshot: {sorted(zeroshot_task.CLASSNAMES)} or a JSON list "
+    "in label order (default: the dataset's label names; OpenAI's for imagenet2012)",
+  )
+  p.add_argument(
+    "--templates",
+    help=f"zeroshot: {list(zeroshot_task.TEMPLATES)} (default "
+    "openai_imagenet, OpenAI's 80) or a JSON list of '...{}...' prompts",
+  )
   p.add_argument("--seed", type=int, default=0, help="negshapes, layers: generator seed")
   p.add_argument("--image-size", type=int, help="negshapes: rendered size (default model's)")
-  p.add_argument("--ties", choices=[*TIES, "both"], default="optimistic",
-                 help="retrieval tasks: rank rule for tied scores (both: add *_pessimistic)")
-  p.add_argument("--negation-words", nargs="+", default=list(NEGATION_WORDS),
-                 help="ccneg: report the subset whose negated caption contains each word")
-  p.add_argument("--num-ops", action="store_true",
-                 help="ccneg: subsets by object-predicate count (the .pt's num_ops field)")
-  p.add_argument("--mcq-layout", choices=sorted(ANSWER_TYPES), default="coco",
-                 help="negbench-mcq: answer type of each caption index (wrong-answer breakdown)")
-  p.add_argument("--embeddings", action="store_true",
-                 help="layers: also report the embedding output (input of block 0)")
+  p.add_argument(
+    "--ties",
+    choices=[*TIES, "both"],
+    default="optimistic",
+    help="retrieval tasks: rank rule for tied scores (both: add *_pessimistic)",
+  )
+  p.add_argument(
+    "--negation-words",
+    nargs="+",
+    default=list(NEGATION_WORDS),
+    help="ccneg: report the subset whose negated caption contains each word",
+  )
+  p.add_argument(
+    "--num-ops",
+    action="store_true",
+    help="ccneg: subsets by object-predicate count (the .pt's num_ops field)",
+  )
+  p.add_argument(
+    "--mcq-layout",
+    choices=sorted(ANSWER_TYPES),
+    default="coco",
+    help="negbench-mcq: answer type of each caption index (wrong-answer breakdown)",
+  )
+  p.add_argument(
+    "--embeddings",
+    action="store_true",
+    help="layers: also report the embedding output (input of block 0)",
+  )
   return p
 
 
@@ -102,8 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
   plot_path = str(out.with_name(out.stem + "_layers.png")) if out else None
   if args.task == "all":
     if args.data or args.image_root:
-      parser.error("--data/--image-root are ambiguous with --task all; use --<task>-data and "
-                   "--<task>-image-root (e.g. --ccneg-data)")
+      parser.error(
+        "--data/--image-root are ambiguous with --task all; use --<task>-data and "
+        "--<task>-image-root (e.g. --ccneg-data)"
+      )
     tasks = [t for t in TASKS if not missing_options(t, _task_options(args, t, plot_path))]
   else:
     tasks = [args.task]
@@ -115,9 +167,12 @@ def main(argv: list[str] | None = None) -> dict:
     mesh = None
     if args.fsdp:
       from negclip_jax.train import sharding
+
       mesh = sharding.make_mesh(args.fsdp)
     embedder = Embedder(model, params, args.batch_size, dtype=args.dtype, mesh=mesh)
-    results = {t: run_with_embedder(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks}
+    results = {
+      t: run_with_embedder(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks
+    }
   except (OSError, ValueError) as e:  # a missing/unreadable file or record, named in `e`
     sys.exit(f"error: {e}")
   table = markdown(results)

@@ -29,11 +29,9 @@ from tqdm.auto import tqdm
 
 from negclip_jax import hosts
 from negclip_jax.data.records import DataError
-from negclip_jax.model.preprocess import get_preprocess
 from negclip_jax.model import clip as model_lib
-from negclip_jax.train import losses
-from negclip_jax.train import packing
-from negclip_jax.train import sharding
+from negclip_jax.model.preprocess import get_preprocess
+from negclip_jax.train import losses, packing, sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -46,11 +44,16 @@ def _features(model, kind: str, normalize: bool):
       rows, slots = x
       r, length = rows[packing.PACKED_IDS].shape
       pool = jnp.arange(r)[:, None] * length + slots
-      out = model.apply({"params": params}, *(rows[k] for k in packing.PACKED_KEYS[:3]), pool,
-                        method="get_packed_text_features")
+      out = model.apply(
+        {"params": params},
+        *(rows[k] for k in packing.PACKED_KEYS[:3]),
+        pool,
+        method="get_packed_text_features",
+      )
     else:
       out = model.apply({"params": params}, x, method=method)
     return losses.l2_normalize(out) if normalize else out.astype(jnp.float32)
+
   return fn
 
 
@@ -62,8 +65,7 @@ def _pmapped(model, kind: str, normalize: bool):
 @functools.lru_cache(maxsize=None)
 def _sharded(model, kind: str, normalize: bool, mesh):
   """jit on the inputs' shardings (params placed by `Embedder`, batch over all devices)."""
-  return jax.jit(_features(model, kind, normalize),
-                 out_shardings=sharding.batch_sharding(mesh))
+  return jax.jit(_features(model, kind, normalize), out_shardings=sharding.batch_sharding(mesh))
 
 
 class Embedder:
@@ -82,8 +84,17 @@ class Embedder:
   ties as wrong). A model that overrides `get_text_features` is never packed.
   """
 
-  def __init__(self, model, params, batch_size: int = 256, normalize: bool = True,
-               progress: bool = True, dtype: str | None = None, mesh=None, pack: bool = True):
+  def __init__(
+    self,
+    model,
+    params,
+    batch_size: int = 256,
+    normalize: bool = True,
+    progress: bool = True,
+    dtype: str | None = None,
+    mesh=None,
+    pack: bool = True,
+  ):
     if dtype is not None and dtype not in DTYPES:
       raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
     self.model = model if dtype is None else model.clone(dtype=DTYPES[dtype])
@@ -96,15 +107,18 @@ class Embedder:
       self.params = jax_utils.replicate(params)
     else:
       self.params = jax.device_put(params, sharding.state_shardings(params, mesh))
-    self.pack = (pack and mesh is None and
-                 type(self.model).get_text_features is model_lib.CLIP.get_text_features)
+    self.pack = (
+      pack
+      and mesh is None
+      and type(self.model).get_text_features is model_lib.CLIP.get_text_features
+    )
     self._packed_features: dict[bytes, np.ndarray] = {}  # ids row -> feature
 
   def texts(self, ids: np.ndarray, desc: str = "texts") -> np.ndarray:
     ids = np.asarray(ids, np.int32)
     if self.pack and len(ids):
       return self._packed_texts(ids, desc)
-    ids = ids[:, :packing.bucket_length(ids)]
+    ids = ids[:, : packing.bucket_length(ids)]
     return self._run("text", len(ids), lambda lo, hi: ids[lo:hi], desc)
 
   def forget_texts(self) -> None:
@@ -127,28 +141,41 @@ class Embedder:
     packed = packing.pack(ids, None, ids.shape[1], self.model.config.text.eos_token_id)
     slots, where = packing.row_slots(packed)
     rows = {k: packed[k] for k in packing.PACKED_KEYS[:3]}
-    per_call = min(self.batch_size,
-                   packing.ladder_rows(math.ceil(len(slots) / jax.process_count())))
+    per_call = min(
+      self.batch_size, packing.ladder_rows(math.ceil(len(slots) / jax.process_count()))
+    )
     per_call = math.ceil(per_call / self.n_local) * self.n_local
-    out = self._run("packed_text", len(slots),
-                    lambda lo, hi: ({k: v[lo:hi] for k, v in rows.items()}, slots[lo:hi]),
-                    desc, batch_size=per_call)
+    out = self._run(
+      "packed_text",
+      len(slots),
+      lambda lo, hi: ({k: v[lo:hi] for k, v in rows.items()}, slots[lo:hi]),
+      desc,
+      batch_size=per_call,
+    )
     return out.reshape(-1, out.shape[-1])[where]
 
-  def images(self, items: Sequence, load: Callable | None = None, desc: str = "images",
-             gather: bool = True) -> np.ndarray:
+  def images(
+    self, items: Sequence, load: Callable | None = None, desc: str = "images", gather: bool = True
+  ) -> np.ndarray:
     """gather=False: only this process's `hosts.process_block` rows [hi - lo, D]."""
     load = load or (lambda x: x)
-    return self._run("image", len(items),
-                     lambda lo, hi: np.stack([load(items[i]) for i in range(lo, hi)]), desc,
-                     gather)
+    return self._run(
+      "image",
+      len(items),
+      lambda lo, hi: np.stack([load(items[i]) for i in range(lo, hi)]),
+      desc,
+      gather,
+    )
 
   def _run(self, kind, n, get, desc, gather: bool = True, batch_size=None) -> np.ndarray:
     if n == 0:
       raise ValueError(f"Nothing to embed: no {desc}")
     batch_size = batch_size or self.batch_size
-    fn = (_pmapped(self.model, kind, self.normalize) if self.mesh is None else
-          _sharded(self.model, kind, self.normalize, self.mesh))
+    fn = (
+      _pmapped(self.model, kind, self.normalize)
+      if self.mesh is None
+      else _sharded(self.model, kind, self.normalize, self.mesh)
+    )
     lo, hi = hosts.process_block(n)
     per_proc = math.ceil(n / jax.process_count())
     steps = max(1, math.ceil(per_proc / batch_size))  # same count on every process
@@ -158,7 +185,7 @@ class Embedder:
       # A process past its last example still joins the collective batch (with filler).
       x = get(a, b) if b > a else get(0, 1)
       outs.append(self._apply(fn, x, b - a, batch_size))
-    local = np.concatenate(outs)[:hi - lo]
+    local = np.concatenate(outs)[: hi - lo]
     return hosts.gather_blocks(local, n) if gather else local
 
   def _apply(self, fn, x, count, batch_size):
@@ -166,8 +193,10 @@ class Embedder:
     repeating the first."""
     pad = lambda a: np.concatenate([a, np.repeat(a[:1], batch_size - len(a), axis=0)])
     if self.mesh is not None:  # this process's rows of one global batch (never packed)
-      out = fn(self.params, jax.make_array_from_process_local_data(
-          sharding.batch_sharding(self.mesh), pad(x)))
+      out = fn(
+        self.params,
+        jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh), pad(x)),
+      )
       shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
       return np.concatenate([np.asarray(s.data) for s in shards])[:count]
     shard = lambda a: pad(a).reshape((self.n_local, -1) + a.shape[1:])
@@ -186,8 +215,9 @@ def image_size(embedder: Embedder) -> int:
   return embedder.model.config.vision.image_size
 
 
-def embed_texts(embedder: Embedder, tokenizer, context_length: int, texts: Sequence[str],
-                desc: str = "texts") -> np.ndarray:
+def embed_texts(
+  embedder: Embedder, tokenizer, context_length: int, texts: Sequence[str], desc: str = "texts"
+) -> np.ndarray:
   """[N, D] embeddings of N texts, tokenized to `context_length`."""
   return embedder.texts(tokenizer(list(texts), context_length), desc=desc)
 
@@ -197,8 +227,9 @@ def image_loader(embedder: Embedder, protocol: str):
   return functools.partial(get_preprocess(protocol), image_size=image_size(embedder))
 
 
-def embed_arrays(embedder: Embedder, images: np.ndarray, desc: str = "images",
-                 protocol: str = "hf") -> np.ndarray:
+def embed_arrays(
+  embedder: Embedder, images: np.ndarray, desc: str = "images", protocol: str = "hf"
+) -> np.ndarray:
   """[N, D] embeddings of uint8 images [N, H, W, 3], preprocessed to the model's size."""
   return embedder.images(images, image_loader(embedder, protocol), desc=desc)
 
@@ -210,8 +241,9 @@ def gallery(image_paths: Sequence[str]) -> tuple[list[str], list[int]]:
   return unique, [row[p] for p in image_paths]
 
 
-def embed_files(embedder: Embedder, paths: Sequence[str], desc: str = "images",
-                protocol: str = "hf") -> np.ndarray:
+def embed_files(
+  embedder: Embedder, paths: Sequence[str], desc: str = "images", protocol: str = "hf"
+) -> np.ndarray:
   """[N, D] embeddings of N image files; each distinct path is decoded and embedded once.
 
   A file that cannot be read raises DataError naming it, the first position (record) in
@@ -225,6 +257,8 @@ def embed_files(embedder: Embedder, paths: Sequence[str], desc: str = "images",
     try:
       return load(path)
     except (OSError, ValueError) as e:  # missing, truncated or not an image
-      raise DataError(path, f"cannot read the image: {e}", index=first[path],
-                      key="image_path") from e
+      raise DataError(
+        path, f"cannot read the image: {e}", index=first[path], key="image_path"
+      ) from e
+
   return embedder.images(unique, load_file, desc=desc)[rows]

@@ -32,6 +32,7 @@ class EvalConfigError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Evaluator:
   """One named evaluation: `registry.run_task(task, ..., **options)` every `every` steps."""
+
   name: str
   task: str
   every: int = 0
@@ -45,8 +46,17 @@ class Evaluator:
 
   def run(self, model, params, tokenizer, mesh=None) -> dict:
     """{metric: value} of the task on (model, params); `mesh`: params sharded on it (fsdp)."""
-    return registry.run_task(self.task, model, params, tokenizer, batch_size=self.batch_size,
-                             progress=False, dtype=self.dtype, mesh=mesh, **self.options)
+    return registry.run_task(
+      self.task,
+      model,
+      params,
+      tokenizer,
+      batch_size=self.batch_size,
+      progress=False,
+      dtype=self.dtype,
+      mesh=mesh,
+      **self.options,
+    )
 
   def log_keys(self, metrics: Mapping) -> dict:
     """{"eval/<name>/<metric>": value} for the metrics log."""
@@ -62,19 +72,24 @@ def from_config(evals: Mapping) -> list[Evaluator]:
     where = f"config.evals.{name}"
     task = settings.pop("task", name)
     if task not in registry.TASKS:
-      raise EvalConfigError(f"{where}.task={task!r} is not a task; choose from "
-                            f"{sorted(registry.TASKS)}")
+      raise EvalConfigError(
+        f"{where}.task={task!r} is not a task; choose from {sorted(registry.TASKS)}"
+      )
     fixed = {k: settings.pop(k) for k in _EVALUATOR_KEYS[1:] if k in settings}
     spec = registry.TASKS[task]
     allowed = [*spec.files, *spec.shared]
     unknown = sorted(set(settings) - set(allowed))
     if unknown:
-      raise EvalConfigError(f"{where}: task {task!r} takes no option(s) {unknown}; it takes "
-                            f"{sorted([*_EVALUATOR_KEYS, *allowed])}")
+      raise EvalConfigError(
+        f"{where}: task {task!r} takes no option(s) {unknown}; it takes "
+        f"{sorted([*_EVALUATOR_KEYS, *allowed])}"
+      )
     missing = [o for o in spec.files if settings.get(o) in (None, "")]
     if missing:
-      raise EvalConfigError(f"{where}: task {task!r} needs {', '.join(missing)} "
-                            f"({'; '.join(spec.files[o] for o in missing)})")
+      raise EvalConfigError(
+        f"{where}: task {task!r} needs {', '.join(missing)} "
+        f"({'; '.join(spec.files[o] for o in missing)})"
+      )
     for option in spec.files:
       path = os.fspath(settings[option])
       if not (task == "layers" and path == "negshapes") and not storage.path(path).exists():

@@ -47,8 +47,13 @@ def accuracy(correct: np.ndarray) -> float:
   return float(np.mean(correct))
 
 
-def best_ranks(queries: np.ndarray, gallery: np.ndarray, pair_query: np.ndarray,
-               pair_item: np.ndarray, ties: str = "optimistic") -> np.ndarray:
+def best_ranks(
+  queries: np.ndarray,
+  gallery: np.ndarray,
+  pair_query: np.ndarray,
+  pair_item: np.ndarray,
+  ties: str = "optimistic",
+) -> np.ndarray:
   """int [Q]: 1-based rank of each query's best-ranked ground-truth gallery item.
 
   queries [Q, D], gallery [G, D]; ground truth is many-to-many, given as distinct pairs
@@ -62,17 +67,17 @@ def best_ranks(queries: np.ndarray, gallery: np.ndarray, pair_query: np.ndarray,
   pair_query, pair_item = np.asarray(pair_query), np.asarray(pair_item)
   ranks = np.empty(len(queries), np.int64)
   for lo in range(0, len(queries), _QUERY_CHUNK):
-    sims = queries[lo:lo + _QUERY_CHUNK] @ gallery.T
+    sims = queries[lo : lo + _QUERY_CHUNK] @ gallery.T
     mine = (pair_query >= lo) & (pair_query < lo + len(sims))
     rows, cols = pair_query[mine] - lo, pair_item[mine]
     best = np.full(len(sims), -np.inf, sims.dtype)
     np.maximum.at(best, rows, sims[rows, cols])
     if ties == "optimistic":
-      ranks[lo:lo + len(sims)] = 1 + (sims > best[:, None]).sum(1)
+      ranks[lo : lo + len(sims)] = 1 + (sims > best[:, None]).sum(1)
     else:
       tied_truth = np.zeros(len(sims), np.int64)
       np.add.at(tied_truth, rows, sims[rows, cols] == best[rows])
-      ranks[lo:lo + len(sims)] = 1 + (sims >= best[:, None]).sum(1) - tied_truth
+      ranks[lo : lo + len(sims)] = 1 + (sims >= best[:, None]).sum(1) - tied_truth
   return ranks
 
 
@@ -81,10 +86,15 @@ def recall_at_k(ranks: np.ndarray, k: int) -> float:
   return float(np.mean(ranks <= k))
 
 
-def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray,
-                      caption_to_image: Sequence[int], ks: Sequence[int] = (1, 5, 10),
-                      directions: Sequence[str] = ("t2i", "i2t"),
-                      mean_rank: bool = False, ties: str = "optimistic") -> dict[str, float]:
+def retrieval_metrics(
+  image_emb: np.ndarray,
+  text_emb: np.ndarray,
+  caption_to_image: Sequence[int],
+  ks: Sequence[int] = (1, 5, 10),
+  directions: Sequence[str] = ("t2i", "i2t"),
+  mean_rank: bool = False,
+  ties: str = "optimistic",
+) -> dict[str, float]:
   """Recall@k (keys "t2i_r1", "i2t_r5", ...) and optionally "<dir>_mean_rank".
 
   image_emb [I, D], text_emb [T, D]; text j describes image caption_to_image[j].
@@ -96,13 +106,16 @@ def retrieval_metrics(image_emb: np.ndarray, text_emb: np.ndarray,
     raise ValueError(f"ties must be one of {(*TIES, 'both')}, got {ties!r}")
   if ties == "both":
     out = retrieval_metrics(image_emb, text_emb, caption_to_image, ks, directions, mean_rank)
-    pessimistic = retrieval_metrics(image_emb, text_emb, caption_to_image, ks, directions,
-                                    mean_rank, "pessimistic")
+    pessimistic = retrieval_metrics(
+      image_emb, text_emb, caption_to_image, ks, directions, mean_rank, "pessimistic"
+    )
     return {**out, **{f"{k}_pessimistic": v for k, v in pessimistic.items()}}
   texts = np.arange(len(text_emb))
   images = np.asarray(caption_to_image)
-  setups = {"t2i": (text_emb, image_emb, texts, images),
-            "i2t": (image_emb, text_emb, images, texts)}
+  setups = {
+    "t2i": (text_emb, image_emb, texts, images),
+    "i2t": (image_emb, text_emb, images, texts),
+  }
   out = {}
   for direction in directions:
     ranks = best_ranks(*setups[direction], ties=ties)

@@ -71,65 +71,124 @@ def config_from_dict(d: Mapping[str, Any], source: str = "model config") -> CLIP
   """Inverse of `config_to_dict`; unknown or missing fields name the file."""
   try:
     return CLIPConfig(
-        text=TextConfig(**d["text"]), vision=VisionConfig(**d["vision"]),
-        **{k: v for k, v in d.items() if k not in ("text", "vision")})
+      text=TextConfig(**d["text"]),
+      vision=VisionConfig(**d["vision"]),
+      **{k: v for k, v in d.items() if k not in ("text", "vision")},
+    )
   except (KeyError, TypeError) as e:
     raise ValueError(f"{source}: not a negclip-jax CLIP config ({type(e).__name__}: {e})") from e
 
 
 def _b(patch, image_size=224, vision_width=768, vision_layers=12, heads=12):
   return CLIPConfig(
-      text=TextConfig(),
-      vision=VisionConfig(hidden_size=vision_width, intermediate_size=4 * vision_width,
-                          num_hidden_layers=vision_layers, num_attention_heads=heads,
-                          image_size=image_size, patch_size=patch),
-      projection_dim=512)
+    text=TextConfig(),
+    vision=VisionConfig(
+      hidden_size=vision_width,
+      intermediate_size=4 * vision_width,
+      num_hidden_layers=vision_layers,
+      num_attention_heads=heads,
+      image_size=image_size,
+      patch_size=patch,
+    ),
+    projection_dim=512,
+  )
 
 
 def _l(image_size):
   return CLIPConfig(
-      text=TextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
-      vision=VisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                          num_attention_heads=16, image_size=image_size, patch_size=14),
-      projection_dim=768)
+    text=TextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12),
+    vision=VisionConfig(
+      hidden_size=1024,
+      intermediate_size=4096,
+      num_hidden_layers=24,
+      num_attention_heads=16,
+      image_size=image_size,
+      patch_size=14,
+    ),
+    projection_dim=768,
+  )
 
 
-def _open_clip(text_width, text_heads, text_layers, vision_width, vision_heads, vision_layers,
-               vision_mlp, embed_dim):
+def _open_clip(
+  text_width,
+  text_heads,
+  text_layers,
+  vision_width,
+  vision_heads,
+  vision_layers,
+  vision_mlp,
+  embed_dim,
+):
   """open_clip's ViT-*-14 models: GELU (not quick_gelu), 224 px, patch 14, text MLP 4x, EOT
   pooling at argmax(ids); `convert.config_from_open_clip` of its model_configs JSON."""
   return CLIPConfig(
-      text=TextConfig(hidden_size=text_width, intermediate_size=4 * text_width,
-                      num_hidden_layers=text_layers, num_attention_heads=text_heads,
-                      hidden_act="gelu", eos_token_id=OPENAI_EOS_TOKEN_ID),
-      vision=VisionConfig(hidden_size=vision_width, intermediate_size=vision_mlp,
-                          num_hidden_layers=vision_layers, num_attention_heads=vision_heads,
-                          image_size=224, patch_size=14, hidden_act="gelu"),
-      projection_dim=embed_dim)
+    text=TextConfig(
+      hidden_size=text_width,
+      intermediate_size=4 * text_width,
+      num_hidden_layers=text_layers,
+      num_attention_heads=text_heads,
+      hidden_act="gelu",
+      eos_token_id=OPENAI_EOS_TOKEN_ID,
+    ),
+    vision=VisionConfig(
+      hidden_size=vision_width,
+      intermediate_size=vision_mlp,
+      num_hidden_layers=vision_layers,
+      num_attention_heads=vision_heads,
+      image_size=224,
+      patch_size=14,
+      hidden_act="gelu",
+    ),
+    projection_dim=embed_dim,
+  )
 
 
 PRESETS = {
-    "vit-b-32": _b(32),  # openai/clip-vit-base-patch32, the paper's model.
-    "vit-b-16": _b(16),
-    "vit-l-14": _l(224),
-    "vit-l-14-336": _l(336),
-    # open_clip ViT-H-14 (~1.0B parameters) and ViT-bigG-14 (~2.5B; vision MLP 1664 * 4.9231).
-    "vit-h-14": _open_clip(1024, 16, 24, 1280, 16, 32, 5120, 1024),
-    "vit-bigg-14": _open_clip(1280, 20, 32, 1664, 16, 48, 8192, 1280),
-    # Demo: 32px images, 8px patches; trains from scratch in minutes on a CPU.
-    "small": CLIPConfig(
-        text=TextConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=6,
-                        num_attention_heads=3, max_position_embeddings=32),
-        vision=VisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=4,
-                            num_attention_heads=3, image_size=32, patch_size=8),
-        projection_dim=96),
-    # Tests: seconds to compile and run.
-    "tiny": CLIPConfig(
-        text=TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                        num_attention_heads=2, max_position_embeddings=16),
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, image_size=32, patch_size=8),
-        projection_dim=16),
+  "vit-b-32": _b(32),  # openai/clip-vit-base-patch32, the paper's model.
+  "vit-b-16": _b(16),
+  "vit-l-14": _l(224),
+  "vit-l-14-336": _l(336),
+  # open_clip ViT-H-14 (~1.0B parameters) and ViT-bigG-14 (~2.5B; vision MLP 1664 * 4.9231).
+  "vit-h-14": _open_clip(1024, 16, 24, 1280, 16, 32, 5120, 1024),
+  "vit-bigg-14": _open_clip(1280, 20, 32, 1664, 16, 48, 8192, 1280),
+  # Demo: 32px images, 8px patches; trains from scratch in minutes on a CPU.
+  "small": CLIPConfig(
+    text=TextConfig(
+      hidden_size=96,
+      intermediate_size=384,
+      num_hidden_layers=6,
+      num_attention_heads=3,
+      max_position_embeddings=32,
+    ),
+    vision=VisionConfig(
+      hidden_size=96,
+      intermediate_size=384,
+      num_hidden_layers=4,
+      num_attention_heads=3,
+      image_size=32,
+      patch_size=8,
+    ),
+    projection_dim=96,
+  ),
+  # Tests: seconds to compile and run.
+  "tiny": CLIPConfig(
+    text=TextConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=4,
+      num_attention_heads=2,
+      max_position_embeddings=16,
+    ),
+    vision=VisionConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      image_size=32,
+      patch_size=8,
+    ),
+    projection_dim=16,
+  ),
 }
 
 
@@ -156,12 +215,12 @@ _normal = nn.initializers.normal
 def layer_norm(eps: float, dtype, param_dtype, name: str) -> nn.LayerNorm:
   """LayerNorm with the two-pass variance torch uses: flax's default one-pass
   E[x^2] - E[x]^2 cancels in float32 on the residual stream and costs float32 parity."""
-  return nn.LayerNorm(eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-                      name=name)
+  return nn.LayerNorm(eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention; x [N, L, D] -> [N, L, D]."""
+
   hidden_size: int
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -171,10 +230,15 @@ class Attention(nn.Module):
   def __call__(self, x, mask):
     """mask: bool [N or 1, 1, L, L], True where a query may attend a key; None = all."""
     head_dim = self.hidden_size // self.num_heads
-    dense = lambda name: nn.Dense(self.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  kernel_init=_normal(0.02), name=name)
+    dense = lambda name: nn.Dense(
+      self.hidden_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_normal(0.02),
+      name=name,
+    )
     split = lambda t: t.reshape(t.shape[:2] + (self.num_heads, head_dim))
-    q = split(dense("q_proj")(x)) * (head_dim ** -0.5)
+    q = split(dense("q_proj")(x)) * (head_dim**-0.5)
     k = split(dense("k_proj")(x))
     v = split(dense("v_proj")(x))
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k)
@@ -203,6 +267,7 @@ class MLP(nn.Module):
 
 class EncoderLayer(nn.Module):
   """Pre-LayerNorm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
   hidden_size: int
   intermediate_size: int
   num_heads: int
@@ -214,14 +279,22 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, mask):
     ln = lambda name: layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name)
-    x = x + Attention(self.hidden_size, self.num_heads, self.dtype, self.param_dtype,
-                      name="self_attn")(ln("layer_norm1")(x), mask)
-    return x + MLP(self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype,
-                   self.param_dtype, name="mlp")(ln("layer_norm2")(x))
+    x = x + Attention(
+      self.hidden_size, self.num_heads, self.dtype, self.param_dtype, name="self_attn"
+    )(ln("layer_norm1")(x), mask)
+    return x + MLP(
+      self.hidden_size,
+      self.intermediate_size,
+      self.hidden_act,
+      self.dtype,
+      self.param_dtype,
+      name="mlp",
+    )(ln("layer_norm2")(x))
 
 
 class Layers(nn.Module):
   """The block stack; children are named "0".."L-1" like `encoder.layers.{i}`."""
+
   config: Any  # TextConfig | VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -232,8 +305,16 @@ class Layers(nn.Module):
     c = self.config
     states = [x]
     for i in range(c.num_hidden_layers):
-      x = EncoderLayer(c.hidden_size, c.intermediate_size, c.num_attention_heads, c.hidden_act,
-                       c.layer_norm_eps, self.dtype, self.param_dtype, name=str(i))(x, mask)
+      x = EncoderLayer(
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.hidden_act,
+        c.layer_norm_eps,
+        self.dtype,
+        self.param_dtype,
+        name=str(i),
+      )(x, mask)
       states.append(x)
     return tuple(states)
 
@@ -257,11 +338,22 @@ class TextEmbeddings(nn.Module):
   def __call__(self, input_ids, positions=None):
     """positions [N, L] (packed rows); default 0..L-1 in every row."""
     c = self.config
-    tok = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                   embedding_init=_normal(0.02), name="token_embedding")
-    pos = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=self.dtype,
-                   param_dtype=self.param_dtype, embedding_init=_normal(0.01),
-                   name="position_embedding")
+    tok = nn.Embed(
+      c.vocab_size,
+      c.hidden_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      embedding_init=_normal(0.02),
+      name="token_embedding",
+    )
+    pos = nn.Embed(
+      c.max_position_embeddings,
+      c.hidden_size,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      embedding_init=_normal(0.01),
+      name="position_embedding",
+    )
     if positions is None:
       return tok(input_ids) + pos(jnp.arange(input_ids.shape[-1]))[None]
     return tok(input_ids) + pos(positions)
@@ -275,6 +367,7 @@ class TextTransformer(nn.Module):
   and the pooled outputs are the final-LayerNorm states at the flat indices `pool`
   (any shape, into the N * L tokens), so L is free and only positions are bounded.
   """
+
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -285,16 +378,19 @@ class TextTransformer(nn.Module):
     c = self.config
     positions, segments, pool = packed if packed is not None else (None, None, None)
     if packed is None and input_ids.shape[-1] > c.max_position_embeddings:
-      raise ValueError(f"input_ids length {input_ids.shape[-1]} exceeds "
-                       f"max_position_embeddings={c.max_position_embeddings}")
+      raise ValueError(
+        f"input_ids length {input_ids.shape[-1]} exceeds "
+        f"max_position_embeddings={c.max_position_embeddings}"
+      )
     x = TextEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(input_ids, positions)
     length = input_ids.shape[-1]
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
     if segments is not None:
       mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
     states = Encoder(c, self.dtype, self.param_dtype, name="encoder")(x, mask)
-    last = layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype,
-                      "final_layer_norm")(states[-1])
+    last = layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype, "final_layer_norm")(
+      states[-1]
+    )
     if pool is not None:
       return last.reshape(-1, last.shape[-1])[pool], last, states
     pooled = last[jnp.arange(last.shape[0]), eot_positions(input_ids, c.eos_token_id)]
@@ -318,26 +414,42 @@ class VisionEmbeddings(nn.Module):
     c = self.config
     want = (c.image_size, c.image_size, c.num_channels)
     if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
-      raise ValueError(f"pixel_values has shape {pixel_values.shape}; the model expects "
-                       f"[N, {c.image_size}, {c.image_size}, {c.num_channels}] (NHWC, normalized)")
+      raise ValueError(
+        f"pixel_values has shape {pixel_values.shape}; the model expects "
+        f"[N, {c.image_size}, {c.image_size}, {c.num_channels}] (NHWC, normalized)"
+      )
     width = c.hidden_size
-    cls = self.param("class_embedding", _normal(width ** -0.5), (width,), self.param_dtype)
-    patches = nn.Conv(width, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
-                      padding="VALID", use_bias=False, dtype=self.dtype,
-                      param_dtype=self.param_dtype, kernel_init=_normal(0.02),
-                      name="patch_embedding")(pixel_values.astype(self.dtype))
+    cls = self.param("class_embedding", _normal(width**-0.5), (width,), self.param_dtype)
+    patches = nn.Conv(
+      width,
+      (c.patch_size, c.patch_size),
+      strides=(c.patch_size, c.patch_size),
+      padding="VALID",
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_normal(0.02),
+      name="patch_embedding",
+    )(pixel_values.astype(self.dtype))
     n = patches.shape[0]
     patches = patches.reshape(n, -1, width)
     cls = jnp.broadcast_to(cls.astype(self.dtype), (n, 1, width))
     x = jnp.concatenate([cls, patches], axis=1)
     num_positions = (c.image_size // c.patch_size) ** 2 + 1
-    pos = nn.Embed(num_positions, width, dtype=self.dtype, param_dtype=self.param_dtype,
-                   embedding_init=_normal(0.02), name="position_embedding")
+    pos = nn.Embed(
+      num_positions,
+      width,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      embedding_init=_normal(0.02),
+      name="position_embedding",
+    )
     return x + pos(jnp.arange(num_positions))[None]
 
 
 class VisionTransformer(nn.Module):
   """`CLIPVisionTransformer`: pixel_values [N, H, W, 3] -> pooled [N, D]."""
+
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -364,6 +476,7 @@ class CLIP(nn.Module):
     __call__(input_ids, pixel_values) -> (image_features, text_features, logit_scale)
   `logit_scale` is stored in log space, like the PyTorch original.
   """
+
   config: CLIPConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -372,12 +485,18 @@ class CLIP(nn.Module):
     c = self.config
     self.text_model = TextTransformer(c.text, self.dtype, self.param_dtype)
     self.vision_model = VisionTransformer(c.vision, self.dtype, self.param_dtype)
-    proj = lambda: nn.Dense(c.projection_dim, use_bias=False, dtype=self.dtype,
-                            param_dtype=self.param_dtype, kernel_init=_normal(0.02))
+    proj = lambda: nn.Dense(
+      c.projection_dim,
+      use_bias=False,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      kernel_init=_normal(0.02),
+    )
     self.text_projection = proj()
     self.visual_projection = proj()
-    self.logit_scale = self.param("logit_scale", nn.initializers.constant(c.logit_scale_init_value),
-                                  (), self.param_dtype)
+    self.logit_scale = self.param(
+      "logit_scale", nn.initializers.constant(c.logit_scale_init_value), (), self.param_dtype
+    )
 
   @property
   def _feature_dtype(self):  # float32, or float64 for a float64 model (parity runs)
@@ -399,8 +518,11 @@ class CLIP(nn.Module):
     return states
 
   def __call__(self, input_ids, pixel_values):
-    return (self.get_image_features(pixel_values), self.get_text_features(input_ids),
-            self.logit_scale)
+    return (
+      self.get_image_features(pixel_values),
+      self.get_text_features(input_ids),
+      self.logit_scale,
+    )
 
 
 def init_params(model: CLIP, rng: jax.Array) -> dict:
@@ -409,4 +531,3 @@ def init_params(model: CLIP, rng: jax.Array) -> dict:
   ids = jnp.zeros((1, c.text.max_position_embeddings), jnp.int32)
   pixels = jnp.zeros((1, c.vision.image_size, c.vision.image_size, c.vision.num_channels))
   return jax.jit(model.init)(rng, ids, pixels)["params"]
-

@@ -68,8 +68,9 @@ def params_to_state_dict(params) -> dict[str, np.ndarray]:
   return out
 
 
-def state_dict_to_params(state_dict: Mapping[str, Any], config: model_lib.CLIPConfig,
-                         source: str = "state dict") -> dict:
+def state_dict_to_params(
+  state_dict: Mapping[str, Any], config: model_lib.CLIPConfig, source: str = "state dict"
+) -> dict:
   """HF-named state dict -> Flax params for `config`, strictly checked.
 
   Values may be numpy arrays or torch tensors; floats are kept in their dtype
@@ -82,8 +83,9 @@ def state_dict_to_params(state_dict: Mapping[str, Any], config: model_lib.CLIPCo
   unexpected = sorted(set(given) - set(by_key))
   if missing or unexpected:
     raise CheckpointMismatchError(
-        f"{source}: does not match the CLIP config. Missing keys ({len(missing)}): "
-        f"{missing[:8]}; unexpected keys ({len(unexpected)}): {unexpected[:8]}")
+      f"{source}: does not match the CLIP config. Missing keys ({len(missing)}): "
+      f"{missing[:8]}; unexpected keys ({len(unexpected)}): {unexpected[:8]}"
+    )
   flat = {}
   for key, path in by_key.items():
     value = _to_numpy(given[key])
@@ -92,7 +94,8 @@ def state_dict_to_params(state_dict: Mapping[str, Any], config: model_lib.CLIPCo
       want = want[::-1] if len(want) == 2 else tuple(want[i] for i in (3, 2, 0, 1))
     if tuple(value.shape) != want:
       raise CheckpointMismatchError(
-          f"{source}: key {key!r} has shape {tuple(value.shape)} but the model expects {want}")
+        f"{source}: key {key!r} has shape {tuple(value.shape)} but the model expects {want}"
+      )
     if path[-1] == "kernel":
       value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
     flat[path] = value
@@ -115,6 +118,7 @@ def _abstract_params(config):
 def _to_numpy(value) -> np.ndarray:
   if hasattr(value, "detach"):  # torch.Tensor
     import torch
+
     value = value.detach().cpu()
     if value.dtype in (torch.bfloat16, torch.float16):
       value = value.float()
@@ -129,16 +133,21 @@ def _to_numpy(value) -> np.ndarray:
 def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> model_lib.CLIPConfig:
   """HF `CLIPConfig` dict (config.json) -> our `CLIPConfig`; missing keys take HF defaults."""
   if hf.get("model_type", "clip") != "clip":
-    raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not a CLIP model "
-                     "(expected 'clip'); SigLIP, EVA-CLIP etc. are not supported")
+    raise ValueError(
+      f"{source}: model_type {hf.get('model_type')!r} is not a CLIP model "
+      "(expected 'clip'); SigLIP, EVA-CLIP etc. are not supported"
+    )
   text = hf.get("text_config") or hf.get("text_config_dict") or {}
   vision = hf.get("vision_config") or hf.get("vision_config_dict") or {}
   pick = lambda cls, d: {f: d[f] for f in cls.__dataclass_fields__ if f in d}
   return model_lib.CLIPConfig(
-      text=model_lib.TextConfig(**pick(model_lib.TextConfig, text)),
-      vision=model_lib.VisionConfig(**pick(model_lib.VisionConfig, vision)),
-      projection_dim=hf.get("projection_dim", 512),
-      logit_scale_init_value=hf.get("logit_scale_init_value", model_lib.CLIPConfig.logit_scale_init_value))
+    text=model_lib.TextConfig(**pick(model_lib.TextConfig, text)),
+    vision=model_lib.VisionConfig(**pick(model_lib.VisionConfig, vision)),
+    projection_dim=hf.get("projection_dim", 512),
+    logit_scale_init_value=hf.get(
+      "logit_scale_init_value", model_lib.CLIPConfig.logit_scale_init_value
+    ),
+  )
 
 
 def config_to_hf(config: model_lib.CLIPConfig) -> dict:
@@ -149,42 +158,61 @@ def config_to_hf(config: model_lib.CLIPConfig) -> dict:
   vision["projection_dim"] = config.projection_dim
   if text["eos_token_id"] == model_lib.OPENAI_EOS_TOKEN_ID:
     text.update(bos_token_id=0, pad_token_id=1)  # what OpenAI-converted HF configs carry
-  return dict(text_config=text, vision_config=vision, projection_dim=config.projection_dim,
-              logit_scale_init_value=config.logit_scale_init_value)
+  return dict(
+    text_config=text,
+    vision_config=vision,
+    projection_dim=config.projection_dim,
+    logit_scale_init_value=config.logit_scale_init_value,
+  )
 
 
 def _image_processor_config(size: int) -> dict:
   """`CLIPImageProcessor` settings matching `negclip_jax.preprocess` at `size` px."""
   from negclip_jax.model import preprocess
-  return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-          "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,
-          "crop_size": {"height": size, "width": size}, "do_rescale": True,
-          "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-          "image_mean": [float(m) for m in preprocess.CLIP_MEAN],
-          "image_std": [float(s) for s in preprocess.CLIP_STD]}
+
+  return {
+    "image_processor_type": "CLIPImageProcessor",
+    "do_resize": True,
+    "size": {"shortest_edge": size},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": size, "width": size},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "do_convert_rgb": True,
+    "image_mean": [float(m) for m in preprocess.CLIP_MEAN],
+    "image_std": [float(s) for s in preprocess.CLIP_STD],
+  }
 
 
 # -------------------------------------------------------------------- OpenAI naming
 
 _OPENAI_BLOCK = {
-    "attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-_OPENAI_TOP = {
-    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-    "ln_final.weight": "text_model.final_layer_norm.weight",
-    "ln_final.bias": "text_model.final_layer_norm.bias",
-    "logit_scale": "logit_scale",
-    "visual.class_embedding": "vision_model.embeddings.class_embedding",
-    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
-    "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
-    "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
-    "visual.ln_post.weight": "vision_model.post_layernorm.weight",
-    "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+  "attn.out_proj": "self_attn.out_proj",
+  "ln_1": "layer_norm1",
+  "ln_2": "layer_norm2",
+  "mlp.c_fc": "mlp.fc1",
+  "mlp.c_proj": "mlp.fc2",
 }
-_OPENAI_TRANSPOSED = {"text_projection": "text_projection.weight",
-                      "visual.proj": "visual_projection.weight"}
+_OPENAI_TOP = {
+  "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+  "positional_embedding": "text_model.embeddings.position_embedding.weight",
+  "ln_final.weight": "text_model.final_layer_norm.weight",
+  "ln_final.bias": "text_model.final_layer_norm.bias",
+  "logit_scale": "logit_scale",
+  "visual.class_embedding": "vision_model.embeddings.class_embedding",
+  "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+  "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+  "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+  "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+  "visual.ln_post.weight": "vision_model.post_layernorm.weight",
+  "visual.ln_post.bias": "vision_model.post_layernorm.bias",
+}
+_OPENAI_TRANSPOSED = {
+  "text_projection": "text_projection.weight",
+  "visual.proj": "visual_projection.weight",
+}
 _BLOCK_RE = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$")
 _IN_PROJ_RE = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$")
 
@@ -218,7 +246,7 @@ def openai_to_hf(sd: Mapping[str, Any], source: str = "state dict") -> dict:
 
 def _split3(value):
   n = value.shape[0] // 3
-  return value[:n], value[n:2 * n], value[2 * n:]
+  return value[:n], value[n : 2 * n], value[2 * n :]
 
 
 def hf_to_openai(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -244,13 +272,19 @@ def hf_to_openai(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
       raise CheckpointMismatchError(f"no OpenAI name for key {key!r}")
   for (prefix, kind), parts in qkv.items():
     out[f"{prefix}.attn.in_proj_{kind}"] = np.concatenate(
-        [parts["q_proj"], parts["k_proj"], parts["v_proj"]], axis=0)
+      [parts["q_proj"], parts["k_proj"], parts["v_proj"]], axis=0
+    )
   return out
 
 
-def config_from_openai(sd: Mapping[str, Any], source: str = "state dict", *,
-                       text_heads: int | None = None, vision_heads: int | None = None,
-                       activation: str | None = None) -> model_lib.CLIPConfig:
+def config_from_openai(
+  sd: Mapping[str, Any],
+  source: str = "state dict",
+  *,
+  text_heads: int | None = None,
+  vision_heads: int | None = None,
+  activation: str | None = None,
+) -> model_lib.CLIPConfig:
   """Architecture of an OpenAI-named state dict: shapes, plus OpenAI's conventions.
 
   Widths, MLP widths, depths, vocabulary, context, patch and image size come from the
@@ -258,7 +292,7 @@ def config_from_openai(sd: Mapping[str, Any], source: str = "state dict", *,
   follow OpenAI's CLIP (heads = width / 64, QuickGELU), and a width that is not a
   multiple of 64 is refused.
   """
-  layers = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+  layers = lambda prefix: len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
   mlp = lambda prefix: sd[f"{prefix}0.mlp.c_fc.weight"].shape[0] if layers(prefix) else 0
   text_width = sd["ln_final.weight"].shape[0]
   vision_width, _, patch, _ = sd["visual.conv1.weight"].shape
@@ -266,28 +300,37 @@ def config_from_openai(sd: Mapping[str, Any], source: str = "state dict", *,
   activation = activation or "quick_gelu"
   model_lib._activation(activation)  # raises ValueError for an unknown name
   return model_lib.CLIPConfig(
-      text=model_lib.TextConfig(
-          vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=text_width,
-          intermediate_size=mlp("transformer.resblocks."),
-          num_hidden_layers=layers("transformer.resblocks."),
-          num_attention_heads=_heads(text_width, text_heads, "text", source),
-          max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act=activation,
-          eos_token_id=model_lib.OPENAI_EOS_TOKEN_ID),
-      vision=model_lib.VisionConfig(
-          hidden_size=vision_width, intermediate_size=mlp("visual.transformer.resblocks."),
-          num_hidden_layers=layers("visual.transformer.resblocks."),
-          num_attention_heads=_heads(vision_width, vision_heads, "vision", source),
-          image_size=patch * grid, patch_size=patch, hidden_act=activation),
-      projection_dim=sd["text_projection"].shape[1])
+    text=model_lib.TextConfig(
+      vocab_size=sd["token_embedding.weight"].shape[0],
+      hidden_size=text_width,
+      intermediate_size=mlp("transformer.resblocks."),
+      num_hidden_layers=layers("transformer.resblocks."),
+      num_attention_heads=_heads(text_width, text_heads, "text", source),
+      max_position_embeddings=sd["positional_embedding"].shape[0],
+      hidden_act=activation,
+      eos_token_id=model_lib.OPENAI_EOS_TOKEN_ID,
+    ),
+    vision=model_lib.VisionConfig(
+      hidden_size=vision_width,
+      intermediate_size=mlp("visual.transformer.resblocks."),
+      num_hidden_layers=layers("visual.transformer.resblocks."),
+      num_attention_heads=_heads(vision_width, vision_heads, "vision", source),
+      image_size=patch * grid,
+      patch_size=patch,
+      hidden_act=activation,
+    ),
+    projection_dim=sd["text_projection"].shape[1],
+  )
 
 
 def _heads(width: int, heads: int | None, tower: str, source: str) -> int:
   if heads is None:
     if width % 64:
       raise ValueError(
-          f"{source}: {tower} width {width} is not a multiple of 64, so OpenAI's convention "
-          f"(heads = width / 64) does not apply; pass {tower}_heads= (or config=) to "
-          "load_pretrained")
+        f"{source}: {tower} width {width} is not a multiple of 64, so OpenAI's convention "
+        f"(heads = width / 64) does not apply; pass {tower}_heads= (or config=) to "
+        "load_pretrained"
+      )
     return width // 64
   if heads <= 0 or width % heads:
     raise ValueError(f"{source}: {tower}_heads={heads} does not divide the {tower} width {width}")
@@ -298,21 +341,45 @@ def _heads(width: int, heads: int | None, tower: str, source: str) -> int:
 
 # open_clip options that change nothing at inference, or are at the value we implement.
 _OPEN_CLIP_NEUTRAL = {
-    "ls_init_value": (None,), "attentional_pool": (False,), "no_ln_pre": (False,),
-    "pos_embed_type": ("learnable",), "final_ln_after_pool": (False,), "act_kwargs": (None,),
-    "block_type": (None, "default"), "qk_norm": (False,), "scaled_cosine_attn": (False,),
-    "scale_heads": (False,), "scale_attn_inner": (False,), "scale_attn": (False,),
-    "scale_fc": (False,), "timm_model_name": (None,), "hf_model_name": (None,),
-    "embed_cls": (False,), "no_causal_mask": (False,), "proj_bias": (False,),
-    "proj_type": ("linear",), "custom_text": (False,), "init_logit_bias": (None,),
-    "multimodal_cfg": (None,)}
+  "ls_init_value": (None,),
+  "attentional_pool": (False,),
+  "no_ln_pre": (False,),
+  "pos_embed_type": ("learnable",),
+  "final_ln_after_pool": (False,),
+  "act_kwargs": (None,),
+  "block_type": (None, "default"),
+  "qk_norm": (False,),
+  "scaled_cosine_attn": (False,),
+  "scale_heads": (False,),
+  "scale_attn_inner": (False,),
+  "scale_attn": (False,),
+  "scale_fc": (False,),
+  "timm_model_name": (None,),
+  "hf_model_name": (None,),
+  "embed_cls": (False,),
+  "no_causal_mask": (False,),
+  "proj_bias": (False,),
+  "proj_type": ("linear",),
+  "custom_text": (False,),
+  "init_logit_bias": (None,),
+  "multimodal_cfg": (None,),
+}
 _OPEN_CLIP_IGNORED = {  # training-time or tokenizer-side options
-    "patch_dropout", "output_tokens", "pad_id", "eos_id", "hf_tokenizer_name",
-    "tokenizer_mode", "tokenizer_kwargs", "timm_model_pretrained", "hf_model_pretrained"}
+  "patch_dropout",
+  "output_tokens",
+  "pad_id",
+  "eos_id",
+  "hf_tokenizer_name",
+  "tokenizer_mode",
+  "tokenizer_kwargs",
+  "timm_model_pretrained",
+  "hf_model_pretrained",
+}
 
 
-def config_from_open_clip(cfg: Mapping[str, Any],
-                          source: str = "open_clip_config.json") -> model_lib.CLIPConfig:
+def config_from_open_clip(
+  cfg: Mapping[str, Any], source: str = "open_clip_config.json"
+) -> model_lib.CLIPConfig:
   """open_clip config (``open_clip_config.json`` or its ``model_cfg``) -> `CLIPConfig`.
 
   Follows open_clip's `CLIP(**model_cfg)`: vision heads = width / head_width, MLP
@@ -323,42 +390,83 @@ def config_from_open_clip(cfg: Mapping[str, Any],
   """
   model_cfg = cfg.get("model_cfg", cfg)
   vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-  _check_open_clip(model_cfg, {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu",
-                               "init_logit_scale"}, source, "")
-  _check_open_clip(vision, {"layers", "width", "head_width", "mlp_ratio", "patch_size",
-                            "image_size", "pool_type", "norm_kwargs"}, source, "vision_cfg.")
-  _check_open_clip(text, {"context_length", "vocab_size", "width", "heads", "layers",
-                          "mlp_ratio", "pool_type", "norm_kwargs"}, source, "text_cfg.")
+  _check_open_clip(
+    model_cfg, {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale"}, source, ""
+  )
+  _check_open_clip(
+    vision,
+    {
+      "layers",
+      "width",
+      "head_width",
+      "mlp_ratio",
+      "patch_size",
+      "image_size",
+      "pool_type",
+      "norm_kwargs",
+    },
+    source,
+    "vision_cfg.",
+  )
+  _check_open_clip(
+    text,
+    {
+      "context_length",
+      "vocab_size",
+      "width",
+      "heads",
+      "layers",
+      "mlp_ratio",
+      "pool_type",
+      "norm_kwargs",
+    },
+    source,
+    "text_cfg.",
+  )
   if vision.get("pool_type", "tok") != "tok" or text.get("pool_type", "argmax") != "argmax":
-    raise ValueError(f"{source}: only pool_type 'tok' (vision) and 'argmax' (text) are "
-                     f"supported, got {vision.get('pool_type')!r} / {text.get('pool_type')!r}")
+    raise ValueError(
+      f"{source}: only pool_type 'tok' (vision) and 'argmax' (text) are "
+      f"supported, got {vision.get('pool_type')!r} / {text.get('pool_type')!r}"
+    )
   if not isinstance(vision.get("layers", 12), int):
-    raise ValueError(f"{source}: vision_cfg.layers={vision['layers']!r} is a ResNet tower; "
-                     "only ViT towers are supported")
+    raise ValueError(
+      f"{source}: vision_cfg.layers={vision['layers']!r} is a ResNet tower; "
+      "only ViT towers are supported"
+    )
   activation = "quick_gelu" if model_cfg.get("quick_gelu", False) else "gelu"
   v_width, t_width = vision.get("width", 768), text.get("width", 512)
   head_width = vision.get("head_width", 64)
   if v_width % head_width:
-    raise ValueError(f"{source}: vision_cfg.width {v_width} is not a multiple of "
-                     f"head_width {head_width}")
+    raise ValueError(
+      f"{source}: vision_cfg.width {v_width} is not a multiple of head_width {head_width}"
+    )
   return model_lib.CLIPConfig(
-      text=model_lib.TextConfig(
-          vocab_size=text.get("vocab_size", 49408), hidden_size=t_width,
-          intermediate_size=int(t_width * text.get("mlp_ratio", 4.0)),
-          num_hidden_layers=text.get("layers", 12),
-          num_attention_heads=_heads(t_width, text.get("heads", 8), "text", source),
-          max_position_embeddings=text.get("context_length", 77), hidden_act=activation,
-          layer_norm_eps=_eps(text, source, "text_cfg."),
-          eos_token_id=model_lib.OPENAI_EOS_TOKEN_ID),
-      vision=model_lib.VisionConfig(
-          hidden_size=v_width, intermediate_size=int(v_width * vision.get("mlp_ratio", 4.0)),
-          num_hidden_layers=vision.get("layers", 12), num_attention_heads=v_width // head_width,
-          image_size=_square(vision.get("image_size", 224), source, "vision_cfg.image_size"),
-          patch_size=_square(vision.get("patch_size", 16), source, "vision_cfg.patch_size"),
-          hidden_act=activation, layer_norm_eps=_eps(vision, source, "vision_cfg.")),
-      projection_dim=model_cfg.get("embed_dim", 512),
-      logit_scale_init_value=model_cfg.get("init_logit_scale",
-                                           model_lib.CLIPConfig.logit_scale_init_value))
+    text=model_lib.TextConfig(
+      vocab_size=text.get("vocab_size", 49408),
+      hidden_size=t_width,
+      intermediate_size=int(t_width * text.get("mlp_ratio", 4.0)),
+      num_hidden_layers=text.get("layers", 12),
+      num_attention_heads=_heads(t_width, text.get("heads", 8), "text", source),
+      max_position_embeddings=text.get("context_length", 77),
+      hidden_act=activation,
+      layer_norm_eps=_eps(text, source, "text_cfg."),
+      eos_token_id=model_lib.OPENAI_EOS_TOKEN_ID,
+    ),
+    vision=model_lib.VisionConfig(
+      hidden_size=v_width,
+      intermediate_size=int(v_width * vision.get("mlp_ratio", 4.0)),
+      num_hidden_layers=vision.get("layers", 12),
+      num_attention_heads=v_width // head_width,
+      image_size=_square(vision.get("image_size", 224), source, "vision_cfg.image_size"),
+      patch_size=_square(vision.get("patch_size", 16), source, "vision_cfg.patch_size"),
+      hidden_act=activation,
+      layer_norm_eps=_eps(vision, source, "vision_cfg."),
+    ),
+    projection_dim=model_cfg.get("embed_dim", 512),
+    logit_scale_init_value=model_cfg.get(
+      "init_logit_scale", model_lib.CLIPConfig.logit_scale_init_value
+    ),
+  )
 
 
 def _check_open_clip(cfg: Mapping[str, Any], supported: set, source: str, where: str):
@@ -366,8 +474,9 @@ def _check_open_clip(cfg: Mapping[str, Any], supported: set, source: str, where:
     if key in supported or key in _OPEN_CLIP_IGNORED:
       continue
     if key not in _OPEN_CLIP_NEUTRAL or value not in _OPEN_CLIP_NEUTRAL[key]:
-      raise ValueError(f"{source}: open_clip option {where}{key}={value!r} is not supported "
-                       "by negclip-jax's CLIP")
+      raise ValueError(
+        f"{source}: open_clip option {where}{key}={value!r} is not supported by negclip-jax's CLIP"
+      )
 
 
 def _square(size, source: str, key: str) -> int:
@@ -421,6 +530,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   if path.suffix == ".safetensors":
     from safetensors import SafetensorError
     from safetensors.numpy import load, load_file  # no torch needed (bfloat16 via ml_dtypes)
+
     try:
       sd = load(path.read_bytes()) if storage.is_remote(path) else load_file(str(path))
     except SafetensorError as e:
@@ -430,15 +540,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
       from negclip_jax import torch_io
     except ImportError as e:
       raise ImportError(f"{path}: {e}") from e
-    sd = torch_io.load(path, hint="re-save the state dict with safetensors or as a plain "
-                       "dict of tensors")
+    sd = torch_io.load(
+      path, hint="re-save the state dict with safetensors or as a plain dict of tensors"
+    )
     for wrapper in ("model", "state_dict"):
       if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
         sd = sd[wrapper]
   if not isinstance(sd, dict):
     raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
   if sd and all(k.startswith("module.") for k in sd):
-    sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd = {k[len("module.") :]: v for k, v in sd.items()}
   return sd
 
 
@@ -455,12 +566,21 @@ def _read_json(file: epath.Path) -> dict:
 
 # Directory layouts, first match wins: marker file, its config reader, weight files by preference.
 _LAYOUTS = (
-    ("config.json", lambda f: config_from_hf(_read_json(f), str(f)),
-     ("model.safetensors", "pytorch_model.bin")),
-    ("open_clip_config.json", lambda f: config_from_open_clip(_read_json(f), str(f)),
-     ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
-    (EXPORT_CONFIG, lambda f: model_lib.config_from_dict(_read_json(f).get("config", {}), str(f)),
-     ("model.pt",)),
+  (
+    "config.json",
+    lambda f: config_from_hf(_read_json(f), str(f)),
+    ("model.safetensors", "pytorch_model.bin"),
+  ),
+  (
+    "open_clip_config.json",
+    lambda f: config_from_open_clip(_read_json(f), str(f)),
+    ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
+  ),
+  (
+    EXPORT_CONFIG,
+    lambda f: model_lib.config_from_dict(_read_json(f).get("config", {}), str(f)),
+    ("model.pt",),
+  ),
 )
 
 
@@ -474,13 +594,20 @@ def _describe_dir(path: epath.Path) -> tuple[epath.Path, model_lib.CLIPConfig]:
           return path / name, config
       raise FileNotFoundError(f"{path}: has {marker} but none of {list(weight_names)}")
   raise FileNotFoundError(
-      f"{path} is a directory without config.json (Hugging Face), open_clip_config.json "
-      f"(open_clip) or {EXPORT_CONFIG} (negclip-jax OpenAI-format export)")
+    f"{path} is a directory without config.json (Hugging Face), open_clip_config.json "
+    f"(open_clip) or {EXPORT_CONFIG} (negclip-jax OpenAI-format export)"
+  )
 
 
-def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *,
-                    config: model_lib.CLIPConfig | None = None, text_heads: int | None = None,
-                    vision_heads: int | None = None, activation: str | None = None):
+def load_pretrained(
+  path: str | os.PathLike,
+  dtype=jnp.float32,
+  *,
+  config: model_lib.CLIPConfig | None = None,
+  text_heads: int | None = None,
+  vision_heads: int | None = None,
+  activation: str | None = None,
+):
   """Loads CLIP weights -> (model, params).
 
   Args:
@@ -508,40 +635,55 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32, *,
       overrides for a source that states its architecture.
     CheckpointMismatchError: weights that do not match the architecture.
   """
-  conventions = {k: v for k, v in dict(text_heads=text_heads, vision_heads=vision_heads,
-                                       activation=activation).items() if v is not None}
+  conventions = {
+    k: v
+    for k, v in dict(
+      text_heads=text_heads, vision_heads=vision_heads, activation=activation
+    ).items()
+    if v is not None
+  }
   if config is not None and conventions:
     raise ValueError(f"pass either config= or {sorted(conventions)}, not both")
   from negclip_jax.model import hub
+
   path = hub.resolve(path)
   if path.is_dir():
     weights, stated = _describe_dir(path)
   else:
     weights, stated = path, _export_config_beside(path) if path.is_file() else None
   if stated is not None and conventions:
-    raise ValueError(f"{path} states its architecture; {sorted(conventions)} apply only to "
-                     "bare OpenAI state dicts (pass config= to replace a stated one)")
+    raise ValueError(
+      f"{path} states its architecture; {sorted(conventions)} apply only to "
+      "bare OpenAI state dicts (pass config= to replace a stated one)"
+    )
   sd = read_state_dict(weights)
   source = str(weights)
   config = config or stated
   if is_openai_state_dict(sd):
     if config is None:
       config = config_from_openai(sd, source, **conventions)
-      logger.info("%s: no architecture metadata; heads and activation from %s", source,
-                  conventions or "OpenAI's conventions (heads = width / 64, QuickGELU)")
+      logger.info(
+        "%s: no architecture metadata; heads and activation from %s",
+        source,
+        conventions or "OpenAI's conventions (heads = width / 64, QuickGELU)",
+      )
     sd = openai_to_hf(sd, source)
   elif "text_model.embeddings.token_embedding.weight" not in sd:
     raise CheckpointMismatchError(
-        f"{source}: neither OpenAI nor Hugging Face CLIP key names (first keys: {list(sd)[:5]})")
+      f"{source}: neither OpenAI nor Hugging Face CLIP key names (first keys: {list(sd)[:5]})"
+    )
   elif config is None:
-    raise ValueError(f"{source}: an HF-named state dict has no architecture; put it in a "
-                     "directory with its config.json and pass the directory, or pass config=")
+    raise ValueError(
+      f"{source}: an HF-named state dict has no architecture; put it in a "
+      "directory with its config.json and pass the directory, or pass config="
+    )
   params = jax.tree.map(jnp.asarray, state_dict_to_params(sd, config, source))
   return model_lib.CLIP(config, dtype=dtype), params
 
 
-def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
-                    format: str = "hf", tokenizer=None) -> epath.Path:
+def save_pretrained(
+  model: model_lib.CLIP, params, out_dir: str | os.PathLike, format: str = "hf", tokenizer=None
+) -> epath.Path:
   """Writes weights PyTorch users can load; `load_pretrained(out_dir)` reads both back.
 
   format="hf": config.json + model.safetensors (+ tokenizer and preprocessor files),
@@ -556,20 +698,29 @@ def save_pretrained(model: model_lib.CLIP, params, out_dir: str | os.PathLike,
   if format == "hf":
     import transformers
     from safetensors.numpy import save
-    (out / "config.json").write_text(transformers.CLIPConfig(
-        **config_to_hf(model.config), architectures=["CLIPModel"]).to_json_string())
+
+    (out / "config.json").write_text(
+      transformers.CLIPConfig(
+        **config_to_hf(model.config), architectures=["CLIPModel"]
+      ).to_json_string()
+    )
     # One upload to a bucket; locally an ordinary file (the umask's mode, not safetensors' 0600).
     (out / "model.safetensors").write_bytes(save(sd, metadata={"format": "pt"}))
-    (out / "preprocessor_config.json").write_text(json.dumps(
-        _image_processor_config(model.config.vision.image_size), indent=2))
+    (out / "preprocessor_config.json").write_text(
+      json.dumps(_image_processor_config(model.config.vision.image_size), indent=2)
+    )
     if tokenizer is not None:
       tokenizer.save_pretrained(out)
   elif format == "openai":
     import torch
+
     with (out / "model.pt").open("wb") as f:
       torch.save({k: torch.from_numpy(np.array(v)) for k, v in hf_to_openai(sd).items()}, f)
-    (out / EXPORT_CONFIG).write_text(json.dumps(
-        {"weights": "model.pt", "config": model_lib.config_to_dict(model.config)}, indent=2))
+    (out / EXPORT_CONFIG).write_text(
+      json.dumps(
+        {"weights": "model.pt", "config": model_lib.config_to_dict(model.config)}, indent=2
+      )
+    )
   else:
     raise ValueError(f"format must be 'hf' or 'openai', got {format!r}")
   return out

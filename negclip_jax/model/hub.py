@@ -18,10 +18,21 @@ from etils import epath
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # What `negclip_jax.convert.load_pretrained` and the tokenizer read: every config, and the
 # first weight file the repository has, in load_pretrained's order of preference.
-_CONFIGS = ["config.json", "open_clip_config.json", "model_config.json", "vocab.json",
-            "merges.txt", "preprocessor_config.json"]
-_WEIGHTS = ["model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
-            "open_clip_pytorch_model.bin", "model.pt"]
+_CONFIGS = [
+  "config.json",
+  "open_clip_config.json",
+  "model_config.json",
+  "vocab.json",
+  "merges.txt",
+  "preprocessor_config.json",
+]
+_WEIGHTS = [
+  "model.safetensors",
+  "pytorch_model.bin",
+  "open_clip_model.safetensors",
+  "open_clip_pytorch_model.bin",
+  "model.pt",
+]
 
 
 def is_hub_id(path: str | os.PathLike) -> bool:
@@ -40,13 +51,16 @@ def resolve(path: str | os.PathLike) -> epath.Path:
     return epath.Path(path)
   import huggingface_hub
   from huggingface_hub import constants
+
   repo_id = os.fspath(path)
   try:
     return Path(huggingface_hub.snapshot_download(repo_id, local_files_only=True))
   except FileNotFoundError:  # LocalEntryNotFoundError: not in the cache
     pass
-  where = (f"{repo_id!r} is not a local path and is not in the Hugging Face cache "
-           f"{constants.HF_HUB_CACHE} (set HF_HUB_CACHE or HF_HOME to use another cache)")
+  where = (
+    f"{repo_id!r} is not a local path and is not in the Hugging Face cache "
+    f"{constants.HF_HUB_CACHE} (set HF_HUB_CACHE or HF_HOME to use another cache)"
+  )
   if huggingface_hub.is_offline_mode():
     raise FileNotFoundError(f"{where}; HF_HUB_OFFLINE is set, so it was not downloaded")
   try:
@@ -58,4 +72,5 @@ def resolve(path: str | os.PathLike) -> epath.Path:
   except Exception as e:  # network, authentication, unknown repository
     message = str(e).strip().splitlines()[0] if str(e).strip() else ""
     raise FileNotFoundError(
-        f"{where}, and downloading it failed ({type(e).__name__}: {message})") from e
+      f"{where}, and downloading it failed ({type(e).__name__}: {message})"
+    ) from e

@@ -84,8 +84,7 @@ def _resize_short_side(image: Image.Image, image_size: int) -> Image.Image:
   return image.resize(new_size, resample=Image.Resampling.BICUBIC)
 
 
-def _center_crop(image: Image.Image, image_size: int,
-                 offset: Callable[[int], int]) -> Image.Image:
+def _center_crop(image: Image.Image, image_size: int, offset: Callable[[int], int]) -> Image.Image:
   """Square crop of side `image_size` at (left, top) = offset(W - size), offset(H - size)."""
   left, top = offset(image.width - image_size), offset(image.height - image_size)
   return image.crop((left, top, left + image_size, top + image_size))
@@ -106,8 +105,9 @@ def _as_pil(image: ImageLike) -> Image.Image:
   if isinstance(image, Image.Image):
     return image
   if isinstance(image, np.ndarray) and image.dtype == np.uint8:
-    return Image.fromarray(np.ascontiguousarray(image.squeeze(-1) if image.ndim == 3 and
-                                                image.shape[-1] == 1 else image))
+    return Image.fromarray(
+      np.ascontiguousarray(image.squeeze(-1) if image.ndim == 3 and image.shape[-1] == 1 else image)
+    )
   return _to_rgb(image)  # raises the shared type / dtype / shape errors
 
 

@@ -30,13 +30,15 @@ logger = logging.getLogger(__name__)
 
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
-DEFAULT_BPE_PATH = importlib.resources.files("negclip_jax") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+DEFAULT_BPE_PATH = (
+  importlib.resources.files("negclip_jax") / "assets" / "bpe_simple_vocab_16e6.txt.gz"
+)
 # OpenAI keeps the first 49152 - 256 - 2 merges of the BPE file.
 _NUM_OPENAI_MERGES = 49152 - 256 - 2
 
 _PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
-    regex.IGNORECASE,
+  r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+  regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
 
@@ -44,8 +46,11 @@ _WHITESPACE = regex.compile(r"\s+")
 @functools.lru_cache(maxsize=None)
 def bytes_to_unicode() -> dict[int, str]:
   """OpenAI/GPT-2 map from the 256 byte values to printable unicode characters."""
-  bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1)))
+  bs = (
+    list(range(ord("!"), ord("~") + 1))
+    + list(range(ord("¡"), ord("¬") + 1))
+    + list(range(ord("®"), ord("ÿ") + 1))
+  )
   cs = bs[:]
   n = 0
   for b in range(256):
@@ -66,9 +71,11 @@ def _load_openai_bpe(path: str | os.PathLike) -> tuple[dict[str, int], list[tupl
   """Vocabulary (49408 entries) and merges (48894) built from an OpenAI BPE .txt.gz file."""
   with gzip.open(path, "rt", encoding="utf-8") as f:
     lines = f.read().split("\n")
-  merges = [tuple(line.split()) for line in lines[1:_NUM_OPENAI_MERGES + 1]]
+  merges = [tuple(line.split()) for line in lines[1 : _NUM_OPENAI_MERGES + 1]]
   chars = list(bytes_to_unicode().values())
-  tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+  tokens = (
+    chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
+  )
   return {t: i for i, t in enumerate(tokens)}, merges
 
 
@@ -80,8 +87,9 @@ class ClipTokenizer:
   the texts truncated so far, over all calls.
   """
 
-  def __init__(self, vocab: Mapping[str, int] | None = None,
-               merges: Sequence[tuple[str, str]] | None = None):
+  def __init__(
+    self, vocab: Mapping[str, int] | None = None, merges: Sequence[tuple[str, str]] | None = None
+  ):
     """`vocab` maps token string -> id, `merges` are BPE merges by priority; both None = bundled."""
     if (vocab is None) != (merges is None):
       raise ValueError("pass both `vocab` and `merges`, or neither")
@@ -95,7 +103,9 @@ class ClipTokenizer:
     self._ranks = {m: i for i, m in enumerate(self._merges)}
     self._byte_encoder = bytes_to_unicode()
     self._cache: dict[str, tuple[int, ...]] = {
-        SOT_TOKEN: (self.sot_token_id,), EOT_TOKEN: (self.eot_token_id,)}
+      SOT_TOKEN: (self.sot_token_id,),
+      EOT_TOKEN: (self.eot_token_id,),
+    }
     self.num_truncated = 0
 
   @classmethod
@@ -119,6 +129,7 @@ class ClipTokenizer:
     directory; a Hub id resolves as in `load_pretrained`, see `negclip_jax.hub`), else the
     bundled OpenAI vocabulary (e.g. for an OpenAI checkpoint file)."""
     from negclip_jax.model import hub
+
     path = hub.resolve(path)
     return cls.from_pretrained(path) if (path / "vocab.json").is_file() else cls()
 
@@ -177,9 +188,9 @@ class ClipTokenizer:
     for row, text in enumerate(texts):
       ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
       if len(ids) > context_length:
-        ids = ids[:context_length - 1] + [self.eot_token_id]
+        ids = ids[: context_length - 1] + [self.eot_token_id]
         truncated += 1
-      out[row, :len(ids)] = ids
+      out[row, : len(ids)] = ids
     if truncated:
       self.num_truncated += truncated
       logger.warning("truncated %d of %d texts to %d tokens", truncated, len(texts), context_length)
@@ -189,14 +200,25 @@ class ClipTokenizer:
     """Write Hugging Face tokenizer files loadable by `transformers.CLIPTokenizer`; returns `out_dir`."""
     out_dir = epath.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps(self._encoder, ensure_ascii=False),
-                                        encoding="utf-8")
+    (out_dir / "vocab.json").write_text(
+      json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8"
+    )
     (out_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges), encoding="utf-8")
-    special = {"bos_token": SOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN,
-               "pad_token": EOT_TOKEN}
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-              "errors": "replace", **special}
+      "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges), encoding="utf-8"
+    )
+    special = {
+      "bos_token": SOT_TOKEN,
+      "eos_token": EOT_TOKEN,
+      "unk_token": EOT_TOKEN,
+      "pad_token": EOT_TOKEN,
+    }
+    config = {
+      "tokenizer_class": "CLIPTokenizer",
+      "model_max_length": 77,
+      "do_lower_case": True,
+      "errors": "replace",
+      **special,
+    }
     for name, content in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
       (out_dir / name).write_text(json.dumps(content, indent=2), encoding="utf-8")
     return out_dir

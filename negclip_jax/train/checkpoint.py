@@ -29,32 +29,50 @@ from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_po
 from negclip_jax import hosts, storage
 from negclip_jax.train.resume import ResumeError, ways_forward
 
+
 def _leaf_shapes(tree) -> dict[str, tuple]:
   """{"a/b/c": shape} of a state tree or of its Orbax metadata tree."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return {jax.tree_util.keystr(path, simple=True, separator="/"):
-          tuple(x.shape if hasattr(x, "shape") else np.shape(x)) for path, x in flat}
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="/"): tuple(
+      x.shape if hasattr(x, "shape") else np.shape(x)
+    )
+    for path, x in flat
+  }
 
 
 class Checkpointer:
   """`ocp.CheckpointManager` for TrainState + pipeline position + config."""
 
-  def __init__(self, directory: str | os.PathLike, unreadable_dir: str | os.PathLike,
-               save_interval_steps: int = 1000, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    unreadable_dir: str | os.PathLike,
+    save_interval_steps: int = 1000,
+    max_to_keep: int = 3,
+    async_save: bool = True,
+  ):
     """Steps live in `directory`; unreadable ones are moved into `unreadable_dir`."""
     self.directory = storage.path(directory)
     self.unreadable_dir = storage.path(unreadable_dir)
-    policies = [save_policy.FixedIntervalPolicy(save_interval_steps),
-                save_policy.PreemptionCheckpointingPolicy()]
+    policies = [
+      save_policy.FixedIntervalPolicy(save_interval_steps),
+      save_policy.PreemptionCheckpointingPolicy(),
+    ]
     self.manager = ocp.CheckpointManager(
-        self.directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                       "data": ocp.JsonCheckpointHandler(),
-                                       "config": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(
-            save_decision_policy=save_policy.AnySavePolicy(policies),
-            preservation_policy=preservation.LatestN(max_to_keep),
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True))
+      self.directory,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+      },
+      options=ocp.CheckpointManagerOptions(
+        save_decision_policy=save_policy.AnySavePolicy(policies),
+        preservation_policy=preservation.LatestN(max_to_keep),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+      ),
+    )
 
   def should_save(self, step: int) -> bool:
     return self.manager.should_save(step)
@@ -62,12 +80,16 @@ class Checkpointer:
   def save(self, step: int, state, data_state: dict, config: dict, force: bool = False) -> bool:
     """Saves `state` (one global jax.Array per leaf, e.g. `sharding.Fsdp.to_save`) at `step`;
     async unless disabled. Nothing is gathered: each process writes the shards it holds."""
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state), config=ocp.args.JsonSave(config))
+    args = ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(data_state),
+      config=ocp.args.JsonSave(config),
+    )
     return self.manager.save(step, args=args, force=force)
 
-  def restore_latest(self, abstract_state, check_config: Callable[[dict, int], None] | None = None
-                     ) -> tuple[Any, dict, int] | None:
+  def restore_latest(
+    self, abstract_state, check_config: Callable[[dict, int], None] | None = None
+  ) -> tuple[Any, dict, int] | None:
     """Restores the newest readable checkpoint -> (state, data_state, step), or None.
 
     `abstract_state`: ShapeDtypeStructs with the target shardings (`restore_target` of
@@ -79,19 +101,38 @@ class Checkpointer:
     """
     unreadable, result = [], None
     for step in sorted(self.manager.all_steps(), reverse=True):
-      saved = self._read(step, "config", lambda: self.manager.restore(
-          step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config)
-      shapes = None if saved is None else self._read(step, "state metadata", lambda: _leaf_shapes(
-          self.manager.item_metadata(step)["state"].tree))
+      saved = self._read(
+        step,
+        "config",
+        lambda: (
+          self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        ),
+      )
+      shapes = (
+        None
+        if saved is None
+        else self._read(
+          step,
+          "state metadata",
+          lambda: _leaf_shapes(self.manager.item_metadata(step)["state"].tree),
+        )
+      )
       if shapes is None:
         unreadable.append(step)
         continue
       if check_config is not None:
         check_config(saved, step)
       self._check_tree(step, shapes, _leaf_shapes(abstract_state))
-      restored = self._read(step, "state", lambda: self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                        data=ocp.args.JsonRestore())))
+      restored = self._read(
+        step,
+        "state",
+        lambda: self.manager.restore(
+          step,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+          ),
+        ),
+      )
       if restored is None:
         unreadable.append(step)
         continue
@@ -108,10 +149,18 @@ class Checkpointer:
       value, error = None, e
     if hosts.all_processes(error is None):
       return value
-    reason = (f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}" if error
-              else "failed on another process")
-    logging.warning("Checkpoint %s/%d is unreadable (%s: %s); falling back to an earlier one.",
-                    self.directory, step, what, reason)
+    reason = (
+      f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+      if error
+      else "failed on another process"
+    )
+    logging.warning(
+      "Checkpoint %s/%d is unreadable (%s: %s); falling back to an earlier one.",
+      self.directory,
+      step,
+      what,
+      reason,
+    )
     return None
 
   def _check_tree(self, step: int, saved: dict, expected: dict):
@@ -119,10 +168,11 @@ class Checkpointer:
       return
     differ = sorted(k for k in saved.keys() | expected.keys() if saved.get(k) != expected.get(k))
     raise ResumeError(
-        f"{self.directory}/{step}: the saved training state does not match this config's "
-        f"({len(differ)} entries differ, first {differ[0]}: saved shape {saved.get(differ[0])}, "
-        f"expected {expected.get(differ[0])}); written by another version of negclip_jax? "
-        + ways_forward(self.directory.parent))
+      f"{self.directory}/{step}: the saved training state does not match this config's "
+      f"({len(differ)} entries differ, first {differ[0]}: saved shape {saved.get(differ[0])}, "
+      f"expected {expected.get(differ[0])}); written by another version of negclip_jax? "
+      + ways_forward(self.directory.parent)
+    )
 
   def _move_aside(self, steps: list[int]):
     """Renames unreadable step directories into workdir/unreadable_checkpoints/."""
@@ -136,10 +186,13 @@ class Checkpointer:
         try:
           storage.move_tree(source, target)
         except OSError as e:
-          raise ResumeError(f"cannot move unreadable checkpoint {source} aside to {target} "
-                            f"({e.strerror}); move it by hand and rerun") from e
-        logging.warning("Moved unreadable checkpoint %s to %s (kept for inspection).", source,
-                        target)
+          raise ResumeError(
+            f"cannot move unreadable checkpoint {source} aside to {target} "
+            f"({e.strerror}); move it by hand and rerun"
+          ) from e
+        logging.warning(
+          "Moved unreadable checkpoint %s to %s (kept for inspection).", source, target
+        )
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("negclip_jax: unreadable checkpoints moved aside")
     self.manager.reload()
@@ -186,10 +239,14 @@ def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[in
   """
   directory = storage.path(directory)
   manager = ocp.CheckpointManager(
-      directory, item_handlers={"state": ocp.StandardCheckpointHandler(),
-                                "config": ocp.JsonCheckpointHandler(),
-                                "data": ocp.JsonCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(read_only=True))
+    directory,
+    item_handlers={
+      "state": ocp.StandardCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
+    },
+    options=ocp.CheckpointManagerOptions(read_only=True),
+  )
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
@@ -198,13 +255,25 @@ def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[in
   for s in steps:
     try:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                            manager.item_metadata(s)["state"].tree)
-      restored = manager.restore(s, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
+      target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        manager.item_metadata(s)["state"].tree,
+      )
+      restored = manager.restore(
+        s,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()
+        ),
+      )
       return s, restored.state["params"], restored.config
     except Exception as e:  # noqa: BLE001 - any failure means "unreadable": fall back
-      logging.warning("Checkpoint %s/%d is unreadable (%s); trying an earlier one.", directory,
-                      s, type(e).__name__)
-  raise FileNotFoundError(f"No readable checkpoints under {directory}"
-                          + (f" (steps {steps} failed to restore)" if steps else ""))
+      logging.warning(
+        "Checkpoint %s/%d is unreadable (%s); trying an earlier one.",
+        directory,
+        s,
+        type(e).__name__,
+      )
+  raise FileNotFoundError(
+    f"No readable checkpoints under {directory}"
+    + (f" (steps {steps} failed to restore)" if steps else "")
+  )

@@ -35,10 +35,10 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from negclip_jax import hosts, storage
-from negclip_jax.train.pipeline import IMAGE_COLUMNS, Images, bad_records, load_example_image
 from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.eval.embed import Embedder
 from negclip_jax.model.preprocess import CLIP_MEAN, CLIP_STD
+from negclip_jax.train.pipeline import IMAGE_COLUMNS, Images, bad_records, load_example_image
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,10 @@ def cache_key(model, params, images: Images, image_size: int, stamps=None) -> st
   file is `stat`ed twice; paths it lacks are stat'ed here.
   """
   h = hashlib.sha256(f"negclip_jax image cache v{CACHE_VERSION}\n".encode())
-  h.update(f"{image_size}\n{model.config.vision!r}\n{model.config.projection_dim}\n"
-           f"{np.dtype(model.dtype).name}\n".encode())
+  h.update(
+    f"{image_size}\n{model.config.vision!r}\n{model.config.projection_dim}\n"
+    f"{np.dtype(model.dtype).name}\n".encode()
+  )
   h.update(CLIP_MEAN.tobytes() + CLIP_STD.tobytes())
   flat = traverse_util.flatten_dict(params)
   for path in sorted(p for p in flat if p[0] in VISION_PREFIXES):
@@ -104,16 +106,16 @@ def _read_block(entry: epath.Path, n: int):
         with storage.open(os.fspath(entry / shard["file"]), "rb") as f:
           rows = np.load(f)
         if rows.shape != (stop - start, meta["dim"]):
-          raise ValueError(f"{shard['file']} has shape {rows.shape}, the index says "
-                           f"{(stop - start, meta['dim'])}")
-        parts.append(rows[max(lo, start) - start:min(hi, stop) - start])
+          raise ValueError(
+            f"{shard['file']} has shape {rows.shape}, the index says {(stop - start, meta['dim'])}"
+          )
+        parts.append(rows[max(lo, start) - start : min(hi, stop) - start])
     block = np.concatenate(parts) if parts else np.zeros((0, meta["dim"]), np.float32)
     if len(block) != hi - lo:
       raise ValueError(f"the shards hold {len(block)} of rows {lo}..{hi - 1}")
     return block, {int(i): r for i, r in meta["dropped"].items()}
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    logger.warning("image cache %s unreadable (%s: %s); recomputing it", entry,
-                   type(e).__name__, e)
+    logger.warning("image cache %s unreadable (%s: %s); recomputing it", entry, type(e).__name__, e)
     return None
 
 
@@ -127,8 +129,9 @@ def _hit_everywhere(cached) -> bool:
   return every
 
 
-def _write_entry(entry: epath.Path, block: np.ndarray, dropped, images: Images,
-                 image_size: int) -> None:
+def _write_entry(
+  entry: epath.Path, block: np.ndarray, dropped, images: Images, image_size: int
+) -> None:
   """This process's shard, then (process 0, once every shard is written) the index."""
   n, procs = len(images), jax.process_count()
   entry.mkdir(parents=True, exist_ok=True)
@@ -140,16 +143,25 @@ def _write_entry(entry: epath.Path, block: np.ndarray, dropped, images: Images,
     multihost_utils.sync_global_devices("negclip_jax: image cache shards written")
   if jax.process_index() != 0:
     return
-  shards = [{"file": _shard_file(p, procs), "start": lo, "stop": hi}
-            for p in range(procs) for lo, hi in [hosts.process_block(n, p)] if hi > lo]
-  meta = {"num_images": n, "num_kept": n - len(dropped), "dim": block.shape[1],
-          "image_size": image_size, "source": _describe(images),
-          "dropped": {str(i): r for i, r in sorted(dropped.items())}, "shards": shards}
+  shards = [
+    {"file": _shard_file(p, procs), "start": lo, "stop": hi}
+    for p in range(procs)
+    for lo, hi in [hosts.process_block(n, p)]
+    if hi > lo
+  ]
+  meta = {
+    "num_images": n,
+    "num_kept": n - len(dropped),
+    "dim": block.shape[1],
+    "image_size": image_size,
+    "source": _describe(images),
+    "dropped": {str(i): r for i, r in sorted(dropped.items())},
+    "shards": shards,
+  }
   storage.write_atomic(entry / INDEX_FILE, json.dumps(meta, indent=1).encode())
 
 
-def _compute(model, params, images: Images, image_size, batch_size, skip: bool, record_index,
-             key):
+def _compute(model, params, images: Images, image_size, batch_size, skip: bool, record_index, key):
   """(this process's block of features float32 [hi - lo, D], every process's dropped
   {position: reason})."""
   failed: dict[int, str] = {}
@@ -168,10 +180,19 @@ def _compute(model, params, images: Images, image_size, batch_size, skip: bool, 
   return np.ascontiguousarray(block, np.float32), hosts.gather_failures(failed, len(images))
 
 
-def image_embeddings(model, params, images: Images, image_size: int, cache_dir: str | None = None,
-                     batch_size: int = 64, on_error: BadRecords | str = "raise",
-                     record_index=None, key: str = "image", source: str | None = None,
-                     stamps=None) -> tuple[np.ndarray, np.ndarray]:
+def image_embeddings(
+  model,
+  params,
+  images: Images,
+  image_size: int,
+  cache_dir: str | None = None,
+  batch_size: int = 64,
+  on_error: BadRecords | str = "raise",
+  record_index=None,
+  key: str = "image",
+  source: str | None = None,
+  stamps=None,
+) -> tuple[np.ndarray, np.ndarray]:
   """Raw `get_image_features` of `images` -> (emb float32 [K, D], kept int64 [K] positions).
 
   images: uint8 [N, H, W, 3] or N file paths (preprocessed at `image_size`). An image that
@@ -191,8 +212,9 @@ def image_embeddings(model, params, images: Images, image_size: int, cache_dir: 
     cached = _read_block(entry, n)
     logger.info("image cache %s: %s (%s)", "hit" if cached else "miss", entry, _describe(images))
   if entry is None or not _hit_everywhere(cached):
-    block, dropped = _compute(model, params, images, image_size, batch_size, bad.skip,
-                              record_index, key)
+    block, dropped = _compute(
+      model, params, images, image_size, batch_size, bad.skip, record_index, key
+    )
     if entry is not None:
       _write_entry(entry, block, dropped, images, image_size)
   else:
@@ -205,8 +227,16 @@ def image_embeddings(model, params, images: Images, image_size: int, cache_dir: 
   return emb[kept], kept
 
 
-def embed_table(table, model, params, image_size: int, *, cache_dir: str | None = None,
-                batch_size: int = 64, on_error: BadRecords | str = "raise"):
+def embed_table(
+  table,
+  model,
+  params,
+  image_size: int,
+  *,
+  cache_dir: str | None = None,
+  batch_size: int = 64,
+  on_error: BadRecords | str = "raise",
+):
   """`table` (a pipeline table) with `image_emb` (and `distractor_emb` if it holds
   distractors) from `image_embeddings`; rows with an unloadable image dropped.
 
@@ -215,13 +245,27 @@ def embed_table(table, model, params, image_size: int, *, cache_dir: str | None 
   embedded, reasons = {}, {}
   for column in table.image_columns():
     key = IMAGE_COLUMNS[column].image_key
-    emb, kept = image_embeddings(model, params, getattr(table, column), image_size, cache_dir,
-                                 batch_size, on_error, record_index=table.record_index, key=key,
-                                 source=table.source, stamps=table.file_stamps)
+    emb, kept = image_embeddings(
+      model,
+      params,
+      getattr(table, column),
+      image_size,
+      cache_dir,
+      batch_size,
+      on_error,
+      record_index=table.record_index,
+      key=key,
+      source=table.source,
+      stamps=table.file_stamps,
+    )
     embedded[column] = (emb, kept)
     for i in np.setdiff1d(np.arange(len(table)), kept):
       reasons.setdefault(int(i), f"{key} could not be loaded")
   keep = np.setdiff1d(np.arange(len(table)), list(reasons))
-  return table.with_image_emb(reasons, **{
+  return table.with_image_emb(
+    reasons,
+    **{
       IMAGE_COLUMNS[column].emb_field: emb[np.searchsorted(kept, keep)]
-      for column, (emb, kept) in embedded.items()})
+      for column, (emb, kept) in embedded.items()
+    },
+  )

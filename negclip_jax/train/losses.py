@@ -48,15 +48,17 @@ def presence_loss(image_emb, caption_emb, negated_emb, logit_scale, use_l3=True)
   texts = jnp.concatenate([caption_emb, negated_emb], axis=0)
   l1 = cross_entropy(logit_scale * image_emb @ texts.T, labels)
   l2 = cross_entropy(logit_scale * caption_emb @ image_emb.T, labels)
-  pair = logit_scale * jnp.stack([jnp.sum(image_emb * caption_emb, -1),
-                                  jnp.sum(image_emb * negated_emb, -1)], axis=-1)
+  pair = logit_scale * jnp.stack(
+    [jnp.sum(image_emb * caption_emb, -1), jnp.sum(image_emb * negated_emb, -1)], axis=-1
+  )
   l3 = cross_entropy(pair, jnp.zeros(b, jnp.int32))
   loss = (l1 + l2 + l3) / 3 if use_l3 else (l1 + l2) / 2
   return loss, {"L1": l1, "L2": l2, "L3": l3, "presence": loss}
 
 
-def absence_loss(image_emb, caption_emb, updated_emb, logit_scale, lambda_orig=1.0,
-                 lambda_text=1.0, margin=0.9):
+def absence_loss(
+  image_emb, caption_emb, updated_emb, logit_scale, lambda_orig=1.0, lambda_text=1.0, margin=0.9
+):
   """NegationCLIP-style absence objective.
 
   L_neg = CLIP loss image <-> updated caption; L_orig = CLIP loss image <-> caption;
@@ -93,8 +95,15 @@ def conclip_loss(image_emb, caption_emb, negated_emb, distractor_emb, logit_scal
 OBJECTIVES = ("omni_negclip", "presence_no_l3", "plain_clip", "conclip")
 
 
-def total_loss(emb, logit_scale, objective="omni_negclip", lambda_stage2=1.0, lambda_orig=1.0,
-               lambda_text=1.0, margin=0.9):
+def total_loss(
+  emb,
+  logit_scale,
+  objective="omni_negclip",
+  lambda_stage2=1.0,
+  lambda_orig=1.0,
+  lambda_text=1.0,
+  margin=0.9,
+):
   """The training objective on one presence and one absence batch.
 
   emb: dict of normalized [B, D] embeddings with keys `presence_image`, `presence_caption`,
@@ -112,17 +121,31 @@ def total_loss(emb, logit_scale, objective="omni_negclip", lambda_stage2=1.0, la
     loss = (lp + la) / 2
     return loss, {"clip_presence": lp, "clip_absence": la, "total": loss}
   if objective == "conclip":
-    presence, metrics = conclip_loss(emb["presence_image"], emb["presence_caption"],
-                                     emb["presence_negated"], emb["presence_distractor"],
-                                     logit_scale)
+    presence, metrics = conclip_loss(
+      emb["presence_image"],
+      emb["presence_caption"],
+      emb["presence_negated"],
+      emb["presence_distractor"],
+      logit_scale,
+    )
   elif objective in ("omni_negclip", "presence_no_l3"):
-    presence, metrics = presence_loss(emb["presence_image"], emb["presence_caption"],
-                                      emb["presence_negated"], logit_scale,
-                                      use_l3=objective == "omni_negclip")
+    presence, metrics = presence_loss(
+      emb["presence_image"],
+      emb["presence_caption"],
+      emb["presence_negated"],
+      logit_scale,
+      use_l3=objective == "omni_negclip",
+    )
   else:
     raise ValueError(f"Unknown objective {objective!r}; choose from {OBJECTIVES}")
-  absence, absence_metrics = absence_loss(emb["absence_image"], emb["absence_caption"],
-                                          emb["absence_updated"], logit_scale, lambda_orig,
-                                          lambda_text, margin)
+  absence, absence_metrics = absence_loss(
+    emb["absence_image"],
+    emb["absence_caption"],
+    emb["absence_updated"],
+    logit_scale,
+    lambda_orig,
+    lambda_text,
+    margin,
+  )
   loss = presence + lambda_stage2 * absence
   return loss, {**metrics, **absence_metrics, "total": loss}

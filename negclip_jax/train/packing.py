@@ -29,8 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
-from negclip_jax.train import batch as batch_lib
 from negclip_jax.model.clip import OPENAI_EOS_TOKEN_ID
+from negclip_jax.train import batch as batch_lib
 
 PACKED_IDS = "packed_ids"
 PACKED_POSITIONS = "packed_positions"
@@ -72,8 +72,9 @@ def first_fit_decreasing(lengths: np.ndarray, row_length: int) -> tuple[np.ndarr
   """
   lengths = np.asarray(lengths, np.int64)
   if lengths.size and lengths.max() > row_length:
-    raise ValueError(f"a caption of {lengths.max()} tokens does not fit a packed row of "
-                     f"{row_length} tokens")
+    raise ValueError(
+      f"a caption of {lengths.max()} tokens does not fit a packed row of {row_length} tokens"
+    )
   row, offset = np.zeros(len(lengths), np.int64), np.zeros(len(lengths), np.int64)
   free = np.zeros(0, np.int64)
   for i in np.argsort(-lengths, kind="stable"):
@@ -92,8 +93,9 @@ def rows_needed(ids: np.ndarray, row_length: int, eos_token_id: int) -> int:
   return int(row.max()) + 1 if row.size else 1
 
 
-def pack(ids: np.ndarray, rows: int | None, row_length: int,
-         eos_token_id: int) -> dict[str, np.ndarray]:
+def pack(
+  ids: np.ndarray, rows: int | None, row_length: int, eos_token_id: int
+) -> dict[str, np.ndarray]:
   """Captions ids [N, L] -> the packed layout (module doc) with R = rows, T = row_length.
 
   PACKED_POOL lists the captions in input order. rows=None: as many as needed;
@@ -104,23 +106,28 @@ def pack(ids: np.ndarray, rows: int | None, row_length: int,
   row, offset = first_fit_decreasing(lengths, row_length)
   rows = (int(row.max()) + 1 if row.size else 1) if rows is None else rows
   if row.size and row.max() >= rows:
-    raise ValueError(f"{len(ids)} captions ({lengths.sum()} tokens) need {row.max() + 1} "
-                     f"packed rows of {row_length}; the shape has {rows}")
-  out = {k: np.zeros((rows, row_length), np.int32)
-         for k in (PACKED_IDS, PACKED_POSITIONS, PACKED_SEGMENTS)}
+    raise ValueError(
+      f"{len(ids)} captions ({lengths.sum()} tokens) need {row.max() + 1} "
+      f"packed rows of {row_length}; the shape has {rows}"
+    )
+  out = {
+    k: np.zeros((rows, row_length), np.int32)
+    for k in (PACKED_IDS, PACKED_POSITIONS, PACKED_SEGMENTS)
+  }
   segment = np.zeros(rows, np.int32)
   for i in np.argsort(row * row_length + offset, kind="stable"):  # left to right per row
     r, o, n = row[i], offset[i], lengths[i]
     segment[r] += 1
-    out[PACKED_IDS][r, o:o + n] = ids[i, :n]
-    out[PACKED_POSITIONS][r, o:o + n] = np.arange(n)
-    out[PACKED_SEGMENTS][r, o:o + n] = segment[r]
+    out[PACKED_IDS][r, o : o + n] = ids[i, :n]
+    out[PACKED_POSITIONS][r, o : o + n] = np.arange(n)
+    out[PACKED_SEGMENTS][r, o : o + n] = segment[r]
   out[PACKED_POOL] = (row * row_length + offset + lengths - 1).astype(np.int32)
   return out
 
 
-def pack_shards(shards: list[np.ndarray], row_length: int, eos_token_id: int,
-                rows: int | None = None) -> dict[str, np.ndarray]:
+def pack_shards(
+  shards: list[np.ndarray], row_length: int, eos_token_id: int, rows: int | None = None
+) -> dict[str, np.ndarray]:
   """Each of S caption arrays [n, L] packed alike -> layout arrays with a leading [S].
 
   rows: the common R; default the ladder rung of the largest need among the shards.
@@ -143,8 +150,13 @@ def text_shards(ids: dict[str, np.ndarray], shards: int) -> list[np.ndarray]:
   return [np.concatenate([p[s] for p in parts]) for s in range(shards)]
 
 
-def pack_text_batch(ids: dict[str, np.ndarray], shards: int, row_length: int,
-                    eos_token_id: int, mine: slice = slice(None)) -> dict[str, np.ndarray]:
+def pack_text_batch(
+  ids: dict[str, np.ndarray],
+  shards: int,
+  row_length: int,
+  eos_token_id: int,
+  mine: slice = slice(None),
+) -> dict[str, np.ndarray]:
   """A global batch's TEXT_KEYS arrays [B, L] -> the packed layout with a leading [shards]
   axis (one shard per device, contiguous examples), sliced to `mine` (this host's devices).
 

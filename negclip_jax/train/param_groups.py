@@ -22,8 +22,12 @@ from flax import traverse_util
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 LAYER_PRESETS = ("front", "middle", "back", "whole")
-ALWAYS_TRAINABLE = (r"^text_model/embeddings/", r"^text_model/final_layer_norm/",
-                    r"^text_projection/", r"^logit_scale$")
+ALWAYS_TRAINABLE = (
+  r"^text_model/embeddings/",
+  r"^text_model/final_layer_norm/",
+  r"^text_projection/",
+  r"^logit_scale$",
+)
 NEVER_TRAINABLE = r"^(vision_model|visual_projection)/"
 
 
@@ -47,8 +51,10 @@ def parse_layers(layers: str | int | Sequence[int]) -> str | tuple[int, ...]:
   except ValueError:
     indices = None
   if not indices:
-    raise ValueError(f"Unknown layer preset {layers!r}; use one of {LAYER_PRESETS} or text "
-                     "block indices such as 0,1")
+    raise ValueError(
+      f"Unknown layer preset {layers!r}; use one of {LAYER_PRESETS} or text "
+      "block indices such as 0,1"
+    )
   return tuple(sorted(indices))
 
 
@@ -57,8 +63,12 @@ def text_layers(layers: str | int | Sequence[int], num_layers: int) -> tuple[int
   indices."""
   layers = parse_layers(layers)
   if isinstance(layers, str):
-    spans = {"front": (0, num_layers // 2), "middle": (num_layers // 3, 2 * num_layers // 3),
-             "back": (2 * num_layers // 3, num_layers), "whole": (0, num_layers)}
+    spans = {
+      "front": (0, num_layers // 2),
+      "middle": (num_layers // 3, 2 * num_layers // 3),
+      "back": (2 * num_layers // 3, num_layers),
+      "whole": (0, num_layers),
+    }
     return tuple(range(*spans[layers]))
   bad = [i for i in layers if not 0 <= i < num_layers]
   if bad:
@@ -70,8 +80,12 @@ def path_str(path: tuple) -> str:
   return "/".join(str(p) for p in path)
 
 
-def label_params(params, layers: str | Sequence[int] = "front", num_layers: int | None = None,
-                 extra_trainable: Iterable[str] = ()):
+def label_params(
+  params,
+  layers: str | Sequence[int] = "front",
+  num_layers: int | None = None,
+  extra_trainable: Iterable[str] = (),
+):
   """Returns a pytree like `params` whose leaves are "trainable" or "frozen".
 
   extra_trainable: regexes over "/"-joined paths for anything else to train
@@ -81,7 +95,7 @@ def label_params(params, layers: str | Sequence[int] = "front", num_layers: int 
   if num_layers is None:
     num_layers = len({p[3] for p in flat if p[:3] == ("text_model", "encoder", "layers")})
   blocks = text_layers(layers, num_layers)
-  patterns = [*ALWAYS_TRAINABLE, *(fr"^text_model/encoder/layers/{i}/" for i in blocks)]
+  patterns = [*ALWAYS_TRAINABLE, *(rf"^text_model/encoder/layers/{i}/" for i in blocks)]
   extra = [re.compile(p) for p in extra_trainable]
   labels = {}
   for path in flat:
@@ -106,7 +120,9 @@ def split(params, labels) -> tuple[dict, dict]:
 
 def merge(trainable: dict, frozen: dict):
   """Inverse of `split`: two flat dicts -> the nested params tree."""
-  return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in {**frozen, **trainable}.items()})
+  return traverse_util.unflatten_dict(
+    {tuple(k.split("/")): v for k, v in {**frozen, **trainable}.items()}
+  )
 
 
 def summary(params, labels) -> str:
@@ -116,10 +132,22 @@ def summary(params, labels) -> str:
   count = lambda label: sum(v.size for p, v in flat.items() if flat_labels[p] == label)
   n_train, n_frozen = count(TRAINABLE), count(FROZEN)
   total = n_train + n_frozen
-  blocks = sorted({int(p[3]) for p in flat if p[:3] == ("text_model", "encoder", "layers")
-                   and flat_labels[p] == TRAINABLE})
-  others = sorted({"/".join(p[:2]) if p[0] == "text_model" else p[0] for p in flat
-                   if flat_labels[p] == TRAINABLE and p[:3] != ("text_model", "encoder", "layers")})
-  return (f"trainable params: {n_train:,} ({100 * n_train / total:.2f}%)  "
-          f"frozen params: {n_frozen:,} ({100 * n_frozen / total:.2f}%)\n"
-          f"trainable text blocks: {blocks}\ntrainable other: {others}")
+  blocks = sorted(
+    {
+      int(p[3])
+      for p in flat
+      if p[:3] == ("text_model", "encoder", "layers") and flat_labels[p] == TRAINABLE
+    }
+  )
+  others = sorted(
+    {
+      "/".join(p[:2]) if p[0] == "text_model" else p[0]
+      for p in flat
+      if flat_labels[p] == TRAINABLE and p[:3] != ("text_model", "encoder", "layers")
+    }
+  )
+  return (
+    f"trainable params: {n_train:,} ({100 * n_train / total:.2f}%)  "
+    f"frozen params: {n_frozen:,} ({100 * n_frozen / total:.2f}%)\n"
+    f"trainable text blocks: {blocks}\ntrainable other: {others}"
+  )

@@ -56,13 +56,13 @@ import numpy as np
 from absl import logging as absl_logging
 from tqdm.auto import tqdm
 
-from negclip_jax.train import batch as batch_lib
 from negclip_jax import hosts, storage
-from negclip_jax.train import packing
 from negclip_jax.data.records import AbsenceRecord, BadRecords, DataError, PresenceRecord
-from negclip_jax.train.packing import bucket_length
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model.preprocess import preprocess_image
+from negclip_jax.train import batch as batch_lib
+from negclip_jax.train import packing
+from negclip_jax.train.packing import bucket_length
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +72,19 @@ STREAMS = {"presence": 0, "absence": 1}
 
 class ImageColumn(NamedTuple):
   """How a table's image column is embedded, batched and named in errors."""
-  emb_field: str   # the table field holding its image-tower embeddings
+
+  emb_field: str  # the table field holding its image-tower embeddings
   batch_stem: str  # its `batch` image prefix is f"{stream}{batch_stem}"
-  path_key: str    # DataError key of a missing file
-  image_key: str   # DataError key of an unreadable image
+  path_key: str  # DataError key of a missing file
+  image_key: str  # DataError key of an unreadable image
 
 
-IMAGE_COLUMNS = {"images": ImageColumn("image_emb", "", "image_path", "image"),
-                 "distractors": ImageColumn("distractor_emb", "_distractor", "distractor_path",
-                                            "distractor_image")}
+IMAGE_COLUMNS = {
+  "images": ImageColumn("image_emb", "", "image_path", "image"),
+  "distractors": ImageColumn(
+    "distractor_emb", "_distractor", "distractor_path", "distractor_image"
+  ),
+}
 
 
 def bad_records(on_error: BadRecords | str) -> BadRecords:
@@ -88,8 +92,9 @@ def bad_records(on_error: BadRecords | str) -> BadRecords:
   return on_error if isinstance(on_error, BadRecords) else BadRecords(on_error)
 
 
-def load_example_image(images: Images, i: int, image_size: int,
-                       record: int | None = None, key: str = "image") -> np.ndarray:
+def load_example_image(
+  images: Images, i: int, image_size: int, record: int | None = None, key: str = "image"
+) -> np.ndarray:
   """Image i preprocessed to float32 [S, S, 3]; an unreadable file -> DataError(path, record, key)."""
   image = images[i]
   try:
@@ -102,19 +107,23 @@ def load_example_image(images: Images, i: int, image_size: int,
 
 class _Table:
   """Behaviour shared by the two tables; `SECOND` names the second text field."""
+
   PREFIX: ClassVar[str]
   SECOND: ClassVar[str]
 
   def __post_init__(self):
     n = len(self.captions)
     if len(getattr(self, self.SECOND)) != n:
-      raise ValueError(f"{self.PREFIX} table: {n} captions, {len(getattr(self, self.SECOND))} "
-                       f"{self.SECOND} texts")
+      raise ValueError(
+        f"{self.PREFIX} table: {n} captions, {len(getattr(self, self.SECOND))} {self.SECOND} texts"
+      )
     for column in self.image_columns():
       images = getattr(self, column)
       if isinstance(images, np.ndarray) and (images.ndim != 4 or images.dtype != np.uint8):
-        raise ValueError(f"{self.PREFIX} table: {column} arrays must be uint8 [N, H, W, 3], "
-                         f"got {images.dtype} {images.shape}")
+        raise ValueError(
+          f"{self.PREFIX} table: {column} arrays must be uint8 [N, H, W, 3], "
+          f"got {images.dtype} {images.shape}"
+        )
       if len(images) != n:
         raise ValueError(f"{self.PREFIX} table: {len(images)} {column}, {n} captions")
       field = IMAGE_COLUMNS[column].emb_field
@@ -140,8 +149,13 @@ class _Table:
   def pixels(self, i: int, image_size: int, column: str = "images") -> np.ndarray:
     """Example i's image (or distractor), float32 [S, S, 3]; DataError naming path and
     record if unreadable."""
-    return load_example_image(getattr(self, column), i, image_size, int(self.record_index[i]),
-                              key=IMAGE_COLUMNS[column].image_key)
+    return load_example_image(
+      getattr(self, column),
+      i,
+      image_size,
+      int(self.record_index[i]),
+      key=IMAGE_COLUMNS[column].image_key,
+    )
 
   def drop(self, reasons: Mapping[int, str]):
     """A copy without the examples at positions `reasons` (position -> why; reported to
@@ -158,8 +172,13 @@ class _Table:
       if getattr(self, field) is not None:
         columns[field] = getattr(self, field)[keep]
     return dataclasses.replace(
-        self, captions=take(self.captions), **{self.SECOND: take(getattr(self, self.SECOND))},
-        **columns, record_index=self.record_index[keep], dropped={**self.dropped, **by_record})
+      self,
+      captions=take(self.captions),
+      **{self.SECOND: take(getattr(self, self.SECOND))},
+      **columns,
+      record_index=self.record_index[keep],
+      dropped={**self.dropped, **by_record},
+    )
 
   def with_image_emb(self, reasons: Mapping[int, str] | None = None, **embeddings):
     """A copy without the rows `reasons` (position -> why, e.g. an unloadable image) and
@@ -171,6 +190,7 @@ class _Table:
 class PresenceTable(_Table):
   """CC-Neg-style examples: image i, its true caption, a negated (false) caption, and
   optionally a distractor image for which the negated caption is true."""
+
   PREFIX: ClassVar[str] = "presence"
   SECOND: ClassVar[str] = "negated"
   images: Images
@@ -188,6 +208,7 @@ class PresenceTable(_Table):
 @dataclasses.dataclass(frozen=True, eq=False)
 class AbsenceTable(_Table):
   """NegationCLIP-style examples: image i, its caption, the updated (absence) caption."""
+
   PREFIX: ClassVar[str] = "absence"
   SECOND: ClassVar[str] = "updated"
   images: Images
@@ -203,9 +224,11 @@ class AbsenceTable(_Table):
 def _problems(table: _Table, check_images: bool, stamps: dict[str, str | None]):
   """Yields (position, key, message) for each empty text or missing image file; fills
   `stamps` (path -> `storage.file_stamp`), one stat per distinct path."""
-  paths = {IMAGE_COLUMNS[c].path_key: getattr(table, c)
-           for c in table.image_columns()
-           if check_images and not isinstance(getattr(table, c), np.ndarray)}
+  paths = {
+    IMAGE_COLUMNS[c].path_key: getattr(table, c)
+    for c in table.image_columns()
+    if check_images and not isinstance(getattr(table, c), np.ndarray)
+  }
   for i in range(len(table)):
     for key, texts in table.texts().items():
       if not isinstance(texts[i], str) or not texts[i].strip():
@@ -233,15 +256,28 @@ def _undecodable(table: _Table, image_size: int):
         load_example_image(images, i, image_size)
       except DataError as e:
         failed[i] = e.reason
+
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-      list(tqdm(pool.map(check, range(lo, hi)), total=hi - lo, desc=f"check {column}",
-                disable=jax.process_index() != 0, leave=False))
+      list(
+        tqdm(
+          pool.map(check, range(lo, hi)),
+          total=hi - lo,
+          desc=f"check {column}",
+          disable=jax.process_index() != 0,
+          leave=False,
+        )
+      )
     for i, reason in sorted(hosts.gather_failures(failed, len(images)).items()):
       yield i, IMAGE_COLUMNS[column].image_key, reason
 
 
-def validate(table: _Table, on_error: BadRecords | str = "raise", check_images: bool = True,
-             decode: bool = False, image_size: int | None = None) -> _Table:
+def validate(
+  table: _Table,
+  on_error: BadRecords | str = "raise",
+  check_images: bool = True,
+  decode: bool = False,
+  image_size: int | None = None,
+) -> _Table:
   """`table` without its bad examples (see the module doc), each reported to the
   `on_error` policy (which raises, or skips); keeps `file_stamps` for the image cache.
 
@@ -273,9 +309,15 @@ def _record_index(records) -> np.ndarray:
   return np.array([i if r.index is None else r.index for i, r in enumerate(records)], np.int64)
 
 
-def presence_table(records: Sequence[PresenceRecord], *, on_error: BadRecords | str = "raise",
-                   check_images: bool = True, source: str = "presence", decode: bool = False,
-                   image_size: int | None = None) -> PresenceTable:
+def presence_table(
+  records: Sequence[PresenceRecord],
+  *,
+  on_error: BadRecords | str = "raise",
+  check_images: bool = True,
+  source: str = "presence",
+  decode: bool = False,
+  image_size: int | None = None,
+) -> PresenceTable:
   """Validated table of CC-Neg records (`validate`; record index = `record.index`, default
   the position in `records`).
 
@@ -286,42 +328,68 @@ def presence_table(records: Sequence[PresenceRecord], *, on_error: BadRecords | 
   if any(p is not None for p in distractors):
     first = next((i for i, p in enumerate(distractors) if p is None), None)
     if first is not None:
-      raise DataError(source, "no distractor image, while other records have one",
-                      index=first, key="distractor_path")
+      raise DataError(
+        source,
+        "no distractor image, while other records have one",
+        index=first,
+        key="distractor_path",
+      )
   else:
     distractors = None
-  table = PresenceTable([r.image_path for r in records], [r.caption for r in records],
-                        [r.negated for r in records], distractors=distractors, source=source,
-                        record_index=_record_index(records))
+  table = PresenceTable(
+    [r.image_path for r in records],
+    [r.caption for r in records],
+    [r.negated for r in records],
+    distractors=distractors,
+    source=source,
+    record_index=_record_index(records),
+  )
   return validate(table, on_error, check_images, decode, image_size)
 
 
-def absence_table(records: Sequence[AbsenceRecord], *, on_error: BadRecords | str = "raise",
-                  check_images: bool = True, source: str = "absence", decode: bool = False,
-                  image_size: int | None = None) -> AbsenceTable:
+def absence_table(
+  records: Sequence[AbsenceRecord],
+  *,
+  on_error: BadRecords | str = "raise",
+  check_images: bool = True,
+  source: str = "absence",
+  decode: bool = False,
+  image_size: int | None = None,
+) -> AbsenceTable:
   """Validated table of NegationCLIP COCO records (as `presence_table`)."""
-  table = AbsenceTable([r.image_path for r in records], [r.caption for r in records],
-                       [r.updated for r in records], source=source,
-                       record_index=_record_index(records))
+  table = AbsenceTable(
+    [r.image_path for r in records],
+    [r.caption for r in records],
+    [r.updated for r in records],
+    source=source,
+    record_index=_record_index(records),
+  )
   return validate(table, on_error, check_images, decode, image_size)
 
 
-def negshapes_tables(data: Mapping, *, on_error: BadRecords | str = "raise",
-                     distractors: bool = False) -> tuple[PresenceTable, AbsenceTable]:
+def negshapes_tables(
+  data: Mapping, *, on_error: BadRecords | str = "raise", distractors: bool = False
+) -> tuple[PresenceTable, AbsenceTable]:
   """`negshapes.generate_pairs` output -> (presence, absence) tables sharing its images;
   with `distractors`, the presence table holds `data["distractor_images"]` (generate the
   data with ``distractors=True``). The presence pairs are `data["presence_captions"]` /
   `data["presence_negated"]` when present (hard negatives), else captions / negated."""
   if distractors and "distractor_images" not in data:
-    raise ValueError("the NegShapes data has no distractor_images: generate it with "
-                     "generate_pairs(..., distractors=True)")
+    raise ValueError(
+      "the NegShapes data has no distractor_images: generate it with "
+      "generate_pairs(..., distractors=True)"
+    )
   images = np.asarray(data["images"])
-  presence = PresenceTable(images, list(data.get("presence_captions", data["captions"])),
-                           list(data.get("presence_negated", data["negated"])),
-                           distractors=data["distractor_images"] if distractors else None,
-                           source="negshapes presence")
-  absence = AbsenceTable(images, list(data["captions"]), list(data["updated"]),
-                         source="negshapes absence")
+  presence = PresenceTable(
+    images,
+    list(data.get("presence_captions", data["captions"])),
+    list(data.get("presence_negated", data["negated"])),
+    distractors=data["distractor_images"] if distractors else None,
+    source="negshapes presence",
+  )
+  absence = AbsenceTable(
+    images, list(data["captions"]), list(data["updated"]), source="negshapes absence"
+  )
   return validate(presence, on_error), validate(absence, on_error)
 
 
@@ -343,8 +411,9 @@ def pass_permutation(n: int, seed: int, stream: int, epoch: int, pass_index: int
   return perm
 
 
-def step_indices(step: int, n: int, global_batch: int, seed: int, stream: int,
-                 steps_per_epoch: int | None = None) -> np.ndarray:
+def step_indices(
+  step: int, n: int, global_batch: int, seed: int, stream: int, steps_per_epoch: int | None = None
+) -> np.ndarray:
   """int64 [global_batch]: the examples of global step `step` of a stream of n examples.
 
   `steps_per_epoch` is the run's epoch (`epoch_steps`; default: this stream's own
@@ -355,12 +424,15 @@ def step_indices(step: int, n: int, global_batch: int, seed: int, stream: int,
     raise ValueError(f"stream {stream} has {n} examples, fewer than global_batch={global_batch}")
   steps_per_epoch = steps_per_epoch or stream_steps
   if steps_per_epoch < stream_steps:
-    raise ValueError(f"steps_per_epoch={steps_per_epoch} is shorter than stream {stream}'s "
-                     f"pass of {stream_steps} steps")
+    raise ValueError(
+      f"steps_per_epoch={steps_per_epoch} is shorter than stream {stream}'s "
+      f"pass of {stream_steps} steps"
+    )
   epoch, i = divmod(step, steps_per_epoch)
   pass_index, position = divmod(i, stream_steps)
-  return pass_permutation(n, seed, stream, epoch, pass_index)[position * global_batch:
-                                                               (position + 1) * global_batch]
+  return pass_permutation(n, seed, stream, epoch, pass_index)[
+    position * global_batch : (position + 1) * global_batch
+  ]
 
 
 def _tensorflow():
@@ -375,6 +447,7 @@ def _tensorflow():
     with _stderr_to_devnull():
       import tensorflow  # noqa: F401
   import tensorflow as tf
+
   try:
     tf.config.set_visible_devices([], "GPU")
   except RuntimeError:  # TF already initialized its devices elsewhere in this process.
@@ -407,12 +480,26 @@ class TrainPipeline:
   the text tower's max_position_embeddings (or less).
   """
 
-  def __init__(self, presence: PresenceTable, absence: AbsenceTable, *, tokenizer,
-               context_length: int, global_batch: int, seed: int, image_size: int,
-               num_steps: int, start_step: int = 0, process_index: int | None = None,
-               process_count: int | None = None, local_devices: int | None = None,
-               truncate_text: bool = True, prefetch: int = 2, pack_text: bool = False,
-               eos_token_id: int = model_lib.EOT_TOKEN_ID):
+  def __init__(
+    self,
+    presence: PresenceTable,
+    absence: AbsenceTable,
+    *,
+    tokenizer,
+    context_length: int,
+    global_batch: int,
+    seed: int,
+    image_size: int,
+    num_steps: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    local_devices: int | None = None,
+    truncate_text: bool = True,
+    prefetch: int = 2,
+    pack_text: bool = False,
+    eos_token_id: int = model_lib.EOT_TOKEN_ID,
+  ):
     self.tables = {"presence": presence, "absence": absence}
     self.context_length, self.global_batch = context_length, global_batch
     self.seed, self.image_size, self.num_steps = seed, image_size, num_steps
@@ -424,18 +511,27 @@ class TrainPipeline:
     if seed < 0 or start_step < 0:
       raise ValueError(f"seed and start_step must be >= 0, got {seed} and {start_step}")
     if global_batch % (self.process_count * self.local_devices):
-      raise ValueError(f"global_batch={global_batch} must be divisible by process_count * "
-                       f"local_devices = {self.process_count} * {self.local_devices}")
+      raise ValueError(
+        f"global_batch={global_batch} must be divisible by process_count * "
+        f"local_devices = {self.process_count} * {self.local_devices}"
+      )
     if not 0 <= self.process_index < self.process_count:
       raise ValueError(f"process_index={self.process_index} not in [0, {self.process_count})")
     for name, table in self.tables.items():
       if len(table) < global_batch:
-        raise ValueError(f"the {name} table has {len(table)} examples, fewer than "
-                         f"global_batch={global_batch}")
-    self._ids = {batch_lib.text_key(name, field): tokenizer(list(texts), context_length)
-                 for name, table in self.tables.items() for field, texts in table.texts().items()}
-    self._streams = {batch_lib.text_key(name, field): name for name in self.tables
-                     for field in batch_lib.STREAM_TEXTS[name]}
+        raise ValueError(
+          f"the {name} table has {len(table)} examples, fewer than global_batch={global_batch}"
+        )
+    self._ids = {
+      batch_lib.text_key(name, field): tokenizer(list(texts), context_length)
+      for name, table in self.tables.items()
+      for field, texts in table.texts().items()
+    }
+    self._streams = {
+      batch_lib.text_key(name, field): name
+      for name in self.tables
+      for field in batch_lib.STREAM_TEXTS[name]
+    }
     self._next_step = start_step
 
   @property
@@ -450,14 +546,19 @@ class TrainPipeline:
 
   def global_indices(self, step: int) -> dict[str, np.ndarray]:
     """Stream name -> int64 [global_batch] table positions used by global step `step`."""
-    return {name: step_indices(step, len(t), self.global_batch, self.seed, STREAMS[name],
-                               self.epoch_steps)
-            for name, t in self.tables.items()}
+    return {
+      name: step_indices(
+        step, len(t), self.global_batch, self.seed, STREAMS[name], self.epoch_steps
+      )
+      for name, t in self.tables.items()
+    }
 
   def host_indices(self, step: int) -> dict[str, np.ndarray]:
     """Stream name -> int64 [global_batch / process_count]: this process's share."""
-    return {name: hosts.host_slice(idx, self.process_index, self.process_count)
-            for name, idx in self.global_indices(step).items()}
+    return {
+      name: hosts.host_slice(idx, self.process_index, self.process_count)
+      for name, idx in self.global_indices(step).items()
+    }
 
   def build_host_batch(self, step: int) -> dict[str, np.ndarray]:
     """This host's batch of global step `step` (keys and shapes in the module doc)."""
@@ -466,13 +567,20 @@ class TrainPipeline:
     mine = lambda idx: hosts.host_slice(idx, self.process_index, self.process_count)
     if self.pack_text:
       d = self.local_devices
-      batch = packing.pack_text_batch(ids, self.process_count * d, self.context_length,
-                                      self.eos_token_id,
-                                      slice(self.process_index * d, (self.process_index + 1) * d))
+      batch = packing.pack_text_batch(
+        ids,
+        self.process_count * d,
+        self.context_length,
+        self.eos_token_id,
+        slice(self.process_index * d, (self.process_index + 1) * d),
+      )
       batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}  # reshaped below
     else:
-      length = (bucket_length(np.concatenate(list(ids.values()))) if self.truncate_text
-                else self.context_length)
+      length = (
+        bucket_length(np.concatenate(list(ids.values())))
+        if self.truncate_text
+        else self.context_length
+      )
       batch = {key: np.ascontiguousarray(mine(v)[:, :length]) for key, v in ids.items()}
     for name, table in self.tables.items():
       idx = mine(glob[name])
@@ -501,9 +609,11 @@ class TrainPipeline:
   def _output_dtypes(self) -> dict[str, type]:
     """Batch key -> dtype, in `build_host_batch`'s key order."""
     texts = packing.PACKED_KEYS if self.pack_text else self._ids
-    return {**{key: batch_lib.TEXT_DTYPE for key in texts},
-            **{key: batch_lib.IMAGE_DTYPE for key in self._image_keys.values()},
-            batch_lib.STEP_KEY: np.int32}
+    return {
+      **{key: batch_lib.TEXT_DTYPE for key in texts},
+      **{key: batch_lib.IMAGE_DTYPE for key in self._image_keys.values()},
+      batch_lib.STEP_KEY: np.int32,
+    }
 
   def __iter__(self):
     tf = _tensorflow()
@@ -523,9 +633,11 @@ class TrainPipeline:
     def to_dict(step):
       return dict(zip(keys, tf.numpy_function(build, [step], dtypes)))
 
-    dataset = (tf.data.Dataset.range(start, self.num_steps)
-               .map(to_dict, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-               .prefetch(self.prefetch))
+    dataset = (
+      tf.data.Dataset.range(start, self.num_steps)
+      .map(to_dict, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      .prefetch(self.prefetch)
+    )
     for step, batch in zip(range(start, self.num_steps), dataset.as_numpy_iterator()):
       if step in errors:
         raise errors[step]
@@ -535,15 +647,21 @@ class TrainPipeline:
   def state_dict(self) -> dict:
     """{"next_step": the step after the last batch handed out, "seed", "global_batch",
     "presence_size", "absence_size"}: what a checkpoint stores to resume exactly."""
-    return {"next_step": self._next_step, "seed": self.seed, "global_batch": self.global_batch,
-            "presence_size": len(self.tables["presence"]),
-            "absence_size": len(self.tables["absence"])}
+    return {
+      "next_step": self._next_step,
+      "seed": self.seed,
+      "global_batch": self.global_batch,
+      "presence_size": len(self.tables["presence"]),
+      "absence_size": len(self.tables["absence"]),
+    }
 
   def load_state_dict(self, state: Mapping) -> None:
     """Resume at state["next_step"]; ValueError if the sampling would differ from the saved run."""
     mine = self.state_dict()
     for key in mine.keys() - {"next_step"}:
       if state[key] != mine[key]:
-        raise ValueError(f"cannot resume exactly: the checkpoint's pipeline has {key}="
-                         f"{state[key]}, this one {mine[key]}")
+        raise ValueError(
+          f"cannot resume exactly: the checkpoint's pipeline has {key}="
+          f"{state[key]}, this one {mine[key]}"
+        )
     self._next_step = int(state["next_step"])

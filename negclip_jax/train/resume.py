@@ -11,8 +11,15 @@ import os
 from negclip_jax.configs import flat_config
 
 # Config keys (dotted) that may change on resume: they do not alter the training state.
-STATE_NEUTRAL_KEYS = ("log_every", "save_every", "max_to_keep", "data.cache_dir", "data.pack_text",
-                      "parallelism", "fsdp")
+STATE_NEUTRAL_KEYS = (
+  "log_every",
+  "save_every",
+  "max_to_keep",
+  "data.cache_dir",
+  "data.pack_text",
+  "parallelism",
+  "fsdp",
+)
 STATE_NEUTRAL_PREFIXES = ("evals.",)
 # Compared by the caller through the schedule length they imply (`trainer.resume_check`).
 SCHEDULE_LENGTH_KEYS = ("num_epochs", "total_steps")
@@ -44,16 +51,19 @@ def config_changes(saved: dict, current: dict) -> tuple[dict, dict]:
     if key in SCHEDULE_LENGTH_KEYS or old.get(key, _ABSENT) == new.get(key, _ABSENT):
       continue
     change = (old.get(key, _ABSENT), new.get(key, _ABSENT))
-    is_neutral = (key in STATE_NEUTRAL_KEYS or key.startswith(STATE_NEUTRAL_PREFIXES)
-                  or _ABSENT in change)
+    is_neutral = (
+      key in STATE_NEUTRAL_KEYS or key.startswith(STATE_NEUTRAL_PREFIXES) or _ABSENT in change
+    )
     (neutral if is_neutral else breaking)[key] = change
   return breaking, neutral
 
 
 def ways_forward(workdir: str | os.PathLike) -> str:
-  return (f"To keep this config, train in a new --workdir, or start a new run from this run's "
-          f"latest parameters (fresh optimizer and schedule): --workdir NEW_DIR "
-          f"--config.init={workdir}. To resume, drop the changed flags.")
+  return (
+    f"To keep this config, train in a new --workdir, or start a new run from this run's "
+    f"latest parameters (fresh optimizer and schedule): --workdir NEW_DIR "
+    f"--config.init={workdir}. To resume, drop the changed flags."
+  )
 
 
 def mismatch_error(where: str, changes: dict, workdir) -> ResumeError:

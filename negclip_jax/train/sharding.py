@@ -29,7 +29,8 @@ from typing import Callable
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from negclip_jax.train import step as train_step
 
@@ -45,8 +46,11 @@ def make_mesh(fsdp: int = -1, devices=None) -> Mesh:
   fsdp = n if fsdp in (-1, 0) else fsdp
   if fsdp < 1 or n % fsdp:
     raise ValueError(f"config.fsdp={fsdp} must divide the {n} devices (or be -1: all of them)")
-  return Mesh(np.asarray(devices).reshape(n // fsdp, fsdp), (DATA, FSDP),
-              axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  return Mesh(
+    np.asarray(devices).reshape(n // fsdp, fsdp),
+    (DATA, FSDP),
+    axis_types=(jax.sharding.AxisType.Auto,) * 2,
+  )
 
 
 def param_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
@@ -63,8 +67,9 @@ def param_spec(shape: tuple[int, ...], fsdp_size: int) -> P:
 
 def state_shardings(abstract_tree, mesh: Mesh):
   """NamedSharding per leaf of a state (or params) tree, by `param_spec` of its shape."""
-  return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), mesh.shape[FSDP])),
-                      abstract_tree)
+  return jax.tree.map(
+    lambda x: NamedSharding(mesh, param_spec(np.shape(x), mesh.shape[FSDP])), abstract_tree
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -73,19 +78,25 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs carrying `shardings`: an Orbax restore target / compile input."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
-                      abstract_tree, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), abstract_tree, shardings
+  )
 
 
 def fsdp_train_step(step_fn: Callable, mesh: Mesh, shardings) -> Callable:
   """jit of the global-array step `make_train_step(..., axis_name=None)`: state in and out
   with `shardings`, batch sharded over every device, metrics replicated."""
-  return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
-                 out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+  return jax.jit(
+    step_fn,
+    in_shardings=(shardings, batch_sharding(mesh)),
+    out_shardings=(shardings, NamedSharding(mesh, P())),
+    donate_argnums=(0,),
+  )
 
 
 class Pmap:
   """The state replicated on every local device ([devices, ...]), the per-device step."""
+
   step_options = {"axis_name": train_step.AXIS}  # for `train_step.make_train_step`
   mesh = None  # `Embedder` replicates
 
@@ -100,8 +111,7 @@ class Pmap:
     return train_step.replicate(state)
 
   def restore_target(self, abstract_state):
-    return with_shardings(abstract_state, jax.tree.map(lambda _: self.replicated,
-                                                       abstract_state))
+    return with_shardings(abstract_state, jax.tree.map(lambda _: self.replicated, abstract_state))
 
   def compile(self, step_fn, state):
     del state  # pmap specializes on its first call
@@ -113,9 +123,11 @@ class Pmap:
   def to_save(self, rstate):
     """One replicated global jax.Array per leaf, built from the device copies (no host copy;
     Orbax writes replica 0)."""
+
     def global_replica(x):
       shards = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
       return jax.make_array_from_single_device_arrays(x.shape[1:], self.replicated, shards)
+
     return jax.tree.map(global_replica, rstate)
 
   def host(self, tree):
@@ -140,8 +152,10 @@ class Fsdp:
     """The state created sharded: the optimizer moments never exist unsharded. `params`
     (host or one device, the same on every process) are cut into this process's shards."""
     params = jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x[i])),
-        params, self.shardings(params))
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x[i])),
+      params,
+      self.shardings(params),
+    )
     create = lambda p: train_step.create_train_state(p, tx)
     abstract = jax.eval_shape(create, params)
     return jax.jit(create, out_shardings=self.shardings(abstract))(params)
@@ -159,8 +173,10 @@ class Fsdp:
   def batch(self, host_batch: dict) -> dict:
     """This process's [local devices, b, ...] rows -> global arrays sharded over the mesh."""
     sharding = batch_sharding(self.mesh)
-    return {k: jax.make_array_from_process_local_data(
-        sharding, v.reshape((-1,) + v.shape[2:])) for k, v in host_batch.items()}
+    return {
+      k: jax.make_array_from_process_local_data(sharding, v.reshape((-1,) + v.shape[2:]))
+      for k, v in host_batch.items()
+    }
 
   def to_save(self, state):
     return state  # the sharded arrays: each process writes the shards it holds
@@ -171,10 +187,12 @@ class Fsdp:
   def host(self, tree):
     """Host copy of the global value on every process (a gather across processes for
     sharded leaves; replicated ones are read from a local device)."""
+
     def one(x):
       if x.is_fully_replicated:
         return np.asarray(x.addressable_data(0))
       return multihost_utils.process_allgather(x, tiled=True)
+
     return jax.tree.map(one, tree)
 
 

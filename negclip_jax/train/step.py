@@ -29,9 +29,7 @@ import optax
 from jax import lax
 
 from negclip_jax.train import batch as batch_lib
-from negclip_jax.train import losses
-from negclip_jax.train import packing
-from negclip_jax.train import param_groups
+from negclip_jax.train import losses, packing, param_groups
 
 MAX_LOGIT_SCALE = math.log(100.0)
 AXIS = "batch"
@@ -39,8 +37,8 @@ AXIS = "batch"
 
 class TrainState(flax.struct.PyTreeNode):
   step: jax.Array  # int32 []
-  params: Any      # full CLIP params (nested dict)
-  opt_state: Any   # optax.multi_transform state; adam moments for trainable leaves only
+  params: Any  # full CLIP params (nested dict)
+  opt_state: Any  # optax.multi_transform state; adam moments for trainable leaves only
 
 
 def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
@@ -54,8 +52,9 @@ def image_embeddings(model, params, batch) -> dict:
     if batch_lib.image_emb_key(prefix) in batch:
       out[prefix] = batch[batch_lib.image_emb_key(prefix)]
     elif batch_lib.pixels_key(prefix) in batch:
-      out[prefix] = model.apply({"params": params}, batch[batch_lib.pixels_key(prefix)],
-                                method="get_image_features")
+      out[prefix] = model.apply(
+        {"params": params}, batch[batch_lib.pixels_key(prefix)], method="get_image_features"
+      )
   return out
 
 
@@ -64,18 +63,36 @@ def text_embeddings(model, params, batch, rows=lambda x: x) -> jax.Array:
   or from a packed text batch (`negclip_jax.packing`, the same features to float rounding).
   `rows`: a sharding constraint for the unpacked text tower's input and output rows."""
   if packing.PACKED_POOL in batch:
-    text = model.apply({"params": params}, *(batch[k] for k in packing.PACKED_KEYS),
-                       method="get_packed_text_features")
+    text = model.apply(
+      {"params": params},
+      *(batch[k] for k in packing.PACKED_KEYS),
+      method="get_packed_text_features",
+    )
   else:
-    text = rows(model.apply({"params": params},
-                            rows(jnp.concatenate([batch[k] for k in batch_lib.TEXT_KEYS], axis=0)),
-                            method="get_text_features"))
+    text = rows(
+      model.apply(
+        {"params": params},
+        rows(jnp.concatenate([batch[k] for k in batch_lib.TEXT_KEYS], axis=0)),
+        method="get_text_features",
+      )
+    )
   return text.reshape(len(batch_lib.TEXT_KEYS), -1, text.shape[-1])
 
 
-def make_train_step(model, labels, tx: optax.GradientTransformation, *, objective="omni_negclip",
-                    lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1.0, margin=0.9,
-                    global_negatives=True, axis_name=AXIS, row_sharding=None):
+def make_train_step(
+  model,
+  labels,
+  tx: optax.GradientTransformation,
+  *,
+  objective="omni_negclip",
+  lambda_stage2=1.0,
+  lambda_orig=1.0,
+  lambda_text=1.0,
+  margin=0.9,
+  global_negatives=True,
+  axis_name=AXIS,
+  row_sharding=None,
+):
   """Returns step(state, batch) -> (state, metrics), to run under pmap/shard_map.
 
   axis_name=None: the step sees the global batch as one array (`jax.jit` over a sharded
@@ -94,24 +111,35 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
   def step(state: TrainState, batch):
     trainable, frozen = param_groups.split(state.params, labels)
     # The image tower is frozen: its features are computed outside the differentiated function.
-    images = {k: gather(losses.l2_normalize(v))
-              for k, v in image_embeddings(model, state.params, batch).items()}
+    images = {
+      k: gather(losses.l2_normalize(v))
+      for k, v in image_embeddings(model, state.params, batch).items()
+    }
     if objective == "conclip" and "presence_distractor" not in images:
-      raise ValueError("objective 'conclip' needs presence_distractor_pixels or "
-                       f"presence_distractor_image_emb in the batch; got keys {sorted(batch)}")
-    rows = ((lambda x: x) if row_sharding is None else
-            (lambda x: jax.lax.with_sharding_constraint(x, row_sharding)))
+      raise ValueError(
+        "objective 'conclip' needs presence_distractor_pixels or "
+        f"presence_distractor_image_emb in the batch; got keys {sorted(batch)}"
+      )
+    rows = (
+      (lambda x: x)
+      if row_sharding is None
+      else (lambda x: jax.lax.with_sharding_constraint(x, row_sharding))
+    )
 
     def loss_fn(trainable):
       params = param_groups.merge(trainable, frozen)
       text = gather_rows(losses.l2_normalize(text_embeddings(model, params, batch, rows)))
-      emb = {"presence_image": images["presence"], "absence_image": images["absence"],
-             **{k.removesuffix("_ids"): t for k, t in zip(batch_lib.TEXT_KEYS, text)}}
+      emb = {
+        "presence_image": images["presence"],
+        "absence_image": images["absence"],
+        **{k.removesuffix("_ids"): t for k, t in zip(batch_lib.TEXT_KEYS, text)},
+      }
       if "presence_distractor" in images:
         emb["presence_distractor"] = images["presence_distractor"]
       scale = jnp.exp(losses.at_least_float32(params["logit_scale"]))
-      loss, metrics = losses.total_loss(emb, scale, objective, lambda_stage2, lambda_orig,
-                                        lambda_text, margin)
+      loss, metrics = losses.total_loss(
+        emb, scale, objective, lambda_stage2, lambda_orig, lambda_text, margin
+      )
       return loss, {**metrics, "logit_scale": scale}
 
     def gather_rows(text):  # [4, b, D] -> [4, B, D]
@@ -128,8 +156,9 @@ def make_train_step(model, labels, tx: optax.GradientTransformation, *, objectiv
     if "logit_scale" in new_trainable:
       new_trainable["logit_scale"] = jnp.clip(new_trainable["logit_scale"], 0.0, MAX_LOGIT_SCALE)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    new_state = state.replace(step=state.step + 1, opt_state=opt_state,
-                              params=param_groups.merge(new_trainable, frozen))
+    new_state = state.replace(
+      step=state.step + 1, opt_state=opt_state, params=param_groups.merge(new_trainable, frozen)
+    )
     return new_state, metrics
 
   return step
@@ -140,7 +169,9 @@ def make_pretrain_step(model, tx):
 
   def step(state, pixels, ids):
     def loss_fn(params):
-      img = losses.l2_normalize(model.apply({"params": params}, pixels, method="get_image_features"))
+      img = losses.l2_normalize(
+        model.apply({"params": params}, pixels, method="get_image_features")
+      )
       txt = losses.l2_normalize(model.apply({"params": params}, ids, method="get_text_features"))
       gather = lambda x: lax.all_gather(x, AXIS, axis=0, tiled=True)
       loss, _ = losses.clip_loss(gather(img), gather(txt), jnp.exp(params["logit_scale"]))
@@ -151,7 +182,9 @@ def make_pretrain_step(model, tx):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     params["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), lax.pmean(loss, AXIS)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), lax.pmean(
+      loss, AXIS
+    )
 
   return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
@@ -175,7 +208,7 @@ def pmap_train_step(step_fn):
 def shard_map_train_step(step_fn, mesh):
   """The same step under jax.shard_map: state replicated, batch sharded on its leading axis."""
   P = jax.sharding.PartitionSpec
-  mapped = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
-                         check_vma=False)
+  mapped = jax.shard_map(
+    step_fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()), check_vma=False
+  )
   return jax.jit(mapped, donate_argnums=(0,))
-

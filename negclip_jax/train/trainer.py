@@ -26,24 +26,24 @@ from absl import logging as absl_logging
 from etils import epath
 from tqdm.auto import tqdm
 
-from negclip_jax import configs, storage
-from negclip_jax.eval import evaluators
-from negclip_jax.eval import registry
-from negclip_jax.model import clip as model_lib
-from negclip_jax import rundir
-from negclip_jax.train import batch as batch_lib
-from negclip_jax.train import checkpoint
-from negclip_jax.train import losses
-from negclip_jax.train import optim
-from negclip_jax.train import param_groups
-from negclip_jax.train import resume
-from negclip_jax.train import sharding
-from negclip_jax.train import step as train_step
+from negclip_jax import configs, rundir, storage
 from negclip_jax.data import negshapes
-from negclip_jax.train import image_cache
-from negclip_jax.train import pipeline
 from negclip_jax.data.records import BadRecords, DataError
+from negclip_jax.eval import evaluators, registry
+from negclip_jax.model import clip as model_lib
 from negclip_jax.model.tokenizer import ClipTokenizer
+from negclip_jax.train import batch as batch_lib
+from negclip_jax.train import (
+  checkpoint,
+  image_cache,
+  losses,
+  optim,
+  param_groups,
+  pipeline,
+  resume,
+  sharding,
+)
+from negclip_jax.train import step as train_step
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +68,10 @@ def validate_config(config):
   if parallelism not in sharding.PARALLELISMS:
     raise ConfigError(f"config.parallelism={parallelism!r}; choose from {sharding.PARALLELISMS}")
   if parallelism == "fsdp" and not config.global_negatives:
-    raise ConfigError("config.global_negatives=False needs config.parallelism='pmap' (the "
-                      "fsdp step sees the global batch, so every example is a negative)")
+    raise ConfigError(
+      "config.global_negatives=False needs config.parallelism='pmap' (the "
+      "fsdp step sees the global batch, so every example is a negative)"
+    )
 
 
 # ------------------------------------------------------------------------- set-up
@@ -97,35 +99,62 @@ def load_tables(config, image_size: int, bad: BadRecords | None = None):
   decode = bad.skip and not d.image_cache
   if "negshapes" in (d.presence, d.absence):
     shapes = pipeline.negshapes_tables(
-        negshapes.generate_pairs(d.negshapes_num, config.seed, image_size, split="train",
-                                 distractors=distractors,
-                                 hard_fraction=d.negshapes_hard_fraction),
-        on_error=bad, distractors=distractors)
+      negshapes.generate_pairs(
+        d.negshapes_num,
+        config.seed,
+        image_size,
+        split="train",
+        distractors=distractors,
+        hard_fraction=d.negshapes_hard_fraction,
+      ),
+      on_error=bad,
+      distractors=distractors,
+    )
   if d.presence == "negshapes":
     presence = shapes[0]
   elif d.presence == "ccneg":
     from negclip_jax.data import ccneg
+
     distractor_paths = None
     if distractors:
       distractor_paths = ccneg.load_distractor_paths(
-          need("distractor_mapping"), need("distractor_coco_json"), need("distractor_image_dir"))
+        need("distractor_mapping"), need("distractor_coco_json"), need("distractor_image_dir")
+      )
     presence = pipeline.presence_table(
-        ccneg.load_ccneg(need("ccneg_path"), need("ccneg_image_root"), split="train",
-                         eval_size=d.ccneg_eval_size, distractor_paths=distractor_paths,
-                         check_images=False, bad=bad),
-        on_error=bad, source=d.ccneg_path, decode=decode, image_size=image_size)
+      ccneg.load_ccneg(
+        need("ccneg_path"),
+        need("ccneg_image_root"),
+        split="train",
+        eval_size=d.ccneg_eval_size,
+        distractor_paths=distractor_paths,
+        check_images=False,
+        bad=bad,
+      ),
+      on_error=bad,
+      source=d.ccneg_path,
+      decode=decode,
+      image_size=image_size,
+    )
   else:
     raise ValueError(f"config.data.presence must be 'ccneg' or 'negshapes', got {d.presence!r}")
   if d.absence == "negshapes":
     absence = shapes[1]
   elif d.absence == "coco_negation":
     from negclip_jax.data import coco_negation
+
     absence = pipeline.absence_table(
-        coco_negation.load_coco_negation(need("coco_json"), need("coco_image_dir"),
-                                         check_images=False, bad=bad),
-        on_error=bad, source=d.coco_json, decode=decode, image_size=image_size)
+      coco_negation.load_coco_negation(
+        need("coco_json"), need("coco_image_dir"), check_images=False, bad=bad
+      ),
+      on_error=bad,
+      source=d.coco_json,
+      decode=decode,
+      image_size=image_size,
+    )
   else:
-    raise ValueError(f"config.data.absence must be 'coco_negation' or 'negshapes', got {d.absence!r}")
+    raise ValueError(
+      f"config.data.absence must be 'coco_negation' or 'negshapes', got {d.absence!r}"
+    )
   return presence, absence
 
 
@@ -151,8 +180,9 @@ def _canonical(config_json: dict, num_layers: int) -> dict:
   return {**config_json, "layers": layers}
 
 
-def resume_check(config, workdir: epath.Path, total_steps: int, table_sizes: tuple[int, int],
-                 num_layers: int):
+def resume_check(
+  config, workdir: epath.Path, total_steps: int, table_sizes: tuple[int, int], num_layers: int
+):
   """`Checkpointer.restore_latest`'s check_config: ResumeError (one line per changed key)
   if a saved config differs in a key that shapes the training state; logs the rest.
 
@@ -171,34 +201,56 @@ def resume_check(config, workdir: epath.Path, total_steps: int, table_sizes: tup
     if breaking:
       raise resume.mismatch_error(f"{workdir / rundir.CHECKPOINTS_DIR}/{step}", breaking, workdir)
     for key, (old, new) in neutral.items():
-      logger.info("Resuming with %s changed: %r -> %r (does not alter the training state)",
-                  key, old, new)
+      logger.info(
+        "Resuming with %s changed: %r -> %r (does not alter the training state)", key, old, new
+      )
     if total_steps > saved_total:
       rate = lambda total: float(schedule_from_config(config, total)(step))
-      logger.warning("Resuming with total steps %d -> %d: the learning-rate schedule is "
-                     "stretched from step %d on (rate there %.4g, was %.4g).", saved_total,
-                     total_steps, step, rate(total_steps), rate(saved_total))
+      logger.warning(
+        "Resuming with total steps %d -> %d: the learning-rate schedule is "
+        "stretched from step %d on (rate there %.4g, was %.4g).",
+        saved_total,
+        total_steps,
+        step,
+        rate(total_steps),
+        rate(saved_total),
+      )
+
   return check
 
 
 def schedule_from_config(config, total_steps: int) -> optax.Schedule:
   """`optim.learning_rate_schedule` with the config's keys, over `total_steps`."""
-  return optim.learning_rate_schedule(config.schedule, config.learning_rate,
-                                          config.warmup_steps, total_steps)
+  return optim.learning_rate_schedule(
+    config.schedule, config.learning_rate, config.warmup_steps, total_steps
+  )
 
 
 def optimizer_from_config(config, labels, schedule: optax.Schedule):
   """`optim.masked_adamw` with the config's optimizer keys, following `schedule`."""
-  return optim.masked_adamw(labels, schedule, config.weight_decay,
-                                config.grad_clip_norm or None, b1=config.b1, b2=config.b2,
-                                eps=config.eps)
+  return optim.masked_adamw(
+    labels,
+    schedule,
+    config.weight_decay,
+    config.grad_clip_norm or None,
+    b1=config.b1,
+    b2=config.b2,
+    eps=config.eps,
+  )
 
 
 # --------------------------------------------------------------------------- loop
 
 
-def _flush(pending: list, log: rundir.MetricsLog, bar, t0: float, samples_per_step: int, host,
-           schedule: optax.Schedule):
+def _flush(
+  pending: list,
+  log: rundir.MetricsLog,
+  bar,
+  t0: float,
+  samples_per_step: int,
+  host,
+  schedule: optax.Schedule,
+):
   """Fetches queued step metrics (`host`: device -> numpy), checks them, logs their mean and
   the learning rate `schedule` gave the last of those steps."""
   if not pending:
@@ -208,15 +260,17 @@ def _flush(pending: list, log: rundir.MetricsLog, bar, t0: float, samples_per_st
   for step, m in zip(steps, values):
     if not all(np.isfinite(x) for x in m.values()):
       raise NonFiniteLossError(
-          f"non-finite metrics at step {step}: {({k: float(v) for k, v in m.items()})}; "
-          "stopping. Checkpoints on disk are from earlier steps; lower the learning rate or "
-          "enable grad_clip_norm.")
+        f"non-finite metrics at step {step}: { ({k: float(v) for k, v in m.items()}) }; "
+        "stopping. Checkpoints on disk are from earlier steps; lower the learning rate or "
+        "enable grad_clip_norm."
+      )
   mean = {k: float(np.mean([m[k] for m in values])) for k in values[0]}
   mean["samples_per_s"] = samples_per_step * len(steps) / max(time.perf_counter() - t0, 1e-9)
   mean["learning_rate"] = float(schedule(steps[-1]))
   log.write(steps[-1] + 1, mean)
-  bar.set_postfix({k: f"{mean[k]:.3g}" for k in ("total", "L3", "L_neg", "L_text", "samples_per_s")
-                   if k in mean})
+  bar.set_postfix(
+    {k: f"{mean[k]:.3g}" for k in ("total", "L3", "L_neg", "L_text", "samples_per_s") if k in mean}
+  )
   pending.clear()
   return mean
 
@@ -249,12 +303,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   placement = sharding.for_config(config)  # pmap replicas or an fsdp mesh
   abstract_state = jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params)
 
-  ckpt = checkpoint.Checkpointer(workdir / rundir.CHECKPOINTS_DIR, workdir / rundir.UNREADABLE_DIR,
-                                 config.save_every, config.max_to_keep)
+  ckpt = checkpoint.Checkpointer(
+    workdir / rundir.CHECKPOINTS_DIR,
+    workdir / rundir.UNREADABLE_DIR,
+    config.save_every,
+    config.max_to_keep,
+  )
   try:
-    restored = ckpt.restore_latest(placement.restore_target(abstract_state), resume_check(
-        config, workdir, total_steps, (len(presence), len(absence)),
-        model.config.text.num_hidden_layers))
+    restored = ckpt.restore_latest(
+      placement.restore_target(abstract_state),
+      resume_check(
+        config,
+        workdir,
+        total_steps,
+        (len(presence), len(absence)),
+        model.config.text.num_hidden_layers,
+      ),
+    )
   except resume.ResumeError:
     ckpt.close()
     raise
@@ -272,26 +337,45 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
   if config.data.image_cache:  # frozen tower: embed every image once
     cache_dir = config.data.cache_dir or str(workdir / rundir.IMAGE_CACHE_DIR)
-    presence, absence = (image_cache.embed_table(t, model, params, image_size, cache_dir=cache_dir,
-                                                 on_error=bad)
-                         for t in (presence, absence))
+    presence, absence = (
+      image_cache.embed_table(t, model, params, image_size, cache_dir=cache_dir, on_error=bad)
+      for t in (presence, absence)
+    )
   if main:
     bad.write(workdir / rundir.SKIPPED_FILE)
     if bad.skipped:
       print(f"{bad.summary()}; all listed in {workdir / rundir.SKIPPED_FILE}", flush=True)
-  data = pipeline.TrainPipeline(presence, absence, tokenizer=tokenizer,
-                                context_length=model.config.text.max_position_embeddings,
-                                global_batch=config.batch_size, seed=config.seed,
-                                image_size=image_size, num_steps=total_steps, start_step=start,
-                                pack_text=config.data.pack_text and placement.mesh is None,
-                                eos_token_id=model.config.text.eos_token_id)
+  data = pipeline.TrainPipeline(
+    presence,
+    absence,
+    tokenizer=tokenizer,
+    context_length=model.config.text.max_position_embeddings,
+    global_batch=config.batch_size,
+    seed=config.seed,
+    image_size=image_size,
+    num_steps=total_steps,
+    start_step=start,
+    pack_text=config.data.pack_text and placement.mesh is None,
+    eos_token_id=model.config.text.eos_token_id,
+  )
   if restored is not None:
     data.load_state_dict(data_state)
 
-  step_fn = placement.compile(train_step.make_train_step(
-      model, labels, tx, objective=config.objective, lambda_stage2=config.lambda_stage2,
-      lambda_orig=config.lambda_orig, lambda_text=config.lambda_text, margin=config.margin,
-      global_negatives=config.global_negatives, **placement.step_options), rstate)
+  step_fn = placement.compile(
+    train_step.make_train_step(
+      model,
+      labels,
+      tx,
+      objective=config.objective,
+      lambda_stage2=config.lambda_stage2,
+      lambda_orig=config.lambda_orig,
+      lambda_text=config.lambda_text,
+      margin=config.margin,
+      global_negatives=config.global_negatives,
+      **placement.step_options,
+    ),
+    rstate,
+  )
   del params
   config_json = json.loads(config.to_json())
   log = rundir.MetricsLog(workdir, start)
@@ -315,12 +399,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
         last = _flush(pending, log, bar, t0, config.batch_size, placement.host, schedule) or last
         t0 = time.perf_counter()
       if save:
-        ckpt.save(step, placement.to_save(rstate), data.state_dict(), config_json,
-                  force=True)
+        ckpt.save(step, placement.to_save(rstate), data.state_dict(), config_json, force=True)
       for ev in evals:
         if ev.due(step):
-          latest_eval[ev.name] = step, ev.run(model, placement.eval_params(rstate.params),
-                                              tokenizer, placement.mesh)
+          latest_eval[ev.name] = (
+            step,
+            ev.run(model, placement.eval_params(rstate.params), tokenizer, placement.mesh),
+          )
           log.write(step, ev.log_keys(latest_eval[ev.name][1]))
       if stop:
         stopped_early = step < total_steps
@@ -334,15 +419,23 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
     if latest_eval.get(ev.name, (None,))[0] == step:  # the loop has just run it
       final_eval[ev.name] = latest_eval[ev.name][1]
     else:
-      final_eval[ev.name] = ev.run(model, placement.eval_params(rstate.params), tokenizer,
-                                   placement.mesh)
+      final_eval[ev.name] = ev.run(
+        model, placement.eval_params(rstate.params), tokenizer, placement.mesh
+      )
       log.write(step, ev.log_keys(final_eval[ev.name]))
   log.close()
-  result = {"step": step, "last_metrics": last, "eval": final_eval,
-            "stopped_early": stopped_early, "model": model,
-            "params": placement.host(rstate.params), "tokenizer": tokenizer}
+  result = {
+    "step": step,
+    "last_metrics": last,
+    "eval": final_eval,
+    "stopped_early": stopped_early,
+    "model": model,
+    "params": placement.host(rstate.params),
+    "tokenizer": tokenizer,
+  }
   if main and not stopped_early:
     from negclip_jax import export
+
     out = export.export_run(result, config, workdir / rundir.EXPORT_DIR, workdir.name)
     print(f"Exported to {out}", flush=True)
   return result
@@ -350,21 +443,27 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
 
 # ---------------------------------------------------------------------------- CLI
 
-_CONFIG = configs.define_flag("config", "Config file path, or a shipped config name: "
-                             + ", ".join(configs.NAMES))
+_CONFIG = configs.define_flag(
+  "config", "Config file path, or a shipped config name: " + ", ".join(configs.NAMES)
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0 for multi-process runs; on TPU pods "
-                                   "and SLURM leave unset and pass --distributed.")
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address",
+  None,
+  "host:port of process 0 for multi-process runs; on TPU pods "
+  "and SLURM leave unset and pass --distributed.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the cluster.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() with auto-detection "
-                                 "(TPU pods, SLURM).")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed", False, "Call jax.distributed.initialize() with auto-detection (TPU pods, SLURM)."
+)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout", 100,
-    "Multi-process runs: seconds without heartbeats after which a process counts as dead; "
-    "the survivors then abort (non-zero exit) instead of waiting in a collective forever.")
+  "heartbeat_timeout",
+  100,
+  "Multi-process runs: seconds without heartbeats after which a process counts as dead; "
+  "the survivors then abort (non-zero exit) instead of waiting in a collective forever.",
+)
 
 
 def initialize_distributed():
@@ -372,10 +471,13 @@ def initialize_distributed():
   if _COORDINATOR.value:
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value,
-                               initialization_timeout=120,
-                               heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
+    jax.distributed.initialize(
+      _COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+      initialization_timeout=120,
+      heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value,
+    )
   elif _DISTRIBUTED.value:
     jax.distributed.initialize(heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
 
@@ -393,20 +495,39 @@ def main(argv):
   configure_logging()
   initialize_distributed()
   if jax.process_index() == 0:
-    print(f"JAX {jax.__version__}: {jax.process_count()} process(es), "
-          f"{jax.device_count()} device(s) ({jax.devices()[0].platform})", flush=True)
+    print(
+      f"JAX {jax.__version__}: {jax.process_count()} process(es), "
+      f"{jax.device_count()} device(s) ({jax.devices()[0].platform})",
+      flush=True,
+    )
   try:
     result = train(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, evaluators.EvalConfigError, resume.ResumeError, DataError,
-          NonFiniteLossError) as e:
+  except (
+    ConfigError,
+    evaluators.EvalConfigError,
+    resume.ResumeError,
+    DataError,
+    NonFiniteLossError,
+  ) as e:
     sys.exit(f"error: {e}")
   if result["eval"] and jax.process_index() == 0:
-    print(f"Final evaluation (step {result['step']}):\n{registry.markdown(result['eval'])}",
-          end="", flush=True)
+    print(
+      f"Final evaluation (step {result['step']}):\n{registry.markdown(result['eval'])}",
+      end="",
+      flush=True,
+    )
   # Every process prints the summary (multi-process runs can compare their final metrics).
-  print(json.dumps({"step": result["step"], "stopped_early": result["stopped_early"],
-                    **(result["last_metrics"] or {}),
-                    **({"eval": result["eval"]} if result["eval"] else {})}), flush=True)
+  print(
+    json.dumps(
+      {
+        "step": result["step"],
+        "stopped_early": result["stopped_early"],
+        **(result["last_metrics"] or {}),
+        **({"eval": result["eval"]} if result["eval"] else {}),
+      }
+    ),
+    flush=True,
+  )
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -422,8 +543,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except ValueError as e:
       sys.exit(f"error: {e}")
     print(__doc__ + "\nflags:")
-    for holder in (_CONFIG, _WORKDIR, _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _DISTRIBUTED,
-                   _HEARTBEAT_TIMEOUT):
+    for holder in (
+      _CONFIG,
+      _WORKDIR,
+      _COORDINATOR,
+      _NUM_PROCESSES,
+      _PROCESS_ID,
+      _DISTRIBUTED,
+      _HEARTBEAT_TIMEOUT,
+    ):
       print(f"  --{holder.name}: {flags.FLAGS[holder.name].help}")
     print(f"\nconfig keys (--config.KEY=VALUE; defaults of {name}):\n{table}")
     sys.exit(0)

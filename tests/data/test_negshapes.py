@@ -35,6 +35,7 @@ def _bag_of_words(text, scene):
 
 # -------------------------------------------------------------------------- determinism
 
+
 def test_generate_pairs_deterministic(pairs):
   again = ns.generate_pairs(N, seed=0, distractors=True)
   assert set(again) == set(pairs)
@@ -77,7 +78,10 @@ def test_bad_split():
 
 # ----------------------------------------------------------------------------- captions
 
-@pytest.mark.parametrize("text, expected", [
+
+@pytest.mark.parametrize(
+  "text, expected",
+  [
     ("a red circle", True),
     ("a photo of a red circle and a blue square", True),
     ("a blue square and a red circle and a green cross", False),
@@ -93,16 +97,26 @@ def test_bad_split():
     ("no green circle", True),
     ("an image without a blue square", False),
     ("a photo with no purple cross", True),
-])
+  ],
+)
 def test_caption_is_true_handwritten(text, expected):
   assert ns.caption_is_true(text, (("red", "circle"), ("blue", "square"))) is expected
 
 
-@pytest.mark.parametrize("text", [
-    "", "a red star", "a red circle.", "a red circle or a blue square", "A red circle",
-    "a red circle a blue square", "a photo of no red circle", "an image of not a red circle",
+@pytest.mark.parametrize(
+  "text",
+  [
+    "",
+    "a red star",
+    "a red circle.",
+    "a red circle or a blue square",
+    "A red circle",
+    "a red circle a blue square",
+    "a photo of no red circle",
+    "an image of not a red circle",
     "a red circle and without a blue square",
-])
+  ],
+)
 def test_parse_caption_rejects(text):
   with pytest.raises(ValueError):
     ns.parse_caption(text)
@@ -110,7 +124,9 @@ def test_parse_caption_rejects(text):
 
 def test_parse_caption():
   assert ns.parse_caption("a photo of a red circle and a white cross, but no green square") == (
-      (("red", "circle"), ("white", "cross")), (("green", "square"),))
+    (("red", "circle"), ("white", "cross")),
+    (("green", "square"),),
+  )
 
 
 def test_caption_labels(pairs):
@@ -154,6 +170,7 @@ def test_absent_object_kinds(pairs):
 
 
 # ------------------------------------------------------------------------------- scenes
+
 
 def test_scenes(pairs):
   counts = np.bincount([len(s) for s in pairs["scenes"]], minlength=4)
@@ -210,6 +227,7 @@ def test_image_size():
 
 # -------------------------------------------------------------------------------- tasks
 
+
 def test_presence_task(presence):
   assert presence["images"].shape == (300, 64, 64, 3)
   assert np.mean([len(s) >= 2 for s in presence["scenes"]]) > 0.8
@@ -249,15 +267,20 @@ def test_retrieval_task():
 
 def test_bag_of_words_fails(presence, absence):
   """A text score blind to negation is at chance on presence and always wrong on absence."""
-  ties = [_bag_of_words(c, s) == _bag_of_words(n, s)
-          for c, n, s in zip(presence["captions"], presence["negated"], presence["scenes"])]
+  ties = [
+    _bag_of_words(c, s) == _bag_of_words(n, s)
+    for c, n, s in zip(presence["captions"], presence["negated"], presence["scenes"])
+  ]
   assert all(ties)  # both texts mention exactly the scene's objects
-  wins = [_bag_of_words(t, p) > _bag_of_words(t, n)
-          for t, p, n in zip(absence["texts"], absence["scenes_pos"], absence["scenes_neg"])]
+  wins = [
+    _bag_of_words(t, p) > _bag_of_words(t, n)
+    for t, p, n in zip(absence["texts"], absence["scenes_pos"], absence["scenes_neg"])
+  ]
   assert not any(wins)
 
 
 # ------------------------------------------------------------ held-out compositions
+
 
 def _objects(texts, scenes=()):
   """Every object the texts mention or the scenes show."""
@@ -302,18 +325,25 @@ def test_hard_negative_pairs(pairs):
       assert (true, false) == (pairs["captions"][i], pairs["negated"][i])
 
 
-@pytest.mark.parametrize("task", [ns.presence_task, ns.absence_task, ns.presence_hard_task,
-                                  ns.absence_hard_task, ns.mcq_task])
+@pytest.mark.parametrize(
+  "task",
+  [ns.presence_task, ns.absence_task, ns.presence_hard_task, ns.absence_hard_task, ns.mcq_task],
+)
 def test_compositions(task):
   for compositions in ("in_distribution", "held_out"):
     data = task(150, seed=0, image_size=16, compositions=compositions)
     again = task(20, seed=0, image_size=16, compositions=compositions)  # prefix property
-    np.testing.assert_array_equal(again["images" if "images" in data else "images_pos"],
-                                  (data["images"] if "images" in data else data["images_pos"])[:20])
+    np.testing.assert_array_equal(
+      again["images" if "images" in data else "images_pos"],
+      (data["images"] if "images" in data else data["images_pos"])[:20],
+    )
     for i in range(150):
       if "texts" in data:
-        texts, true_scene, scenes = [data["texts"][i]], data["scenes_pos"][i], [
-            data["scenes_pos"][i], data["scenes_neg"][i]]
+        texts, true_scene, scenes = (
+          [data["texts"][i]],
+          data["scenes_pos"][i],
+          [data["scenes_pos"][i], data["scenes_neg"][i]],
+        )
       elif "options" in data:
         texts, true_scene = data["options"][i], data["scenes"][i]
         scenes = [true_scene]
@@ -329,6 +359,7 @@ def test_compositions(task):
 
 
 # ------------------------------------------------------------------ shortcut-free tasks
+
 
 def test_presence_hard_task():
   data = ns.presence_hard_task(300, seed=0, image_size=32)
@@ -357,8 +388,9 @@ def test_mcq_task():
   data = ns.mcq_task(600, seed=0, image_size=16)
   assert set(data["templates"]) == set(ns.MCQ_TEMPLATES)
   assert (np.bincount(data["labels"], minlength=4) > 100).all()
-  for options, label, scene, template in zip(data["options"], data["labels"], data["scenes"],
-                                             data["templates"]):
+  for options, label, scene, template in zip(
+    data["options"], data["labels"], data["scenes"], data["templates"]
+  ):
     truth = [ns.caption_is_true(o, scene) for o in options]
     assert truth == [j == label for j in range(4)], (options, scene)
     assert len({len(o.split()) for o in options}) == 1
@@ -367,6 +399,7 @@ def test_mcq_task():
 
 
 # -------------------------------------------------------------------------- the audit
+
 
 @pytest.fixture(scope="module")
 def audited():
@@ -392,11 +425,20 @@ def test_paper_style_tasks_fall_to_trivial_rules(audited):
 def test_trivial_rules_at_chance_on_shortcut_free_tasks(audited):
   """With 600 items a rule's s.e. is about 0.02 (0.018 for 4-way): 0.06 is 3 s.e."""
   _, audit = audited
-  for name in ("presence_hard", "presence_hard_heldout", "absence_hard", "absence_hard_heldout",
-               "mcq", "mcq_heldout"):
+  for name in (
+    "presence_hard",
+    "presence_hard_heldout",
+    "absence_hard",
+    "absence_hard_heldout",
+    "mcq",
+    "mcq_heldout",
+  ):
     chance = audit[name][f"{name}_chance"]
-    rules = [r for r in ("fewer_negations", "text_only", "fewer_pixels")
-             if f"{name}_rule_{r}" in audit[name]]
+    rules = [
+      r
+      for r in ("fewer_negations", "text_only", "fewer_pixels")
+      if f"{name}_rule_{r}" in audit[name]
+    ]
     assert rules, name
     for rule in rules:
       assert abs(audit[name][f"{name}_rule_{rule}"] - chance) < 0.06, (name, rule)
@@ -411,9 +453,10 @@ def test_text_only_rule_fit_on_the_task_itself_is_at_chance(audited):
   for name, generator in (("presence_hard", ns.presence_hard_task), ("mcq", ns.mcq_task)):
     train = generator(600, seed=1, image_size=16, compositions="in_distribution")
     options, labels = T.text_choices(train)
-    rule = T.fit_text_rule([t for row in options for t in row],
-                           [int(j == label) for row, label in zip(options, labels)
-                            for j in range(len(row))])
+    rule = T.fit_text_rule(
+      [t for row in options for t in row],
+      [int(j == label) for row, label in zip(options, labels) for j in range(len(row))],
+    )
     scores = T.rule_scores("text_only", data[name], rule)
     chance = 1 / scores.shape[1]
     assert abs(T.choice_stats(scores, T.text_choices(data[name])[1])["guess"] - chance) < 0.06
@@ -421,6 +464,7 @@ def test_text_only_rule_fit_on_the_task_itself_is_at_chance(audited):
 
 def test_hard_negatives_reach_the_presence_table():
   from negclip_jax.train import pipeline
+
   data = ns.generate_pairs(40, seed=0, image_size=16, hard_fraction=0.5)
   presence, absence = pipeline.negshapes_tables(data)
   assert list(presence.captions) == data["presence_captions"] != data["captions"]

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from negclip_jax.configs import tiny
 from helpers import write_file_datasets
+
+from negclip_jax import rundir
+from negclip_jax.configs import tiny
+from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.eval import cli as eval_cli
 from negclip_jax.eval import evaluators
-from negclip_jax import rundir
 from negclip_jax.train import trainer
-from negclip_jax.data.records import BadRecords, DataError
 
 N = 16
 
@@ -31,37 +31,48 @@ def _bad_datasets(root: Path) -> tuple[dict, set]:
   images = root / "cc3m/images"
   data["coco_image_dir"] = str(shutil.copytree(images, root / "coco_images"))
   for folder in (images, root / "coco_images"):
-    (folder / "4.png").write_bytes(b"not a png")                      # undecodable
+    (folder / "4.png").write_bytes(b"not a png")  # undecodable
   lines = []
   for i, (caption, negated) in enumerate(zip(*_ccneg_texts(data["ccneg_path"]))):
-    lines.append(json.dumps({"image_path": str(images / f"{i}.png"), "caption": caption,
-                             "negative_prompt": negated}))
-  lines[1] = json.dumps({"image_path": str(images / "1.png"), "caption": " ",
-                         "negative_prompt": "x"})                     # empty text
+    lines.append(
+      json.dumps(
+        {"image_path": str(images / f"{i}.png"), "caption": caption, "negative_prompt": negated}
+      )
+    )
+  lines[1] = json.dumps(
+    {"image_path": str(images / "1.png"), "caption": " ", "negative_prompt": "x"}
+  )  # empty text
   lines[2] = json.dumps({"image_path": str(images / "2.png"), "caption": "x"})  # missing key
-  lines[3] = lines[3].replace("3.png", "missing.png")                 # missing image
-  lines[5] = "{not json"                                              # unparsable record
+  lines[3] = lines[3].replace("3.png", "missing.png")  # missing image
+  lines[5] = "{not json"  # unparsable record
   ccneg = root / "ccneg.jsonl"
   ccneg.write_text("\n".join(lines) + "\n")
   coco = json.loads(Path(data["coco_json"]).read_text())
-  del coco["annotations"][1]["updated_caption"]                       # missing key
-  coco["annotations"][2]["image_id"] = 999                            # unknown image
-  coco["annotations"][3]["caption"] = ""                              # empty text
-  coco["images"][6]["file_name"] = "gone.png"                         # missing image
+  del coco["annotations"][1]["updated_caption"]  # missing key
+  coco["annotations"][2]["image_id"] = 999  # unknown image
+  coco["annotations"][3]["caption"] = ""  # empty text
+  coco["images"][6]["file_name"] = "gone.png"  # missing image
   Path(data["coco_json"]).write_text(json.dumps(coco))
   data["ccneg_path"] = str(ccneg)
-  expected = {(str(ccneg), 1, "caption"), (str(ccneg), 2, "negative_prompt"),
-              (str(ccneg), 3, "image_path"), (str(ccneg), 4, "image"), (str(ccneg), 5, None),
-              (data["coco_json"], 1, "updated_caption"), (data["coco_json"], 2, "image_id"),
-              (data["coco_json"], 3, "caption"), (data["coco_json"], 4, "image"),
-              (data["coco_json"], 6, "image_path")}
+  expected = {
+    (str(ccneg), 1, "caption"),
+    (str(ccneg), 2, "negative_prompt"),
+    (str(ccneg), 3, "image_path"),
+    (str(ccneg), 4, "image"),
+    (str(ccneg), 5, None),
+    (data["coco_json"], 1, "updated_caption"),
+    (data["coco_json"], 2, "image_id"),
+    (data["coco_json"], 3, "caption"),
+    (data["coco_json"], 4, "image"),
+    (data["coco_json"], 6, "image_path"),
+  }
   return data, expected
 
 
 def _ccneg_texts(pt_path):
   from negclip_jax.data import ccneg
-  records = ccneg.load_ccneg(pt_path, "/unused", split="all", check_images=False,
-                             keep_commas=True)
+
+  records = ccneg.load_ccneg(pt_path, "/unused", split="all", check_images=False, keep_commas=True)
   return [r.caption for r in records], [r.negated for r in records]
 
 
@@ -85,9 +96,11 @@ def test_every_kind_of_bad_record_is_skipped_listed_and_stat_once(tmp_path, cach
     if str(path).startswith(str(tmp_path / "data")) and str(path).endswith(".png"):
       stats[str(path)] = stats.get(str(path), 0) + 1
     return real_stat(path, *args, **kwargs)
+
   monkeypatch.setattr(os, "stat", counting_stat)
-  out = trainer.train(_config(data, **{"data.on_error": "skip", "data.image_cache": cache}),
-                    tmp_path / "run")
+  out = trainer.train(
+    _config(data, **{"data.on_error": "skip", "data.image_cache": cache}), tmp_path / "run"
+  )
   assert out["step"] == 2 and np.isfinite(out["last_metrics"]["total"])
   rows = [json.loads(line) for line in (tmp_path / "run/skipped.jsonl").read_text().splitlines()]
   assert {(r["file"], r["record"], r["key"]) for r in rows} == expected
@@ -117,13 +130,15 @@ def test_skipped_undecodable_image_without_cache_is_found_before_training(tmp_pa
 
 def test_evaluator_config_errors_are_one_line_and_found_before_training(tmp_path):
   cases = {
-      "config.evals.x.task='cc_neg' is not a task": {"x": {"task": "cc_neg"}},
-      "config.evals.x: task 'ccneg' needs data, image_root": {"x": {"task": "ccneg"}},
-      r"config.evals.x: task 'negshapes' takes no option\(s\) \['data'\]":
-          {"x": {"task": "negshapes", "data": "a"}},
-      "config.evals.ccneg.data: no such file or directory: /no/such.pt":
-          {"ccneg": {"data": "/no/such.pt", "image_root": str(tmp_path)}},
-      r"config.evals.x.every=-1 must be >= 0": {"x": {"task": "negshapes", "every": -1}},
+    "config.evals.x.task='cc_neg' is not a task": {"x": {"task": "cc_neg"}},
+    "config.evals.x: task 'ccneg' needs data, image_root": {"x": {"task": "ccneg"}},
+    r"config.evals.x: task 'negshapes' takes no option\(s\) \['data'\]": {
+      "x": {"task": "negshapes", "data": "a"}
+    },
+    "config.evals.ccneg.data: no such file or directory: /no/such.pt": {
+      "ccneg": {"data": "/no/such.pt", "image_root": str(tmp_path)}
+    },
+    r"config.evals.x.every=-1 must be >= 0": {"x": {"task": "negshapes", "every": -1}},
   }
   for message, evals in cases.items():
     with pytest.raises(evaluators.EvalConfigError, match=message):
@@ -143,20 +158,39 @@ def test_file_evaluators_run_at_their_cadence_and_print_a_final_table(tmp_path, 
   c.total_steps, c.log_every, c.save_every = 2, 1, 2
   images = data["coco_image_dir"]
   c.evals = {
-      "ccneg": {"data": data["ccneg_path"], "image_root": data["ccneg_image_root"],
-                "eval_size": 8, "every": 1},
-      "coco": {"task": "negationclip", "data": data["coco_json"], "image_root": images},
-      "layers": {"data": data["ccneg_path"], "eval_size": 8, "num": 4},
+    "ccneg": {
+      "data": data["ccneg_path"],
+      "image_root": data["ccneg_image_root"],
+      "eval_size": 8,
+      "every": 1,
+    },
+    "coco": {"task": "negationclip", "data": data["coco_json"], "image_root": images},
+    "layers": {"data": data["ccneg_path"], "eval_size": 8, "num": 4},
   }
   out = trainer.train(c, tmp_path / "run")
   rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
-  evaluated = [(r["step"], k.split("/")[1]) for r in rows for k in r
-               if k.startswith("eval/") and k.endswith("/n")]
+  evaluated = [
+    (r["step"], k.split("/")[1])
+    for r in rows
+    for k in r
+    if k.startswith("eval/") and k.endswith("/n")
+  ]
   assert evaluated == [(1, "ccneg"), (2, "ccneg"), (2, "coco"), (2, "layers")]
   assert set(out["eval"]) == {"ccneg", "coco", "layers"}
-  cli = eval_cli.main(["--model", str(tmp_path / "run"), "--task", "ccneg", "--data",
-                       data["ccneg_path"], "--image-root", data["ccneg_image_root"],
-                       "--eval-size", "8"])
+  cli = eval_cli.main(
+    [
+      "--model",
+      str(tmp_path / "run"),
+      "--task",
+      "ccneg",
+      "--data",
+      data["ccneg_path"],
+      "--image-root",
+      data["ccneg_image_root"],
+      "--eval-size",
+      "8",
+    ]
+  )
   for k, v in cli["ccneg"].items():
     np.testing.assert_allclose(out["eval"]["ccneg"][k], v, rtol=1e-5, err_msg=k)
 
@@ -174,10 +208,25 @@ def test_evaluate_cli_errors_are_one_line_naming_the_file_and_record(tmp_path):
   trainer.train(c, run)
   bad_image = Path(data["ccneg_image_root"]) / "images/5.png"
   bad_image.write_bytes(b"\x89PNG truncated")
-  with pytest.raises(SystemExit, match=rf"^error: {bad_image}, record 5, key 'image_path': "
-                                       "cannot read the image"):
-    eval_cli.main(["--model", str(run), "--task", "ccneg", "--data", data["ccneg_path"],
-                   "--image-root", data["ccneg_image_root"], "--eval-size", str(N)])
+  with pytest.raises(
+    SystemExit,
+    match=rf"^error: {bad_image}, record 5, key 'image_path': "
+    "cannot read the image",
+  ):
+    eval_cli.main(
+      [
+        "--model",
+        str(run),
+        "--task",
+        "ccneg",
+        "--data",
+        data["ccneg_path"],
+        "--image-root",
+        data["ccneg_image_root"],
+        "--eval-size",
+        str(N),
+      ]
+    )
 
 
 def test_metrics_log_keeps_one_row_per_step_after_a_fallback(tmp_path):

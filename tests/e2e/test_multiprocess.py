@@ -24,17 +24,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import (
+  CLUSTER_STEPS,
+  HEARTBEAT_S,
+  LOCAL_CLUSTER,
+  LOSSES,
+  ROOT,
+  TOL,
+  assert_eval_equals_one_process,
+  assert_params_close,
+  cluster_cmd,
+  cluster_config,
+  config_with_eval,
+  keep_checkpoints_up_to,
+  run_cluster,
+  steps_on_disk,
+  subprocess_env,
+)
 
-
-from helpers import (CLUSTER_STEPS, HEARTBEAT_S, LOCAL_CLUSTER, LOSSES, ROOT, TOL,
-                     assert_eval_equals_one_process, assert_params_close,
-                     cluster_cmd, cluster_config, config_with_eval, keep_checkpoints_up_to,
-                     run_cluster, steps_on_disk, subprocess_env)
 from negclip_jax import rundir
-from negclip_jax.train import trainer
 from negclip_jax.data import negshapes
-from negclip_jax.train import pipeline
 from negclip_jax.model.tokenizer import ClipTokenizer
+from negclip_jax.train import pipeline, trainer
 
 STEPS = CLUSTER_STEPS
 
@@ -60,8 +71,9 @@ def _children(pid: int) -> dict[int, str]:
     try:
       fields = stat.read_text().rsplit(")", 1)[1].split()
       if int(fields[1]) == pid:
-        children[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(
-            b"\0", b" ").decode()
+        children[int(stat.parent.name)] = (
+          (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        )
     except (OSError, IndexError, ValueError):
       pass
   return children
@@ -74,8 +86,9 @@ def killed_then_resumed(tmp_path_factory, env):
   workdir = tmp_path_factory.mktemp("cluster")
   # --no-kill: the cluster script must not stop process 0 for us; it has to notice itself.
   cmd = cluster_cmd(workdir, "--no-kill")
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   try:
     first_ckpt = workdir / "checkpoints" / "1"
     deadline = time.time() + 300
@@ -83,8 +96,11 @@ def killed_then_resumed(tmp_path_factory, env):
       assert proc.poll() is None, proc.communicate()
       assert time.time() < deadline, "no checkpoint after 300 s"
       time.sleep(0.05)
-    victims = [pid for pid, cmdline in _children(proc.pid).items()
-               if "negclip_jax.train" in cmdline and "--process_id 1" in cmdline]
+    victims = [
+      pid
+      for pid, cmdline in _children(proc.pid).items()
+      if "negclip_jax.train" in cmdline and "--process_id 1" in cmdline
+    ]
     assert len(victims) == 1, _children(proc.pid)
     os.kill(victims[0], signal.SIGKILL)
     killed_at = time.time()
@@ -93,8 +109,12 @@ def killed_then_resumed(tmp_path_factory, env):
     if proc.poll() is None:
       proc.kill()
   survivor_s = time.time() - killed_at
-  killed = {"rc": proc.returncode, "stdout": stdout, "stderr": stderr,
-            "steps": steps_on_disk(workdir)}
+  killed = {
+    "rc": proc.returncode,
+    "stdout": stdout,
+    "stderr": stderr,
+    "steps": steps_on_disk(workdir),
+  }
   # A stale cache on one host: process 1's shard of each image-cache entry is gone, so
   # process 1 misses while process 0 hits; all must agree to recompute (no hang).
   stale = sorted((workdir / "image_cache").glob("*/shard-00001-of-00002.npy"))
@@ -112,10 +132,19 @@ def killed_then_resumed(tmp_path_factory, env):
 def test_host_shards_are_disjoint_and_cover_each_epoch():
   data = negshapes.generate_pairs(40, seed=0, image_size=32, split="train")
   presence, absence = pipeline.negshapes_tables(data)
-  kwargs = dict(tokenizer=ClipTokenizer(), context_length=16, global_batch=8, seed=3,
-                image_size=32, num_steps=10, local_devices=2)
-  hosts = [pipeline.TrainPipeline(presence, absence, process_index=p, process_count=2, **kwargs)
-           for p in range(2)]
+  kwargs = dict(
+    tokenizer=ClipTokenizer(),
+    context_length=16,
+    global_batch=8,
+    seed=3,
+    image_size=32,
+    num_steps=10,
+    local_devices=2,
+  )
+  hosts = [
+    pipeline.TrainPipeline(presence, absence, process_index=p, process_count=2, **kwargs)
+    for p in range(2)
+  ]
   for stream, n in (("presence", len(presence)), ("absence", len(absence))):
     steps_per_epoch = n // 8
     for epoch in range(2):
@@ -127,14 +156,17 @@ def test_host_shards_are_disjoint_and_cover_each_epoch():
       assert len(set(together)) == len(together) == steps_per_epoch * 8  # each once
       for s in steps:  # and the two shares are exactly the global batch
         np.testing.assert_array_equal(
-            np.concatenate([h.host_indices(s)[stream] for h in hosts]),
-            hosts[0].global_indices(s)[stream])
+          np.concatenate([h.host_indices(s)[stream] for h in hosts]),
+          hosts[0].global_indices(s)[stream],
+        )
 
 
 def test_killed_process_fails_fast_and_relaunch_resumes(killed_then_resumed, reference):
   workdir, timings, killed, (resumed, output) = killed_then_resumed
-  print(f"\nsurvivor exited {timings['survivor_s']:.1f} s after the SIGKILL; "
-        f"relaunch took {timings['resume_s']:.1f} s")
+  print(
+    f"\nsurvivor exited {timings['survivor_s']:.1f} s after the SIGKILL; "
+    f"relaunch took {timings['resume_s']:.1f} s"
+  )
   # The cluster failed with process 1's status; process 0 noticed on its own and failed too.
   assert killed["rc"] == 128 + signal.SIGKILL, killed["stderr"][-3000:]
   assert "process 1" in killed["stderr"] and "failed with exit status 137" in killed["stderr"]
@@ -147,15 +179,14 @@ def test_killed_process_fails_fast_and_relaunch_resumes(killed_then_resumed, ref
   assert f"Resuming from {workdir}/checkpoints/{max(killed['steps'])}" in output
   assert resumed["step"] == STEPS and not resumed["stopped_early"]
   assert steps_on_disk(workdir)[-1] == STEPS
-  _, params, _ = rundir.load_run(workdir)
+  _, params, _ = rundir.load_model(workdir)
   ref_dir, ref = reference
   assert_params_close(params, ref["params"])
   for key in LOSSES:
     np.testing.assert_allclose(resumed[key], ref["last_metrics"][key], **TOL)
 
 
-def test_two_process_checkpoint_continues_in_one_process(killed_then_resumed, reference,
-                                                         tmp_path):
+def test_two_process_checkpoint_continues_in_one_process(killed_then_resumed, reference, tmp_path):
   workdir = killed_then_resumed[0]
   copy = tmp_path / "from_two"
   shutil.copytree(workdir, copy)
@@ -165,8 +196,7 @@ def test_two_process_checkpoint_continues_in_one_process(killed_then_resumed, re
   assert_params_close(out["params"], reference[1]["params"])
 
 
-def test_one_process_checkpoint_continues_in_two_processes_and_evaluates(reference, env,
-                                                                        tmp_path):
+def test_one_process_checkpoint_continues_in_two_processes_and_evaluates(reference, env, tmp_path):
   ref_dir, ref = reference
   copy = tmp_path / "from_one"
   shutil.copytree(ref_dir, copy, ignore=shutil.ignore_patterns("image_cache"))
@@ -174,50 +204,92 @@ def test_one_process_checkpoint_continues_in_two_processes_and_evaluates(referen
   first, output = run_cluster(copy, env, config_file=config_with_eval(tmp_path))
   assert f"Resuming from {copy}/checkpoints/{STEPS - 1}" in output
   assert first["step"] == STEPS
-  _, params, _ = rundir.load_run(copy)
+  _, params, _ = rundir.load_model(copy)
   assert_params_close(params, ref["params"])
   assert_eval_equals_one_process(copy, first["eval"])  # each process embedded its block
 
 
 def test_local_cluster_stops_the_others_when_one_fails(tmp_path):
   fake = tmp_path / "fake_python"
-  fake.write_text('#!/usr/bin/env bash\nfor a; do last=$a; done\necho "process $last: $*"\n'
-                  'if [[ $last == 1 ]]; then sleep 1; exit 3; fi\nexec sleep 60\n')
+  fake.write_text(
+    '#!/usr/bin/env bash\nfor a; do last=$a; done\necho "process $last: $*"\n'
+    "if [[ $last == 1 ]]; then sleep 1; exit 3; fi\nexec sleep 60\n"
+  )
   fake.chmod(0o755)
   t0 = time.time()
-  proc = subprocess.run(["bash", str(LOCAL_CLUSTER), "--processes", "3",
-                         "--devices-per-process", "2", "--port", "1234", "--kill-grace", "1",
-                         "--", "--config", "c.py", "--workdir", str(tmp_path / "w"), "--x=1"],
-                        cwd=ROOT, env={**os.environ, "PYTHON": str(fake)}, capture_output=True,
-                        text=True, timeout=30)
+  proc = subprocess.run(
+    [
+      "bash",
+      str(LOCAL_CLUSTER),
+      "--processes",
+      "3",
+      "--devices-per-process",
+      "2",
+      "--port",
+      "1234",
+      "--kill-grace",
+      "1",
+      "--",
+      "--config",
+      "c.py",
+      "--workdir",
+      str(tmp_path / "w"),
+      "--x=1",
+    ],
+    cwd=ROOT,
+    env={**os.environ, "PYTHON": str(fake)},
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
   assert proc.returncode == 3, proc.stderr
   assert time.time() - t0 < 20
-  assert ("process 0: -m negclip_jax.train --config c.py --workdir " in proc.stdout
-          and "--x=1 --coordinator_address 127.0.0.1:1234 --num_processes 3 --process_id 0"
-          in proc.stdout)
+  assert (
+    "process 0: -m negclip_jax.train --config c.py --workdir " in proc.stdout
+    and "--x=1 --coordinator_address 127.0.0.1:1234 --num_processes 3 --process_id 0" in proc.stdout
+  )
   assert "process 1 (pid" in proc.stderr and "stopping the other processes" in proc.stderr
   log2 = (tmp_path / "w" / "cluster_logs" / "process_2.log").read_text()
   assert "--process_id 2" in log2
 
 
 def test_local_cluster_usage_errors():
-  proc = subprocess.run(["bash", str(LOCAL_CLUSTER), "--processes", "2"], cwd=ROOT,
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    ["bash", str(LOCAL_CLUSTER), "--processes", "2"], cwd=ROOT, capture_output=True, text=True
+  )
   assert proc.returncode == 2 and "--devices-per-process" in proc.stderr
 
 
 def _dry_run(script: str, *args: str) -> str:
   env = {**os.environ, "PATH": "/usr/bin:/bin"}  # no gcloud/srun needed
-  proc = subprocess.run(["bash", str(ROOT / "launch" / script), "--dry-run", *args], cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=60)
+  proc = subprocess.run(
+    ["bash", str(ROOT / "launch" / script), "--dry-run", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert proc.returncode == 0, proc.stderr
   return proc.stdout
 
 
 def test_tpu_pod_dry_run():
-  out = _dry_run("tpu_pod.sh", "--project", "my-proj", "--zone", "us-central2-b",
-                 "--name", "negclip-pod", "--config", "configs/omni_negclip_vitb32.py",
-                 "--workdir", "gs://bucket/run1", "--", "--config.batch_size=1024")
+  out = _dry_run(
+    "tpu_pod.sh",
+    "--project",
+    "my-proj",
+    "--zone",
+    "us-central2-b",
+    "--name",
+    "negclip-pod",
+    "--config",
+    "configs/omni_negclip_vitb32.py",
+    "--workdir",
+    "gs://bucket/run1",
+    "--",
+    "--config.batch_size=1024",
+  )
   assert "gcloud compute tpus tpu-vm create negclip-pod" in out
   assert "--accelerator-type=v4-32" in out and "--version=tpu-ubuntu2204-base" in out
   assert "--zone=us-central2-b" in out and "--project=my-proj" in out
@@ -231,20 +303,44 @@ def test_tpu_pod_dry_run():
   assert "gcsfuse" not in out and "mount" not in line
   assert "--workdir gs://bucket/run1" in line and "--config.batch_size=1024" in line
   assert "tail -n +1 -F" in out.splitlines()[-1] and "--worker=0" in out.splitlines()[-1]
-  teardown = _dry_run("tpu_pod.sh", "--project", "my-proj", "--zone", "us-central2-b",
-                      "--name", "negclip-pod", "--teardown")
+  teardown = _dry_run(
+    "tpu_pod.sh",
+    "--project",
+    "my-proj",
+    "--zone",
+    "us-central2-b",
+    "--name",
+    "negclip-pod",
+    "--teardown",
+  )
   assert "gcloud compute tpus tpu-vm delete negclip-pod" in teardown
 
 
 def test_gpu_dry_run():
-  single = _dry_run("gpu.sh", "--config", "configs/omni_negclip_vitb32.py", "--workdir",
-                    "runs/gpu", "--", "--config.batch_size=512")
+  single = _dry_run(
+    "gpu.sh",
+    "--config",
+    "configs/omni_negclip_vitb32.py",
+    "--workdir",
+    "runs/gpu",
+    "--",
+    "--config.batch_size=512",
+  )
   assert "python -m negclip_jax.train --config configs/omni_negclip_vitb32.py" in single
   assert "--config.batch_size=512" in single and "--distributed" not in single
-  slurm = _dry_run("gpu.sh", "--slurm", "--nodes", "2", "--config",
-                   "configs/omni_negclip_vitb32.py", "--workdir", "/shared/runs/gpu")
+  slurm = _dry_run(
+    "gpu.sh",
+    "--slurm",
+    "--nodes",
+    "2",
+    "--config",
+    "configs/omni_negclip_vitb32.py",
+    "--workdir",
+    "/shared/runs/gpu",
+  )
   assert "srun" in slurm and "--nodes=2" in slurm and "--ntasks-per-node=1" in slurm
   assert "--distributed" in slurm and "JAX_LOCAL_DEVICE_IDS=0,1,2,3,4,5,6,7" in slurm
-  batch = _dry_run("gpu.sh", "--sbatch", "--nodes", "2", "--gpus-per-node", "4", "--workdir",
-                   "/shared/runs/gpu")
+  batch = _dry_run(
+    "gpu.sh", "--sbatch", "--nodes", "2", "--gpus-per-node", "4", "--workdir", "/shared/runs/gpu"
+  )
   assert batch.startswith("sbatch --nodes=2") and "--wrap=" in batch and "srun" in batch

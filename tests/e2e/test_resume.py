@@ -14,16 +14,18 @@ from pathlib import Path
 import numpy as np
 import optax
 import pytest
-
 from helpers import ROOT, leaves, steps_on_disk, tiny_config
+
 from negclip_jax import rundir
 from negclip_jax.train import resume, trainer
 
 
 def snapshot(workdir: Path) -> dict:
   """{relative path: (size, mtime)} of every file and folder under `workdir`."""
-  return {str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
-          for p in workdir.rglob("*")}
+  return {
+    str(p.relative_to(workdir)): (p.stat().st_size, p.stat().st_mtime_ns)
+    for p in workdir.rglob("*")
+  }
 
 
 @pytest.fixture(scope="module")
@@ -44,25 +46,25 @@ def run_copy(base_run, tmp_path):
 # Representative keys of each kind: model, init, layers, objective and its weights, optimizer,
 # schedule, clipping, batch, seed, data source, gathering, dtype, schedule length (shrunk).
 STATE_CHANGES = {
-    "model": ("tiny", "small"),
-    "init": ("", "RUN_DIR"),  # a loadable init: the run directory itself
-    "layers": ("front", "whole"),
-    "extra_trainable": ([], ["layers/3/layer_norm1"]),
-    "objective": ("omni_negclip", "plain_clip"),
-    "lambda_text": (1.0, 0.5),
-    "margin": (0.9, 0.5),
-    "learning_rate": (1e-3, 2e-3),
-    "weight_decay": (0.05, 0.1),
-    "b2": (0.999, 0.98),
-    "warmup_steps": (2, 3),
-    "schedule": ("original", "warmup_cosine"),
-    "grad_clip_norm": (0.0, 1.0),
-    "batch_size": (8, 16),
-    "seed": (0, 1),
-    "data.negshapes_num": (64, 48),
-    "data.on_error": ("raise", "skip"),
-    "global_negatives": (True, False),
-    "dtype": ("float32", "bfloat16"),
+  "model": ("tiny", "small"),
+  "init": ("", "RUN_DIR"),  # a loadable init: the run directory itself
+  "layers": ("front", "whole"),
+  "extra_trainable": ([], ["layers/3/layer_norm1"]),
+  "objective": ("omni_negclip", "plain_clip"),
+  "lambda_text": (1.0, 0.5),
+  "margin": (0.9, 0.5),
+  "learning_rate": (1e-3, 2e-3),
+  "weight_decay": (0.05, 0.1),
+  "b2": (0.999, 0.98),
+  "warmup_steps": (2, 3),
+  "schedule": ("original", "warmup_cosine"),
+  "grad_clip_norm": (0.0, 1.0),
+  "batch_size": (8, 16),
+  "seed": (0, 1),
+  "data.negshapes_num": (64, 48),
+  "data.on_error": ("raise", "skip"),
+  "global_negatives": (True, False),
+  "dtype": ("float32", "bfloat16"),
 }
 CLI_VALUE = {"extra_trainable": ("layers/3/layer_norm1",)}
 
@@ -86,8 +88,11 @@ def test_every_changed_key_gets_a_line_and_shrinking_the_schedule_is_a_change(ru
   with pytest.raises(resume.ResumeError) as e:
     trainer.train(tiny_config(grad_clip_norm=1.0, seed=3, total_steps=4), run_copy)
   lines = str(e.value).splitlines()
-  assert lines[1:4] == ["  grad_clip_norm: 0.0 -> 1.0", "  seed: 0 -> 3",
-                        "  total steps (num_epochs, total_steps): 6 -> 4"]
+  assert lines[1:4] == [
+    "  grad_clip_norm: 0.0 -> 1.0",
+    "  seed: 0 -> 3",
+    "  total steps (num_epochs, total_steps): 6 -> 4",
+  ]
   assert steps_on_disk(run_copy) == [2, 4, 6]
 
 
@@ -96,7 +101,9 @@ def test_issue_scenario_clip_and_extend_keeps_the_old_run(run_copy):
   queue the old checkpoints for deletion."""
   before = snapshot(run_copy)
   with pytest.raises(resume.ResumeError, match="grad_clip_norm: 0.0 -> 1.0"):
-    trainer.train(tiny_config(grad_clip_norm=1.0, total_steps=64, save_every=1, max_to_keep=3), run_copy)
+    trainer.train(
+      tiny_config(grad_clip_norm=1.0, total_steps=64, save_every=1, max_to_keep=3), run_copy
+    )
   assert snapshot(run_copy) == before
 
 
@@ -107,17 +114,21 @@ def test_state_neutral_changes_resume_and_are_logged(run_copy, caplog, capsys):
   out = trainer.train(c, run_copy)
   assert f"Resuming from {run_copy}/checkpoints/6" in capsys.readouterr().out
   assert out["step"] == 8 and steps_on_disk(run_copy) == [2, 4, 6, 7, 8]
-  for key, change in (("log_every", "2 -> 1"), ("save_every", "2 -> 1"),
-                      ("max_to_keep", "3 -> 5"),
-                      ("evals.shapes.num", "(not recorded) -> 16")):
+  for key, change in (
+    ("log_every", "2 -> 1"),
+    ("save_every", "2 -> 1"),
+    ("max_to_keep", "3 -> 5"),
+    ("evals.shapes.num", "(not recorded) -> 16"),
+  ):
     assert f"Resuming with {key} changed: {change}" in caplog.text
   assert "layers" not in caplog.text  # "0,1" is "front" on the 4-layer tiny text tower
   assert "total steps 6 -> 8: the learning-rate schedule is stretched from step 6" in caplog.text
 
 
 @pytest.mark.parametrize("item", ["state", "config"])
-def test_corrupt_final_checkpoint_is_moved_aside_and_a_rerun_recovers(run_copy, base_run, item,
-                                                                      caplog):
+def test_corrupt_final_checkpoint_is_moved_aside_and_a_rerun_recovers(
+  run_copy, base_run, item, caplog
+):
   """Issue 13 #2: the forced final save used to hit StepAlreadyExistsError on every rerun."""
   corrupted = [f for f in (run_copy / "checkpoints/6" / item).rglob("*") if f.is_file()]
   for f in corrupted:
@@ -151,10 +162,16 @@ def test_every_checkpoint_unreadable_starts_over_keeping_them(run_copy):
 def test_changed_state_tree_is_an_error_not_corruption(run_copy, monkeypatch):
   """The same config with a different optimizer state (another code version)."""
   make = trainer.optimizer_from_config
-  monkeypatch.setattr(trainer, "optimizer_from_config",
-                      lambda *a: optax.chain(optax.clip_by_global_norm(1.0), make(*a)))
-  with pytest.raises(resume.ResumeError, match=r"checkpoints/6: the saved training state "
-                     r"does not match .*another version of negclip_jax"):
+  monkeypatch.setattr(
+    trainer,
+    "optimizer_from_config",
+    lambda *a: optax.chain(optax.clip_by_global_norm(1.0), make(*a)),
+  )
+  with pytest.raises(
+    resume.ResumeError,
+    match=r"checkpoints/6: the saved training state "
+    r"does not match .*another version of negclip_jax",
+  ):
     trainer.train(tiny_config(), run_copy)
   assert steps_on_disk(run_copy) == [2, 4, 6]
   assert not (run_copy / rundir.UNREADABLE_DIR).exists()
@@ -165,18 +182,19 @@ def test_new_run_from_a_run_directory(run_copy, base_run, tmp_path):
   _, params, _ = trainer.load_model(tiny_config(init=str(run_copy)))
   for a, b in zip(leaves(params), leaves(base_run[1]["params"])):
     np.testing.assert_array_equal(a, b)
-  out = trainer.train(tiny_config(init=str(run_copy), grad_clip_norm=1.0, total_steps=2),
-                    tmp_path / "new")
+  out = trainer.train(
+    tiny_config(init=str(run_copy), grad_clip_norm=1.0, total_steps=2), tmp_path / "new"
+  )
   assert out["step"] == 2
   saved = json.loads((tmp_path / "new/model_config.json").read_text())
   assert saved == json.loads((run_copy / "model_config.json").read_text())
 
 
-def test_load_run_skips_an_unreadable_latest_step(run_copy, base_run, caplog):
+def test_load_model_skips_an_unreadable_latest_step(run_copy, base_run, caplog):
   for f in (run_copy / "checkpoints/6/state").rglob("*"):
     if f.is_file():
       f.write_bytes(b"garbage")
-  _, params, _ = rundir.load_run(run_copy)
+  _, params, _ = rundir.load_model(run_copy)
   assert "checkpoints/6 is unreadable" in caplog.text
   assert steps_on_disk(run_copy) == [2, 4, 6]  # read-only: nothing moved
   final = leaves(base_run[1]["params"])
@@ -184,9 +202,21 @@ def test_load_run_skips_an_unreadable_latest_step(run_copy, base_run, caplog):
 
 
 def test_cli_prints_the_mismatch_without_a_traceback(run_copy):
-  proc = subprocess.run([sys.executable, "-m", "negclip_jax.train", "--config",
-                         str(ROOT / "configs/tiny.py"), "--workdir", str(run_copy),
-                         "--config.grad_clip_norm=1.0"], cwd=ROOT, capture_output=True, text=True)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "negclip_jax.train",
+      "--config",
+      str(ROOT / "configs/tiny.py"),
+      "--workdir",
+      str(run_copy),
+      "--config.grad_clip_norm=1.0",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   error, change, ways = proc.stderr.strip().splitlines()[-3:]
   assert error.startswith(f"error: {run_copy}/checkpoints/6 was saved with a different config")

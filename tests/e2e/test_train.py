@@ -10,32 +10,30 @@ import sys
 import time
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
+from helpers import ROOT, leaves, tiny_config, write_file_datasets
 
-import jax
-
-from helpers import ROOT, leaves, tiny_config
-from helpers import write_file_datasets
+from negclip_jax import rundir
 from negclip_jax.eval import evaluators
 from negclip_jax.model import clip as model_lib
-from negclip_jax import rundir
-from negclip_jax.train import checkpoint
-from negclip_jax.train import param_groups
-from negclip_jax.train import trainer
-from negclip_jax.train import image_cache
-
+from negclip_jax.train import checkpoint, image_cache, param_groups, trainer
 
 
 def test_run_writes_checkpoints_metrics_and_resumes_as_noop(tmp_path):
   out = trainer.train(tiny_config(), tmp_path)
   assert out["step"] == 6 and not out["stopped_early"]
-  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4, 6]
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+    2,
+    4,
+    6,
+  ]
   rows = rundir.read_metrics(tmp_path)
   assert [r["step"] for r in rows] == [2, 4, 6]
   assert {"L1", "L2", "L3", "L_neg", "L_orig", "L_text", "total", "samples_per_s"} <= set(rows[0])
   assert list((tmp_path / "tensorboard").iterdir())
-  model, params, _ = rundir.load_run(tmp_path)
+  model, params, _ = rundir.load_model(tmp_path)
   for a, b in zip(leaves(params), leaves(out["params"])):
     np.testing.assert_array_equal(a, b)
   again = trainer.train(tiny_config(), tmp_path)  # same command again: nothing left to do
@@ -52,24 +50,45 @@ def _wait_for(path, proc, timeout=240):
 
 def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
   steps = 24  # SIGTERM lands after checkpoint 4; the run stops at the next save boundary
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  cmd = [sys.executable, "-m", "negclip_jax.train", "--config", str(ROOT / "configs/tiny.py"),
-         "--workdir", str(tmp_path / "interrupted"), f"--config.total_steps={steps}",
-         "--config.save_every=4", "--config.log_every=4"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  }
+  cmd = [
+    sys.executable,
+    "-m",
+    "negclip_jax.train",
+    "--config",
+    str(ROOT / "configs/tiny.py"),
+    "--workdir",
+    str(tmp_path / "interrupted"),
+    f"--config.total_steps={steps}",
+    "--config.save_every=4",
+    "--config.log_every=4",
+  ]
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   _wait_for(tmp_path / "interrupted" / "checkpoints" / "4", proc)
   proc.send_signal(signal.SIGTERM)
   output = proc.communicate(timeout=120)[0]
   assert proc.returncode == 0, output
   stopped = json.loads(output.strip().splitlines()[-1])
   assert stopped["stopped_early"] and 4 <= stopped["step"] < steps
-  saved = {int(p.name) for p in (tmp_path / "interrupted" / "checkpoints").iterdir() if p.name.isdigit()}
+  saved = {
+    int(p.name) for p in (tmp_path / "interrupted" / "checkpoints").iterdir() if p.name.isdigit()
+  }
   assert stopped["step"] in saved
   # Library INFO logs (Orbax: ~40 lines per save) stay off without -v.
   info = [row for row in output.splitlines() if re.match(r"I\d{4} ", row)]
   assert not [row for row in info if "checkpoint" in row], info[:5]
-  resumed = trainer.train(tiny_config(total_steps=steps, save_every=4, log_every=4), tmp_path / "interrupted")
-  straight = trainer.train(tiny_config(total_steps=steps, save_every=100, log_every=4), tmp_path / "straight")
+  resumed = trainer.train(
+    tiny_config(total_steps=steps, save_every=4, log_every=4), tmp_path / "interrupted"
+  )
+  straight = trainer.train(
+    tiny_config(total_steps=steps, save_every=100, log_every=4), tmp_path / "straight"
+  )
   assert resumed["step"] == straight["step"] == steps
   for a, b in zip(leaves(resumed["params"]), leaves(straight["params"])):
     np.testing.assert_array_equal(a, b)
@@ -77,7 +96,9 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
 
 def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoints(tmp_path):
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step \d+"):
-    trainer.train(tiny_config(learning_rate=1e30, total_steps=12, save_every=1, log_every=1), tmp_path)
+    trainer.train(
+      tiny_config(learning_rate=1e30, total_steps=12, save_every=1, log_every=1), tmp_path
+    )
   ckpt = checkpoint.Checkpointer(tmp_path)
   steps = ckpt.manager.all_steps()
   ckpt.close()
@@ -87,9 +108,21 @@ def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoints(tmp_path):
 
 
 def test_unknown_config_key_is_an_error(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "negclip_jax.train", "--config",
-                         str(ROOT / "configs/tiny.py"), "--workdir", str(tmp_path),
-                         "--config.learning_rte=1e-3"], cwd=ROOT, capture_output=True, text=True)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "negclip_jax.train",
+      "--config",
+      str(ROOT / "configs/tiny.py"),
+      "--workdir",
+      str(tmp_path),
+      "--config.learning_rte=1e-3",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode != 0 and "learning_rte" in proc.stderr
 
 
@@ -102,8 +135,9 @@ def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
       setattr(c.data, k, v)
     if cache:
       presence, _ = trainer.load_tables(c, 32)
-      assert presence.distractors == [str(tmp_path / "data/coco" / f"{1000 + i}.png")
-                                      for i in range(16)]
+      assert presence.distractors == [
+        str(tmp_path / "data/coco" / f"{1000 + i}.png") for i in range(16)
+      ]
     runs[cache] = trainer.train(c, tmp_path / f"cache_{cache}")
   rows = rundir.read_metrics(tmp_path / "cache_True")
   assert [r["step"] for r in rows] == [1, 2]
@@ -124,13 +158,14 @@ def test_conclip_trains_from_ccneg_coco_and_distractor_files(tmp_path):
     trainer.train(tiny_config(objective="con_clip"), tmp_path / "typo")
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.py")
-                                        if p.stem != "__init__"))
+@pytest.mark.parametrize(
+  "name", sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+)
 def test_every_config_loads_with_valid_choices(name):
   import importlib
 
-  from negclip_jax.train import losses
-  from negclip_jax.train import param_groups
+  from negclip_jax.train import losses, param_groups
+
   c = importlib.import_module(f"configs.{name}").get_config()
   assert c.objective in losses.OBJECTIVES
   assert param_groups.text_layers(c.layers, 12)
@@ -138,40 +173,71 @@ def test_every_config_loads_with_valid_choices(name):
   assert c.data.on_error in ("raise", "skip")
 
 
-PARSE_CONFIG = ("from absl import app; from ml_collections import config_flags; "
-                "c = config_flags.DEFINE_config_file('config', lock_config=True); "
-                "app.run(lambda argv: print(repr(c.value.layers)))")
+PARSE_CONFIG = (
+  "from absl import app; from ml_collections import config_flags; "
+  "c = config_flags.DEFINE_config_file('config', lock_config=True); "
+  "app.run(lambda argv: print(repr(c.value.layers)))"
+)
 
 
 @pytest.mark.parametrize("spelling", ["0,2", "[0,2]", "(0,2)", "2, 0"])
 def test_layers_from_the_command_line(spelling):
-  proc = subprocess.run([sys.executable, "-c", PARSE_CONFIG, "--config",
-                         str(ROOT / "configs/tiny.py"), f"--config.layers={spelling}"], cwd=ROOT,
-                        capture_output=True, text=True)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      PARSE_CONFIG,
+      "--config",
+      str(ROOT / "configs/tiny.py"),
+      f"--config.layers={spelling}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 0, proc.stderr
   layers = ast.literal_eval(proc.stdout)
   trainer.validate_config(tiny_config(layers=layers))
   assert param_groups.text_layers(layers, 4) == (0, 2)
-  labels = param_groups.label_params(model_lib.init_params(model_lib.CLIP(model_lib.get_config(
-      "tiny")), jax.random.key(0)), layers)
-  blocks = {k for k, v in labels["text_model"]["encoder"]["layers"].items()
-            if v["mlp"]["fc1"]["kernel"] == param_groups.TRAINABLE}
+  labels = param_groups.label_params(
+    model_lib.init_params(model_lib.CLIP(model_lib.get_config("tiny")), jax.random.key(0)), layers
+  )
+  blocks = {
+    k
+    for k, v in labels["text_model"]["encoder"]["layers"].items()
+    if v["mlp"]["fc1"]["kernel"] == param_groups.TRAINABLE
+  }
   assert blocks == {"0", "2"}
 
 
 def test_layers_from_a_config_file_and_bad_values():
   assert param_groups.text_layers((2, 0, 2), 4) == (0, 2) and param_groups.text_layers(3, 4) == (3,)
-  with pytest.raises(trainer.ConfigError, match=r"^config.layers: Unknown layer preset '0,x'; use "
-                     r"one of .* or text block indices such as 0,1$"):
+  with pytest.raises(
+    trainer.ConfigError,
+    match=r"^config.layers: Unknown layer preset '0,x'; use "
+    r"one of .* or text block indices such as 0,1$",
+  ):
     trainer.validate_config(tiny_config(layers="0,x"))
   with pytest.raises(ValueError, match=r"^layers: text block indices \[4\] out of range"):
     param_groups.text_layers("[0,4]", 4)
 
 
 def test_cli_config_errors_are_one_line(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "negclip_jax.train", "--config",
-                         str(ROOT / "configs/tiny.py"), "--workdir", str(tmp_path),
-                         "--config.layers=[0,x]"], cwd=ROOT, capture_output=True, text=True)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "negclip_jax.train",
+      "--config",
+      str(ROOT / "configs/tiny.py"),
+      "--workdir",
+      str(tmp_path),
+      "--config.layers=[0,x]",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: config.layers: Unknown layer")
   assert not (tmp_path / "checkpoints").exists()
@@ -183,8 +249,11 @@ def test_cli_config_errors_are_one_line(tmp_path):
 def test_preemption_check_syncs_hosts_only_at_boundaries(monkeypatch):
   gathered, other_host = [], {"requested": False}
   monkeypatch.setattr(checkpoint.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(checkpoint.multihost_utils, "process_allgather",
-                      lambda x: gathered.append(x) or np.stack([x, not other_host["requested"]]))
+  monkeypatch.setattr(
+    checkpoint.multihost_utils,
+    "process_allgather",
+    lambda x: gathered.append(x) or np.stack([x, not other_host["requested"]]),
+  )
   ckpt = SimpleNamespace(manager=SimpleNamespace(reached_preemption=lambda step: False))
   watcher = checkpoint.PreemptionWatcher()
   try:
@@ -197,37 +266,52 @@ def test_preemption_check_syncs_hosts_only_at_boundaries(monkeypatch):
     watcher.close()
 
 
-def test_train_loop_marks_log_and_save_steps_as_boundaries_and_evaluates_once(tmp_path,
-                                                                               monkeypatch):
+def test_train_loop_marks_log_and_save_steps_as_boundaries_and_evaluates_once(
+  tmp_path, monkeypatch
+):
   boundaries, evaluated = {}, []
   should_stop = checkpoint.PreemptionWatcher.should_stop
 
   def spy(self, step, ckpt, boundary):
     boundaries[step] = boundary
     return should_stop(self, step, ckpt, boundary)
+
   monkeypatch.setattr(checkpoint.PreemptionWatcher, "should_stop", spy)
-  monkeypatch.setattr(evaluators.Evaluator, "run",
-                      lambda self, *a: evaluated.append(self.name) or {"x": 1.0})
-  out = trainer.train(tiny_config(total_steps=7, log_every=3, save_every=5,
-                           evals={"a": {"task": "negshapes", "every": 7},
-                                  "b": {"task": "negshapes", "every": 3}}), tmp_path)
+  monkeypatch.setattr(
+    evaluators.Evaluator, "run", lambda self, *a: evaluated.append(self.name) or {"x": 1.0}
+  )
+  out = trainer.train(
+    tiny_config(
+      total_steps=7,
+      log_every=3,
+      save_every=5,
+      evals={"a": {"task": "negshapes", "every": 7}, "b": {"task": "negshapes", "every": 3}},
+    ),
+    tmp_path,
+  )
   assert [s for s, b in sorted(boundaries.items()) if b] == [3, 5, 6, 7]
   # every=7 divides 7: once; every=3: steps 3, 6, then once at the end
   assert evaluated == ["b", "b", "a", "b"] and out["eval"] == {"a": {"x": 1.0}, "b": {"x": 1.0}}
   rows = rundir.read_metrics(tmp_path)
   assert [(r["step"], k) for r in rows for k in r if k.startswith("eval/")] == [
-      (3, "eval/b/x"), (6, "eval/b/x"), (7, "eval/a/x"), (7, "eval/b/x")]
+    (3, "eval/b/x"),
+    (6, "eval/b/x"),
+    (7, "eval/a/x"),
+    (7, "eval/b/x"),
+  ]
 
 
 def test_image_cache_hit_must_be_agreed_by_every_process(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(image_cache.jax, "process_count", lambda: 2)
-  monkeypatch.setattr(image_cache.multihost_utils, "process_allgather",
-                      lambda x: np.stack([x, np.array(False)]))  # the other process misses
+  monkeypatch.setattr(
+    image_cache.multihost_utils, "process_allgather", lambda x: np.stack([x, np.array(False)])
+  )  # the other process misses
   assert not image_cache._hit_everywhere((np.zeros((1, 2)), {}))
   assert "hit here but missed on another process" in caplog.text
   assert not image_cache._hit_everywhere(None)
-  monkeypatch.setattr(image_cache.multihost_utils, "process_allgather",
-                      lambda x: np.stack([x, np.array(True)]))
+  monkeypatch.setattr(
+    image_cache.multihost_utils, "process_allgather", lambda x: np.stack([x, np.array(True)])
+  )
   assert image_cache._hit_everywhere((np.zeros((1, 2)), {}))
 
 

@@ -25,17 +25,15 @@ import transformers
 from flax import traverse_util
 from PIL import Image
 
-from negclip_jax.eval import cli as eval_cli
-from negclip_jax.eval import registry
-from negclip_jax.model import clip as model_lib
-from negclip_jax.model import convert
 from negclip_jax.data import negshapes
 from negclip_jax.data.records import DataError
+from negclip_jax.eval import cli as eval_cli
+from negclip_jax.eval import embed, metrics, registry
 from negclip_jax.eval.embed import Embedder
-from negclip_jax.model.preprocess import preprocess_image
-from negclip_jax.eval import embed
-from negclip_jax.eval import metrics
 from negclip_jax.eval.tasks import layers_task
+from negclip_jax.model import clip as model_lib
+from negclip_jax.model import convert
+from negclip_jax.model.preprocess import preprocess_image
 from negclip_jax.model.tokenizer import ClipTokenizer
 
 CONFIG = model_lib.get_config("tiny")
@@ -45,34 +43,52 @@ PREFIX = "/workspace/datasets/cc3m/"
 
 # (file, (width, height), left colour, right colour, corner square colour)
 IMAGES = [
-    ("img0.jpg", (40, 32), (220, 30, 30), (30, 30, 220), (250, 250, 250)),
-    ("img1.jpg", (32, 48), (30, 200, 60), (240, 220, 40), (10, 10, 10)),
-    ("img2.jpg", (36, 36), (160, 60, 210), (250, 250, 250), (220, 30, 30)),
-    ("img3.jpg", (50, 30), (20, 20, 20), (240, 140, 20), (30, 200, 60)),
-    ("img4.jpg", (44, 40), (90, 90, 90), (30, 30, 220), (240, 220, 40)),
-    ("img5.jpg", (30, 40), (240, 220, 40), (160, 60, 210), (30, 30, 220)),
-    ("val2014/img6.jpg", (40, 40), (30, 30, 220), (220, 30, 30), (90, 90, 90)),
-    ("val2014/img7.jpg", (48, 32), (250, 250, 250), (20, 20, 20), (240, 140, 20)),
-    ("val2014/img8.jpg", (32, 40), (240, 140, 20), (30, 200, 60), (160, 60, 210)),
-    ("val2014/img9.jpg", (38, 34), (30, 200, 60), (220, 30, 30), (250, 250, 250)),
+  ("img0.jpg", (40, 32), (220, 30, 30), (30, 30, 220), (250, 250, 250)),
+  ("img1.jpg", (32, 48), (30, 200, 60), (240, 220, 40), (10, 10, 10)),
+  ("img2.jpg", (36, 36), (160, 60, 210), (250, 250, 250), (220, 30, 30)),
+  ("img3.jpg", (50, 30), (20, 20, 20), (240, 140, 20), (30, 200, 60)),
+  ("img4.jpg", (44, 40), (90, 90, 90), (30, 30, 220), (240, 220, 40)),
+  ("img5.jpg", (30, 40), (240, 220, 40), (160, 60, 210), (30, 30, 220)),
+  ("val2014/img6.jpg", (40, 40), (30, 30, 220), (220, 30, 30), (90, 90, 90)),
+  ("val2014/img7.jpg", (48, 32), (250, 250, 250), (20, 20, 20), (240, 140, 20)),
+  ("val2014/img8.jpg", (32, 40), (240, 140, 20), (30, 200, 60), (160, 60, 210)),
+  ("val2014/img9.jpg", (38, 34), (30, 200, 60), (220, 30, 30), (250, 250, 250)),
 ]
-CAPTIONS = ["a red square and a blue square", "a green field with a yellow sun",
-            "a purple wall, a white door", "a black road next to an orange car",
-            "a gray stone on blue water", "a yellow banana and a purple plum",
-            "a blue sky over a red roof", "a white cat sleeping on a black sofa",
-            "an orange fox in green grass", "a green frog on a red leaf"]
-NEGATED = ["a red square, but not a blue square", "a green field with no yellow sun",
-           "a purple wall without a white door", "no black road, no orange car",
-           "a gray stone not on blue water", "a yellow banana but no purple plum",
-           "a blue sky over no red roof", "not a white cat on a black sofa",
-           "an orange fox, not in green grass", "a green frog without a red leaf"]
+CAPTIONS = [
+  "a red square and a blue square",
+  "a green field with a yellow sun",
+  "a purple wall, a white door",
+  "a black road next to an orange car",
+  "a gray stone on blue water",
+  "a yellow banana and a purple plum",
+  "a blue sky over a red roof",
+  "a white cat sleeping on a black sofa",
+  "an orange fox in green grass",
+  "a green frog on a red leaf",
+]
+NEGATED = [
+  "a red square, but not a blue square",
+  "a green field with no yellow sun",
+  "a purple wall without a white door",
+  "no black road, no orange car",
+  "a gray stone not on blue water",
+  "a yellow banana but no purple plum",
+  "a blue sky over no red roof",
+  "not a white cat on a black sofa",
+  "an orange fox, not in green grass",
+  "a green frog without a red leaf",
+]
 
 # CC-Neg negated captions: record 6's raw "not," is not the word " not " (matched on the
 # raw text, commas kept); record 8 is its own caption, a tie (counted correct).
-CCNEG_NEGATED = [*NEGATED[:6], "not, a blue sky over a red roof", NEGATED[7], CAPTIONS[8],
-                 NEGATED[9]]
-CCNEG = [(i if i < 6 else PREFIX + IMAGES[i][0], CAPTIONS[i], CCNEG_NEGATED[i])
-         for i in range(10)]
+CCNEG_NEGATED = [
+  *NEGATED[:6],
+  "not, a blue sky over a red roof",
+  NEGATED[7],
+  CAPTIONS[8],
+  NEGATED[9],
+]
+CCNEG = [(i if i < 6 else PREFIX + IMAGES[i][0], CAPTIONS[i], CCNEG_NEGATED[i]) for i in range(10)]
 CCNEG_EVAL = 7
 # num_ops field: k -> file indices (unsorted; out of the eval split; more than CCNEG_EVAL).
 NUM_OPS = {1: [5, 0, 8], 2: [9, 0, 1, 2, 4, 6, 3, 7], 3: [1]}
@@ -80,18 +96,33 @@ CCNEG2 = [(0, 3, 0, 0), (2, 5, 2, 5), (4, 1, 4, 7), (7, 8, 6, 9)]  # (pos img, n
 #                                                     negated); same caption = a tie
 REF_MISSING = [13, 0, 5, 3]  # a ref_bbox that is not in bbox_list: counted wrong
 REFS = [  # (image index, phrase, ref box, boxes (x, y, w, h))
-    (0, "the blue half without a white square", [20, 0, 20, 32],
-     [[0, 0, 20, 32], [20, 0, 20, 32], [0, 0, 10.5, 8.5]]),
-    (1, "the green part, not the yellow one", [0, 0, 32, 24], [[0, 0, 32, 24], [0, 24, 32, 24]]),
-    (3, "a box with no orange", [0, 0, 25, 30],
-     [[25, 0, 25, 30], [5, 5, 20, 20], [0, 0, 25, 30], [40, 20, 30, 30]]),
-    (4, "the gray side", [0, 0, 22, 40], [[0, 0, 22, 40], [0, 0, 22, 40], [22, 0, 22, 40]]),
-    (9, "not the green frog", REF_MISSING, [[0, 0, 19, 34], [19, 0, 19, 34]]),
+  (
+    0,
+    "the blue half without a white square",
+    [20, 0, 20, 32],
+    [[0, 0, 20, 32], [20, 0, 20, 32], [0, 0, 10.5, 8.5]],
+  ),
+  (1, "the green part, not the yellow one", [0, 0, 32, 24], [[0, 0, 32, 24], [0, 24, 32, 24]]),
+  (
+    3,
+    "a box with no orange",
+    [0, 0, 25, 30],
+    [[25, 0, 25, 30], [5, 5, 20, 20], [0, 0, 25, 30], [40, 20, 30, 30]],
+  ),
+  (4, "the gray side", [0, 0, 22, 40], [[0, 0, 22, 40], [0, 0, 22, 40], [22, 0, 22, 40]]),
+  (9, "not the green frog", REF_MISSING, [[0, 0, 19, 34], [19, 0, 19, 34]]),
 ]
 COCO_NEG = [(1, 0), (1, 1), (2, 2), (4, 3), (4, 4), (5, 5), (2, 6)]  # (image id, caption)
 KARPATHY_TEST = [(6, [6, 0]), (7, [7]), (8, [8, 1, 3]), (9, [9, 2])]  # (image, captions)
-MCQ = [(0, 1, "positive"), (2, 3, "negative"), (5, 0, "hybrid"), (7, 2, "negative"),
-       (8, 1, "positive"), (4, 3, "hybrid"), (9, 0, "negative")]  # (image, correct,
+MCQ = [
+  (0, 1, "positive"),
+  (2, 3, "negative"),
+  (5, 0, "hybrid"),
+  (7, 2, "negative"),
+  (8, 1, "positive"),
+  (4, 3, "hybrid"),
+  (9, 0, "negative"),
+]  # (image, correct,
 #                                               template); captions i, i+1, ... (mod 10)
 MCQ_TYPES = {0: "positive", 1: "hybrid", 2: "hybrid", 3: "negative"}  # NegBench synthetic
 BINARY_MCQ = [(0, 0, 1, 0), (3, 3, 8, 1), (5, 5, 5, 1), (6, 6, 6, 0), (8, 1, 8, 1)]  # (image,
@@ -114,40 +145,89 @@ def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("data")
   for name, (w, h), left, right, corner in IMAGES:
     pixels = np.zeros((h, w, 3), np.uint8)
-    pixels[:, :w // 2], pixels[:, w // 2:], pixels[:h // 4, :w // 4] = left, right, corner
+    pixels[:, : w // 2], pixels[:, w // 2 :], pixels[: h // 4, : w // 4] = left, right, corner
     (root / name).parent.mkdir(exist_ok=True)
     Image.fromarray(pixels).save(root / name, quality=95)
   paths = [image if isinstance(image, str) else IMAGES[image][0] for image, _, _ in CCNEG]
   with open(root / "ccneg.jsonl", "w") as f:
     for path, (_, caption, negated) in zip(paths, CCNEG):
-      f.write(json.dumps({"image_path": path, "caption": caption,
-                          "negative_prompt": negated}) + "\n")
-  torch.save({"image_paths": paths, "num_ops": NUM_OPS,
-              "annotations": [{"json": {"caption": c}, "sop_data": {"negative-prompt": n}}
-                              for _, c, n in CCNEG]}, root / "ccneg.pt")
-  torch.save({"image_paths_positive": [[IMAGES[p][0]] for p, _, _, _ in CCNEG2],
-              "image_paths_negative": [[IMAGES[n][0], "unused.jpg"] for _, n, _, _ in CCNEG2],
-              "image_paths_negated": [["unused.jpg"] for _ in CCNEG2],
-              "labels": [{"positive_prompt": CAPTIONS[c], "negative_prompt": "unused",
-                          "negated_prompt": (CAPTIONS if c == n else NEGATED)[n]}
-                         for _, _, c, n in CCNEG2]}, root / "ccneg2.pt")
-  (root / "refs.json").write_text(json.dumps(
-      [{"image": IMAGES[i][0], "phrase": p, "ref_bbox": ref, "bbox_list": boxes}
-       for i, p, ref, boxes in REFS]))
+      f.write(
+        json.dumps({"image_path": path, "caption": caption, "negative_prompt": negated}) + "\n"
+      )
+  torch.save(
+    {
+      "image_paths": paths,
+      "num_ops": NUM_OPS,
+      "annotations": [
+        {"json": {"caption": c}, "sop_data": {"negative-prompt": n}} for _, c, n in CCNEG
+      ],
+    },
+    root / "ccneg.pt",
+  )
+  torch.save(
+    {
+      "image_paths_positive": [[IMAGES[p][0]] for p, _, _, _ in CCNEG2],
+      "image_paths_negative": [[IMAGES[n][0], "unused.jpg"] for _, n, _, _ in CCNEG2],
+      "image_paths_negated": [["unused.jpg"] for _ in CCNEG2],
+      "labels": [
+        {
+          "positive_prompt": CAPTIONS[c],
+          "negative_prompt": "unused",
+          "negated_prompt": (CAPTIONS if c == n else NEGATED)[n],
+        }
+        for _, _, c, n in CCNEG2
+      ],
+    },
+    root / "ccneg2.pt",
+  )
+  (root / "refs.json").write_text(
+    json.dumps(
+      [
+        {"image": IMAGES[i][0], "phrase": p, "ref_bbox": ref, "bbox_list": boxes}
+        for i, p, ref, boxes in REFS
+      ]
+    )
+  )
   ids = sorted({i for i, _ in COCO_NEG})
-  (root / "coco_neg.json").write_text(json.dumps({
-      "images": [{"id": i, "file_name": IMAGES[i][0]} for i in ids],
-      "annotations": [{"image_id": i, "caption": CAPTIONS[c], "updated_caption": NEGATED[c]}
-                      for i, c in COCO_NEG]}))
-  entry = lambda i, split, caps: {"filepath": "val2014", "filename": IMAGES[i][0][8:],
-                                  "split": split, "sentences": [{"raw": CAPTIONS[c]} for c in caps]}
-  (root / "dataset_coco.json").write_text(json.dumps({"images": [
-      entry(i, "test", caps) for i, caps in KARPATHY_TEST[:2]] + [entry(6, "train", [1])] + [
-      entry(i, "test", caps) for i, caps in KARPATHY_TEST[2:]]}))
+  (root / "coco_neg.json").write_text(
+    json.dumps(
+      {
+        "images": [{"id": i, "file_name": IMAGES[i][0]} for i in ids],
+        "annotations": [
+          {"image_id": i, "caption": CAPTIONS[c], "updated_caption": NEGATED[c]}
+          for i, c in COCO_NEG
+        ],
+      }
+    )
+  )
+  entry = lambda i, split, caps: {
+    "filepath": "val2014",
+    "filename": IMAGES[i][0][8:],
+    "split": split,
+    "sentences": [{"raw": CAPTIONS[c]} for c in caps],
+  }
+  (root / "dataset_coco.json").write_text(
+    json.dumps(
+      {
+        "images": [entry(i, "test", caps) for i, caps in KARPATHY_TEST[:2]]
+        + [entry(6, "train", [1])]
+        + [entry(i, "test", caps) for i, caps in KARPATHY_TEST[2:]]
+      }
+    )
+  )
   with open(root / "mcq.csv", "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(["image_path", "correct_answer", "caption_0", "caption_1", "caption_2",
-                "caption_3", "correct_answer_template"])
+    w.writerow(
+      [
+        "image_path",
+        "correct_answer",
+        "caption_0",
+        "caption_1",
+        "caption_2",
+        "caption_3",
+        "correct_answer_template",
+      ]
+    )
     for i, correct, template in MCQ:
       w.writerow([IMAGES[i][0], correct, *_mcq_captions(i), template])
   with open(root / "binary_mcq.csv", "w", newline="") as f:
@@ -161,7 +241,9 @@ def files(tmp_path_factory):
     for i, caps in NEGBENCH_RETRIEVAL:
       w.writerow([IMAGES[i][0], repr([NEGATED[c] for c in caps])])
   r = str(root)
-  return types.SimpleNamespace(root=r, options={
+  return types.SimpleNamespace(
+    root=r,
+    options={
       "ccneg": dict(data=f"{r}/ccneg.pt", image_root=r, eval_size=CCNEG_EVAL, num_ops=True),
       "ccneg2": dict(data=f"{r}/ccneg2.pt", image_root=r),
       "negrefcocog": dict(data=f"{r}/refs.json", image_root=r),
@@ -172,7 +254,8 @@ def files(tmp_path_factory):
       "negbench-retrieval": dict(data=f"{r}/negbench_retrieval.csv", image_root=r, ties="both"),
       "negshapes": dict(num=6, seed=3, image_size=40),
       "layers": dict(data=f"{r}/ccneg.jsonl", eval_size=CCNEG_EVAL, embeddings=True),
-  })
+    },
+  )
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +267,8 @@ def clip(tmp_path_factory):
   torch.manual_seed(0)
   source = tmp_path_factory.mktemp("random")
   transformers.CLIPModel(transformers.CLIPConfig(**convert.config_to_hf(CONFIG))).save_pretrained(
-      source)
+    source
+  )
   model, params = convert.load_pretrained(source)
   path = tmp_path_factory.mktemp("model")
   convert.save_pretrained(model, params, path, tokenizer=ClipTokenizer())
@@ -199,6 +283,7 @@ def reference(clip, files):
 
 
 # ------------------------------------------------------------------ PyTorch reference
+
 
 def _unit(x):
   x = (x if torch.is_tensor(x) else x.pooler_output).numpy()
@@ -217,8 +302,11 @@ def _ref_texts(hf, texts):
 def _ref_pixels(hf, pixels):
   """pixels: preprocessed NHWC float32."""
   with torch.no_grad():
-    return _unit(hf.get_image_features(pixel_values=torch.from_numpy(
-        np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2)))))
+    return _unit(
+      hf.get_image_features(
+        pixel_values=torch.from_numpy(np.ascontiguousarray(np.stack(pixels).transpose(0, 3, 1, 2)))
+      )
+    )
 
 
 def _clip_transform(image):
@@ -264,12 +352,14 @@ def _ref_ranks(sims, truth, ties):
   return np.array(ranks)
 
 
-def _ref_retrieval(image, text, caption_to_image, ks, directions=("t2i", "i2t"),
-                   mean_rank=False, both=False):
+def _ref_retrieval(
+  image, text, caption_to_image, ks, directions=("t2i", "i2t"), mean_rank=False, both=False
+):
   c2i = list(caption_to_image)
-  truth = {"t2i": (text @ image.T, [[i] for i in c2i]),
-           "i2t": (image @ text.T, [[j for j, i in enumerate(c2i) if i == q]
-                                    for q in range(len(image))])}
+  truth = {
+    "t2i": (text @ image.T, [[i] for i in c2i]),
+    "i2t": (image @ text.T, [[j for j, i in enumerate(c2i) if i == q] for q in range(len(image))]),
+  }
   out = {}
   for ties, suffix in [("optimistic", "")] + ([("pessimistic", "_pessimistic")] if both else []):
     for d in directions:
@@ -282,18 +372,25 @@ def _ref_retrieval(image, text, caption_to_image, ks, directions=("t2i", "i2t"),
 
 def _ref_layers(hf, captions, negated, embeddings=False):
   """The original's per-block cosines: value i = output of text block i at EOT (argmax id)."""
+
   def eot_states(texts):
     ids = _ids(texts)
     with torch.no_grad():
       states = hf.text_model(input_ids=ids, output_hidden_states=True).hidden_states
     eot = ids.argmax(-1)
     return np.stack([_unit(s[torch.arange(len(ids)), eot]) for s in states], 1)
+
   cos = np.sum(eot_states(captions) * eot_states(negated), -1).mean(0)
   out = {"cosine_embeddings": float(cos[0])} if embeddings else {}
   out.update({f"cosine_block_{i}": float(c) for i, c in enumerate(cos[1:])})
   blocks = cos[1:]  # 4 blocks in the tiny preset: thirds are blocks {0, 1}, {2}, {3}
-  out.update({"cosine_front": float(blocks[:2].mean()), "cosine_middle": float(blocks[2]),
-              "cosine_back": float(blocks[3])})
+  out.update(
+    {
+      "cosine_front": float(blocks[:2].mean()),
+      "cosine_middle": float(blocks[2]),
+      "cosine_back": float(blocks[3]),
+    }
+  )
   return {**out, "n": len(captions)}
 
 
@@ -308,8 +405,9 @@ def _ref_ccneg(hf, root, protocol):
   records = CCNEG[-CCNEG_EVAL:]
   image = _ref_images(hf, [_path(root, k) for k in range(10)][-CCNEG_EVAL:], protocol)
   pos = torch.from_numpy(np.sum(image * _ref_texts(hf, [c for _, c, _ in records]), -1))
-  neg = torch.from_numpy(np.sum(
-      image * _ref_texts(hf, [n.replace(",", "") for _, _, n in records]), -1))
+  neg = torch.from_numpy(
+    np.sum(image * _ref_texts(hf, [n.replace(",", "") for _, _, n in records]), -1)
+  )
   correct = (torch.stack([pos, neg], 1).argmax(1) == 0).numpy()  # ties go to index 0
   out = {"accuracy": float(correct.mean()), "n": CCNEG_EVAL}
   for word in ("no", "not", "without"):  # eval_ccneg_no_not_without.get_subset, one word
@@ -319,8 +417,12 @@ def _ref_ccneg(hf, root, protocol):
   for k, indices in NUM_OPS.items():  # CCNegEvalDataset(num_ops=k)
     m = CCNEG_EVAL if len(indices) >= CCNEG_EVAL else len(indices)
     rows = [i - (n - CCNEG_EVAL) for i in indices[-m:] if n - CCNEG_EVAL <= i < n]
-    out.update({f"accuracy_ops_{k}": float(correct[rows].mean()) if rows else float("nan"),
-                f"n_ops_{k}": len(rows)})
+    out.update(
+      {
+        f"accuracy_ops_{k}": float(correct[rows].mean()) if rows else float("nan"),
+        f"n_ops_{k}": len(rows),
+      }
+    )
   return out
 
 
@@ -333,14 +435,20 @@ def _ref_ccneg2(hf, root):
   acc, probs, labels = [], [], []
   for polarity, column in enumerate((0, 1)):
     image = _ref_images(hf, [_path(root, r[column]) for r in CCNEG2])
-    sims = torch.from_numpy(np.stack([np.sum(image * captions, -1),
-                                      np.sum(image * negated, -1)], 1))
+    sims = torch.from_numpy(
+      np.stack([np.sum(image * captions, -1), np.sum(image * negated, -1)], 1)
+    )
     logits = scale * sims
     acc.append(float((logits.argmax(1) == polarity).float().mean()))
     probs.append(logits.softmax(1)[:, 1].numpy())
     labels.append(np.full(len(CCNEG2), polarity))
-  return {"positive_acc": acc[0], "negative_acc": acc[1], "accuracy": (acc[0] + acc[1]) / 2,
-          "auc": _ref_auc(np.concatenate(labels), np.concatenate(probs)), "n": len(CCNEG2)}
+  return {
+    "positive_acc": acc[0],
+    "negative_acc": acc[1],
+    "accuracy": (acc[0] + acc[1]) / 2,
+    "auc": _ref_auc(np.concatenate(labels), np.concatenate(probs)),
+    "n": len(CCNEG2),
+  }
 
 
 def _ref_negrefcocog(hf, root, protocol, refs=REFS):
@@ -353,8 +461,11 @@ def _ref_negrefcocog(hf, root, protocol, refs=REFS):
     crops = [image.crop((x, y, x + w, y + h)) for x, y, w, h in boxes]
     scores = _ref_images(hf, crops, protocol) @ _ref_texts(hf, [phrase])[0]
     correct.append(boxes[int(np.argmax(scores))] == ref)
-  return {"accuracy": float(np.mean(correct)), "n": len(refs),
-          "n_missing_ref": sum(ref not in boxes for _, _, ref, boxes in refs)}
+  return {
+    "accuracy": float(np.mean(correct)),
+    "n": len(refs),
+    "n_missing_ref": sum(ref not in boxes for _, _, ref, boxes in refs),
+  }
 
 
 def _ref_mcq(hf, root):
@@ -364,11 +475,17 @@ def _ref_mcq(hf, root):
   predicted = [int(np.argmax(s)) for s in scores]
   correct = np.array([p == c for p, (_, c, _) in zip(predicted, MCQ)])
   templates = np.array([t for _, _, t in MCQ])
-  out = {"accuracy": float(correct.mean()),
-         **{f"accuracy_{t}": float(correct[templates == t].mean())
-            for t in ("positive", "negative", "hybrid")}}
-  by_question = {t: {a: 0 for a in ("positive", "hybrid", "negative")}
-                 for t in dict.fromkeys(t for _, _, t in MCQ)}
+  out = {
+    "accuracy": float(correct.mean()),
+    **{
+      f"accuracy_{t}": float(correct[templates == t].mean())
+      for t in ("positive", "negative", "hybrid")
+    },
+  }
+  by_question = {
+    t: {a: 0 for a in ("positive", "hybrid", "negative")}
+    for t in dict.fromkeys(t for _, _, t in MCQ)
+  }
   for p, (_, c, t) in zip(predicted, MCQ):
     if p != c:
       by_question[t][MCQ_TYPES[p]] += 1
@@ -395,16 +512,18 @@ def _reference(task, hf, root, protocol="original"):
     c2i = [ids.index(i) for i, _ in COCO_NEG]
     out = {}
     for name, texts in (("updated", NEGATED), ("original", CAPTIONS)):
-      m = _ref_retrieval(image, _ref_texts(hf, [texts[c] for _, c in COCO_NEG]), c2i, (1, 5, 10),
-                         both=True)
+      m = _ref_retrieval(
+        image, _ref_texts(hf, [texts[c] for _, c in COCO_NEG]), c2i, (1, 5, 10), both=True
+      )
       out.update({f"{name}_{k}": v for k, v in m.items()})
     return {**out, "n": len(COCO_NEG), "n_images": len(ids)}
   if task == "retrieval":
     image = _ref_images(hf, [path(i) for i, _ in KARPATHY_TEST])
     caps = [c for _, cs in KARPATHY_TEST for c in cs]
     c2i = [q for q, (_, cs) in enumerate(KARPATHY_TEST) for _ in cs]
-    out = _ref_retrieval(image, _ref_texts(hf, [CAPTIONS[c] for c in caps]), c2i, (1, 5, 10),
-                         mean_rank=True, both=True)
+    out = _ref_retrieval(
+      image, _ref_texts(hf, [CAPTIONS[c] for c in caps]), c2i, (1, 5, 10), mean_rank=True, both=True
+    )
     return {**out, "n": len(caps), "n_images": len(KARPATHY_TEST)}
   if task == "negbench-mcq":
     return _ref_mcq(hf, root)
@@ -418,13 +537,15 @@ def _reference(task, hf, root, protocol="original"):
     image = _ref_files(hf, [path(i) for i, _ in NEGBENCH_RETRIEVAL])
     caps = [c for _, cs in NEGBENCH_RETRIEVAL for c in cs]
     c2i = [q for q, (_, cs) in enumerate(NEGBENCH_RETRIEVAL) for _ in cs]
-    out = _ref_retrieval(image, _ref_texts(hf, [NEGATED[c] for c in caps]), c2i, (1, 5),
-                         directions=("t2i",), both=True)
+    out = _ref_retrieval(
+      image, _ref_texts(hf, [NEGATED[c] for c in caps]), c2i, (1, 5), directions=("t2i",), both=True
+    )
     return {**out, "n": len(caps), "n_images": len(NEGBENCH_RETRIEVAL)}
   if task == "layers":  # the train split: every record before the last CCNEG_EVAL
     records = CCNEG[:-CCNEG_EVAL]
-    return _ref_layers(hf, [c for _, c, _ in records], [n.replace(",", "") for _, _, n in records],
-                       embeddings=True)
+    return _ref_layers(
+      hf, [c for _, c, _ in records], [n.replace(",", "") for _, _, n in records], embeddings=True
+    )
   raise KeyError(task)
 
 
@@ -441,14 +562,21 @@ def _assert_same(got, want):
 
 # ------------------------------------------------------------------------------ tests
 
+
 def test_embeddings_match_pytorch(clip, files):
   embedder = Embedder(clip.model, clip.params, batch_size=3, progress=False)
   paths = [_path(files.root, i) for i in (2, 0, 2, 7)]  # a repeat: embedded once
   for protocol in ("original", "hf"):
-    np.testing.assert_allclose(embed.embed_files(embedder, paths, protocol=protocol),
-                               _ref_images(clip.hf, paths, protocol), atol=1e-5)
-  np.testing.assert_allclose(embed.embed_texts(embedder, ClipTokenizer(), CONTEXT, NEGATED),
-                             _ref_texts(clip.hf, NEGATED), atol=1e-5)
+    np.testing.assert_allclose(
+      embed.embed_files(embedder, paths, protocol=protocol),
+      _ref_images(clip.hf, paths, protocol),
+      atol=1e-5,
+    )
+  np.testing.assert_allclose(
+    embed.embed_texts(embedder, ClipTokenizer(), CONTEXT, NEGATED),
+    _ref_texts(clip.hf, NEGATED),
+    atol=1e-5,
+  )
 
 
 # Tested elsewhere: negshapes in tests/test_negshapes.py, zeroshot in tests/test_zeroshot.py.
@@ -457,8 +585,15 @@ MINE = [t for t in registry.TASKS if t not in ("negshapes", "zeroshot")]
 
 @pytest.mark.parametrize("task", MINE)
 def test_task_matches_reference(task, clip, files, reference):
-  got = registry.run_task(task, clip.model, clip.params, ClipTokenizer(), batch_size=4,
-                          progress=False, **files.options[task])
+  got = registry.run_task(
+    task,
+    clip.model,
+    clip.params,
+    ClipTokenizer(),
+    batch_size=4,
+    progress=False,
+    **files.options[task],
+  )
   _assert_same(got, reference(task))
 
 
@@ -472,18 +607,27 @@ def test_hf_protocol_matches_reference(task, clip, files):
     options["data"] = os.path.join(files.root, "refs_complete.json")
     with open(options["data"], "w") as f:
       json.dump(refs, f)
-  got = registry.run_task(task, clip.model, clip.params, ClipTokenizer(), batch_size=4,
-                          progress=False, **options)
-  want = (_ref_negrefcocog(clip.hf, files.root, "hf", REFS[:-1]) if task == "negrefcocog"
-          else _ref_ccneg(clip.hf, files.root, "hf"))
+  got = registry.run_task(
+    task, clip.model, clip.params, ClipTokenizer(), batch_size=4, progress=False, **options
+  )
+  want = (
+    _ref_negrefcocog(clip.hf, files.root, "hf", REFS[:-1])
+    if task == "negrefcocog"
+    else _ref_ccneg(clip.hf, files.root, "hf")
+  )
   _assert_same(got, want)
 
 
 def test_fixtures_exercise_crop_rounding_and_ties(files):
   """The original and hf crops differ on some fixture images; fixtures hold exact ties."""
-  differ = [name for name, *_ in IMAGES
-            if not np.array_equal(preprocess_image(os.path.join(files.root, name), SIZE),
-                                  _clip_transform(Image.open(os.path.join(files.root, name))))]
+  differ = [
+    name
+    for name, *_ in IMAGES
+    if not np.array_equal(
+      preprocess_image(os.path.join(files.root, name), SIZE),
+      _clip_transform(Image.open(os.path.join(files.root, name))),
+    )
+  ]
   assert differ and len(differ) < len(IMAGES), differ
   assert any(CCNEG[i][1] == CCNEG[i][2] for i in range(len(CCNEG) - CCNEG_EVAL, len(CCNEG)))
   assert any(c == n for _, _, c, n in CCNEG2)
@@ -492,8 +636,16 @@ def test_fixtures_exercise_crop_rounding_and_ties(files):
 
 
 def test_layers_on_negshapes_matches_reference(clip):
-  got = registry.run_task("layers", clip.model, clip.params, ClipTokenizer(), progress=False,
-                          data="negshapes", num=5, seed=1)
+  got = registry.run_task(
+    "layers",
+    clip.model,
+    clip.params,
+    ClipTokenizer(),
+    progress=False,
+    data="negshapes",
+    num=5,
+    seed=1,
+  )
   pairs = negshapes.presence_task(5, 1)
   _assert_same(got, _ref_layers(clip.hf, pairs["captions"], pairs["negated"]))
 
@@ -501,9 +653,11 @@ def test_layers_on_negshapes_matches_reference(clip):
 def test_layer_thirds_match_the_original_for_12_blocks():
   sims = list(np.random.default_rng(0).normal(size=12))
   got = layers_task.summarize(sims)
-  assert got == {"cosine_front": pytest.approx(sum(sims[0:4]) / 4),
-                 "cosine_middle": pytest.approx(sum(sims[4:8]) / 4),
-                 "cosine_back": pytest.approx(sum(sims[8:12]) / 4)}
+  assert got == {
+    "cosine_front": pytest.approx(sum(sims[0:4]) / 4),
+    "cosine_middle": pytest.approx(sum(sims[4:8]) / 4),
+    "cosine_back": pytest.approx(sum(sims[8:12]) / 4),
+  }
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -518,10 +672,30 @@ def test_dtype_sets_inference_precision(dtype, clip):
 
 
 def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path, capsys):
-  argv = ["--model", clip.dir, "--task", "all", "--out", str(tmp_path / "res.json"),
-          "--batch-size", "4", "--eval-size", str(CCNEG_EVAL), "--num", "6", "--seed", "3",
-          "--image-size", "40", "--num-ops", "--ties", "both", "--mcq-layout", "synthetic",
-          "--embeddings"]
+  argv = [
+    "--model",
+    clip.dir,
+    "--task",
+    "all",
+    "--out",
+    str(tmp_path / "res.json"),
+    "--batch-size",
+    "4",
+    "--eval-size",
+    str(CCNEG_EVAL),
+    "--num",
+    "6",
+    "--seed",
+    "3",
+    "--image-size",
+    "40",
+    "--num-ops",
+    "--ties",
+    "both",
+    "--mcq-layout",
+    "synthetic",
+    "--embeddings",
+  ]
   for task, options in files.options.items():
     if "image_root" in options:
       argv += [f"--{task}-data", options["data"], f"--{task}-image-root", options["image_root"]]
@@ -531,8 +705,11 @@ def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path,
   assert list(results) == [t for t in registry.TASKS if t != "zeroshot"]  # no --zeroshot-data
   pairs = negshapes.presence_task(6, 3)
   for task in MINE:
-    want = (_ref_layers(clip.hf, pairs["captions"], pairs["negated"], embeddings=True)
-            if task == "layers" else reference(task))
+    want = (
+      _ref_layers(clip.hf, pairs["captions"], pairs["negated"], embeddings=True)
+      if task == "layers"
+      else reference(task)
+    )
     _assert_same(results[task], want)
   table = (tmp_path / "res.md").read_text()
   assert table.startswith("| task | metric | value |") and "| ccneg | n | 7 |" in table
@@ -561,11 +738,20 @@ def test_retrieval_ties_on_a_repeated_image(clip, files, tmp_path):
     w.writerow(["filepath", "captions"])
     for c in range(3):
       w.writerow([IMAGES[2][0], repr([NEGATED[c]])])
-  got = registry.run_task("negbench-retrieval", clip.model, clip.params, ClipTokenizer(),
-                          progress=False, data=str(path), image_root=files.root, ties="both")
+  got = registry.run_task(
+    "negbench-retrieval",
+    clip.model,
+    clip.params,
+    ClipTokenizer(),
+    progress=False,
+    data=str(path),
+    image_root=files.root,
+    ties="both",
+  )
   image = _ref_files(clip.hf, [_path(files.root, 2)] * 3)
-  want = _ref_retrieval(image, _ref_texts(clip.hf, NEGATED[:3]), range(3), (1, 5),
-                        directions=("t2i",), both=True)
+  want = _ref_retrieval(
+    image, _ref_texts(clip.hf, NEGATED[:3]), range(3), (1, 5), directions=("t2i",), both=True
+  )
   assert want["t2i_r1"] == 1.0 and want["t2i_r1_pessimistic"] == 0.0
   _assert_same(got, {**want, "n": 3, "n_images": 3})
 
@@ -582,8 +768,9 @@ def test_missing_data_is_a_clear_error(clip, files, capsys):
     eval_cli.main(["--model", clip.dir, "--task", "negrefcocog", "--image-root", files.root])
   assert "task 'negrefcocog' needs --data" in capsys.readouterr().err
   with pytest.raises(ValueError, match="needs --image-root"):
-    registry.run_task("ccneg", clip.model, clip.params, ClipTokenizer(),
-                      data=files.options["ccneg"]["data"])
+    registry.run_task(
+      "ccneg", clip.model, clip.params, ClipTokenizer(), data=files.options["ccneg"]["data"]
+    )
   with pytest.raises(SystemExit):
     eval_cli.main(["--model", clip.dir, "--task", "all", "--data", "x.json"])
   assert "ambiguous with --task all" in capsys.readouterr().err
@@ -627,9 +814,15 @@ def params_file(clip, tmp_path_factory):
 @pytest.mark.parametrize("devices", [1, 3, 4])
 def test_embedder_padding_is_exact_on_any_device_count(devices, params_file):
   """Padded batches (padding dropped) equal an unpadded direct apply, to 1e-6."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  proc = subprocess.run([sys.executable, "-c", _DEVICE_CHECK, params_file, str(devices)],
-                        env=env, capture_output=True, text=True, timeout=120,
-                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", _DEVICE_CHECK, params_file, str(devices)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+  )
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -13,12 +13,12 @@ import torch
 import transformers
 from PIL import Image
 
+from negclip_jax.data.records import DataError
 from negclip_jax.eval import registry
+from negclip_jax.eval.tasks import zeroshot_task
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
-from negclip_jax.data.records import DataError
 from negclip_jax.model.preprocess import get_preprocess
-from negclip_jax.eval.tasks import zeroshot_task
 from negclip_jax.model.tokenizer import ClipTokenizer
 
 CLASSES = ["black_dog", "blue car", "green frog", "red apple", "white cat", "yellow sun"]  # sorted,
@@ -52,10 +52,16 @@ def data(tmp_path_factory):
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(SIZE, SIZE, 3)),
-          "label": tfds.features.ClassLabel(names=CLASSES),
-          "image/filename": tfds.features.Text()}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(SIZE, SIZE, 3)),
+            "label": tfds.features.ClassLabel(names=CLASSES),
+            "image/filename": tfds.features.Text(),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"test": self._generate_examples()}
@@ -74,10 +80,16 @@ def models(tmp_path_factory):
   """(our model, params, tokenizer, transformers CLIPModel and tokenizer from its export)."""
   model = model_lib.CLIP(model_lib.get_config("tiny"))
   params = model_lib.init_params(model, jax.random.key(3))
-  out = convert.save_pretrained(model, params, tmp_path_factory.mktemp("hf"),
-                                tokenizer=ClipTokenizer())
-  return (model, params, ClipTokenizer(), transformers.CLIPModel.from_pretrained(out).eval(),
-          transformers.CLIPTokenizer.from_pretrained(out))
+  out = convert.save_pretrained(
+    model, params, tmp_path_factory.mktemp("hf"), tokenizer=ClipTokenizer()
+  )
+  return (
+    model,
+    params,
+    ClipTokenizer(),
+    transformers.CLIPModel.from_pretrained(out).eval(),
+    transformers.CLIPTokenizer.from_pretrained(out),
+  )
 
 
 def _reference(hf, hf_tokenizer, files, context):
@@ -87,16 +99,21 @@ def _reference(hf, hf_tokenizer, files, context):
   with torch.no_grad():
     weights = []
     for name in names:
-      ids = hf_tokenizer([t.format(name) for t in TEMPLATES], padding="max_length",
-                         max_length=context, return_tensors="pt")["input_ids"]
+      ids = hf_tokenizer(
+        [t.format(name) for t in TEMPLATES],
+        padding="max_length",
+        max_length=context,
+        return_tensors="pt",
+      )["input_ids"]
       e = hf.get_text_features(input_ids=ids)
       e = getattr(e, "pooler_output", e)
       e = e / e.norm(dim=-1, keepdim=True)
       e = e.mean(dim=0)
       weights.append(e / e.norm())
     weights = torch.stack(weights, dim=1)
-    pixels = np.stack([get_preprocess("hf")(np.asarray(Image.open(p).convert("RGB")), 32)
-                       for p, _ in files])
+    pixels = np.stack(
+      [get_preprocess("hf")(np.asarray(Image.open(p).convert("RGB")), 32) for p, _ in files]
+    )
     image = hf.get_image_features(pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2))
     image = getattr(image, "pooler_output", image)
     image = image / image.norm(dim=-1, keepdim=True)
@@ -108,24 +125,44 @@ def test_folder_and_tfds_data_dir_equal_pytorch_clipmodel(data, models):
   model, params, tokenizer, hf, hf_tokenizer = models
   want = _reference(hf, hf_tokenizer, files, model.config.text.max_position_embeddings)
   labels = np.array([c for _, c in files])
-  want_top = {k: float(np.mean([labels[i] in torch.topk(torch.from_numpy(want[i]), k).indices
-                                for i in range(len(files))])) for k in (1, 5)}
+  want_top = {
+    k: float(
+      np.mean(
+        [labels[i] in torch.topk(torch.from_numpy(want[i]), k).indices for i in range(len(files))]
+      )
+    )
+    for k in (1, 5)
+  }
   assert 0 < want_top[1] < want_top[5] < 1  # the check can tell right from wrong
   key_row = {str(p): i for i, (p, _) in enumerate(files)}
   embedder = registry.Embedder(model, params, batch_size=8, progress=False)
   context = model.config.text.max_position_embeddings
   for source in ({"data": str(folder)}, {"data": "zeroshot_test", "tfds_data_dir": str(data_dir)}):
     scores, got_labels, keys, names = zeroshot_task.classify(
-        embedder, tokenizer, context, **source, templates=str(templates), protocol="hf")
+      embedder, tokenizer, context, **source, templates=str(templates), protocol="hf"
+    )
     rows = [key_row[k] for k in keys]
     assert sorted(rows) == list(range(len(files)))
     np.testing.assert_array_equal(got_labels, labels[rows])
     np.testing.assert_allclose(scores, want[rows], atol=1e-5)
     assert names[0] == "black dog"
-    result = registry.run_task("zeroshot", model, params, tokenizer, progress=False,
-                               batch_size=8, **source, templates=str(templates), protocol="hf")
-    assert result == {"top1": want_top[1], "top5": want_top[5], "n": len(files),
-                      "n_classes": len(CLASSES)}
+    result = registry.run_task(
+      "zeroshot",
+      model,
+      params,
+      tokenizer,
+      progress=False,
+      batch_size=8,
+      **source,
+      templates=str(templates),
+      protocol="hf",
+    )
+    assert result == {
+      "top1": want_top[1],
+      "top5": want_top[5],
+      "n": len(files),
+      "n_classes": len(CLASSES),
+    }
 
 
 def test_shipped_imagenet_lists_are_openais():
@@ -138,8 +175,9 @@ def test_shipped_imagenet_lists_are_openais():
   assert len(zeroshot_task.shipped_classnames("imagenet")) == 1000
   openai = zeroshot_task.load_templates("openai_imagenet")
   assert openai == [t("{}") for t in metadata.OPENAI_IMAGENET_TEMPLATES] and len(openai) == 80
-  assert zeroshot_task.load_classnames(None, "imagenet2012", [f"n{i:08d}" for i in range(1000)])[:2] \
-      == ["tench", "goldfish"]
+  assert zeroshot_task.load_classnames(None, "imagenet2012", [f"n{i:08d}" for i in range(1000)])[
+    :2
+  ] == ["tench", "goldfish"]
 
 
 def test_bad_inputs_fail_in_one_line(data, models, tmp_path):

@@ -8,11 +8,9 @@ import pytest
 from huggingface_hub import constants
 
 import negclip_jax
-from negclip_jax import ClipTokenizer
+from negclip_jax import ClipTokenizer, rundir
 from negclip_jax.model import clip as model_lib
-from negclip_jax.model import convert
-from negclip_jax.model import hub
-from negclip_jax import rundir
+from negclip_jax.model import convert, hub
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -40,8 +38,9 @@ def _cache_repo(cache, repo_id):
 def test_hub_id_loads_model_and_tokenizer_from_the_cache(hf_cache):
   config = model_lib.get_config("tiny")
   rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(x.dtype),
-                        convert._abstract_params(config))
+  params = jax.tree.map(
+    lambda x: rng.standard_normal(x.shape).astype(x.dtype), convert._abstract_params(config)
+  )
   snapshot = _cache_repo(hf_cache, "someone/tiny-clip")
   negclip_jax.save_pretrained(model_lib.CLIP(config), params, snapshot, tokenizer=ClipTokenizer())
   model, loaded = negclip_jax.load_pretrained("someone/tiny-clip")

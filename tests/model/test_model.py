@@ -1,12 +1,11 @@
 """Feature parity of our Flax CLIP with transformers' PyTorch `CLIPModel`."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import jax
-import jax.numpy as jnp
 
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
@@ -30,7 +29,7 @@ def _inputs(config, n=3, seed=0):
   eot = rng.integers(2, length, n)
   for i, e in enumerate(eot):
     ids[i, e] = 49407
-    ids[i, e + 1:] = 0
+    ids[i, e + 1 :] = 0
   pix = rng.standard_normal((n, config.vision.image_size, config.vision.image_size, 3))
   return ids.astype(np.int32), pix.astype(np.float32)
 
@@ -46,7 +45,9 @@ def _features(hf, ids, pix):
 @pytest.mark.parametrize("preset,eos", [("tiny", 49407), ("tiny", 2), ("vit-b-32", 2)])
 def test_features_match_transformers(preset, eos):
   config = model_lib.get_config(preset)
-  config = config.replace(text=config.text.__class__(**{**config.text.__dict__, "eos_token_id": eos}))
+  config = config.replace(
+    text=config.text.__class__(**{**config.text.__dict__, "eos_token_id": eos})
+  )
   hf = _hf_model(config)
   params = convert.state_dict_to_params(hf.state_dict(), config)
   model = model_lib.CLIP(config)
@@ -64,7 +65,9 @@ def test_hidden_states_match_transformers():
   params = convert.state_dict_to_params(hf.state_dict(), config)
   ids, _ = _inputs(config)
   with torch.no_grad():
-    want = hf.text_model(input_ids=torch.from_numpy(ids).long(), output_hidden_states=True).hidden_states
+    want = hf.text_model(
+      input_ids=torch.from_numpy(ids).long(), output_hidden_states=True
+    ).hidden_states
   got = model_lib.CLIP(config).apply({"params": params}, ids, method="get_text_hidden_states")
   assert len(got) == len(want) == config.text.num_hidden_layers + 1
   for g, w in zip(got, want):
@@ -102,6 +105,8 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="max_position_embeddings"):
     model.apply({"params": params}, np.zeros((1, 40), np.int32), method="get_text_features")
   with pytest.raises(ValueError, match=r"\[N, 32, 32, 3\] \(NHWC"):
-    model.apply({"params": params}, np.zeros((1, 3, 32, 32), np.float32), method="get_image_features")
+    model.apply(
+      {"params": params}, np.zeros((1, 3, 32, 32), np.float32), method="get_image_features"
+    )
   with pytest.raises(KeyError, match="Unknown CLIP preset"):
     model_lib.get_config("vit-h-15")

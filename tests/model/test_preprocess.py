@@ -20,26 +20,43 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from negclip_jax.model.preprocess import CLIP_MEAN, CLIP_STD, crop_box, denormalize, get_preprocess, preprocess_image, preprocess_image_openai, preprocess_images
+from negclip_jax.model.preprocess import (
+  CLIP_MEAN,
+  CLIP_STD,
+  crop_box,
+  denormalize,
+  get_preprocess,
+  preprocess_image,
+  preprocess_image_openai,
+  preprocess_images,
+)
 
 ATOL = 1e-5
 
 IMAGES = {
-    "astronaut": skimage.data.astronaut(),  # 512x512 RGB
-    "coffee": skimage.data.coffee(),  # 400x600 RGB
-    "chelsea": skimage.data.chelsea(),  # 300x451 RGB
-    "camera": skimage.data.camera(),  # 512x512 grayscale (HxW)
-    "tall": skimage.data.astronaut()[:, 100:251],  # 512x151
-    "wide": skimage.data.coffee()[150:261],  # 111x600
+  "astronaut": skimage.data.astronaut(),  # 512x512 RGB
+  "coffee": skimage.data.coffee(),  # 400x600 RGB
+  "chelsea": skimage.data.chelsea(),  # 300x451 RGB
+  "camera": skimage.data.camera(),  # 512x512 grayscale (HxW)
+  "tall": skimage.data.astronaut()[:, 100:251],  # 512x151
+  "wide": skimage.data.coffee()[150:261],  # 111x600
 }
 
 
 def hf_processor(image_size):
   return CLIPImageProcessorPil(
-      do_convert_rgb=True, do_resize=True, size={"shortest_edge": image_size}, resample=3,
-      do_center_crop=True, crop_size={"height": image_size, "width": image_size},
-      do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-      image_mean=CLIP_MEAN.tolist(), image_std=CLIP_STD.tolist())
+    do_convert_rgb=True,
+    do_resize=True,
+    size={"shortest_edge": image_size},
+    resample=3,
+    do_center_crop=True,
+    crop_size={"height": image_size, "width": image_size},
+    do_rescale=True,
+    rescale_factor=1 / 255,
+    do_normalize=True,
+    image_mean=CLIP_MEAN.tolist(),
+    image_std=CLIP_STD.tolist(),
+  )
 
 
 def hf_nhwc(image, image_size):
@@ -75,11 +92,15 @@ def openai_clip_transform(image: Image.Image, size: int) -> np.ndarray:
 
 
 def _modes():
-  rgba = np.concatenate([IMAGES["chelsea"], np.linspace(0, 255, 451).astype(np.uint8)[
-      None, :, None].repeat(300, 0)], -1)
-  return {"rgb": Image.fromarray(IMAGES["coffee"]), "L": Image.fromarray(IMAGES["camera"]),
-          "RGBA": Image.fromarray(rgba),
-          "P": Image.fromarray(IMAGES["astronaut"]).convert("P", palette=Image.Palette.ADAPTIVE)}
+  rgba = np.concatenate(
+    [IMAGES["chelsea"], np.linspace(0, 255, 451).astype(np.uint8)[None, :, None].repeat(300, 0)], -1
+  )
+  return {
+    "rgb": Image.fromarray(IMAGES["coffee"]),
+    "L": Image.fromarray(IMAGES["camera"]),
+    "RGBA": Image.fromarray(rgba),
+    "P": Image.fromarray(IMAGES["astronaut"]).convert("P", palette=Image.Palette.ADAPTIVE),
+  }
 
 
 @pytest.mark.parametrize("image_size", [224, 64])
@@ -97,12 +118,13 @@ def test_crop_offsets_differ_where_roundings_differ():
   original, hf = preprocess_image_openai(image, 224), preprocess_image(image, 224)
   resized = np.asarray(image.resize((224, 759), Image.BICUBIC), np.float32) / 255
   rows = lambda x: (x[:, :, 0] * CLIP_STD[0] + CLIP_MEAN[0])[:, 0]  # first column, red
-  np.testing.assert_allclose(rows(original), resized[268:268 + 224, 0, 0], atol=1e-6)
-  np.testing.assert_allclose(rows(hf), resized[267:267 + 224, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(rows(original), resized[268 : 268 + 224, 0, 0], atol=1e-6)
+  np.testing.assert_allclose(rows(hf), resized[267 : 267 + 224, 0, 0], atol=1e-6)
   assert not np.array_equal(original, hf)
   square = Image.fromarray(IMAGES["coffee"][:, :400])  # 400x400: no crop, the same pixels
-  np.testing.assert_allclose(preprocess_image_openai(square, 224),
-                             preprocess_image(square, 224), atol=1e-6)
+  np.testing.assert_allclose(
+    preprocess_image_openai(square, 224), preprocess_image(square, 224), atol=1e-6
+  )
 
 
 def test_get_preprocess():
@@ -117,7 +139,9 @@ def test_rgba_matches_transformers():
   alpha = np.linspace(0, 255, rgb.shape[1]).astype(np.uint8)[None, :, None].repeat(rgb.shape[0], 0)
   rgba = np.concatenate([rgb, alpha], axis=-1)
   for image in (rgba, Image.fromarray(rgba)):
-    np.testing.assert_allclose(preprocess_image(image, 64), hf_nhwc(image, 64)[0], rtol=0, atol=ATOL)
+    np.testing.assert_allclose(
+      preprocess_image(image, 64), hf_nhwc(image, 64)[0], rtol=0, atol=ATOL
+    )
 
 
 def test_batch_and_path_inputs(tmp_path):

@@ -31,33 +31,33 @@ SOT, EOT = 49406, 49407
 
 # Texts the clean-up leaves unchanged apart from NFC, whitespace and case.
 PLAIN_TEXTS = [
-    "a dog, not a cat",
-    "no people",
-    "without a hat",
-    "A photo of a DOG. Not a Cat!",
-    "Hello!!!  (world) -- 3.14 #tag @user $5 100%",
-    "there  are\n\nmultiple   spaces\tand\nnewlines ",
-    "don't won't I'm you're they've we'll he'd it's",
-    "café naïve résumé Ünïcödé ß",
-    "cafe\u0301 (combining accent, NFC-normalized)",
-    "dogs 🐶🐱 and emoji 😀😀",
-    "一只狗在草地上 and 日本語のテキスト",
-    "Ελληνικά Русский العربية हिन्दी",
-    "",
-    "   ",
+  "a dog, not a cat",
+  "no people",
+  "without a hat",
+  "A photo of a DOG. Not a Cat!",
+  "Hello!!!  (world) -- 3.14 #tag @user $5 100%",
+  "there  are\n\nmultiple   spaces\tand\nnewlines ",
+  "don't won't I'm you're they've we'll he'd it's",
+  "café naïve résumé Ünïcödé ß",
+  "cafe\u0301 (combining accent, NFC-normalized)",
+  "dogs 🐶🐱 and emoji 😀😀",
+  "一只狗在草地上 and 日本語のテキスト",
+  "Ελληνικά Русский العربية हिन्दी",
+  "",
+  "   ",
 ]
 
 # Texts OpenAI's ftfy / HTML clean-up changes, with ids from OpenAI's SimpleTokenizer.
 OPENAI_CLEANUP_IDS = [
-    ("Fish &amp; chips", [SOT, 2759, 261, 8855, EOT]),
-    ("&lt;b&gt; bold", [SOT, 283, 321, 285, 8911, EOT]),
-    ("&amp;amp; twice", [SOT, 261, 6970, EOT]),
-    ("cafÃ© au lait", [SOT, 15304, 2566, 572, 585, EOT]),  # mojibake fixed by ftfy
-    ("“quoted” ‘text’", [SOT, 257, 27706, 257, 713, 20072, 262, EOT]),
-    ("ＡＢＣ fullwidth", [SOT, 5334, 9407, 23571, EOT]),
-    ("ﬁne ligature", [SOT, 3797, 19915, 4490, EOT]),
-    ("\x1b[31mred\x1b[0m", [SOT, 736, EOT]),
-    ("line\r\nbreak", [SOT, 1148, 2568, EOT]),
+  ("Fish &amp; chips", [SOT, 2759, 261, 8855, EOT]),
+  ("&lt;b&gt; bold", [SOT, 283, 321, 285, 8911, EOT]),
+  ("&amp;amp; twice", [SOT, 261, 6970, EOT]),
+  ("cafÃ© au lait", [SOT, 15304, 2566, 572, 585, EOT]),  # mojibake fixed by ftfy
+  ("“quoted” ‘text’", [SOT, 257, 27706, 257, 713, 20072, 262, EOT]),
+  ("ＡＢＣ fullwidth", [SOT, 5334, 9407, 23571, EOT]),
+  ("ﬁne ligature", [SOT, 3797, 19915, 4490, EOT]),
+  ("\x1b[31mred\x1b[0m", [SOT, 736, EOT]),
+  ("line\r\nbreak", [SOT, 1148, 2568, EOT]),
 ]
 
 LONG_TEXT = " ".join(["a red dog and not a blue cat"] * 20)  # 160 words > 77 tokens
@@ -105,8 +105,8 @@ def test_special_ids_and_vocab_size(tok):
 @pytest.mark.parametrize("text,expected", OPENAI_CLEANUP_IDS)
 def test_cleanup_matches_openai(tok, text, expected):
   row = tok(text)[0]
-  np.testing.assert_array_equal(row[:len(expected)], expected)
-  assert not row[len(expected):].any()
+  np.testing.assert_array_equal(row[: len(expected)], expected)
+  assert not row[len(expected) :].any()
 
 
 def test_matches_hf_on_raw_plain_texts(tok, hf_tok):
@@ -147,6 +147,7 @@ def test_from_pretrained_missing_merges(hf_dir, tmp_path):
 
 def test_for_model_dir_reads_the_directory_else_bundled(tok, hf_dir, tmp_path):
   import json
+
   vocab = json.loads((hf_dir / "vocab.json").read_text(encoding="utf-8"))
   vocab["a</w>"], vocab["photo</w>"] = vocab["photo</w>"], vocab["a</w>"]
   (tmp_path / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")

@@ -8,17 +8,19 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from references import openai_clip_model
 
 import negclip_jax
 from negclip_jax import torch_io
-from references import openai_clip_model
 
 
 @pytest.fixture
 def no_jit_load(monkeypatch):
   """Fails the test if anything calls torch.jit.load (which would run archive code)."""
+
   def refuse(*args, **kwargs):
     raise AssertionError("torch.jit.load was called")
+
   monkeypatch.setattr(torch.jit, "load", refuse)
 
 
@@ -26,9 +28,18 @@ def _openai_clip(seed=0):
   """A small OpenAI CLIP (width 64, so OpenAI's heads = width / 64 rule gives 1 head)."""
   torch.manual_seed(seed)
   clip = openai_clip_model()
-  return clip.CLIP(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64,
-                   vision_patch_size=8, context_length=16, vocab_size=1000,
-                   transformer_width=64, transformer_heads=1, transformer_layers=2).eval()
+  return clip.CLIP(
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=2,
+    vision_width=64,
+    vision_patch_size=8,
+    context_length=16,
+    vocab_size=1000,
+    transformer_width=64,
+    transformer_heads=1,
+    transformer_layers=2,
+  ).eval()
 
 
 def _inputs(n=3, length=16, vocab=1000, seed=0):
@@ -36,7 +47,7 @@ def _inputs(n=3, length=16, vocab=1000, seed=0):
   rng = np.random.default_rng(seed)
   ids = rng.integers(1, vocab - 2, (n, length))
   for i, e in enumerate(rng.integers(2, length, n)):
-    ids[i, e], ids[i, e + 1:] = vocab - 1, 0
+    ids[i, e], ids[i, e + 1 :] = vocab - 1, 0
   return rng.standard_normal((n, 3, 32, 32)).astype(np.float32), ids
 
 
@@ -49,7 +60,10 @@ def test_traced_openai_clip_loads_without_jit_and_matches(tmp_path, no_jit_load)
   assert (model.config.text.num_attention_heads, model.config.vision.num_attention_heads) == (1, 1)
   assert model.config.text.hidden_act == "quick_gelu"
   with torch.no_grad():
-    want_image, want_text = ref.encode_image(example[0]).numpy(), ref.encode_text(example[1]).numpy()
+    want_image, want_text = (
+      ref.encode_image(example[0]).numpy(),
+      ref.encode_text(example[1]).numpy(),
+    )
   image = model.apply({"params": params}, pixels.transpose(0, 2, 3, 1), method="get_image_features")
   text = model.apply({"params": params}, ids.astype(np.int32), method="get_text_features")
   np.testing.assert_allclose(np.asarray(image), want_image, atol=1e-4)
@@ -80,7 +94,12 @@ class _Scripted(torch.nn.Module):
     self.not_state = torch.ones(2)
 
   def forward(self, x):
-    return self.linear(self.tower(x)).sum() + self.view.sum() + self.other_view.sum() + self.not_state.sum()
+    return (
+      self.linear(self.tower(x)).sum()
+      + self.view.sum()
+      + self.other_view.sum()
+      + self.not_state.sum()
+    )
 
 
 def test_read_torchscript_equals_jit_state_dict(tmp_path):
@@ -119,9 +138,18 @@ def test_malicious_torchscript_is_refused_without_running(tmp_path, no_jit_load,
     payload = pickle.dumps(_Call(builtins.exec, f"open({str(marker)!r}, 'w').close()"), protocol=2)
   bad = tmp_path / "evil.pt"
   if attack == "code":  # a valid pickle, but the class code "declares" its parameters with a call
-    _tamper(good, bad, lambda name, data: data.replace(
-        b"__parameters__ = [", f"__parameters__ = __import__('os').system('touch {marker}') or [".encode())
-        if name.endswith(".py") else data)
+    _tamper(
+      good,
+      bad,
+      lambda name, data: (
+        data.replace(
+          b"__parameters__ = [",
+          f"__parameters__ = __import__('os').system('touch {marker}') or [".encode(),
+        )
+        if name.endswith(".py")
+        else data
+      ),
+    )
   else:
     _tamper(good, bad, lambda name, data: payload if name.endswith("/data.pkl") else data)
   for load in (torch_io.load, negclip_jax.load_pretrained):

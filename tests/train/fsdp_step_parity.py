@@ -9,10 +9,10 @@ import sys
 import jax
 import numpy as np
 from flax import traverse_util
+from test_train_step import MODEL, make_batch, run_pmap, setup
 
 from negclip_jax.train import sharding
 from negclip_jax.train import step as train_step
-from test_train_step import MODEL, make_batch, run_pmap, setup
 
 STEPS = 3
 MESHES = ((8, 1), (2, 4), (1, 8))
@@ -33,8 +33,11 @@ def max_diff(a, b):
   a, b = (traverse_util.flatten_dict(t, sep="/") for t in (a, b))
   # Attention key biases: analytically zero gradient, so Adam amplifies float noise
   # (tests/test_multiprocess.py's assert_params_close).
-  return max(float(np.abs(np.asarray(a[k]) - np.asarray(b[k])).max()) for k in a
-             if not k.endswith("k_proj/bias"))
+  return max(
+    float(np.abs(np.asarray(a[k]) - np.asarray(b[k])).max())
+    for k in a
+    if not k.endswith("k_proj/bias")
+  )
 
 
 def main():
@@ -52,13 +55,20 @@ def main():
     emb = device_state.params["text_model"]["embeddings"]["token_embedding"]["embedding"]
     mu = device_state.opt_state.inner_states["trainable"].inner_state[1].mu
     out[str(shape)] = {
-        "loss": max(abs(float(m[k]) - float(p[k])) / max(abs(float(p[k])), 1e-6)
-                    for m, p in zip(metrics, pmap_metrics) for k in p),
-        "params": max_diff(state.params, pmap_state.params),
-        "step": int(state.step),
-        "embedding_shard": list(emb.addressable_shards[0].data.shape),
-        "adam_mu_shard": list(mu["text_model"]["embeddings"]["token_embedding"]["embedding"]
-                              .addressable_shards[0].data.shape)}
+      "loss": max(
+        abs(float(m[k]) - float(p[k])) / max(abs(float(p[k])), 1e-6)
+        for m, p in zip(metrics, pmap_metrics)
+        for k in p
+      ),
+      "params": max_diff(state.params, pmap_state.params),
+      "step": int(state.step),
+      "embedding_shard": list(emb.addressable_shards[0].data.shape),
+      "adam_mu_shard": list(
+        mu["text_model"]["embeddings"]["token_embedding"]["embedding"]
+        .addressable_shards[0]
+        .data.shape
+      ),
+    }
   print(json.dumps(out))
 
 

@@ -16,15 +16,22 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import (
+  ROOT,
+  assert_eval_equals_one_process,
+  assert_params_close,
+  cluster_config,
+  config_with_eval,
+  keep_checkpoints_up_to,
+  run_cluster,
+  subprocess_env,
+)
 from jax.sharding import PartitionSpec as P
 
+from negclip_jax import rundir
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
-from negclip_jax import rundir
-from negclip_jax.train import sharding
-from negclip_jax.train import trainer
-from helpers import (ROOT, assert_eval_equals_one_process, assert_params_close, cluster_config,
-                     config_with_eval, keep_checkpoints_up_to, run_cluster, subprocess_env)
+from negclip_jax.train import sharding, trainer
 
 STEPS = 4
 RESUME_FROM = 2
@@ -37,16 +44,30 @@ def env():
 
 
 def run(cmd: list[str], env: dict, devices: int) -> str:
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env={
-      **env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+  proc = subprocess.run(
+    cmd,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
+  )
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
   return proc.stdout
 
 
 def train_cmd(workdir: Path, **overrides) -> list[str]:
   flags = {**dict(total_steps=STEPS, save_every=1, log_every=1, max_to_keep=10), **overrides}
-  return [sys.executable, "-m", "negclip_jax.train", "--config", str(ROOT / "configs/tiny.py"),
-          "--workdir", str(workdir), *(f"--config.{k}={v}" for k, v in flags.items())]
+  return [
+    sys.executable,
+    "-m",
+    "negclip_jax.train",
+    "--config",
+    str(ROOT / "configs/tiny.py"),
+    "--workdir",
+    str(workdir),
+    *(f"--config.{k}={v}" for k, v in flags.items()),
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +75,7 @@ def reference(tmp_path_factory, env):
   """An uninterrupted fsdp run on mesh (2, 4) (8 devices) -> (workdir, final params)."""
   workdir = tmp_path_factory.mktemp("mesh_2x4")
   run(train_cmd(workdir, parallelism="fsdp", fsdp=4), env, devices=8)
-  return workdir, rundir.load_run(workdir)[1]
+  return workdir, rundir.load_model(workdir)[1]
 
 
 def resumable_copy(reference, tmp_path) -> Path:
@@ -90,9 +111,14 @@ def test_fsdp_step_equals_pmap_step_on_three_meshes(env):
   assert result["(1, 8)"]["embedding_shard"] == result["(1, 8)"]["adam_mu_shard"] == [6176, 32]
 
 
-@pytest.mark.parametrize("overrides", [dict(parallelism="fsdp", fsdp=1),  # mesh (4, 1)
-                                       dict(parallelism="pmap")],
-                         ids=["mesh_4x1", "pmap"])
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    dict(parallelism="fsdp", fsdp=1),  # mesh (4, 1)
+    dict(parallelism="pmap"),
+  ],
+  ids=["mesh_4x1", "pmap"],
+)
 def test_checkpoint_from_mesh_2x4_continues_here(reference, tmp_path, overrides, capsys):
   workdir = resumable_copy(reference, tmp_path)
   out = trainer.train(cluster_config(**overrides), workdir)
@@ -110,23 +136,27 @@ def test_checkpoint_from_mesh_2x4_continues_on_one_device(reference, tmp_path, e
   workdir = resumable_copy(reference, tmp_path)
   out = run(train_cmd(workdir, parallelism="fsdp"), env, devices=1)
   assert "1 process(es), 1 device(s)" in out and f"checkpoints/{RESUME_FROM}" in out
-  assert_params_close(rundir.load_run(workdir)[1], reference[1])
+  assert_params_close(rundir.load_model(workdir)[1], reference[1])
 
 
-def test_two_process_fsdp_resumes_evaluates_and_each_process_writes_its_shards(reference,
-                                                                              tmp_path, env):
+def test_two_process_fsdp_resumes_evaluates_and_each_process_writes_its_shards(
+  reference, tmp_path, env
+):
   workdir = resumable_copy(reference, tmp_path)
-  first, output = run_cluster(workdir, env, config_file=config_with_eval(tmp_path),
-                              train_flags=("--config.parallelism=fsdp",))  # 2 x 2 devices
+  first, output = run_cluster(
+    workdir, env, config_file=config_with_eval(tmp_path), train_flags=("--config.parallelism=fsdp",)
+  )  # 2 x 2 devices
   assert f"Resuming from {workdir}/checkpoints/{RESUME_FROM}" in output
   assert first["step"] == STEPS
-  assert_params_close(rundir.load_run(workdir)[1], reference[1])
+  assert_params_close(rundir.load_model(workdir)[1], reference[1])
   # The final evaluation embedded with the params sharded across both processes.
   assert_eval_equals_one_process(workdir, first["eval"])
   # Step 4 was written by the 2 processes, state sharded (1, 4): each wrote its own half.
   state = workdir / "checkpoints" / str(STEPS) / "state"
-  written = {p: sum(f.stat().st_size for f in (state / f"ocdbt.process_{p}").rglob("*")
-                    if f.is_file()) for p in (0, 1)}
+  written = {
+    p: sum(f.stat().st_size for f in (state / f"ocdbt.process_{p}").rglob("*") if f.is_file())
+    for p in (0, 1)
+  }
   total = sum(written.values())
   print(f"\nbytes written per process: {written}")
   assert all(0.3 * total < n < 0.7 * total for n in written.values()), written
@@ -148,8 +178,10 @@ def test_big_presets_are_open_clips(preset, name):
 
 
 def test_embedder_sharded_like_fsdp_equals_replicated():
-  from negclip_jax.eval.embed import Embedder
   from test_train_step import CONFIG, MODEL, make_batch
+
+  from negclip_jax.eval.embed import Embedder
+
   params = model_lib.init_params(MODEL, jax.random.key(0))
   batch = make_batch(13)  # not a multiple of the batch size: padding is dropped
   replicated = Embedder(MODEL, params, batch_size=8, progress=False)

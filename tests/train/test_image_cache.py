@@ -10,15 +10,13 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from negclip_jax.train import optim
-from negclip_jax.train import param_groups
-from negclip_jax.train import step as train_step
 from negclip_jax.data import negshapes
-from negclip_jax.train import image_cache
-from negclip_jax.train import pipeline as pl
 from negclip_jax.data.records import DataError
 from negclip_jax.model.clip import CLIP, get_config, init_params
 from negclip_jax.model.tokenizer import ClipTokenizer
+from negclip_jax.train import image_cache, optim, param_groups
+from negclip_jax.train import pipeline as pl
+from negclip_jax.train import step as train_step
 
 SIZE = 32  # the tiny preset's image size
 
@@ -97,16 +95,19 @@ def test_unreadable_images_raise_or_are_skipped(model, params, tmp_path, monkeyp
   with pytest.raises(DataError, match=r"bad\.jpg, record 1, key 'image'"):
     image_cache.image_embeddings(model, params, paths, SIZE, cache_dir=cache)
   assert not os.path.exists(cache)
-  emb, kept = image_cache.image_embeddings(model, params, paths, SIZE, cache_dir=cache,
-                                           on_error="skip")
+  emb, kept = image_cache.image_embeddings(
+    model, params, paths, SIZE, cache_dir=cache, on_error="skip"
+  )
   np.testing.assert_array_equal(kept, [0, 2, 3])
   good, _ = image_cache.image_embeddings(model, params, [paths[i] for i in kept], SIZE)
   np.testing.assert_allclose(emb, good, rtol=1e-6, atol=1e-6)
   # A bad distractor drops its row too; both embeddings keep the surviving rows.
-  table = pl.PresenceTable(paths, [f"c{i}" for i in range(4)], [f"n{i}" for i in range(4)],
-                           distractors=paths[::-1])
-  good_images = pl.PresenceTable([paths[i] for i in (0, 2, 3, 0)], table.captions, table.negated,
-                                 distractors=paths)
+  table = pl.PresenceTable(
+    paths, [f"c{i}" for i in range(4)], [f"n{i}" for i in range(4)], distractors=paths[::-1]
+  )
+  good_images = pl.PresenceTable(
+    [paths[i] for i in (0, 2, 3, 0)], table.captions, table.negated, distractors=paths
+  )
   with pytest.raises(DataError, match=r"bad\.jpg, record 1, key 'distractor_image'"):
     image_cache.embed_table(good_images, model, params, SIZE)
   embedded = image_cache.embed_table(table, model, params, SIZE, cache_dir=cache, on_error="skip")
@@ -129,15 +130,24 @@ def test_train_step_on_cached_embeddings_matches_pixels(model, params, tmp_path,
   devices = jax.local_device_count()
   batch_size = 2 * devices
   distractors = objective == "conclip"
-  data = negshapes.generate_pairs(max(8, batch_size), seed=0, image_size=SIZE,
-                                  distractors=distractors)
+  data = negshapes.generate_pairs(
+    max(8, batch_size), seed=0, image_size=SIZE, distractors=distractors
+  )
   presence, absence = pl.negshapes_tables(data, distractors=distractors)
-  embedded = [image_cache.embed_table(t, model, params, SIZE, cache_dir=str(tmp_path))
-              for t in (presence, absence)]
+  embedded = [
+    image_cache.embed_table(t, model, params, SIZE, cache_dir=str(tmp_path))
+    for t in (presence, absence)
+  ]
   # Both tables share the images; distractors are a second array.
   assert len(list(tmp_path.glob("*/index.json"))) == 1 + distractors
-  args = dict(tokenizer=ClipTokenizer(), context_length=model.config.text.max_position_embeddings,
-              global_batch=batch_size, seed=0, image_size=SIZE, num_steps=1)
+  args = dict(
+    tokenizer=ClipTokenizer(),
+    context_length=model.config.text.max_position_embeddings,
+    global_batch=batch_size,
+    seed=0,
+    image_size=SIZE,
+    num_steps=1,
+  )
   pixel_batch = pl.TrainPipeline(presence, absence, **args).build_host_batch(0)
   emb_batch = pl.TrainPipeline(*embedded, **args).build_host_batch(0)
   assert "presence_pixels" in pixel_batch and "presence_image_emb" in emb_batch
@@ -145,8 +155,9 @@ def test_train_step_on_cached_embeddings_matches_pixels(model, params, tmp_path,
 
   labels = param_groups.label_params(params)
   tx = optim.make_optimizer(labels, learning_rate=1e-3, warmup_steps=0, total_steps=10)
-  step = train_step.pmap_train_step(train_step.make_train_step(model, labels, tx,
-                                                               objective=objective))
+  step = train_step.pmap_train_step(
+    train_step.make_train_step(model, labels, tx, objective=objective)
+  )
   state = train_step.create_train_state(params, tx)
   _, from_pixels = step(jax_utils.replicate(state), pixel_batch)
   _, from_cache = step(jax_utils.replicate(state), emb_batch)
@@ -172,15 +183,15 @@ def _as_process(monkeypatch, p: int, count: int, plain: np.ndarray):
       return np.stack([x if q == p else np.zeros_like(x) for q in range(count)])
     blocks = [np.zeros_like(x) for _ in range(count)]
     for q in range(count):
-      rows = x if q == p else plain[q * per:(q + 1) * per]
-      blocks[q][:len(rows)] = rows
+      rows = x if q == p else plain[q * per : (q + 1) * per]
+      blocks[q][: len(rows)] = rows
     return np.stack(blocks)
+
   monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
   monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
 
 
-def test_each_process_writes_and_reads_only_its_shard(model, params, images, tmp_path,
-                                                      monkeypatch):
+def test_each_process_writes_and_reads_only_its_shard(model, params, images, tmp_path, monkeypatch):
   plain, _ = image_cache.image_embeddings(model, params, images, SIZE)
   cache = str(tmp_path)
   for p in (1, 0):  # process 0 writes the index after every shard (the barrier's order)
@@ -190,10 +201,15 @@ def test_each_process_writes_and_reads_only_its_shard(model, params, images, tmp
     np.testing.assert_allclose(emb, plain, rtol=1e-6, atol=1e-6)
   (entry,) = tmp_path.iterdir()
   index = json.loads((entry / "index.json").read_text())
-  assert index["shards"] == [{"file": "shard-00000-of-00002.npy", "start": 0, "stop": 3},
-                             {"file": "shard-00001-of-00002.npy", "start": 3, "stop": 5}]
+  assert index["shards"] == [
+    {"file": "shard-00000-of-00002.npy", "start": 0, "stop": 3},
+    {"file": "shard-00001-of-00002.npy", "start": 3, "stop": 5},
+  ]
   assert sorted(p.name for p in entry.iterdir()) == [
-      "index.json", "shard-00000-of-00002.npy", "shard-00001-of-00002.npy"]
+    "index.json",
+    "shard-00000-of-00002.npy",
+    "shard-00001-of-00002.npy",
+  ]
   monkeypatch.setattr(image_cache, "Embedder", _no_model)
   one, _ = image_cache.image_embeddings(model, params, images, SIZE, cache_dir=cache)
   np.testing.assert_allclose(one, plain, rtol=1e-6, atol=1e-6)  # one process reads both

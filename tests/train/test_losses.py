@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-
 from negclip_jax.train import losses
 
 
@@ -48,37 +47,70 @@ def test_losses_match_numpy(b, d, scale):
   got, _ = losses.presence_loss(img, cap, neg, scale, use_l3=False)
   np.testing.assert_allclose(got, np_presence(img, cap, neg, scale, False), rtol=1e-5, atol=1e-5)
   got, am = losses.absence_loss(img, cap, upd, scale, 0.5, 2.0, 0.3)
-  np.testing.assert_allclose(got, np_absence(img, cap, upd, scale, 0.5, 2.0, 0.3), rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(am["L_text"], np.maximum(0, (cap * upd).sum(1) + 0.3).mean(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    got, np_absence(img, cap, upd, scale, 0.5, 2.0, 0.3), rtol=1e-5, atol=1e-5
+  )
+  np.testing.assert_allclose(
+    am["L_text"], np.maximum(0, (cap * upd).sum(1) + 0.3).mean(), rtol=1e-5, atol=1e-6
+  )
   got, _ = losses.clip_loss(img, cap, scale)
   np.testing.assert_allclose(got, np_clip(img, cap, scale), rtol=1e-5, atol=1e-5)
   # CoN-CLIP, written as its CustomLossWithNegatives: images [img; dis], texts [cap; neg].
   image_features, text_features = np.concatenate([img, dis]), np.concatenate([cap, neg])
   text_features_rev = np.concatenate([neg, cap])
-  want = (np_ce(scale * image_features[:b] @ text_features.T, np.arange(b)) +
-          np_ce(scale * text_features[:b] @ image_features.T, np.arange(b)) +
-          np_ce(scale * image_features[b:] @ text_features_rev.T, np.arange(b))) / 3
+  want = (
+    np_ce(scale * image_features[:b] @ text_features.T, np.arange(b))
+    + np_ce(scale * text_features[:b] @ image_features.T, np.arange(b))
+    + np_ce(scale * image_features[b:] @ text_features_rev.T, np.arange(b))
+  ) / 3
   got, _ = losses.conclip_loss(img, cap, neg, dis, scale)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_total_combines_presence_and_absence():
   rng = np.random.default_rng(0)
-  e = {k: unit(rng, 6, 8) for k in ("presence_image", "presence_caption", "presence_negated",
-                                    "absence_image", "absence_caption", "absence_updated")}
-  total, m = losses.total_loss(e, 10.0, lambda_stage2=0.7, lambda_orig=0.5, lambda_text=2.0, margin=0.1)
-  want = (np_presence(e["presence_image"], e["presence_caption"], e["presence_negated"], 10.0) +
-          0.7 * np_absence(e["absence_image"], e["absence_caption"], e["absence_updated"], 10.0, 0.5, 2.0, 0.1))
+  e = {
+    k: unit(rng, 6, 8)
+    for k in (
+      "presence_image",
+      "presence_caption",
+      "presence_negated",
+      "absence_image",
+      "absence_caption",
+      "absence_updated",
+    )
+  }
+  total, m = losses.total_loss(
+    e, 10.0, lambda_stage2=0.7, lambda_orig=0.5, lambda_text=2.0, margin=0.1
+  )
+  want = np_presence(
+    e["presence_image"], e["presence_caption"], e["presence_negated"], 10.0
+  ) + 0.7 * np_absence(
+    e["absence_image"], e["absence_caption"], e["absence_updated"], 10.0, 0.5, 2.0, 0.1
+  )
   np.testing.assert_allclose(total, want, rtol=1e-5)
   assert set(m) >= {"L1", "L2", "L3", "L_neg", "L_orig", "L_text", "total"}
   plain, _ = losses.total_loss(e, 10.0, objective="plain_clip")
-  np.testing.assert_allclose(plain, (np_clip(e["presence_image"], e["presence_caption"], 10.0) +
-                                     np_clip(e["absence_image"], e["absence_caption"], 10.0)) / 2, rtol=1e-5)
+  np.testing.assert_allclose(
+    plain,
+    (
+      np_clip(e["presence_image"], e["presence_caption"], 10.0)
+      + np_clip(e["absence_image"], e["absence_caption"], 10.0)
+    )
+    / 2,
+    rtol=1e-5,
+  )
   e["presence_distractor"] = unit(rng, 6, 8)
   con, m = losses.total_loss(e, 10.0, objective="conclip", lambda_stage2=0.7)
-  want = (losses.conclip_loss(e["presence_image"], e["presence_caption"], e["presence_negated"],
-                              e["presence_distractor"], 10.0)[0] +
-          0.7 * np_absence(e["absence_image"], e["absence_caption"], e["absence_updated"], 10.0, 1.0, 1.0, 0.9))
+  want = losses.conclip_loss(
+    e["presence_image"],
+    e["presence_caption"],
+    e["presence_negated"],
+    e["presence_distractor"],
+    10.0,
+  )[0] + 0.7 * np_absence(
+    e["absence_image"], e["absence_caption"], e["absence_updated"], 10.0, 1.0, 1.0, 0.9
+  )
   np.testing.assert_allclose(con, want, rtol=1e-5)
   with pytest.raises(ValueError, match="Unknown objective 'bogus'"):
     losses.total_loss(e, 10.0, objective="bogus")

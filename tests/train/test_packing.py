@@ -7,11 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from negclip_jax.train import batch as batch_lib
 from negclip_jax.eval import embed
 from negclip_jax.model import clip as model_lib
-from negclip_jax.train import packing
-from negclip_jax.train import param_groups
+from negclip_jax.train import batch as batch_lib
+from negclip_jax.train import packing, param_groups
 from negclip_jax.train import step as train_step
 
 TINY = model_lib.get_config("tiny")
@@ -27,7 +26,7 @@ def captions(n, seed, eos=49407, lengths=None):
   lengths[0] = CONTEXT
   ids = np.zeros((n, CONTEXT), np.int32)
   for i, length in enumerate(lengths):
-    ids[i, :length - 1] = rng.integers(1, 49000, length - 1)
+    ids[i, : length - 1] = rng.integers(1, 49000, length - 1)
     ids[i, length - 1] = eos
   return ids
 
@@ -39,15 +38,17 @@ def params():
 
 @pytest.mark.parametrize("eos_token_id", [49407, model_lib.OPENAI_EOS_TOKEN_ID])
 def test_packed_features_equal_unpacked(params, eos_token_id):
-  model = model_lib.CLIP(CONFIG.replace(text=dataclasses.replace(CONFIG.text,
-                                                                 eos_token_id=eos_token_id)))
+  model = model_lib.CLIP(
+    CONFIG.replace(text=dataclasses.replace(CONFIG.text, eos_token_id=eos_token_id))
+  )
   ids = captions(24, 0)
   ids[3, 20:25] = 7  # tokens after the EOT (ignored by both)
   packed = packing.pack(ids, None, CONTEXT, eos_token_id)
   assert len(packed[packing.PACKED_IDS]) < len(ids) // 2
   want = model.apply({"params": params}, ids, method="get_text_features")
-  got = model.apply({"params": params}, *(packed[k] for k in packing.PACKED_KEYS),
-                    method="get_packed_text_features")
+  got = model.apply(
+    {"params": params}, *(packed[k] for k in packing.PACKED_KEYS), method="get_packed_text_features"
+  )
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
@@ -58,14 +59,16 @@ def test_packed_step_loss_and_gradients_equal_unpacked(params):
   tx = optax.identity()
   pmapped = jax.pmap(train_step.make_train_step(model, labels, tx), axis_name=train_step.AXIS)
   one = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
-  step = lambda state, batch: jax.tree.map(lambda x: np.asarray(x)[0],
-                                           pmapped(one(state), one(batch)))
+  step = lambda state, batch: jax.tree.map(
+    lambda x: np.asarray(x)[0], pmapped(one(state), one(batch))
+  )
   b = 6
   rng = np.random.default_rng(1)
   ids = {k: captions(b, i) for i, k in enumerate(batch_lib.TEXT_KEYS)}
-  images = {batch_lib.image_emb_key(p): rng.standard_normal((b, CONFIG.projection_dim),
-                                                             np.float32)
-            for p in ("presence", "absence")}
+  images = {
+    batch_lib.image_emb_key(p): rng.standard_normal((b, CONFIG.projection_dim), np.float32)
+    for p in ("presence", "absence")
+  }
   packed = packing.pack_text_batch(ids, 1, CONTEXT, CONFIG.text.eos_token_id)
   packed = {k: v[0] for k, v in packed.items()}
   state = train_step.create_train_state(params, tx)
@@ -73,8 +76,9 @@ def test_packed_step_loss_and_gradients_equal_unpacked(params):
   new_p, m_p = step(state, {**packed, **images})
   np.testing.assert_allclose(m_p["total"], m_u["total"], rtol=1e-5)
   np.testing.assert_allclose(m_p["grad_norm"], m_u["grad_norm"], rtol=1e-5)
-  grads = lambda new: param_groups.split(jax.tree.map(lambda a, p: a - p, new.params, params),
-                                      labels)[0]
+  grads = lambda new: param_groups.split(
+    jax.tree.map(lambda a, p: a - p, new.params, params), labels
+  )[0]
   g_u, g_p = grads(new_u), grads(new_p)
   assert float(optax.tree.norm(g_u)) > 0
   diff = float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, g_p, g_u)))
@@ -88,8 +92,7 @@ def test_packed_step_loss_and_gradients_equal_unpacked(params):
     if "k_proj/bias" in name:  # analytically zero (softmax ignores it): float noise only
       assert np.abs(got).max() < 1e-7 * scale and np.abs(g).max() < 1e-7 * scale
       continue
-    np.testing.assert_allclose(got, g, rtol=1e-5, atol=1e-5 * float(np.abs(g).max()),
-                               err_msg=name)
+    np.testing.assert_allclose(got, g, rtol=1e-5, atol=1e-5 * float(np.abs(g).max()), err_msg=name)
 
 
 def test_pack_layout_and_fallback():
@@ -102,9 +105,9 @@ def test_pack_layout_and_fallback():
   seg, pos = packed[packing.PACKED_SEGMENTS], packed[packing.PACKED_POSITIONS]
   for i, n in enumerate(lengths):  # each caption contiguous, positions 0..n-1, one segment
     r, end = divmod(int(pool[i]), CONTEXT)
-    np.testing.assert_array_equal(rows[r, end - n + 1:end + 1], ids[i, :n])
-    np.testing.assert_array_equal(pos[r, end - n + 1:end + 1], np.arange(n))
-    assert len(set(seg[r, end - n + 1:end + 1])) == 1 and seg[r, end] > 0
+    np.testing.assert_array_equal(rows[r, end - n + 1 : end + 1], ids[i, :n])
+    np.testing.assert_array_equal(pos[r, end - n + 1 : end + 1], np.arange(n))
+    assert len(set(seg[r, end - n + 1 : end + 1])) == 1 and seg[r, end] > 0
   assert packing.padding_fraction(packed) == pytest.approx(1 - lengths.sum() / rows.size)
   with pytest.raises(ValueError, match="need 4 packed rows of 77; the shape has 3"):
     packing.pack(ids, 3, CONTEXT, 49407)
@@ -112,28 +115,50 @@ def test_pack_layout_and_fallback():
     packing.pack(ids, None, 64, 49407)
   ladder = np.array(packing.ROWS_LADDER[15:60])  # from 16 on, rungs at most 12.5% apart
   assert (ladder[1:] / ladder[:-1]).max() == 1.125
-  assert [packing.ladder_rows(n) for n in (1, 16, 17, 33, 37, 64, 65)] == [1, 16, 18, 36, 40, 64, 72]
+  assert [packing.ladder_rows(n) for n in (1, 16, 17, 33, 37, 64, 65)] == [
+    1,
+    16,
+    18,
+    36,
+    40,
+    64,
+    72,
+  ]
 
 
 def test_pipeline_packs_every_hosts_devices_alike():
   from negclip_jax.data import negshapes
-  from negclip_jax.train import pipeline
   from negclip_jax.model.tokenizer import ClipTokenizer
+  from negclip_jax.train import pipeline
+
   presence, absence = pipeline.negshapes_tables(negshapes.generate_pairs(32, 0, image_size=32))
-  kw = dict(tokenizer=ClipTokenizer(), context_length=CONTEXT, global_batch=8, seed=0,
-            image_size=32, num_steps=3, process_count=2, local_devices=2)
+  kw = dict(
+    tokenizer=ClipTokenizer(),
+    context_length=CONTEXT,
+    global_batch=8,
+    seed=0,
+    image_size=32,
+    num_steps=3,
+    process_count=2,
+    local_devices=2,
+  )
   plain = pipeline.TrainPipeline(presence, absence, **kw, process_index=0, truncate_text=False)
   for step in range(3):
-    hosts = [pipeline.TrainPipeline(presence, absence, **kw, process_index=p, pack_text=True)
-             .build_host_batch(step) for p in range(2)]
+    hosts = [
+      pipeline.TrainPipeline(
+        presence, absence, **kw, process_index=p, pack_text=True
+      ).build_host_batch(step)
+      for p in range(2)
+    ]
     assert hosts[0][packing.PACKED_IDS].shape == hosts[1][packing.PACKED_IDS].shape
     assert not set(batch_lib.TEXT_KEYS) & set(hosts[0])
     want = plain.build_host_batch(step)
     for dev in range(2):  # device d's pooled tokens are its captions' EOTs, TEXT_KEYS order
       got = hosts[0][packing.PACKED_IDS][dev].reshape(-1)[hosts[0][packing.PACKED_POOL][dev]]
       assert (got == 49407).all() and len(got) == 4 * 2
-      lengths = packing.pooled_lengths(np.concatenate([want[k][dev]
-                                                       for k in batch_lib.TEXT_KEYS]), 49407)
+      lengths = packing.pooled_lengths(
+        np.concatenate([want[k][dev] for k in batch_lib.TEXT_KEYS]), 49407
+      )
       assert (hosts[0][packing.PACKED_SEGMENTS][dev] > 0).sum() == lengths.sum()
 
 

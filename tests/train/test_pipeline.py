@@ -5,10 +5,10 @@ import logging
 import numpy as np
 import pytest
 
-from negclip_jax.train import pipeline as pl
 from negclip_jax.data.records import DataError, PresenceRecord
 from negclip_jax.model.preprocess import preprocess_image
 from negclip_jax.model.tokenizer import ClipTokenizer
+from negclip_jax.train import pipeline as pl
 
 SIZE = 8  # image side, px
 
@@ -21,17 +21,31 @@ def tokenizer():
 def _tables(n_presence, n_absence, seed=0):
   rng = np.random.default_rng(seed)
   image = lambda n: rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
-  presence = pl.PresenceTable(image(n_presence),
-                              [f"a photo of {i} red circles" for i in range(n_presence)],
-                              [f"{i} circles but no square" for i in range(n_presence)])
-  absence = pl.AbsenceTable(image(n_absence), [f"{i} blue squares" for i in range(n_absence)],
-                            [f"{i} blue squares and no cross" for i in range(n_absence)])
+  presence = pl.PresenceTable(
+    image(n_presence),
+    [f"a photo of {i} red circles" for i in range(n_presence)],
+    [f"{i} circles but no square" for i in range(n_presence)],
+  )
+  absence = pl.AbsenceTable(
+    image(n_absence),
+    [f"{i} blue squares" for i in range(n_absence)],
+    [f"{i} blue squares and no cross" for i in range(n_absence)],
+  )
   return presence, absence
 
 
 def _pipeline(tokenizer, presence, absence, **kw):
-  args = dict(tokenizer=tokenizer, context_length=77, global_batch=4, seed=3, image_size=SIZE,
-              num_steps=6, process_index=0, process_count=1, local_devices=1)
+  args = dict(
+    tokenizer=tokenizer,
+    context_length=77,
+    global_batch=4,
+    seed=3,
+    image_size=SIZE,
+    num_steps=6,
+    process_index=0,
+    process_count=1,
+    local_devices=1,
+  )
   return pl.TrainPipeline(presence, absence, **{**args, **kw})
 
 
@@ -67,10 +81,12 @@ def test_each_epoch_is_a_permutation():
 def test_two_processes_split_each_batch_and_cover_the_epoch(tokenizer):
   presence, absence = _tables(13, 16)
   long_caption = " ".join(["red"] * 30)  # 32 tokens: only this example needs bucket 32
-  presence = pl.PresenceTable(presence.images, [long_caption] + presence.captions[1:],
-                              presence.negated)
-  pipes = [_pipeline(tokenizer, presence, absence, process_index=p, process_count=2)
-           for p in range(2)]
+  presence = pl.PresenceTable(
+    presence.images, [long_caption] + presence.captions[1:], presence.negated
+  )
+  pipes = [
+    _pipeline(tokenizer, presence, absence, process_index=p, process_count=2) for p in range(2)
+  ]
   assert pipes[0].steps_per_epoch == {"presence": 3, "absence": 4}
   seen = []
   for step in range(3):
@@ -103,8 +119,13 @@ def test_state_dict_round_trip(tokenizer):
   it = iter(pipe)
   next(it), next(it)
   state = pipe.state_dict()
-  assert state == {"next_step": 2, "seed": 3, "global_batch": 4, "presence_size": 9,
-                   "absence_size": 14}
+  assert state == {
+    "next_step": 2,
+    "seed": 3,
+    "global_batch": 4,
+    "presence_size": 9,
+    "absence_size": 14,
+  }
   restored = _pipeline(tokenizer, *tables)
   restored.load_state_dict(state)
   _assert_batches_equal(next(iter(restored)), next(it))
@@ -129,16 +150,18 @@ def test_streams_restart_as_the_original_two_loaders(tokenizer):
           passes[name], positions[name] = passes[name] + 1, 0
         perm = pl.pass_permutation(n, seed, pl.STREAMS[name], epoch, passes[name])
         np.testing.assert_array_equal(
-            got[name], perm[positions[name] * batch:(positions[name] + 1) * batch])
+          got[name], perm[positions[name] * batch : (positions[name] + 1) * batch]
+        )
         positions[name] += 1
       step += 1
   # Epoch 1 restarts the presence stream although its third pass was half done.
-  np.testing.assert_array_equal(pipe.global_indices(5)["presence"],
-                                pl.pass_permutation(8, seed, 0, 1, 0)[:4])
+  np.testing.assert_array_equal(
+    pipe.global_indices(5)["presence"], pl.pass_permutation(8, seed, 0, 1, 0)[:4]
+  )
 
 
 def test_epoch_steps_drop_the_remainder_of_each_stream():
-  assert pl.epoch_steps([1000, 300], 128) == 7   # max(1000 // 128, 300 // 128)
+  assert pl.epoch_steps([1000, 300], 128) == 7  # max(1000 // 128, 300 // 128)
   assert pl.epoch_steps([127 + 128, 128], 128) == 1
   with pytest.raises(ValueError, match="fewer than global_batch"):
     pl.epoch_steps([127, 1000], 128)
@@ -152,8 +175,12 @@ def test_batch_layout(tokenizer, devices):
   pipe = _pipeline(tokenizer, presence, absence, local_devices=devices)
   full = _pipeline(tokenizer, presence, absence, local_devices=devices, truncate_text=False)
   batch, untruncated = pipe.build_host_batch(1), full.build_host_batch(1)
-  keys = ("presence_caption_ids", "presence_negated_ids", "absence_caption_ids",
-          "absence_updated_ids")
+  keys = (
+    "presence_caption_ids",
+    "presence_negated_ids",
+    "absence_caption_ids",
+    "absence_updated_ids",
+  )
   length = batch[keys[0]].shape[-1]
   assert length == 16  # every text is short; the context is 77
   for k in keys:
@@ -177,8 +204,9 @@ def test_image_embeddings_replace_pixels(tokenizer):
   pipe = _pipeline(tokenizer, presence.with_image_emb(image_emb=emb), absence, local_devices=2)
   batch = pipe.build_host_batch(0)
   assert "presence_pixels" not in batch and "absence_pixels" in batch
-  np.testing.assert_array_equal(batch["presence_image_emb"].reshape(4, 5),
-                                emb[pipe.host_indices(0)["presence"]])
+  np.testing.assert_array_equal(
+    batch["presence_image_emb"].reshape(4, 5), emb[pipe.host_indices(0)["presence"]]
+  )
 
 
 def test_batch_size_errors(tokenizer):
@@ -213,6 +241,7 @@ def test_skip_mode_drops_and_reports(caplog):
 
 def _write_images(tmp_path, n):
   from PIL import Image
+
   paths = []
   for i in range(n):
     path = tmp_path / f"{i}.png"
@@ -248,8 +277,9 @@ def test_corrupt_image_raises_naming_path_and_record(tmp_path, tokenizer):
 def test_distractors_give_their_own_batch_keys(tokenizer):
   presence, absence = _tables(8, 8)
   distractors = 255 - presence.images
-  presence = pl.PresenceTable(presence.images, presence.captions, presence.negated,
-                              distractors=distractors)
+  presence = pl.PresenceTable(
+    presence.images, presence.captions, presence.negated, distractors=distractors
+  )
   pipe = _pipeline(tokenizer, presence, absence, local_devices=2)
   batch, idx = pipe.build_host_batch(2), pipe.host_indices(2)["presence"]
   want = np.stack([preprocess_image(distractors[i], SIZE) for i in idx])
@@ -257,34 +287,44 @@ def test_distractors_give_their_own_batch_keys(tokenizer):
   assert not np.array_equal(batch["presence_pixels"], batch["presence_distractor_pixels"])
   # Through tf.data, with the embeddings of both columns.
   image_emb = np.arange(40, dtype=np.float32).reshape(8, 5)
-  pipe = _pipeline(tokenizer, presence.with_image_emb(image_emb=image_emb,
-                                                      distractor_emb=-image_emb), absence)
+  pipe = _pipeline(
+    tokenizer, presence.with_image_emb(image_emb=image_emb, distractor_emb=-image_emb), absence
+  )
   batch, idx = next(iter(pipe)), pipe.host_indices(0)["presence"]
   assert "presence_distractor_pixels" not in batch
   np.testing.assert_array_equal(batch["presence_distractor_image_emb"][0], -image_emb[idx])
   # Dropping an example drops its distractor too.
-  table = pl.validate(pl.PresenceTable(presence.images, ["", *presence.captions[1:]],
-                                       presence.negated, distractors=distractors), "skip")
+  table = pl.validate(
+    pl.PresenceTable(
+      presence.images, ["", *presence.captions[1:]], presence.negated, distractors=distractors
+    ),
+    "skip",
+  )
   np.testing.assert_array_equal(table.distractors, distractors[1:])
   with pytest.raises(ValueError, match="7 distractors, 8 captions"):
-    pl.PresenceTable(presence.images, presence.captions, presence.negated,
-                     distractors=distractors[:7])
+    pl.PresenceTable(
+      presence.images, presence.captions, presence.negated, distractors=distractors[:7]
+    )
 
 
 def test_negshapes_tables_need_generated_distractors():
   from negclip_jax.data import negshapes
+
   plain = negshapes.generate_pairs(4, seed=0, image_size=SIZE)
   with pytest.raises(ValueError, match=r"generate_pairs\(\.\.\., distractors=True\)"):
     pl.negshapes_tables(plain, distractors=True)
   presence, _ = pl.negshapes_tables(
-      negshapes.generate_pairs(4, seed=0, image_size=SIZE, distractors=True), distractors=True)
+    negshapes.generate_pairs(4, seed=0, image_size=SIZE, distractors=True), distractors=True
+  )
   assert presence.distractors.shape == (4, SIZE, SIZE, 3)
 
 
 def test_distractor_paths_are_checked(tmp_path, tokenizer):
   paths = _write_images(tmp_path, 4)
-  records = [PresenceRecord(p, f"caption {i}", f"not {i}", distractor_path=paths[3 - i])
-             for i, p in enumerate(paths)]
+  records = [
+    PresenceRecord(p, f"caption {i}", f"not {i}", distractor_path=paths[3 - i])
+    for i, p in enumerate(paths)
+  ]
   table = pl.presence_table(records)
   assert table.distractors == paths[::-1]
   records[2] = PresenceRecord(paths[2], "caption", "not", str(tmp_path / "gone.png"))

@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 import transformers
 from flax import traverse_util
+from references import openai_clip_model
 
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
-from negclip_jax.train import optim
-from negclip_jax.train import param_groups
+from negclip_jax.train import optim, param_groups
 from negclip_jax.train import step as train_step
-from references import openai_clip_model
 
 BATCH, CONTEXT, VOCAB = 8, 16, 64
 TEXT_BLOCKS = 12
@@ -59,28 +58,59 @@ def openai_clip(seed):
   """OpenAI's `clip.model.CLIP`: a ViT-B/32-shaped text tower of 12 blocks, 64 wide."""
   torch.manual_seed(seed)
   model = openai_clip_model().CLIP(
-      embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=16,
-      context_length=CONTEXT, vocab_size=VOCAB, transformer_width=64, transformer_heads=1,
-      transformer_layers=TEXT_BLOCKS)
-  return TorchCLIP(model, model.encode_image, model.encode_text,
-                   [model.token_embedding.weight, model.positional_embedding],
-                   model.transformer.resblocks, [*model.ln_final.parameters(), model.text_projection])
+    embed_dim=32,
+    image_resolution=32,
+    vision_layers=2,
+    vision_width=64,
+    vision_patch_size=16,
+    context_length=CONTEXT,
+    vocab_size=VOCAB,
+    transformer_width=64,
+    transformer_heads=1,
+    transformer_layers=TEXT_BLOCKS,
+  )
+  return TorchCLIP(
+    model,
+    model.encode_image,
+    model.encode_text,
+    [model.token_embedding.weight, model.positional_embedding],
+    model.transformer.resblocks,
+    [*model.ln_final.parameters(), model.text_projection],
+  )
 
 
 def hf_clip(seed):
   """transformers' `CLIPModel` with OpenAI's conventions (argmax pooling, QuickGELU), float64."""
   torch.manual_seed(seed)
-  text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=TEXT_BLOCKS,
-              num_attention_heads=1, max_position_embeddings=CONTEXT, eos_token_id=2)
-  vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-                image_size=32, patch_size=16)
-  model = transformers.CLIPModel(transformers.CLIPConfig(
-      text_config=text, vision_config=vision, projection_dim=32)).double()
+  text = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=TEXT_BLOCKS,
+    num_attention_heads=1,
+    max_position_embeddings=CONTEXT,
+    eos_token_id=2,
+  )
+  vision = dict(
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    image_size=32,
+    patch_size=16,
+  )
+  model = transformers.CLIPModel(
+    transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+  ).double()
   text_model = model.text_model
-  return TorchCLIP(model, lambda x: model.get_image_features(pixel_values=x).pooler_output,
-                   lambda ids: model.get_text_features(input_ids=ids).pooler_output,
-                   list(text_model.embeddings.parameters()), text_model.encoder.layers,
-                   [*text_model.final_layer_norm.parameters(), *model.text_projection.parameters()])
+  return TorchCLIP(
+    model,
+    lambda x: model.get_image_features(pixel_values=x).pooler_output,
+    lambda ids: model.get_text_features(input_ids=ids).pooler_output,
+    list(text_model.embeddings.parameters()),
+    text_model.encoder.layers,
+    [*text_model.final_layer_norm.parameters(), *model.text_projection.parameters()],
+  )
 
 
 def make_batches(num, seed, dtype=np.float32):
@@ -90,14 +120,22 @@ def make_batches(num, seed, dtype=np.float32):
   def ids():
     out = np.zeros((BATCH, CONTEXT), np.int32)
     for row, length in zip(out, rng.integers(3, CONTEXT + 1, BATCH)):
-      row[:length - 1] = rng.integers(1, VOCAB - 1, length - 1)
+      row[: length - 1] = rng.integers(1, VOCAB - 1, length - 1)
       row[length - 1] = VOCAB - 1
     return out
 
   pixels = lambda: rng.standard_normal((BATCH, 32, 32, 3)).astype(dtype)
-  return [{"presence_caption_ids": ids(), "presence_negated_ids": ids(),
-           "absence_caption_ids": ids(), "absence_updated_ids": ids(),
-           "presence_pixels": pixels(), "absence_pixels": pixels()} for _ in range(num)]
+  return [
+    {
+      "presence_caption_ids": ids(),
+      "presence_negated_ids": ids(),
+      "absence_caption_ids": ids(),
+      "absence_updated_ids": ids(),
+      "presence_pixels": pixels(),
+      "absence_pixels": pixels(),
+    }
+    for _ in range(num)
+  ]
 
 
 def original_loss(clip, batch, lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1.0, margin=0.9):
@@ -109,8 +147,9 @@ def original_loss(clip, batch, lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1
   labels = torch.arange(BATCH)
   # Presence: texts = [captions; negated], L1 image -> all texts, L2 captions -> images, L3.
   img = F.normalize(clip.encode_image(images("presence_pixels")), dim=-1)
-  text = F.normalize(clip.encode_text(torch.cat([t("presence_caption_ids"),
-                                                  t("presence_negated_ids")])), dim=-1)
+  text = F.normalize(
+    clip.encode_text(torch.cat([t("presence_caption_ids"), t("presence_negated_ids")])), dim=-1
+  )
   l1 = ce(scale * img @ text.T, labels)
   l2 = ce(scale * text[:BATCH] @ img.T, labels)
   pos = (img * text[:BATCH]).sum(-1, keepdim=True)
@@ -123,8 +162,11 @@ def original_loss(clip, batch, lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1
   original = F.normalize(clip.encode_text(t("absence_caption_ids")), dim=-1)
   symmetric = lambda logits: (ce(logits, labels) + ce(logits.T, labels)) / 2
   text_loss = torch.clamp((original * updated).sum(-1) + margin, min=0).mean()
-  absence = (symmetric(scale * img @ updated.T) + lambda_orig * symmetric(scale * img @ original.T)
-             + lambda_text * text_loss)
+  absence = (
+    symmetric(scale * img @ updated.T)
+    + lambda_orig * symmetric(scale * img @ original.T)
+    + lambda_text * text_loss
+  )
   return presence + lambda_stage2 * absence
 
 
@@ -133,8 +175,9 @@ def run_original(clip, batches, layers, lr, weight_decay, warmup):
     p.requires_grad = False
   for p in clip.trainable(layers):
     p.requires_grad = True
-  optimizer = torch.optim.AdamW(filter(lambda p: p.requires_grad, clip.model.parameters()),
-                                lr=lr, weight_decay=weight_decay)
+  optimizer = torch.optim.AdamW(
+    filter(lambda p: p.requires_grad, clip.model.parameters()), lr=lr, weight_decay=weight_decay
+  )
   for step, batch in enumerate(batches):
     for group in optimizer.param_groups:
       group["lr"] = recipe_lr(step, lr, warmup, len(batches))
@@ -159,8 +202,13 @@ def to_params(clip):
 def run_ours(config, params, batches, layers, lr, weight_decay, warmup):
   model = model_lib.CLIP(config, dtype=jax.tree.leaves(params)[0].dtype)
   labels = param_groups.label_params(params, layers)
-  tx = optim.make_optimizer(labels, learning_rate=lr, weight_decay=weight_decay,
-                                warmup_steps=warmup, total_steps=len(batches))
+  tx = optim.make_optimizer(
+    labels,
+    learning_rate=lr,
+    weight_decay=weight_decay,
+    warmup_steps=warmup,
+    total_steps=len(batches),
+  )
   step = train_step.pmap_train_step(train_step.make_train_step(model, labels, tx))
   state = train_step.replicate(train_step.create_train_state(params, tx))
   devices = jax.local_device_count()
@@ -183,7 +231,8 @@ def compare_trajectories(layers, lr, weight_decay, warmup, steps, dtype):
   tensors bitwise equal and the trained text blocks those of the preset."""
   torch_model = openai_clip(0) if dtype == "float32" else hf_clip(0)
   config, initial, ours, theirs, labels = train_both(
-      torch_model, make_batches(steps, 1, dtype), layers, lr, weight_decay, warmup)
+    torch_model, make_batches(steps, 1, dtype), layers, lr, weight_decay, warmup
+  )
   assert config.text.num_hidden_layers == TEXT_BLOCKS
 
   flat = lambda tree: traverse_util.flatten_dict(tree, sep="/")
@@ -204,10 +253,13 @@ def compare_trajectories(layers, lr, weight_decay, warmup, steps, dtype):
   return worst, error[worst]
 
 
-@pytest.mark.parametrize("layers,lr,weight_decay,warmup,steps", [
-    ("front", 1e-4, 0.2, 2, 6),   # the paper's preset; step 2 == warmup runs at 1.5 * lr
+@pytest.mark.parametrize(
+  "layers,lr,weight_decay,warmup,steps",
+  [
+    ("front", 1e-4, 0.2, 2, 6),  # the paper's preset; step 2 == warmup runs at 1.5 * lr
     ("back", 3e-4, 0.05, 3, 5),
-])
+  ],
+)
 def test_trajectory_follows_the_original_recipe(layers, lr, weight_decay, warmup, steps):
   path, error = compare_trajectories(layers, lr, weight_decay, warmup, steps, "float32")
   assert error < 1e-3, (path, error)

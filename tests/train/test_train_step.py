@@ -1,15 +1,13 @@
 """The train step: partition, frozen leaves, clamping, device-count invariance."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import jax_utils, traverse_util
 
 from negclip_jax.model import clip as model_lib
-from negclip_jax.train import optim
-from negclip_jax.train import param_groups
+from negclip_jax.train import optim, param_groups
 from negclip_jax.train import step as train_step
 
 CONFIG = model_lib.get_config("tiny")
@@ -23,14 +21,23 @@ def make_batch(global_batch, seed=0, pixels=True, distractors=False):
   def ids():
     x = rng.integers(1, 1000, (global_batch, c.text.max_position_embeddings)).astype(np.int32)
     for i, e in enumerate(rng.integers(2, c.text.max_position_embeddings, global_batch)):
-      x[i, e], x[i, e + 1:] = 49407, 0
+      x[i, e], x[i, e + 1 :] = 49407, 0
     return x
 
   def images():
-    return rng.standard_normal((global_batch, c.vision.image_size, c.vision.image_size, 3)).astype(np.float32)
+    return rng.standard_normal((global_batch, c.vision.image_size, c.vision.image_size, 3)).astype(
+      np.float32
+    )
 
-  batch = {k: ids() for k in ("presence_caption_ids", "presence_negated_ids",
-                              "absence_caption_ids", "absence_updated_ids")}
+  batch = {
+    k: ids()
+    for k in (
+      "presence_caption_ids",
+      "presence_negated_ids",
+      "absence_caption_ids",
+      "absence_updated_ids",
+    )
+  }
   emb = lambda: rng.standard_normal((global_batch, c.projection_dim)).astype(np.float32)
   prefixes = ("presence", "absence") + (("presence_distractor",) if distractors else ())
   for prefix in prefixes:
@@ -44,8 +51,9 @@ def make_batch(global_batch, seed=0, pixels=True, distractors=False):
 def setup(layers="front", lr=1e-3, **step_kw):
   params = model_lib.init_params(MODEL, jax.random.key(0))
   labels = param_groups.label_params(params, layers)
-  tx = optim.make_optimizer(labels, learning_rate=lr, warmup_steps=1, total_steps=10,
-                                grad_clip_norm=1.0)
+  tx = optim.make_optimizer(
+    labels, learning_rate=lr, warmup_steps=1, total_steps=10, grad_clip_norm=1.0
+  )
   step = train_step.make_train_step(MODEL, labels, tx, **step_kw)
   return params, labels, tx, step
 
@@ -64,7 +72,9 @@ def run_pmap(step, params, tx, batches, devices):
 def test_frozen_bitwise_trainable_changed_logit_scale_clamped():
   params, labels, tx, step = setup(lr=1e-2)
   params["logit_scale"] = jnp.asarray(np.log(100.0) - 1e-4, jnp.float32)
-  state, metrics = run_pmap(step, params, tx, [make_batch(8, s) for s in range(3)], jax.devices()[:1])
+  state, metrics = run_pmap(
+    step, params, tx, [make_batch(8, s) for s in range(3)], jax.devices()[:1]
+  )
   flat_old = traverse_util.flatten_dict(params)
   flat_new = traverse_util.flatten_dict(state.params)
   flat_labels = traverse_util.flatten_dict(labels)
@@ -98,10 +108,17 @@ def test_layer_presets_and_labels():
   assert "logit_scale" in trainable and "text_projection/kernel" in trainable
   assert not any(p.startswith(("vision_model", "visual_projection")) for p in trainable)
   extra = param_groups.label_params(params, "front", extra_trainable=[r"layers/3/layer_norm1"])
-  assert traverse_util.flatten_dict(extra)[("text_model", "encoder", "layers", "3", "layer_norm1", "scale")] == "trainable"
+  assert (
+    traverse_util.flatten_dict(extra)[
+      ("text_model", "encoder", "layers", "3", "layer_norm1", "scale")
+    ]
+    == "trainable"
+  )
   with pytest.raises(ValueError, match="vision tower is always frozen"):
     param_groups.label_params(params, "front", extra_trainable=[r"vision_model/.*/fc1"])
-  assert "trainable text blocks: [0, 1]" in param_groups.summary(params, param_groups.label_params(params, "front"))
+  assert "trainable text blocks: [0, 1]" in param_groups.summary(
+    params, param_groups.label_params(params, "front")
+  )
 
 
 def test_optimizer_state_only_for_trainable_leaves():
@@ -118,8 +135,9 @@ def _count_weight_grads(layers):
   state = train_step.create_train_state(params, tx)
   batch = make_batch(4)
   fn = jax.pmap(step, axis_name=train_step.AXIS, devices=jax.devices()[:1])
-  jaxpr = jax.make_jaxpr(fn)(jax_utils.replicate(state, jax.devices()[:1]),
-                             jax.tree.map(lambda x: x[None], batch))
+  jaxpr = jax.make_jaxpr(fn)(
+    jax_utils.replicate(state, jax.devices()[:1]), jax.tree.map(lambda x: x[None], batch)
+  )
   return str(jaxpr).count("dot_general")
 
 
@@ -127,12 +145,15 @@ def test_frozen_weight_gradients_are_not_computed():
   # Each trainable block adds 6 weight-gradient matmuls (q, k, v, out, fc1, fc2);
   # frozen blocks only pass activation gradients through.
   front, whole = _count_weight_grads("front"), _count_weight_grads("whole")
-  frozen_blocks = CONFIG.text.num_hidden_layers - len(param_groups.text_layers("front", CONFIG.text.num_hidden_layers))
+  frozen_blocks = CONFIG.text.num_hidden_layers - len(
+    param_groups.text_layers("front", CONFIG.text.num_hidden_layers)
+  )
   assert whole - front == 6 * frozen_blocks
 
 
-@pytest.mark.parametrize("pixels,objective", [(True, "omni_negclip"), (False, "omni_negclip"),
-                                              (False, "conclip")])
+@pytest.mark.parametrize(
+  "pixels,objective", [(True, "omni_negclip"), (False, "omni_negclip"), (False, "conclip")]
+)
 def test_one_and_four_devices_agree(pixels, objective):
   params, _, tx, step = setup(objective=objective)
   batches = [make_batch(8, s, pixels, distractors=objective == "conclip") for s in range(2)]
@@ -166,6 +187,7 @@ def test_shard_map_equals_pmap():
 
 def test_conclip_without_distractors_names_the_missing_key():
   params, _, tx, step = setup(objective="conclip")
-  with pytest.raises(ValueError, match="needs presence_distractor_pixels or "
-                                       "presence_distractor_image_emb"):
+  with pytest.raises(
+    ValueError, match="needs presence_distractor_pixels or presence_distractor_image_emb"
+  ):
     run_pmap(step, params, tx, [make_batch(4, pixels=False)], jax.devices()[:1])

@@ -19,11 +19,11 @@ from flax import jax_utils
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from negclip_jax.model import clip as model_lib
 from negclip_jax.data import negshapes
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE, load_ccneg
-from negclip_jax.eval.embed import Embedder
 from negclip_jax.eval import embed
+from negclip_jax.eval.embed import Embedder
+from negclip_jax.model import clip as model_lib
 
 THIRDS = ("front", "middle", "back")
 
@@ -46,18 +46,32 @@ def _eot_model(model: model_lib.CLIP) -> _EotHiddenStates:
 
 def summarize(block_cosine: Sequence[float]) -> dict:
   """{"cosine_front", "cosine_middle", "cosine_back"}: means over the thirds of L blocks."""
-  return {f"cosine_{name}": float(np.mean(part))
-          for name, part in zip(THIRDS, np.array_split(np.asarray(block_cosine), 3))}
+  return {
+    f"cosine_{name}": float(np.mean(part))
+    for name, part in zip(THIRDS, np.array_split(np.asarray(block_cosine), 3))
+  }
 
 
-def evaluate(embedder: Embedder, tokenizer, context_length: int, captions: Sequence[str],
-             negated: Sequence[str], embeddings: bool = False) -> dict:
-  """"cosine_block_0" ... "cosine_block_{L-1}", the `summarize` keys, "n"; with
+def evaluate(
+  embedder: Embedder,
+  tokenizer,
+  context_length: int,
+  captions: Sequence[str],
+  negated: Sequence[str],
+  embeddings: bool = False,
+) -> dict:
+  """ "cosine_block_0" ... "cosine_block_{L-1}", the `summarize` keys, "n"; with
   `embeddings` also "cosine_embeddings" (first). Values are mean cosines over the pairs."""
-  params = (jax_utils.unreplicate(embedder.params) if embedder.mesh is None
-            else embedder.params)  # replicated [devices, ...] or already sharded
-  states = Embedder(_eot_model(embedder.model), params, embedder.batch_size,
-                    progress=embedder.progress, mesh=embedder.mesh)  # per-layer L2-normalized
+  params = (
+    jax_utils.unreplicate(embedder.params) if embedder.mesh is None else embedder.params
+  )  # replicated [devices, ...] or already sharded
+  states = Embedder(
+    _eot_model(embedder.model),
+    params,
+    embedder.batch_size,
+    progress=embedder.progress,
+    mesh=embedder.mesh,
+  )  # per-layer L2-normalized
   pos = embed.embed_texts(states, tokenizer, context_length, captions, "captions")
   neg = embed.embed_texts(states, tokenizer, context_length, negated, "negated captions")
   cosine = np.sum(pos * neg, -1).mean(0)  # [L + 1]
@@ -75,8 +89,11 @@ def plot(result: dict, path: str) -> None:
   fig = Figure(figsize=(5, 3.5))
   ax = fig.subplots()
   ax.plot(x, y, marker="o")
-  ax.set(xlabel="text block (-1 = embeddings)", ylabel="cos(caption, negated) at EOT",
-         title=f"Negation sensitivity by block (n={result['n']})")
+  ax.set(
+    xlabel="text block (-1 = embeddings)",
+    ylabel="cos(caption, negated) at EOT",
+    title=f"Negation sensitivity by block (n={result['n']})",
+  )
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   fig.tight_layout()
@@ -84,9 +101,18 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(f, dpi=120, format="png")
 
 
-def run(embedder: Embedder, tokenizer, context_length: int, *, data: str, num: int | None = None,
-        seed: int = 0, eval_size: int = CCNEG_EVAL_SIZE, embeddings: bool = False,
-        plot_path: str | None = None) -> dict:
+def run(
+  embedder: Embedder,
+  tokenizer,
+  context_length: int,
+  *,
+  data: str,
+  num: int | None = None,
+  seed: int = 0,
+  eval_size: int = CCNEG_EVAL_SIZE,
+  embeddings: bool = False,
+  plot_path: str | None = None,
+) -> dict:
   """`evaluate` on the CC-Neg *train* split (every record before the last `eval_size`;
   the first `num` when given), or on `num` (default 500) NegShapes presence pairs when
   data == "negshapes"; also plots to `plot_path` when given."""

@@ -10,27 +10,28 @@ import numpy as np
 
 from negclip_jax.data.negbench import load_negbench_mcq, load_negbench_retrieval
 from negclip_jax.data.records import McqRecord, RetrievalSet
-from negclip_jax.eval import embed
-from negclip_jax.eval import metrics
+from negclip_jax.eval import embed, metrics
 
 ANSWER_TYPES = {  # MCQ layout -> caption index -> answer type (the original's mapping)
-    "coco": {1: "hybrid", 2: "positive", 3: "negative"},  # COCO, VOC2007, MSR-VTT MCQs
-    "synthetic": {0: "positive", 1: "hybrid", 2: "hybrid", 3: "negative"},
+  "coco": {1: "hybrid", 2: "positive", 3: "negative"},  # COCO, VOC2007, MSR-VTT MCQs
+  "synthetic": {0: "positive", 1: "hybrid", 2: "hybrid", 3: "negative"},
 }
 
 
-def _predictions(embedder, tokenizer, context_length: int, records: Sequence[McqRecord],
-                 protocol: str) -> np.ndarray:
+def _predictions(
+  embedder, tokenizer, context_length: int, records: Sequence[McqRecord], protocol: str
+) -> np.ndarray:
   """int [N]: argmax over each record's captions (first maximum wins)."""
   images = embed.embed_files(embedder, [r.image_path for r in records], protocol=protocol)
-  texts = embed.embed_texts(embedder, tokenizer, context_length,
-                             [c for r in records for c in r.captions], "captions")
+  texts = embed.embed_texts(
+    embedder, tokenizer, context_length, [c for r in records for c in r.captions], "captions"
+  )
   scores = np.einsum("nkd,nd->nk", texts.reshape(len(records), -1, texts.shape[-1]), images)
   return np.argmax(scores, -1)
 
 
 def wrong_answers(predicted: np.ndarray, records: Sequence[McqRecord], layout: str) -> dict:
-  """"wrong_as_<type>" (fraction of wrong answers whose chosen caption has that type)
+  """ "wrong_as_<type>" (fraction of wrong answers whose chosen caption has that type)
   and "wrong_<template>_as_<type>" counts; types by caption index from `ANSWER_TYPES`."""
   types = ANSWER_TYPES[layout]
   names = list(dict.fromkeys(types.values()))
@@ -40,19 +41,29 @@ def wrong_answers(predicted: np.ndarray, records: Sequence[McqRecord], layout: s
     if p == r.correct:
       continue
     if p not in types:
-      raise ValueError(f"record {i}: the wrong answer is caption {p}, which has no answer type "
-                       f"in the {layout!r} layout {types}; use the other --mcq-layout")
+      raise ValueError(
+        f"record {i}: the wrong answer is caption {p}, which has no answer type "
+        f"in the {layout!r} layout {types}; use the other --mcq-layout"
+      )
     counts[r.template, types[p]] += 1
   total = sum(counts.values())
-  out = {f"wrong_as_{a}": sum(counts[t, a] for t in templates) / total if total else float("nan")
-         for a in names}
+  out = {
+    f"wrong_as_{a}": sum(counts[t, a] for t in templates) / total if total else float("nan")
+    for a in names
+  }
   out.update({f"wrong_{t}_as_{a}": c for (t, a), c in counts.items()})
   return out
 
 
-def evaluate_mcq(embedder, tokenizer, context_length: int, records: Sequence[McqRecord],
-                 protocol: str = "original", layout: str = "coco") -> dict:
-  """"accuracy", "accuracy_<template>" per template, the `wrong_answers` keys, "n"."""
+def evaluate_mcq(
+  embedder,
+  tokenizer,
+  context_length: int,
+  records: Sequence[McqRecord],
+  protocol: str = "original",
+  layout: str = "coco",
+) -> dict:
+  """ "accuracy", "accuracy_<template>" per template, the `wrong_answers` keys, "n"."""
   predicted = _predictions(embedder, tokenizer, context_length, records, protocol)
   correct = predicted == np.array([r.correct for r in records])
   templates = np.array([r.template for r in records], object)
@@ -62,42 +73,82 @@ def evaluate_mcq(embedder, tokenizer, context_length: int, records: Sequence[Mcq
   return {**out, **wrong_answers(predicted, records, layout), "n": len(records)}
 
 
-def evaluate_binary_mcq(embedder, tokenizer, context_length: int, records: Sequence[McqRecord],
-                        protocol: str = "original") -> dict:
-  """"accuracy" (argmax over caption_0, caption_1; ties: caption_0), "n"."""
+def evaluate_binary_mcq(
+  embedder, tokenizer, context_length: int, records: Sequence[McqRecord], protocol: str = "original"
+) -> dict:
+  """ "accuracy" (argmax over caption_0, caption_1; ties: caption_0), "n"."""
   predicted = _predictions(embedder, tokenizer, context_length, records, protocol)
-  return {"accuracy": metrics.accuracy(predicted == np.array([r.correct for r in records])),
-          "n": len(records)}
+  return {
+    "accuracy": metrics.accuracy(predicted == np.array([r.correct for r in records])),
+    "n": len(records),
+  }
 
 
-def evaluate_retrieval(embedder, tokenizer, context_length: int, data: RetrievalSet,
-                       protocol: str = "original", ties: str = "optimistic") -> dict:
-  """"t2i_r1", "t2i_r5" (each caption's own row image), "n" texts, "n_images"."""
+def evaluate_retrieval(
+  embedder,
+  tokenizer,
+  context_length: int,
+  data: RetrievalSet,
+  protocol: str = "original",
+  ties: str = "optimistic",
+) -> dict:
+  """ "t2i_r1", "t2i_r5" (each caption's own row image), "n" texts, "n_images"."""
   images = embed.embed_files(embedder, data.image_paths, protocol=protocol)
   texts = embed.embed_texts(embedder, tokenizer, context_length, data.captions, "captions")
-  out = metrics.retrieval_metrics(images, texts, data.caption_to_image, ks=(1, 5),
-                                  directions=("t2i",), ties=ties)
+  out = metrics.retrieval_metrics(
+    images, texts, data.caption_to_image, ks=(1, 5), directions=("t2i",), ties=ties
+  )
   return {**out, "n": len(data.captions), "n_images": len(data.image_paths)}
 
 
-def run_mcq(embedder, tokenizer, context_length: int, *, data: str, image_root: str,
-            protocol: str = "original", mcq_layout: str = "coco") -> dict:
+def run_mcq(
+  embedder,
+  tokenizer,
+  context_length: int,
+  *,
+  data: str,
+  image_root: str,
+  protocol: str = "original",
+  mcq_layout: str = "coco",
+) -> dict:
   """`evaluate_mcq` on a NegBench MCQ CSV."""
   if mcq_layout not in ANSWER_TYPES:
     raise ValueError(f"unknown MCQ layout {mcq_layout!r}; known: {sorted(ANSWER_TYPES)}")
-  return evaluate_mcq(embedder, tokenizer, context_length, load_negbench_mcq(data, image_root),
-                      protocol, mcq_layout)
+  return evaluate_mcq(
+    embedder, tokenizer, context_length, load_negbench_mcq(data, image_root), protocol, mcq_layout
+  )
 
 
-def run_binary_mcq(embedder, tokenizer, context_length: int, *, data: str, image_root: str,
-                   protocol: str = "original") -> dict:
+def run_binary_mcq(
+  embedder,
+  tokenizer,
+  context_length: int,
+  *,
+  data: str,
+  image_root: str,
+  protocol: str = "original",
+) -> dict:
   """`evaluate_binary_mcq` on a NegBench binary MCQ CSV."""
-  return evaluate_binary_mcq(embedder, tokenizer, context_length,
-                             load_negbench_mcq(data, image_root, num_options=2), protocol)
+  return evaluate_binary_mcq(
+    embedder,
+    tokenizer,
+    context_length,
+    load_negbench_mcq(data, image_root, num_options=2),
+    protocol,
+  )
 
 
-def run_retrieval(embedder, tokenizer, context_length: int, *, data: str, image_root: str,
-                  protocol: str = "original", ties: str = "optimistic") -> dict:
+def run_retrieval(
+  embedder,
+  tokenizer,
+  context_length: int,
+  *,
+  data: str,
+  image_root: str,
+  protocol: str = "original",
+  ties: str = "optimistic",
+) -> dict:
   """`evaluate_retrieval` on a NegBench retrieval CSV."""
-  return evaluate_retrieval(embedder, tokenizer, context_length,
-                            load_negbench_retrieval(data, image_root), protocol, ties)
+  return evaluate_retrieval(
+    embedder, tokenizer, context_length, load_negbench_retrieval(data, image_root), protocol, ties
+  )

@@ -35,50 +35,63 @@ from typing import Sequence
 import numpy as np
 
 from negclip_jax.data import negshapes
-from negclip_jax.eval import embed
-from negclip_jax.eval import metrics
+from negclip_jax.eval import embed, metrics
 
 TEXT_CHOICE = ("presence", "presence_hard", "mcq")  # one image, K texts
 IMAGE_CHOICE = ("absence", "absence_hard")  # one text, K images
-TASKS = tuple(f"{kind}{split}" for kind in ("presence", "absence", "presence_hard",
-                                            "absence_hard", "mcq")
-              for split in ("", "_heldout"))
-RULES = {"text": ("fewer_negations", "text_only", "negation_blind"),
-         "image": ("fewer_pixels", "negation_blind")}
-_GENERATORS = {"presence": negshapes.presence_task, "absence": negshapes.absence_task,
-               "presence_hard": negshapes.presence_hard_task,
-               "absence_hard": negshapes.absence_hard_task, "mcq": negshapes.mcq_task}
+TASKS = tuple(
+  f"{kind}{split}"
+  for kind in ("presence", "absence", "presence_hard", "absence_hard", "mcq")
+  for split in ("", "_heldout")
+)
+RULES = {
+  "text": ("fewer_negations", "text_only", "negation_blind"),
+  "image": ("fewer_pixels", "negation_blind"),
+}
+_GENERATORS = {
+  "presence": negshapes.presence_task,
+  "absence": negshapes.absence_task,
+  "presence_hard": negshapes.presence_hard_task,
+  "absence_hard": negshapes.absence_hard_task,
+  "mcq": negshapes.mcq_task,
+}
 _OBJECT_LEVEL = 150  # a pixel whose brightest channel exceeds this is an object pixel
 _TEXT_RULE_PAIRS = 2000  # training examples the text-only rule is fit on
 
 
 def base_task(name: str) -> str:
-  """"presence_hard_heldout" -> "presence_hard"."""
+  """ "presence_hard_heldout" -> "presence_hard"."""
   return name.removesuffix("_heldout")
 
 
 def generate(num: int = 500, seed: int = 0, image_size: int = 64) -> dict:
   """{task: task dict} for every name in `TASKS` plus "retrieval", `num` each, and
   "text_rule": the text-only rule fit on the training split of `seed`."""
-  data = {name: _GENERATORS[base_task(name)](
-      num, seed, image_size, "held_out" if name.endswith("_heldout") else "in_distribution")
-          for name in TASKS}
+  data = {
+    name: _GENERATORS[base_task(name)](
+      num, seed, image_size, "held_out" if name.endswith("_heldout") else "in_distribution"
+    )
+    for name in TASKS
+  }
   data["retrieval"] = negshapes.retrieval_task(num, seed, image_size)
   train = negshapes.generate_pairs(_TEXT_RULE_PAIRS, seed, image_size=16, split="train")
   data["text_rule"] = fit_text_rule(
-      train["captions"] + train["updated"] + train["negated"],
-      [1] * (2 * _TEXT_RULE_PAIRS) + [0] * _TEXT_RULE_PAIRS)
+    train["captions"] + train["updated"] + train["negated"],
+    [1] * (2 * _TEXT_RULE_PAIRS) + [0] * _TEXT_RULE_PAIRS,
+  )
   return data
 
 
 # --------------------------------------------------------------------------- choices
+
 
 def text_choices(task: dict) -> tuple[list[list[str]], np.ndarray]:
   """(options [N][K], labels int [N]) of a one-image, K-texts task."""
   if "options" in task:
     return task["options"], np.asarray(task["labels"])
   return [[c, n] for c, n in zip(task["captions"], task["negated"])], np.zeros(
-      len(task["captions"]), np.int64)
+    len(task["captions"]), np.int64
+  )
 
 
 def image_choices(task: dict) -> tuple[list[np.ndarray], list[list], np.ndarray]:
@@ -97,8 +110,11 @@ def choice_stats(scores: np.ndarray, labels: np.ndarray) -> dict:
   top = scores == scores.max(1, keepdims=True)
   n_top = top.sum(1)
   on_top = top[np.arange(len(labels)), labels]
-  return {"acc": float(np.mean(on_top & (n_top == 1))), "ties": float(np.mean(n_top > 1)),
-          "guess": float(np.mean(on_top / n_top))}
+  return {
+    "acc": float(np.mean(on_top & (n_top == 1))),
+    "ties": float(np.mean(n_top > 1)),
+    "guess": float(np.mean(on_top / n_top)),
+  }
 
 
 def standard_error(acc: float, n: int) -> float:
@@ -107,6 +123,7 @@ def standard_error(acc: float, n: int) -> float:
 
 
 # ----------------------------------------------------------------------------- rules
+
 
 def words(text: str) -> list[str]:
   return re.findall(r"[a-z]+", text)
@@ -139,8 +156,9 @@ def _bag_of_words(texts: Sequence[str], vocab: dict) -> np.ndarray:
   return x
 
 
-def fit_text_rule(texts: Sequence[str], labels: Sequence[int], steps: int = 300,
-                  l2: float = 1e-3) -> dict:
+def fit_text_rule(
+  texts: Sequence[str], labels: Sequence[int], steps: int = 300, l2: float = 1e-3
+) -> dict:
   """L2-regularised logistic regression P(text true) on word counts (full-batch Newton).
 
   Returns {"vocab": {word: column}, "weights": float [V+1]}.
@@ -171,8 +189,10 @@ def rule_scores(rule: str, task: dict, text_rule: dict | None = None) -> np.ndar
     if rule == "fewer_pixels":
       return -np.stack([object_pixels(x) for x in images], 1).astype(np.float64)
     if rule == "negation_blind":
-      return np.array([[mentions_in_scene(t, s) for s in row]
-                       for t, row in zip(task["texts"], scenes)], np.float64)
+      return np.array(
+        [[mentions_in_scene(t, s) for s in row] for t, row in zip(task["texts"], scenes)],
+        np.float64,
+      )
   else:
     options, _ = text_choices(task)
     if rule == "fewer_negations":
@@ -181,8 +201,10 @@ def rule_scores(rule: str, task: dict, text_rule: dict | None = None) -> np.ndar
       flat = text_rule_scores(text_rule, [t for row in options for t in row])
       return flat.reshape(len(options), -1)
     if rule == "negation_blind":
-      return np.array([[mentions_in_scene(t, s) for t in row]
-                       for row, s in zip(options, task["scenes"])], np.float64)
+      return np.array(
+        [[mentions_in_scene(t, s) for t in row] for row, s in zip(options, task["scenes"])],
+        np.float64,
+      )
   raise ValueError(f"rule {rule!r} does not apply to this task")
 
 
@@ -201,22 +223,29 @@ def audit(name: str, task: dict, text_rule: dict) -> dict:
 
 # ---------------------------------------------------------------------------- models
 
+
 def model_scores(embedder, tokenizer, context_length: int, name: str, task: dict) -> np.ndarray:
   """float [N, K]: the model's similarity of each item's options."""
   if "texts" in task:
     images, _, _ = image_choices(task)
     text = embed.embed_texts(embedder, tokenizer, context_length, task["texts"], name)
-    return np.stack([np.sum(text * embed.embed_arrays(embedder, x, f"{name} images {j}"), -1)
-                     for j, x in enumerate(images)], 1)
+    return np.stack(
+      [
+        np.sum(text * embed.embed_arrays(embedder, x, f"{name} images {j}"), -1)
+        for j, x in enumerate(images)
+      ],
+      1,
+    )
   options, _ = text_choices(task)
   image = embed.embed_arrays(embedder, task["images"], f"{name} images")
-  flat = embed.embed_texts(embedder, tokenizer, context_length,
-                            [t for row in options for t in row], f"{name} texts")
+  flat = embed.embed_texts(
+    embedder, tokenizer, context_length, [t for row in options for t in row], f"{name} texts"
+  )
   return np.einsum("nd,nkd->nk", image, flat.reshape(len(options), -1, flat.shape[-1]))
 
 
 def task_metrics(name: str, task: dict, scores: np.ndarray) -> dict:
-  """"<name>_acc" (ties wrong), "_se", "_ties", "_n"; per template for mcq tasks."""
+  """ "<name>_acc" (ties wrong), "_se", "_ties", "_n"; per template for mcq tasks."""
   labels = image_choices(task)[2] if "texts" in task else text_choices(task)[1]
   out = {}
   groups = {"": np.ones(len(labels), bool)}
@@ -226,9 +255,13 @@ def task_metrics(name: str, task: dict, scores: np.ndarray) -> dict:
   for suffix, mask in groups.items():
     stats = choice_stats(scores[mask], labels[mask])
     n = int(mask.sum())
-    out.update({f"{name}{suffix}_acc": stats["acc"],
-                f"{name}{suffix}_se": standard_error(stats["acc"], n),
-                f"{name}{suffix}_n": n})
+    out.update(
+      {
+        f"{name}{suffix}_acc": stats["acc"],
+        f"{name}{suffix}_se": standard_error(stats["acc"], n),
+        f"{name}{suffix}_n": n,
+      }
+    )
     if not suffix:
       out[f"{name}_ties"] = stats["ties"]
   return out
@@ -248,10 +281,13 @@ def evaluate(embedder, tokenizer, context_length: int, data: dict) -> dict:
       out.update(audit(name, data[name], data["text_rule"]))
   retrieval = data["retrieval"]
   recall = metrics.retrieval_metrics(
-      embed.embed_arrays(embedder, retrieval["images"], "retrieval images"),
-      embed.embed_texts(embedder, tokenizer, context_length, retrieval["captions"],
-                         "retrieval captions"),
-      np.arange(len(retrieval["captions"])), ks=(1,))
+    embed.embed_arrays(embedder, retrieval["images"], "retrieval images"),
+    embed.embed_texts(
+      embedder, tokenizer, context_length, retrieval["captions"], "retrieval captions"
+    ),
+    np.arange(len(retrieval["captions"])),
+    ks=(1,),
+  )
   out.update({f"retrieval_{k}": v for k, v in recall.items()})
   out["n"] = len(data["presence"]["captions"])
   return out
@@ -260,21 +296,33 @@ def evaluate(embedder, tokenizer, context_length: int, data: dict) -> dict:
 def report(results: dict) -> str:
   """Markdown: per task, the model's accuracy +- s.e. and the shortcut audit."""
   rules = ("fewer_negations", "text_only", "fewer_pixels", "negation_blind")
-  rows = ["| task | n | chance | accuracy +- s.e. | ties | " + " | ".join(rules) + " |",
-          "|---|---:|---:|---:|---:|" + "---:|" * len(rules)]
+  rows = [
+    "| task | n | chance | accuracy +- s.e. | ties | " + " | ".join(rules) + " |",
+    "|---|---:|---:|---:|---:|" + "---:|" * len(rules),
+  ]
   for name in TASKS:
     if f"{name}_acc" not in results:
       continue
-    cells = [f"{results[f'{name}_rule_{r}']:.3f}" if f"{name}_rule_{r}" in results else "-"
-             for r in rules]
-    rows.append(f"| {name} | {results[f'{name}_n']} | {results[f'{name}_chance']:.2f} | "
-                f"{results[f'{name}_acc']:.3f} +- {results[f'{name}_se']:.3f} | "
-                f"{results[f'{name}_ties']:.3f} | " + " | ".join(cells) + " |")
+    cells = [
+      f"{results[f'{name}_rule_{r}']:.3f}" if f"{name}_rule_{r}" in results else "-" for r in rules
+    ]
+    rows.append(
+      f"| {name} | {results[f'{name}_n']} | {results[f'{name}_chance']:.2f} | "
+      f"{results[f'{name}_acc']:.3f} +- {results[f'{name}_se']:.3f} | "
+      f"{results[f'{name}_ties']:.3f} | " + " | ".join(cells) + " |"
+    )
   return "\n".join(rows)
 
 
-def run(embedder, tokenizer, context_length: int, *, num: int = 500, seed: int = 0,
-        image_size: int | None = None) -> dict:
+def run(
+  embedder,
+  tokenizer,
+  context_length: int,
+  *,
+  num: int = 500,
+  seed: int = 0,
+  image_size: int | None = None,
+) -> dict:
   """`evaluate` on freshly generated data; image_size defaults to the model's."""
   data = generate(num, seed, image_size or embed.image_size(embedder))
   return evaluate(embedder, tokenizer, context_length, data)

@@ -59,8 +59,9 @@ def load_classnames(spec: str | None, dataset: str, label_names: Sequence[str]) 
   else:
     names = _read_list(spec, "classnames")
   if len(names) != len(label_names):
-    raise DataError(spec or dataset, f"{len(names)} class names for a dataset with "
-                    f"{len(label_names)} labels")
+    raise DataError(
+      spec or dataset, f"{len(names)} class names for a dataset with {len(label_names)} labels"
+    )
   return names
 
 
@@ -75,8 +76,9 @@ def _read_list(path: str, key: str) -> list:
   return value.get(key, []) if isinstance(value, dict) else value
 
 
-def class_embeddings(embedder, tokenizer, context_length: int, classnames: Sequence[str],
-                     templates: Sequence[str]) -> np.ndarray:
+def class_embeddings(
+  embedder, tokenizer, context_length: int, classnames: Sequence[str], templates: Sequence[str]
+) -> np.ndarray:
   """[C, D] prompt-ensembled, L2-normalized class embeddings."""
   texts = [t.format(c) for c in classnames for t in templates]
   prompts = embed.embed_texts(embedder, tokenizer, context_length, texts, "prompts")
@@ -90,15 +92,23 @@ def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
   return (top == labels[:, None]).any(axis=-1)
 
 
-def classify(embedder, tokenizer, context_length: int, *, data: str,
-             tfds_data_dir: str | None = None, split: str = "test", classnames: str | None = None,
-             templates: str = "openai_imagenet", protocol: str = "original",
-             num: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+def classify(
+  embedder,
+  tokenizer,
+  context_length: int,
+  *,
+  data: str,
+  tfds_data_dir: str | None = None,
+  split: str = "test",
+  classnames: str | None = None,
+  templates: str = "openai_imagenet",
+  protocol: str = "original",
+  num: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
   """(scores [N, C] cosine similarities, labels [N], example keys, class names)."""
   examples, label_names, count = load_tfds_images(data, split, data_dir=tfds_data_dir)
   names = load_classnames(classnames, data, label_names)
-  classes = class_embeddings(embedder, tokenizer, context_length, names,
-                             load_templates(templates))
+  classes = class_embeddings(embedder, tokenizer, context_length, names, load_templates(templates))
   load = embed.image_loader(embedder, protocol)
   count = count if num is None else min(num, count)
   scores, labels, keys, chunk = [], [], [], []
@@ -124,8 +134,11 @@ def classify(embedder, tokenizer, context_length: int, *, data: str,
 
 
 def run(embedder, tokenizer, context_length: int, **options) -> dict:
-  """"top1", "top5" (top-C with fewer than 5 classes), "n" images, "n_classes"."""
+  """ "top1", "top5" (top-C with fewer than 5 classes), "n" images, "n_classes"."""
   scores, labels, _, names = classify(embedder, tokenizer, context_length, **options)
-  return {"top1": float(topk_correct(scores, labels, 1).mean()),
-          "top5": float(topk_correct(scores, labels, 5).mean()),
-          "n": len(labels), "n_classes": len(names)}
+  return {
+    "top1": float(topk_correct(scores, labels, 1).mean()),
+    "top5": float(topk_correct(scores, labels, 5).mean()),
+    "n": len(labels),
+    "n_classes": len(names),
+  }
