@@ -27,6 +27,20 @@ def tiny_config(**overrides):
   return c
 
 
+def tiny_train_cmd(workdir, *flags: str) -> list[str]:
+  """`python -m negclip_jax.train` on the tiny preset in `workdir`, with `flags`."""
+  return [
+    sys.executable,
+    "-m",
+    "negclip_jax.train",
+    "--config",
+    str(ROOT / "configs/tiny.py"),
+    "--workdir",
+    str(workdir),
+    *flags,
+  ]
+
+
 def steps_on_disk(workdir: Path) -> list[int]:
   """The checkpoint steps a run directory holds."""
   checkpoints = Path(workdir) / rundir.CHECKPOINTS_DIR

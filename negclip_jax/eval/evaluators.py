@@ -40,10 +40,6 @@ class Evaluator:
   dtype: str = "float32"
   options: Mapping = dataclasses.field(default_factory=dict)
 
-  def due(self, step: int) -> bool:
-    """Whether the evaluator runs after global step `step` (not counting the final run)."""
-    return self.every > 0 and step % self.every == 0
-
   def run(self, model, params, tokenizer, mesh=None) -> dict:
     """{metric: value} of the task on (model, params); `mesh`: params sharded on it (fsdp)."""
     return registry.run_task(

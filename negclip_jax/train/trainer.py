@@ -10,11 +10,13 @@ first; only process 0 writes logs and exports, every process takes part in saves
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -275,15 +277,28 @@ def _flush(
   return mean
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
-  """Runs (or resumes) training.
+@dataclasses.dataclass
+class Run:
+  """A training run set up to loop: what `setup` built and `loop` / `finish` use."""
 
-  Returns {"step", "last_metrics", "eval" ({evaluator name: final metrics}; empty if
-  stopped early), "stopped_early", "model", "params" (host copy), "tokenizer"}. The
-  evaluators of `config.evals` (validated before anything loads) run at their cadence and
-  once at the end; results go to the metrics log as ``eval/<name>/<metric>``. A run that
-  finishes exports to WORKDIR/export/hf (`negclip_jax.export`).
-  """
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  model: model_lib.CLIP
+  tokenizer: ClipTokenizer
+  placement: sharding.Pmap | sharding.Fsdp
+  evals: list[evaluators.Evaluator]
+  schedule: optax.Schedule
+  checkpointer: checkpoint.Checkpointer
+  data: pipeline.TrainPipeline
+  step_fn: Callable
+  state: train_step.TrainState  # placed on the devices (replicated or sharded)
+  start_step: int
+  total_steps: int
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
+  """Validates `config`, loads the model and data, restores the newest readable checkpoint
+  of `workdir` (or initialises), fills the image cache and compiles the step."""
   validate_config(config)
   evals = evaluators.from_config(config.evals)
   workdir = storage.path(workdir)
@@ -326,12 +341,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   start = 0
   if restored is not None:
     state, data_state, start = restored
-    rstate = placement.place(state)
+    placed = placement.place(state)
     del state
     if main:
       print(f"Resuming from {ckpt.directory}/{start}", flush=True)
   else:
-    rstate = placement.init_state(params, tx)
+    placed = placement.init_state(params, tx)
   if main:
     rundir.write_model(workdir, model.config, tokenizer)
 
@@ -374,71 +389,147 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
       global_negatives=config.global_negatives,
       **placement.step_options,
     ),
-    rstate,
+    placed,
   )
-  del params
-  config_json = json.loads(config.to_json())
-  log = rundir.MetricsLog(workdir, start)
+  return Run(
+    config,
+    workdir,
+    model,
+    tokenizer,
+    placement,
+    evals,
+    schedule,
+    ckpt,
+    data,
+    step_fn,
+    placed,
+    start,
+    total_steps,
+  )
+
+
+def _every(step: int, n: int) -> bool:
+  """Whether `step` falls on a cadence of `n` steps (n <= 0: never)."""
+  return n > 0 and step % n == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+  """What happens after a step: the one cadence rule for logs, saves, evaluations, stops."""
+
+  log: bool
+  save: bool
+  stop: bool  # preempted (SIGTERM, or Orbax's preemption sync point)
+  evals: tuple[evaluators.Evaluator, ...]
+
+  @classmethod
+  def after(cls, run: Run, step: int, preempt: checkpoint.PreemptionWatcher) -> "Due":
+    save = run.checkpointer.should_save(step) or step == run.total_steps
+    log = _every(step, run.config.log_every)
+    stop = preempt.should_stop(step, run.checkpointer, boundary=save or log)
+    evals = tuple(ev for ev in run.evals if _every(step, ev.every))
+    return cls(log=log or save or stop, save=save or stop, stop=stop, evals=evals)
+
+
+def loop(run: Run, log: rundir.MetricsLog) -> tuple[int, dict | None, bool, dict]:
+  """Trains from `run.start_step` to the end or a preemption, updating `run.state` ->
+  (step reached, last logged metrics, stopped early, {evaluator: (step, metrics)})."""
+  main = jax.process_index() == 0
+  config_json = json.loads(run.config.to_json())
   preempt = checkpoint.PreemptionWatcher()
   pending, last, stopped_early = [], None, False
-  latest_eval = {}  # evaluator name -> (step, metrics)
-  bar = tqdm(total=total_steps, initial=start, desc="train", disable=not main, dynamic_ncols=True)
+  evaluated = {}
+  bar = tqdm(
+    total=run.total_steps,
+    initial=run.start_step,
+    desc="train",
+    disable=not main,
+    dynamic_ncols=True,
+  )
   t0 = time.perf_counter()
-  step = start
+  step = run.start_step
   try:
-    for batch in data:
+    for batch in run.data:
       batch.pop(batch_lib.STEP_KEY)
-      rstate, metrics = step_fn(rstate, placement.batch(batch))
+      run.state, metrics = run.step_fn(run.state, run.placement.batch(batch))
       pending.append((step, metrics))
       step += 1
       bar.update(1)
-      due = ckpt.should_save(step) or step == total_steps
-      stop = preempt.should_stop(step, ckpt, boundary=due or step % config.log_every == 0)
-      save = stop or due
-      if save or step % config.log_every == 0:
-        last = _flush(pending, log, bar, t0, config.batch_size, placement.host, schedule) or last
+      due = Due.after(run, step, preempt)
+      if due.log:
+        host, batch_size = run.placement.host, run.config.batch_size
+        last = _flush(pending, log, bar, t0, batch_size, host, run.schedule) or last
         t0 = time.perf_counter()
-      if save:
-        ckpt.save(step, placement.to_save(rstate), data.state_dict(), config_json, force=True)
-      for ev in evals:
-        if ev.due(step):
-          latest_eval[ev.name] = (
-            step,
-            ev.run(model, placement.eval_params(rstate.params), tokenizer, placement.mesh),
-          )
-          log.write(step, ev.log_keys(latest_eval[ev.name][1]))
-      if stop:
-        stopped_early = step < total_steps
+      if due.save:
+        run.checkpointer.save(
+          step, run.placement.to_save(run.state), run.data.state_dict(), config_json, force=True
+        )
+      for ev in due.evals:
+        evaluated[ev.name] = step, _evaluate(run, ev, log, step)
+      if due.stop:
+        stopped_early = step < run.total_steps
         break
   finally:
     bar.close()
-    ckpt.close()
+    run.checkpointer.close()
     preempt.close()
+  return step, last, stopped_early, evaluated
+
+
+def _evaluate(run: Run, ev: evaluators.Evaluator, log: rundir.MetricsLog, step: int) -> dict:
+  """Runs evaluator `ev` on the current params and logs its metrics at `step`."""
+  params = run.placement.eval_params(run.state.params)
+  metrics = ev.run(run.model, params, run.tokenizer, run.placement.mesh)
+  log.write(step, ev.log_keys(metrics))
+  return metrics
+
+
+def finish(
+  run: Run,
+  log: rundir.MetricsLog,
+  step: int,
+  last: dict | None,
+  stopped_early: bool,
+  evaluated: dict,
+) -> dict:
+  """Final evaluations (each evaluator once at the last step, unless stopped early), the
+  host copy of the params, and the export of a finished run -> `train`'s result."""
   final_eval = {}
-  for ev in [] if stopped_early else evals:
-    if latest_eval.get(ev.name, (None,))[0] == step:  # the loop has just run it
-      final_eval[ev.name] = latest_eval[ev.name][1]
+  for ev in [] if stopped_early else run.evals:
+    if evaluated.get(ev.name, (None,))[0] == step:  # the loop has just run it
+      final_eval[ev.name] = evaluated[ev.name][1]
     else:
-      final_eval[ev.name] = ev.run(
-        model, placement.eval_params(rstate.params), tokenizer, placement.mesh
-      )
-      log.write(step, ev.log_keys(final_eval[ev.name]))
+      final_eval[ev.name] = _evaluate(run, ev, log, step)
   log.close()
   result = {
     "step": step,
     "last_metrics": last,
     "eval": final_eval,
     "stopped_early": stopped_early,
-    "model": model,
-    "params": placement.host(rstate.params),
-    "tokenizer": tokenizer,
+    "model": run.model,
+    "params": run.placement.host(run.state.params),
+    "tokenizer": run.tokenizer,
   }
-  if main and not stopped_early:
+  if jax.process_index() == 0 and not stopped_early:
     from negclip_jax import export
 
-    out = export.export_run(result, config, workdir / rundir.EXPORT_DIR, workdir.name)
+    out = export.export_run(result, run.config, run.workdir / rundir.EXPORT_DIR, run.workdir.name)
     print(f"Exported to {out}", flush=True)
   return result
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+  """Runs (or resumes) training: `setup`, `loop`, `finish`.
+
+  Returns {"step", "last_metrics", "eval" ({evaluator name: final metrics}; empty if
+  stopped early), "stopped_early", "model", "params" (host copy), "tokenizer"}. The
+  evaluators of `config.evals` (validated before anything loads) run at their cadence and
+  once at the end; results go to the metrics log as ``eval/<name>/<metric>``. A run that
+  finishes exports to WORKDIR/export/hf (`negclip_jax.export`).
+  """
+  run = setup(config, workdir)
+  log = rundir.MetricsLog(run.workdir, run.start_step)
+  return finish(run, log, *loop(run, log))
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -233,5 +233,5 @@ def test_metrics_log_keeps_one_row_per_step_after_a_fallback(tmp_path):
   rows = [{"step": s, "total": float(s)} for s in (1, 2, 3, 4, 5, 6)]
   path = tmp_path / "metrics.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  rundir._drop_rows_after(path, 4)
+  rundir.drop_rows_after(path, 4)
   assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]

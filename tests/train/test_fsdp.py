@@ -25,6 +25,7 @@ from helpers import (
   keep_checkpoints_up_to,
   run_cluster,
   subprocess_env,
+  tiny_train_cmd,
 )
 from jax.sharding import PartitionSpec as P
 
@@ -58,16 +59,7 @@ def run(cmd: list[str], env: dict, devices: int) -> str:
 
 def train_cmd(workdir: Path, **overrides) -> list[str]:
   flags = {**dict(total_steps=STEPS, save_every=1, log_every=1, max_to_keep=10), **overrides}
-  return [
-    sys.executable,
-    "-m",
-    "negclip_jax.train",
-    "--config",
-    str(ROOT / "configs/tiny.py"),
-    "--workdir",
-    str(workdir),
-    *(f"--config.{k}={v}" for k, v in flags.items()),
-  ]
+  return tiny_train_cmd(workdir, *(f"--config.{k}={v}" for k, v in flags.items()))
 
 
 @pytest.fixture(scope="module")
