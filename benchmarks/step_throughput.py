@@ -11,7 +11,7 @@ Full ViT-B/32 shapes, random weights (the same in every variant), NegShapes capt
 tokenized with our `ClipTokenizer` to 77 tokens (short captions, like CC-Neg / COCO).
 
 Variants, measured in one run on the same batch:
-  ours            exact speed-ups on: the text batch truncated to its `embed.bucket_length`
+  ours            exact speed-ups on: the text batch truncated to its `packing.bucket_length`
                   (the causal mask makes EOT features independent of later padding),
                   cached image embeddings (`*_image_emb`, computed once by the frozen tower
                   before timing, so the step runs only the text tower), no weight gradients

@@ -9,7 +9,7 @@ negclip-demo --workdir runs/compare --compare-seeds 0 1 2   # paper vs hard data
 2. Exports it as a Hugging Face directory (`DIR/pretrained/hf`) and starts Omni-NegCLIP
    fine-tuning from it exactly as a user would from `openai/clip-vit-base-patch32`.
 3. Fine-tunes the front text layers with both objectives (`negclip_jax/configs/demo.py`).
-4. Evaluates both models on every NegShapes task (`negclip_jax.tasks.negshapes`):
+4. Evaluates both models on every NegShapes task (`negclip_jax.eval.tasks.negshapes_task`):
    paper-style presence/absence, the shortcut-free presence_hard, absence_hard and
    multiple choice, each in-distribution and on held-out compositions, with standard
    errors and the shortcut audit; prints tables, writes DIR/results.json, DIR/demo.png,

@@ -96,12 +96,12 @@ def load(source: str | os.PathLike, dtype=jnp.float32, step: int | None = None) 
   """The model `source` names: a run directory (checkpoint `step`, default its newest
   readable one), a run's ``checkpoints/STEP`` directory, or anything
   `convert.load_pretrained` reads (local or ``gs://``). `dtype`: the compute dtype."""
-  source = storage.path(source)
-  if source.parent.name == CHECKPOINTS_DIR and source.name.isdigit():
-    run_dir, step = source.parent.parent, int(source.name)
-  elif is_run_dir(source):
-    run_dir = source
-  else:
+  path = storage.path(source)
+  if path.parent.name == CHECKPOINTS_DIR and path.name.isdigit():
+    run_dir, step = path.parent.parent, int(path.name)
+  elif is_run_dir(path):
+    run_dir = path
+  else:  # as given: a Hub id is not a path
     model, params = convert.load_pretrained(source, dtype=dtype)
     return Loaded(model, params, ClipTokenizer.for_model_dir(source))
   model, tokenizer = run_model(run_dir, dtype)

@@ -26,7 +26,7 @@ Sampling (a pure function of the step), as the original's two `DataLoader`s
 
 Batches (one step, one host; b = B / P, d local devices)
   The keys of `negclip_jax.batch`, each with a leading [d, b / d] instead of [b]: the four
-  token-id arrays, L the `embed.bucket_length` of the four global-batch arrays together
+  token-id arrays, L the `packing.bucket_length` of the four global-batch arrays together
   (the same on every host; ``truncate_text=False`` keeps L = context_length); pixels, or
   image features for tables with embeddings, per image prefix the tables hold; and
   "step": int32 [d], the global step (repeated, so the whole dict can go through pmap).

@@ -54,8 +54,8 @@ def test_wheel_ships_commands_configs_data_and_declares_extras(tmp_path):
   info = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
   scripts = wheel.read(info).decode()
   for line in (
-    "negclip-train = negclip_jax.train:cli",
-    "negclip-eval = negclip_jax.evaluate:cli",
+    "negclip-train = negclip_jax.train.trainer:cli",
+    "negclip-eval = negclip_jax.eval.cli:cli",
     "negclip-export = negclip_jax.export:cli",
     "negclip-demo = negclip_jax.demo:cli",
   ):

@@ -498,7 +498,7 @@ def _ref_mcq(hf, root):
 
 
 def _reference(task, hf, root, protocol="original"):
-  """The task's metrics, computed independently of negclip_jax.tasks."""
+  """The task's metrics, computed independently of negclip_jax.eval.tasks."""
   path = lambda i: _path(root, i)
   if task == "ccneg":
     return _ref_ccneg(hf, root, protocol)
@@ -781,9 +781,10 @@ _DEVICE_CHECK = textwrap.dedent("""
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     from flax import traverse_util
-    from negclip_jax import losses, model as model_lib
-    from negclip_jax.embed import Embedder
-    from negclip_jax.tokenizer import ClipTokenizer
+    from negclip_jax.model import clip as model_lib
+    from negclip_jax.train import losses
+    from negclip_jax.eval.embed import Embedder
+    from negclip_jax.model.tokenizer import ClipTokenizer
     assert jax.local_device_count() == int(sys.argv[2]), jax.local_device_count()
     model = model_lib.CLIP(model_lib.get_config("tiny"))
     params = traverse_util.unflatten_dict(dict(np.load(sys.argv[1])), sep="/")
