@@ -20,6 +20,28 @@ from negclip_jax.eval import registry
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# The files `save_pretrained(..., format="hf", tokenizer=...)` writes.
+HF_EXPORT_FILES = [
+  "config.json",
+  "merges.txt",
+  "model.safetensors",
+  "preprocessor_config.json",
+  "special_tokens_map.json",
+  "tokenizer_config.json",
+  "vocab.json",
+]
+# NegBench's multiple-choice CSV header (its `images/COCO_val_mcq_llama3.1_rephrased.csv`).
+NEGBENCH_MCQ_HEADER = [
+  "image_path",
+  "correct_answer",
+  "caption_0",
+  "caption_1",
+  "caption_2",
+  "caption_3",
+  "correct_answer_template",
+]
+
+
 def tiny_config(**overrides):
   """`tiny.get_config()` with dotted overrides ({"data.negshapes_num": 32, "total_steps": 4})."""
   c = tiny.get_config()

@@ -81,10 +81,7 @@ def load_karpathy(
       key = f"sentences[{j}].raw"
       captions.append(
         require_text(
-          json_path,
-          get_field(json_path, sentence, "raw", index=i, label=key),
-          index=i,
-          key=key,
+          json_path, get_field(json_path, sentence, "raw", index=i, label=key), index=i, key=key
         )
       )
       caption_to_image.append(len(image_paths))

@@ -136,10 +136,7 @@ def _parse_captions(csv_path: str | os.PathLike, text: str, *, index: int) -> li
 
 
 def load_negbench_retrieval(
-  csv_path: str | os.PathLike,
-  image_root: str | os.PathLike,
-  *,
-  check_images: bool = True,
+  csv_path: str | os.PathLike, image_root: str | os.PathLike, *, check_images: bool = True
 ) -> RetrievalSet:
   """One gallery image per row (rows are not merged), with that row's captions."""
   image_paths: list[str] = []

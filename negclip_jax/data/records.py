@@ -34,12 +34,7 @@ class DataError(ValueError):
   """
 
   def __init__(
-    self,
-    file: str | os.PathLike,
-    message: str,
-    *,
-    index: int | None = None,
-    key: str | None = None,
+    self, file: str | os.PathLike, message: str, *, index: int | None = None, key: str | None = None
   ):
     self.file = os.fspath(file)
     self.index = index
@@ -241,10 +236,7 @@ def get_field(
   label = key if label is None else label
   if not isinstance(obj, Mapping):
     raise DataError(
-      file,
-      f"expected an object holding this key, got {type(obj).__name__}",
-      index=index,
-      key=label,
+      file, f"expected an object holding this key, got {type(obj).__name__}", index=index, key=label
     )
   if key not in obj:
     raise DataError(file, "missing key", index=index, key=label)

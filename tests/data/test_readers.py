@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from helpers import NEGBENCH_MCQ_HEADER
 from PIL import Image
 
 from negclip_jax.data import ccneg
@@ -529,9 +530,7 @@ def test_karpathy_flickr_layout_without_filepath(tmp_path):
   _jpeg(root / "1000092795.jpg")
   data = {
     "dataset": "flickr30k",
-    "images": [
-      {"filename": "1000092795.jpg", "split": "test", "sentences": _sentences("x", "y")},
-    ],
+    "images": [{"filename": "1000092795.jpg", "split": "test", "sentences": _sentences("x", "y")}],
   }
   path = _write_json(tmp_path / "dataset_flickr30k.json", data)
   rs = load_karpathy(path, root)
@@ -562,16 +561,6 @@ def test_karpathy_malformed(tmp_path):
 
 # --------------------------------------------------------------------------- NegBench
 
-MCQ_HEADER = [
-  "image_path",
-  "correct_answer",
-  "caption_0",
-  "caption_1",
-  "caption_2",
-  "caption_3",
-  "correct_answer_template",
-]
-
 
 def test_negbench_mcq_round_trip(tmp_path):
   root = tmp_path / "images"
@@ -579,7 +568,7 @@ def test_negbench_mcq_round_trip(tmp_path):
   absolute = _jpeg(tmp_path / "other" / "x.jpg")
   path = _write_csv(
     tmp_path / "COCO_val_mcq_llama3.1_rephrased.csv",
-    MCQ_HEADER,
+    NEGBENCH_MCQ_HEADER,
     [
       [
         "val2017/000000397133.jpg",
@@ -621,18 +610,22 @@ def test_negbench_mcq_malformed(tmp_path, column, value, parts):
     "correct_answer_template": "positive",
   }
   bad = dict(row, **{column: value})
-  path = _write_csv(tmp_path / "mcq.csv", MCQ_HEADER, [list(row.values()), list(bad.values())])
+  path = _write_csv(
+    tmp_path / "mcq.csv", NEGBENCH_MCQ_HEADER, [list(row.values()), list(bad.values())]
+  )
   with pytest.raises(DataError) as err:
     load_negbench_mcq(path, tmp_path, check_images=False)
   _assert_names(err, path, *parts)
 
 
 def test_negbench_mcq_bad_header_and_short_row(tmp_path):
-  path = _write_csv(tmp_path / "mcq.csv", MCQ_HEADER[:-1], [["a.jpg", "0", "a", "b", "c", "d"]])
+  path = _write_csv(
+    tmp_path / "mcq.csv", NEGBENCH_MCQ_HEADER[:-1], [["a.jpg", "0", "a", "b", "c", "d"]]
+  )
   with pytest.raises(DataError) as err:
     load_negbench_mcq(path, tmp_path, check_images=False)
   _assert_names(err, path, "'correct_answer_template'", "missing columns")
-  path = _write_csv(tmp_path / "mcq.csv", MCQ_HEADER, [["a.jpg", "0", "a", "b"]])
+  path = _write_csv(tmp_path / "mcq.csv", NEGBENCH_MCQ_HEADER, [["a.jpg", "0", "a", "b"]])
   with pytest.raises(DataError) as err:
     load_negbench_mcq(path, tmp_path, check_images=False)
   _assert_names(err, path, "record 0", "number of fields")
@@ -644,10 +637,7 @@ def test_negbench_retrieval_round_trip(tmp_path):
   path = _write_csv(
     tmp_path / "COCO_val_retrieval.csv",
     ["filepath", "captions"],
-    [
-      ["a.jpg", repr(["A dog on grass.", "No cat, just a dog."])],
-      [b, "['A bus.']"],
-    ],
+    [["a.jpg", repr(["A dog on grass.", "No cat, just a dog."])], [b, "['A bus.']"]],
   )
   rs = load_negbench_retrieval(path, root)
   assert rs.image_paths == (a, b)
@@ -672,10 +662,7 @@ def test_negbench_retrieval_rejects_bad_captions(tmp_path, captions, parts):
   path = _write_csv(
     tmp_path / "retrieval.csv",
     ["filepath", "captions"],
-    [
-      ["a.jpg", "['ok']"],
-      ["b.jpg", captions.format(sentinel=sentinel)],
-    ],
+    [["a.jpg", "['ok']"], ["b.jpg", captions.format(sentinel=sentinel)]],
   )
   with pytest.raises(DataError) as err:
     load_negbench_retrieval(path, tmp_path, check_images=False)

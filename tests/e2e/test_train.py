@@ -101,10 +101,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoints(tmp_path):
 
 def test_unknown_config_key_is_an_error(tmp_path):
   proc = subprocess.run(
-    tiny_train_cmd(tmp_path, "--config.learning_rte=1e-3"),
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
+    tiny_train_cmd(tmp_path, "--config.learning_rte=1e-3"), cwd=ROOT, capture_output=True, text=True
   )
   assert proc.returncode != 0 and "learning_rte" in proc.stderr
 
@@ -207,10 +204,7 @@ def test_layers_from_a_config_file_and_bad_values():
 
 def test_cli_config_errors_are_one_line(tmp_path):
   proc = subprocess.run(
-    tiny_train_cmd(tmp_path, "--config.layers=[0,x]"),
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
+    tiny_train_cmd(tmp_path, "--config.layers=[0,x]"), cwd=ROOT, capture_output=True, text=True
   )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("error: config.layers: Unknown layer")

@@ -23,6 +23,7 @@ import pytest
 import torch
 import transformers
 from flax import traverse_util
+from helpers import NEGBENCH_MCQ_HEADER
 from PIL import Image
 
 from negclip_jax.data import negshapes
@@ -217,17 +218,7 @@ def files(tmp_path_factory):
   )
   with open(root / "mcq.csv", "w", newline="") as f:
     w = csv.writer(f)
-    w.writerow(
-      [
-        "image_path",
-        "correct_answer",
-        "caption_0",
-        "caption_1",
-        "caption_2",
-        "caption_3",
-        "correct_answer_template",
-      ]
-    )
+    w.writerow(NEGBENCH_MCQ_HEADER)
     for i, correct, template in MCQ:
       w.writerow([IMAGES[i][0], correct, *_mcq_captions(i), template])
   with open(root / "binary_mcq.csv", "w", newline="") as f:
