@@ -375,17 +375,15 @@ def convert_ccneg_to_jsonl(pt_path: str | os.PathLike, out_path: str | os.PathLi
   """
   pt_path, out_path = os.fspath(pt_path), os.fspath(out_path)
   raw = _read_pt(pt_path, BadRecords())
-  tmp = out_path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for image_path, caption, negative in raw:
-      f.write(
-        json.dumps(
-          {"image_path": image_path, "caption": caption, "negative_prompt": negative},
-          ensure_ascii=False,
-        )
-        + "\n"
-      )
-  os.replace(tmp, out_path)
+  rows = (
+    json.dumps(
+      {"image_path": image_path, "caption": caption, "negative_prompt": negative},
+      ensure_ascii=False,
+    )
+    + "\n"
+    for image_path, caption, negative in raw
+  )
+  storage.write_atomic(out_path, "".join(rows).encode("utf-8"))
   return len(raw)
 
 

@@ -153,7 +153,7 @@ def load_tfds_images(
   import tensorflow_datasets as tfds
 
   if data_dir is None:
-    if not os.path.isdir(name):
+    if not storage.isdir(name):
       raise DataError(
         name,
         "not an image folder (<split>/<label>/<image>); for a TFDS "

@@ -22,9 +22,8 @@ import json
 import sys
 
 import jax
-from etils import epath
 
-from negclip_jax import rundir
+from negclip_jax import rundir, storage
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE
 from negclip_jax.eval.embed import DTYPES, Embedder
 from negclip_jax.eval.metrics import NEGATION_WORDS, TIES
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
   """CLI entry point; returns {task: metrics}."""
   parser = _parser()
   args = parser.parse_args(argv)
-  out = epath.Path(args.out) if args.out else None
+  out = storage.path(args.out) if args.out else None
   plot_path = str(out.with_name(out.stem + "_layers.png")) if out else None
   if args.task == "all":
     if args.data or args.image_root:

@@ -524,7 +524,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   reading their tensors only. Unwraps `{"model": sd, ...}` / `{"state_dict": sd}`
   training checkpoints and a DataParallel `module.` prefix.
   """
-  path = epath.Path(path)
+  path = storage.path(path)
   if not path.is_file():
     raise FileNotFoundError(f"No checkpoint file at {path}")
   if path.suffix == ".safetensors":
@@ -692,7 +692,7 @@ def save_pretrained(
     `model.load_state_dict` in the original (OpenAI `clip`) code, and model_config.json
     (`EXPORT_CONFIG`) with the full config, which the state dict cannot express.
   """
-  out = epath.Path(out_dir)  # local or gs://
+  out = storage.path(out_dir)  # local or gs://
   out.mkdir(parents=True, exist_ok=True)
   sd = params_to_state_dict(params)
   if format == "hf":

@@ -48,7 +48,7 @@ def resolve(path: str | os.PathLike) -> epath.Path:
       cache directory).
   """
   if not is_hub_id(path):
-    return epath.Path(path)
+    return epath.Path(path)  # as given: callers that read it make it a storage path
   import huggingface_hub
   from huggingface_hub import constants
 

@@ -26,6 +26,8 @@ import numpy as np
 import regex
 from etils import epath
 
+from negclip_jax import storage
+
 logger = logging.getLogger(__name__)
 
 SOT_TOKEN = "<|startoftext|>"
@@ -111,7 +113,7 @@ class ClipTokenizer:
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike) -> ClipTokenizer:
     """Load ``vocab.json`` and ``merges.txt`` from a Hugging Face CLIP directory."""
-    path = epath.Path(path)
+    path = storage.path(path)
     files = {name: path / name for name in ("vocab.json", "merges.txt")}
     for name, file in files.items():
       if not file.is_file():
@@ -198,7 +200,7 @@ class ClipTokenizer:
 
   def save_pretrained(self, out_dir: str | os.PathLike) -> epath.Path:
     """Write Hugging Face tokenizer files loadable by `transformers.CLIPTokenizer`; returns `out_dir`."""
-    out_dir = epath.Path(out_dir)
+    out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(
       json.dumps(self._encoder, ensure_ascii=False), encoding="utf-8"

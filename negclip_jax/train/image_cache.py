@@ -208,7 +208,7 @@ def image_embeddings(
   record_index = np.arange(n) if record_index is None else np.asarray(record_index)
   entry = cached = None
   if cache_dir is not None:
-    entry = epath.Path(cache_dir) / cache_key(model, params, images, image_size, stamps)
+    entry = storage.path(cache_dir) / cache_key(model, params, images, image_size, stamps)
     cached = _read_block(entry, n)
     logger.info("image cache %s: %s (%s)", "hit" if cached else "miss", entry, _describe(images))
   if entry is None or not _hit_everywhere(cached):

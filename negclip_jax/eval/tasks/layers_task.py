@@ -14,11 +14,11 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from flax import jax_utils
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from negclip_jax import storage
 from negclip_jax.data import negshapes
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE, load_ccneg
 from negclip_jax.eval import embed
@@ -97,7 +97,7 @@ def plot(result: dict, path: str) -> None:
   ax.xaxis.set_major_locator(MaxNLocator(integer=True))
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  with epath.Path(path).open("wb") as f:  # local or gs://
+  with storage.path(path).open("wb") as f:  # local or gs://
     fig.savefig(f, dpi=120, format="png")
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import importlib.resources
 import json
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from negclip_jax import storage
 from negclip_jax.data.records import DataError
 from negclip_jax.data.tfds_source import load_tfds_images
 from negclip_jax.eval import embed
@@ -67,10 +67,10 @@ def load_classnames(spec: str | None, dataset: str, label_names: Sequence[str]) 
 
 def _read_list(path: str, key: str) -> list:
   """A JSON list from `path`, or the `key` entry of a JSON object there."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise DataError(path, f"neither a shipped {key} name nor a JSON file")
   try:
-    value = json.loads(Path(path).read_text(encoding="utf-8"))
+    value = json.loads(storage.path(path).read_text(encoding="utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise DataError(path, f"not valid UTF-8 JSON ({e})") from e
   return value.get(key, []) if isinstance(value, dict) else value
