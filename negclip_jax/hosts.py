@@ -14,9 +14,15 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 
+def block_size(n: int) -> int:
+  """Items per process when n items are split into contiguous blocks (the last may be
+  shorter): every process runs this many, padding past the end of its block."""
+  return math.ceil(n / jax.process_count())
+
+
 def process_block(n: int, process: int | None = None) -> tuple[int, int]:
   """[lo, hi): the contiguous block of n items that `process` (default: this one) handles."""
-  per_proc = math.ceil(n / jax.process_count())
+  per_proc = block_size(n)
   p = jax.process_index() if process is None else process
   return min(n, p * per_proc), min(n, (p + 1) * per_proc)
 
@@ -27,7 +33,7 @@ def gather_blocks(local: np.ndarray, n: int) -> np.ndarray:
   procs = jax.process_count()
   if procs == 1:
     return local
-  per_proc = math.ceil(n / procs)
+  per_proc = block_size(n)
   padded = np.zeros((per_proc,) + local.shape[1:], local.dtype)
   padded[: len(local)] = local
   every = multihost_utils.process_allgather(padded)  # [procs, per_proc, D]

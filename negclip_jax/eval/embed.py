@@ -141,9 +141,7 @@ class Embedder:
     packed = packing.pack(ids, None, ids.shape[1], self.model.config.text.eos_token_id)
     slots, where = packing.row_slots(packed)
     rows = {k: packed[k] for k in packing.PACKED_KEYS[:3]}
-    per_call = min(
-      self.batch_size, packing.ladder_rows(math.ceil(len(slots) / jax.process_count()))
-    )
+    per_call = min(self.batch_size, packing.ladder_rows(hosts.block_size(len(slots))))
     per_call = math.ceil(per_call / self.n_local) * self.n_local
     out = self._run(
       "packed_text",
@@ -177,8 +175,7 @@ class Embedder:
       else _sharded(self.model, kind, self.normalize, self.mesh)
     )
     lo, hi = hosts.process_block(n)
-    per_proc = math.ceil(n / jax.process_count())
-    steps = max(1, math.ceil(per_proc / batch_size))  # same count on every process
+    steps = max(1, math.ceil(hosts.block_size(n) / batch_size))  # same count on every process
     outs = []
     for s in tqdm(range(steps), desc=f"embed {desc}", disable=not self.progress):
       a, b = min(hi, lo + s * batch_size), min(hi, lo + (s + 1) * batch_size)
