@@ -205,6 +205,47 @@ def _pretrained(workdir: Path, config, model, tokenizer, steps: int, batch_size:
   return model, params, losses_
 
 
+def _setup(workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **variant):
+  """(config, tag, tokenizer, model, params, pretrain_losses, eval_num) of `run`'s options:
+  the fine-tuning config and the pretrained stand-in (`variant`: hard_fraction,
+  lambda_text, objective as in `run`; `tag`: the suffix naming the variant's outputs)."""
+  from negclip_jax.configs import demo as demo_config
+
+  hard_fraction = variant.get("hard_fraction") or 0.0
+  lambda_text, objective = variant.get("lambda_text"), variant.get("objective")
+  tag = (
+    (f"_hard{hard_fraction:g}" if hard_fraction else "")
+    + (f"_ltext{lambda_text:g}" if lambda_text is not None else "")
+    + (f"_{objective}" if objective else "")
+  )
+  config = demo_config.get_config()
+  if fast:
+    config.model, config.data.negshapes_num, config.batch_size = "tiny", 256, 32
+    config.total_steps, config.log_every, config.save_every = 4, 2, 4
+  pretrain_steps = pretrain_steps or (10 if fast else PRETRAIN_STEPS)
+  config.total_steps = finetune_steps or config.total_steps
+  eval_num = eval_num or (32 if fast else config.evals.negshapes.num)
+  config.seed = seed
+  config.data.negshapes_hard_fraction = hard_fraction
+  if lambda_text is not None:
+    config.lambda_text = lambda_text
+  config.objective = objective or config.objective
+  config.evals = ml_collections.ConfigDict()  # evaluated separately, on the items of `seed`
+  tokenizer = ClipTokenizer()
+  model = model_lib.CLIP(model_lib.get_config(config.model))
+  model, params, pretrain_losses = _pretrained(
+    workdir,
+    config,
+    model,
+    tokenizer,
+    pretrain_steps,
+    config.batch_size if fast else PRETRAIN_BATCH,
+    seed,
+  )
+  config.init = str(workdir / "pretrained" / "hf")  # as one loads openai/clip-vit-base-patch32
+  return config, tag, tokenizer, model, params, pretrain_losses, eval_num
+
+
 def run(
   workdir: str | Path,
   fast: bool = False,
@@ -224,38 +265,18 @@ def run(
   hard negatives (outputs get the suffix "_hard<fraction>"); `lambda_text` overrides the
   weight of L_text (suffix "_ltext<value>"), `objective` config.objective (suffix "_<name>").
   """
-  from negclip_jax.configs import demo as demo_config
-
   t_start = time.perf_counter()
   workdir = Path(workdir).absolute()
-  tag = (
-    (f"_hard{hard_fraction:g}" if hard_fraction else "")
-    + (f"_ltext{lambda_text:g}" if lambda_text is not None else "")
-    + (f"_{objective}" if objective else "")
-  )
-  config = demo_config.get_config()
-  if fast:
-    config.model, config.data.negshapes_num, config.batch_size = "tiny", 256, 32
-    config.total_steps, config.log_every, config.save_every = 4, 2, 4
-  pretrain_steps = pretrain_steps or (10 if fast else PRETRAIN_STEPS)
-  config.total_steps = finetune_steps or config.total_steps
-  eval_num = eval_num or (32 if fast else config.evals.negshapes.num)
-  config.seed = seed
-  config.data.negshapes_hard_fraction = hard_fraction
-  if lambda_text is not None:
-    config.lambda_text = lambda_text
-  config.objective = objective or config.objective
-  config.evals = ml_collections.ConfigDict()  # evaluated below, on the items of `seed`
-  tokenizer = ClipTokenizer()
-  model = model_lib.CLIP(model_lib.get_config(config.model))
-  model, params, pretrain_losses = _pretrained(
+  config, tag, tokenizer, model, params, pretrain_losses, eval_num = _setup(
     workdir,
-    config,
-    model,
-    tokenizer,
+    fast,
     pretrain_steps,
-    config.batch_size if fast else PRETRAIN_BATCH,
+    finetune_steps,
+    eval_num,
     seed,
+    hard_fraction=hard_fraction,
+    lambda_text=lambda_text,
+    objective=objective,
   )
   before_path = workdir / "pretrained" / f"negshapes_eval_n{eval_num}.json"  # seed: meta.json
   if before_path.is_file():
@@ -265,7 +286,6 @@ def run(
     before_path.write_text(json.dumps(before))
   print("pretrained:\n" + negshapes_task.report(before), flush=True)
 
-  config.init = str(workdir / "pretrained" / "hf")  # as one loads openai/clip-vit-base-patch32
   result = trainer.train(config, workdir / f"finetune{tag}")
   after = evaluate_negshapes(result["model"], result["params"], tokenizer, eval_num, seed)
   export.export_run(
@@ -298,6 +318,112 @@ def run(
     flush=True,
   )
   return results
+
+
+FIT_METRICS = ("presence_train_acc", "presence_hard_train_acc")
+
+
+def diagnose(
+  workdir: str | Path,
+  fast: bool = False,
+  pretrain_steps: int | None = None,
+  finetune_steps: int | None = None,
+  eval_num: int | None = None,
+  seed: int = 0,
+  probe_num: int | None = None,
+  layers: str | None = None,
+  learning_rate: float | None = None,
+  **variant,
+) -> dict:
+  """Perception vs negation (`negshapes_probe_task`); returns the content of diagnose.json.
+
+  1. Linear probes on the pretrained stand-in's frozen image features and its plain-caption
+     text features: can each object's presence be read off at all?
+  2. Fine-tunes as `run` does (`layers`, `learning_rate` override the config; `variant` as
+     `run`'s) with the "negshapes-fit" evaluator every log_every steps: the accuracy on
+     the training split's own presence and hard presence pairs over steps (step 0: the
+     pretrained model), i.e. whether the hard pairs are fit at all.
+  """
+  from negclip_jax.eval import registry
+
+  t_start = time.perf_counter()
+  workdir = Path(workdir).absolute()
+  config, tag, tokenizer, model, params, _, _ = _setup(
+    workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **variant
+  )
+  config.layers = layers or config.layers
+  config.learning_rate = learning_rate or config.learning_rate
+  tag += (f"_{layers}" if layers else "") + (f"_lr{learning_rate:g}" if learning_rate else "")
+  probe_num = probe_num or (200 if fast else 2000)
+  run_task = lambda task, p, **o: registry.run_task(
+    task, model, p, tokenizer, progress=False, seed=seed, **o
+  )
+  perception = run_task("negshapes-probe", params, num=probe_num)
+  fit_options = dict(
+    num=min(512, config.data.negshapes_num),
+    hard_fraction=config.data.negshapes_hard_fraction or 1.0,
+  )
+  fit = {0: run_task("negshapes-fit", params, **fit_options)}
+  config.evals.fit = dict(task="negshapes-fit", every=config.log_every, seed=seed, **fit_options)
+  trainer.train(config, workdir / f"diagnose{tag}")
+  logged = {}  # step -> every key logged at it (training and evaluator rows)
+  for row in rundir.read_metrics(workdir / f"diagnose{tag}"):
+    logged.setdefault(row["step"], {}).update(row)
+  for step, row in logged.items():
+    if rundir.eval_key("fit", FIT_METRICS[0]) in row:
+      fit[step] = {m: row[rundir.eval_key("fit", m)] for m in FIT_METRICS} | {"L3": row.get("L3")}
+  results = {
+    "seed": seed,
+    "layers": config.layers,
+    "learning_rate": config.learning_rate,
+    "variant": variant,
+    "perception": perception,
+    "fit": {str(k): v for k, v in sorted(fit.items())},
+  }
+  (workdir / f"diagnose{tag}.json").write_text(json.dumps(results, indent=2))
+  print("\n" + probe_table(perception) + "\n\n" + fit_table(fit), flush=True)
+  print(
+    f"\nwrote {workdir / f'diagnose{tag}.json'} in {time.perf_counter() - t_start:.0f} s",
+    flush=True,
+  )
+  return results
+
+
+def probe_table(perception: dict) -> str:
+  """Markdown: per object, the image and text probes' balanced accuracy (chance 0.5)."""
+  from negclip_jax.eval.tasks.negshapes_probe_task import OBJECTS
+
+  rows = [
+    f"linear probes, balanced accuracy (chance 0.50), fit on {perception['n']} training "
+    f"scenes, scored on {perception['n_test']} eval scenes",
+    "| object | image features (frozen) | plain-caption text features |",
+    "|---|---:|---:|",
+  ]
+  for c, s in OBJECTS:
+    rows.append(
+      f"| {c} {s} | {perception[f'image_probe_{c}_{s}']:.3f} | "
+      f"{perception[f'text_probe_{c}_{s}']:.3f} |"
+    )
+  for stat in ("min", "mean"):
+    rows.append(
+      f"| **{stat}** | {perception[f'image_probe_{stat}']:.3f} | "
+      f"{perception[f'text_probe_{stat}']:.3f} |"
+    )
+  return "\n".join(rows)
+
+
+def fit_table(fit: dict) -> str:
+  """Markdown: accuracy on the training split's own pairs over fine-tuning steps."""
+  rows = [
+    "fit of the training pairs (ties wrong; chance 0.50)",
+    "| step | L3 (presence pair loss) | presence (paper-style) | presence_hard |",
+    "|---:|---:|---:|---:|",
+  ]
+  for step, row in sorted(fit.items(), key=lambda kv: int(kv[0])):
+    loss = f"{row['L3']:.4f}" if row.get("L3") is not None else "-"
+    cells = " | ".join(f"{row[m]:.3f}" if m in row else "-" for m in FIT_METRICS)
+    rows.append(f"| {step} | {loss} | {cells} |")
+  return "\n".join(rows)
 
 
 VARIANTS = {
@@ -383,6 +509,14 @@ def main(argv=None):
   parser.add_argument("--lambda-text", type=float, help="weight of L_text (config default)")
   parser.add_argument("--objective", help="config.objective (default: the demo config's)")
   parser.add_argument(
+    "--diagnose",
+    action="store_true",
+    help="linear probes of the frozen features and the fit of the training pairs over steps",
+  )
+  parser.add_argument("--probe-num", type=int, help="--diagnose: probe training scenes (2000)")
+  parser.add_argument("--layers", help="--diagnose: config.layers (front|middle|back|whole)")
+  parser.add_argument("--learning-rate", type=float, help="--diagnose: config.learning_rate")
+  parser.add_argument(
     "--compare-seeds",
     type=int,
     nargs="+",
@@ -395,6 +529,18 @@ def main(argv=None):
     finetune_steps=args.finetune_steps,
     eval_num=args.eval_num,
   )
+  if args.diagnose:
+    return diagnose(
+      args.workdir,
+      seed=args.seed,
+      probe_num=args.probe_num,
+      layers=args.layers,
+      learning_rate=args.learning_rate,
+      hard_fraction=args.hard_fraction,
+      lambda_text=args.lambda_text,
+      objective=args.objective,
+      **options,
+    )
   if args.compare_seeds:
     return compare(args.workdir, args.compare_seeds, **options)
   return run(

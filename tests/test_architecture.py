@@ -36,6 +36,7 @@ LAYERS = (
       "eval",
       "eval.embed",
       "eval.metrics",
+      "eval.probe",
       "eval.tasks",
       "eval.tasks.*",
       "eval.registry",

@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--num",
     type=int,
-    help="negshapes: examples (default 500); layers: first N "
+    help="negshapes: examples (default 500); negshapes-probe: training scenes (default "
+    "2000); negshapes-fit: training pairs (default 512); layers: first N "
     "pairs (default all CC-Neg train records, 500 NegShapes pairs); zeroshot: "
     "first N images (default all)",
   )
@@ -97,8 +98,16 @@ def _parser() -> argparse.ArgumentParser:
     help=f"zeroshot: {list(zeroshot_task.TEMPLATES)} (default "
     "openai_imagenet, OpenAI's 80) or a JSON list of '...{}...' prompts",
   )
-  p.add_argument("--seed", type=int, default=0, help="negshapes, layers: generator seed")
-  p.add_argument("--image-size", type=int, help="negshapes: rendered size (default model's)")
+  p.add_argument(
+    "--seed", type=int, default=0, help="negshapes, negshapes-probe/-fit, layers: generator seed"
+  )
+  p.add_argument("--image-size", type=int, help="negshapes*: rendered size (default model's)")
+  p.add_argument(
+    "--hard-fraction",
+    type=float,
+    help="negshapes-fit: fraction of hard presence pairs drawn (default 1; a run's "
+    "data.negshapes_hard_fraction gives the very pairs it trained on)",
+  )
   p.add_argument(
     "--ties",
     choices=[*TIES, "both"],

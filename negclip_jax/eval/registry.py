@@ -18,6 +18,7 @@ from negclip_jax.eval.tasks import (
   negationclip_task,
   negbench_task,
   negrefcocog_task,
+  negshapes_probe_task,
   negshapes_task,
   retrieval_task,
   zeroshot_task,
@@ -84,6 +85,10 @@ TASKS = {
     _RANKED,
   ),
   "negshapes": Task(negshapes_task.run, {}, ("num", "seed", "image_size")),
+  "negshapes-probe": Task(negshapes_probe_task.perception, {}, ("num", "seed", "image_size")),
+  "negshapes-fit": Task(
+    negshapes_probe_task.fit, {}, ("num", "seed", "hard_fraction", "image_size")
+  ),
   "layers": Task(
     layers_task.run,
     {"data": "CC-Neg .pt/.jsonl (train split), or 'negshapes'"},
@@ -148,7 +153,8 @@ def run_task(
 
   options (None = default): data, image_root (files; required where the task has them),
   eval_size, split, num, seed, image_size, protocol, ties, negation_words, num_ops,
-  mcq_layout, embeddings, plot_path, tfds_data_dir, classnames, templates (see `TASKS`).
+  mcq_layout, embeddings, plot_path, tfds_data_dir, classnames, templates, hard_fraction
+  (see `TASKS`).
   Raises ValueError naming a missing option, TypeError for options the task does not take.
   """
   embedder = Embedder(model, params, batch_size, progress=progress, dtype=dtype, mesh=mesh)

@@ -84,3 +84,19 @@ def test_demo_fast_writes_everything_and_follows_seed(tmp_path, monkeypatch):
   )
   rows = rundir.read_metrics(tmp_path / "finetune")
   assert rows and "L3" in rows[0]
+
+
+def test_demo_diagnose_prints_probes_and_fit_over_steps(tmp_path, capsys):
+  out = demo.main(
+    ["--workdir", str(tmp_path), "--fast", "--diagnose", "--probe-num", "120", "--seed", "1"]
+  )
+  printed = capsys.readouterr().out
+  assert "| red circle |" in printed and "presence_hard" in printed
+  perception = out["perception"]
+  assert all(0.0 <= perception[k] <= 1.0 for k in perception if "_probe_" in k)
+  assert perception["n"] == 120
+  # step 0 (the pretrained model) and every log_every (2) of the 4 fast steps
+  assert list(out["fit"]) == ["0", "2", "4"]
+  assert all(0.0 <= row["presence_hard_train_acc"] <= 1.0 for row in out["fit"].values())
+  assert out["fit"]["2"]["L3"] > 0
+  assert json.loads((tmp_path / "diagnose.json").read_text())["fit"] == out["fit"]

@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from negclip_jax.data import negshapes
-from negclip_jax.eval import embed, metrics
+from negclip_jax.eval import embed, metrics, probe
 
 TEXT_CHOICE = ("presence", "presence_hard", "mcq")  # one image, K texts
 IMAGE_CHOICE = ("absence", "absence_hard")  # one text, K images
@@ -156,25 +156,14 @@ def _bag_of_words(texts: Sequence[str], vocab: dict) -> np.ndarray:
   return x
 
 
-def fit_text_rule(
-  texts: Sequence[str], labels: Sequence[int], steps: int = 300, l2: float = 1e-3
-) -> dict:
-  """L2-regularised logistic regression P(text true) on word counts (full-batch Newton).
+def fit_text_rule(texts: Sequence[str], labels: Sequence[int], l2: float = 1e-3) -> dict:
+  """L2-regularised logistic regression P(text true) on word counts (`probe.fit_logistic`).
 
   Returns {"vocab": {word: column}, "weights": float [V+1]}.
   """
   vocab = {w: i for i, w in enumerate(sorted({w for t in texts for w in words(t)}))}
-  x, y = _bag_of_words(texts, vocab), np.asarray(labels, np.float64)
-  w = np.zeros(x.shape[1])
-  for _ in range(steps):
-    p = 1 / (1 + np.exp(-x @ w))
-    grad = x.T @ (p - y) / len(y) + l2 * w
-    hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + l2 * np.eye(len(w))
-    delta = np.linalg.solve(hess, grad)
-    w -= delta
-    if np.abs(delta).max() < 1e-8:
-      break
-  return {"vocab": vocab, "weights": w}
+  weights = probe.fit_logistic(_bag_of_words(texts, vocab), np.asarray(labels), l2=l2, steps=300)
+  return {"vocab": vocab, "weights": weights}
 
 
 def text_rule_scores(rule: dict, texts: Sequence[str]) -> np.ndarray:

@@ -1,0 +1,70 @@
+"""Linear probes and the NegShapes diagnosis tasks, on features with known answers."""
+
+import numpy as np
+import pytest
+
+from negclip_jax.data import negshapes
+from negclip_jax.eval import probe
+from negclip_jax.eval.tasks import negshapes_probe_task as P
+
+
+def test_fit_logistic_matches_a_plain_gradient_descent():
+  """Newton's answer is the minimiser: the objective's gradient vanishes there."""
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(size=(200, 3)), np.ones((200, 1))], 1)
+  y = (x[:, 0] + 0.5 * rng.normal(size=200) > 0).astype(float)
+  c = rng.uniform(0.5, 2.0, 200)
+  w = probe.fit_logistic(x, y, c, l2=1e-2)
+  p = 1 / (1 + np.exp(-x @ w))
+  grad = x.T @ (c * (p - y)) / len(y) + 1e-2 * w
+  assert np.abs(grad).max() < 1e-10
+  assert w[0] > 1  # the informative feature carries the weight
+
+
+def test_balanced_accuracy():
+  labels = np.array([1, 0, 0, 0, 0, 0, 0, 0], bool)
+  assert probe.balanced_accuracy(np.zeros(8, bool), labels) == 0.5  # "always absent": chance
+  assert probe.balanced_accuracy(labels, labels) == 1.0
+  assert probe.balanced_accuracy(~labels, labels) == 0.0
+
+
+def test_probe_reads_a_perfectly_encoded_property_and_not_shuffled_labels():
+  rng = np.random.default_rng(1)
+  y = rng.random(600) < 0.1  # rare, as one object among 24
+  x = rng.normal(size=(600, 16))
+  x[:, 3] += 12.0 * y  # feature 3 encodes the property (classes 6 sd apart)
+  assert probe.linear_probe(x[:400], y[:400], x[400:], y[400:]) == 1.0
+  shuffled = rng.permutation(y)
+  acc = probe.linear_probe(x[:400], shuffled[:400], x[400:], y[400:])
+  assert abs(acc - 0.5) < 0.12
+
+
+def test_probe_needs_both_classes():
+  with pytest.raises(ValueError, match="both classes"):
+    probe.linear_probe(np.ones((4, 2)), np.zeros(4, bool), np.ones((2, 2)), np.ones(2, bool))
+
+
+def test_probe_objects_on_oracle_and_blind_features():
+  """Features that are the scene's object indicators probe at 1.0 for every object;
+  features independent of the scene at chance."""
+  train = negshapes.generate_pairs(600, 0, image_size=16, split="train")["scenes"]
+  test = negshapes.generate_pairs(300, 0, image_size=16, split="eval")["scenes"]
+  oracle = lambda scenes: P._object_labels(scenes).astype(float)
+  out = P.probe_objects(oracle(train), train, oracle(test), test, "image_probe")
+  assert len(out) == len(P.OBJECTS) + 2
+  assert out["image_probe_min"] == out["image_probe_red_circle"] == 1.0
+  rng = np.random.default_rng(0)
+  blind = P.probe_objects(
+    rng.normal(size=(600, 8)), train, rng.normal(size=(300, 8)), test, "image_probe"
+  )
+  assert abs(blind["image_probe_mean"] - 0.5) < 0.05
+
+
+def test_fit_pairs_are_the_runs_training_pairs():
+  """With the run's seed and hard fraction, the fit task's hard pairs are a prefix of the
+  training data's presence table (item i does not depend on num)."""
+  small = negshapes.generate_pairs(16, 3, image_size=16, hard_fraction=0.5)
+  full = negshapes.generate_pairs(64, 3, image_size=16, hard_fraction=0.5)
+  for key in ("presence_captions", "presence_negated", "hard"):
+    assert small[key] == full[key][:16]
+  assert any(small["hard"]) and not all(small["hard"])
