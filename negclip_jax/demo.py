@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from negclip_jax import export, rundir
+from negclip_jax import console, export, rundir
 from negclip_jax.data import negshapes
 from negclip_jax.eval.tasks import negshapes_task
 from negclip_jax.model import clip as model_lib
@@ -353,7 +353,7 @@ PRETRAIN_LR = 1e-3
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
+  parser = console.ArgumentParser(
     prog="negclip-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument(
@@ -407,9 +407,12 @@ def main(argv=None):
   )
 
 
-def cli():
-  """Console script `negclip-demo` (= python -m negclip_jax.demo); exit status 0 on success."""
-  main()
+@console.boundary()
+def cli(argv: list[str] | None = None):
+  """Console script `negclip-demo` (= python -m negclip_jax.demo); exit status 0 on success,
+  1 with one `error:` line for a bad file or value, 2 for a bad command line."""
+  console.enable_compilation_cache()
+  main(argv)
 
 
 if __name__ == "__main__":

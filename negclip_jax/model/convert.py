@@ -526,7 +526,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   """
   path = storage.path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"No checkpoint file at {path}")
+    raise FileNotFoundError(
+      f"{path}: no such file or directory (expected a training run directory, one of its "
+      "checkpoints, a Hugging Face CLIP directory or a checkpoint file)"
+    )
   if path.suffix == ".safetensors":
     from safetensors import SafetensorError
     from safetensors.numpy import load, load_file  # no torch needed (bfloat16 via ml_dtypes)

@@ -16,6 +16,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -203,21 +206,59 @@ class Checkpointer:
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM into "save and stop", agreed by every process.
+  """Turns SIGTERM and Ctrl-C (SIGINT) into "save and stop", agreed by every process.
 
   One process acts at the next step. Multi-process runs agree with one all-gather at
   boundary steps only (log/save steps, where the loop syncs anyway), so the other steps
   keep dispatching asynchronously; Orbax's own preemption sync point (TPU) counts at
   every step, as it is agreed without a collective.
+
+  A second Ctrl-C, or a Ctrl-C while `saving` is False (set-up and compiling, or the export
+  after the last step), ends the process at once: one line on stderr, exit status 130.
+  Signals are read by a thread from `signal.set_wakeup_fd`, so they act even while the main
+  thread is inside a long XLA compilation (no KeyboardInterrupt unwinds through JAX).
   """
 
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+  ABORT_EXIT = 130  # 128 + SIGINT, the shell's status for a Ctrl-C
 
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    self.requested = True
+  def __init__(self, saving: bool = True):
+    self.requested = False
+    self.saving = saving
+    self.abort_note = "rerun the same command to resume from the newest checkpoint"
+    self._interrupts = 0
+    self._previous = {s: signal.signal(s, _ignore) for s in (signal.SIGTERM, signal.SIGINT)}
+    self._reader, self._writer = socket.socketpair()
+    self._writer.setblocking(False)
+    self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+    threading.Thread(target=self._watch, name="negclip-signals", daemon=True).start()
+
+  def _watch(self):
+    while data := _recv(self._reader):
+      for signum in data:
+        self._handle(signum)
+    self._reader.close()
+
+  def _handle(self, signum: int):
+    if signum == signal.SIGTERM:
+      logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+      self.requested = True
+    elif signum == signal.SIGINT:
+      self._interrupts += 1
+      if self._interrupts > 1 or not self.saving:
+        self._abort("Ctrl-C again" if self._interrupts > 1 else "Ctrl-C")
+      print(
+        "Ctrl-C: saving a checkpoint at the next step and stopping (Ctrl-C again to stop at "
+        "once without saving).",
+        file=sys.stderr,
+        flush=True,
+      )
+      self.requested = True
+
+  def _abort(self, what: str):
+    sys.stdout.flush()
+    print(f"error: {what}: stopped at once without saving; {self.abort_note}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(self.ABORT_EXIT)
 
   def should_stop(self, step: int, checkpointer: Checkpointer, boundary: bool) -> bool:
     if checkpointer.manager.reached_preemption(step):
@@ -227,7 +268,21 @@ class PreemptionWatcher:
     return boundary and not hosts.all_processes(not self.requested)
 
   def close(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    signal.set_wakeup_fd(self._previous_fd)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._writer.close()  # the reader thread sees end-of-file and ends
+
+
+def _ignore(signum, frame):
+  """The Python-level handler: the watcher thread acts on the signal (see PreemptionWatcher)."""
+
+
+def _recv(sock: socket.socket) -> bytes:
+  try:
+    return sock.recv(64)
+  except OSError:
+    return b""
 
 
 def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[int, Any, dict]:

@@ -1,0 +1,112 @@
+"""What every console script shares: one error boundary, a one-line argparse, the compile cache.
+
+A known fault (a missing or unreadable file, a bad value, a full disk) ends a command with
+exactly one ``error: ...`` line on stderr and exit status 1; a wrong command line (argparse)
+exits 2 with one line and a pointer to ``--help``. Anything else is a bug and keeps its
+traceback. ``NEGCLIP_TRACEBACK=1`` shows the traceback of known faults too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+TRACEBACK_ENV = "NEGCLIP_TRACEBACK"
+CACHE_ENV = "NEGCLIP_COMPILATION_CACHE"  # a directory, or 0/off/false to disable
+USAGE_EXIT = 2  # argparse's status for a wrong command line
+FAULT_EXIT = 1  # a known fault at run time
+
+# Known faults: what a user's files, flags and disks raise. Our own error classes
+# (ConfigError, DataError, ResumeError, ...) are ValueErrors.
+KNOWN = (OSError, ValueError)
+# Faults of a write, whose line says what progress is already saved.
+WRITE_FAULTS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO)
+
+
+def one_line(e: BaseException) -> str:
+  """The message of `e`; for an OSError its file and strerror on one line, with the fix."""
+  if isinstance(e, OSError) and e.strerror:
+    where = " ".join(f"{f}" for f in (e.filename, e.filename2) if f is not None)
+    text = f"{where}: {e.strerror}" if where else e.strerror
+    if e.errno == errno.ENOSPC:
+      text += " (the disk is full; free space and rerun the same command)"
+    elif e.errno == errno.EROFS:
+      text += " (a read-only file system; pass a writable directory)"
+    elif e.errno == errno.EACCES:
+      text += " (no permission; pass a writable directory or fix its permissions)"
+    return " ".join(text.split())
+  return str(e).strip() or type(e).__name__
+
+
+def boundary(saved: Callable[[], str | None] | None = None, known: tuple = ()):
+  """Decorator for a console script's entry point: known faults (`KNOWN` and `known`) -> one
+  ``error:`` line.
+
+  `saved()` says what progress is already on disk (e.g. "checkpoint 8 in RUN"); it is
+  appended to the line of an OSError (a full disk, a read-only directory)."""
+
+  def wrap(fn):
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+      try:
+        return fn(*args, **kwargs)
+      except (*KNOWN, *known) as e:
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+          raise
+        message = one_line(e)
+        if isinstance(e, OSError) and e.errno in WRITE_FAULTS and saved is not None:
+          with contextlib.suppress(Exception):
+            progress = saved()
+            message += f"; saved so far: {progress}" if progress else "; nothing saved yet"
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(FAULT_EXIT)
+
+    return run
+
+  return wrap
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors are one line (no usage block) naming ``--help``; exit status 2."""
+
+  def error(self, message: str):
+    print(f"error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+    sys.exit(USAGE_EXIT)
+
+
+def compilation_cache_dir() -> Path | None:
+  """Where JAX keeps compiled programs across runs: $NEGCLIP_COMPILATION_CACHE, or
+  $XDG_CACHE_HOME/negclip_jax/jax_cache (~/.cache/...); None when that variable is 0/off."""
+  value = os.environ.get(CACHE_ENV, "")
+  if value.lower() in ("0", "off", "false", "no"):
+    return None
+  if value:
+    return Path(value).expanduser()
+  base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+  return Path(base) / "negclip_jax" / "jax_cache"
+
+
+def enable_compilation_cache() -> Path | None:
+  """Turns on JAX's persistent compilation cache (`compilation_cache_dir`), unless it is
+  disabled or JAX_COMPILATION_CACHE_DIR already chose one -> the directory in use."""
+  import jax
+
+  chosen = jax.config.jax_compilation_cache_dir
+  if chosen:
+    return Path(chosen)
+  directory = compilation_cache_dir()
+  if directory is None:
+    return None
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError:
+    return None  # an unwritable home: run without the cache
+  jax.config.update("jax_compilation_cache_dir", str(directory))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return directory
