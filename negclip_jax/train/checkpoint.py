@@ -227,6 +227,7 @@ class PreemptionWatcher:
     self.abort_note = "rerun the same command to resume from the newest checkpoint"
     self._interrupts = 0
     self._previous = {s: signal.signal(s, _ignore) for s in (signal.SIGTERM, signal.SIGINT)}
+    self._stderr = os.dup(sys.stderr.fileno())  # stays the terminal while fd 2 is redirected
     self._reader, self._writer = socket.socketpair()
     self._writer.setblocking(False)
     self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
@@ -246,18 +247,19 @@ class PreemptionWatcher:
       self._interrupts += 1
       if self._interrupts > 1 or not self.saving:
         self._abort("Ctrl-C again" if self._interrupts > 1 else "Ctrl-C")
-      print(
+      self._say(
         "Ctrl-C: saving a checkpoint at the next step and stopping (Ctrl-C again to stop at "
-        "once without saving).",
-        file=sys.stderr,
-        flush=True,
+        "once without saving)."
       )
       self.requested = True
 
+  def _say(self, line: str):
+    """One line on the original stderr, past Python's buffered streams (whose locks the main
+    thread may hold) and past a temporary redirect of fd 2 (TensorFlow's import)."""
+    os.write(self._stderr, f"\n{line}\n".encode())
+
   def _abort(self, what: str):
-    sys.stdout.flush()
-    print(f"error: {what}: stopped at once without saving; {self.abort_note}", file=sys.stderr)
-    sys.stderr.flush()
+    self._say(f"error: {what}: stopped at once without saving; {self.abort_note}")
     os._exit(self.ABORT_EXIT)
 
   def should_stop(self, step: int, checkpointer: Checkpointer, boundary: bool) -> bool:
@@ -272,6 +274,7 @@ class PreemptionWatcher:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
     self._writer.close()  # the reader thread sees end-of-file and ends
+    os.close(self._stderr)
 
 
 def _ignore(signum, frame):
@@ -300,7 +303,14 @@ def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[in
       "config": ocp.JsonCheckpointHandler(),
       "data": ocp.JsonCheckpointHandler(),
     },
-    options=ocp.CheckpointManagerOptions(read_only=True),
+    # The values read_only implies, given, so that Orbax does not warn that it sets them.
+    options=ocp.CheckpointManagerOptions(
+      read_only=True,
+      save_interval_steps=0,
+      max_to_keep=None,
+      create=False,
+      cleanup_tmp_directories=False,
+    ),
   )
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
