@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 from typing import Any, Callable
@@ -227,7 +226,7 @@ class PreemptionWatcher:
     self.abort_note = "rerun the same command to resume from the newest checkpoint"
     self._interrupts = 0
     self._previous = {s: signal.signal(s, _ignore) for s in (signal.SIGTERM, signal.SIGINT)}
-    self._stderr = os.dup(sys.stderr.fileno())  # stays the terminal while fd 2 is redirected
+    self._stderr = os.dup(2)  # stays the terminal while fd 2 is redirected
     self._reader, self._writer = socket.socketpair()
     self._writer.setblocking(False)
     self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)

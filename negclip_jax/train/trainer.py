@@ -99,7 +99,11 @@ def load_tables(config, image_size: int, bad: BadRecords | None = None):
     return _load_tables(config, image_size, bad)
   except FileNotFoundError as e:
     found = str(e.filename or "")
-    keys = [f"config.data.{k}" for k, v in config.data.items() if v and found.startswith(str(v))]
+    paths = {k: str(v) for k, v in config.data.items() if isinstance(v, str) and v}
+    keys = [k for k, v in paths.items() if v == found] or [
+      k for k, v in paths.items() if found.startswith(v)
+    ]
+    keys = [f"config.data.{k}" for k in keys]
     raise ConfigError(
       f"{' / '.join(keys) or 'config.data'}: {found or e}: no such file or directory; fix the path"
     ) from e
@@ -177,7 +181,9 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
 
 
 def _missing(key):
-  raise ValueError(f"config.data.{key} must be set for this data source and objective")
+  raise ConfigError(
+    f"config.data.{key} must be set for this data source and objective (--config.data.{key}=PATH)"
+  )
 
 
 def num_train_steps(config, presence_size: int, absence_size: int) -> int:
