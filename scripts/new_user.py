@@ -194,6 +194,8 @@ def main(argv=None) -> int:
       "export of the interrupted run, quietly",
       proc.returncode == 0
       and "read_only" not in proc.stderr
+      and "read only" not in proc.stderr
+      and "WARNING:absl" not in proc.stderr
       and "Traceback" not in proc.stderr
       and not [row for row in proc.stderr.splitlines() if row.startswith("I1")],
       proc.stdout + proc.stderr,

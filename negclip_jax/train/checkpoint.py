@@ -287,15 +287,24 @@ def _recv(sock: socket.socket) -> bytes:
     return b""
 
 
-def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[int, Any, dict]:
-  """(step, params, training config JSON) of checkpoint `step` under `directory`, or of the
-  newest step that restores, onto this process's first device whatever mesh saved it.
+class _DropReadOnlyNotice(logging.Filter):
+  def filter(self, record):
+    return not str(record.msg).startswith("Given directory is read only")
 
-  Read-only: an unreadable step is skipped with a warning, not moved aside.
-  FileNotFoundError if none restores.
-  """
-  directory = storage.path(directory)
-  manager = ocp.CheckpointManager(
+
+def _read_only_manager(directory) -> ocp.CheckpointManager:
+  """A CheckpointManager that only reads, without Orbax's notices that it is read-only."""
+  drop = _DropReadOnlyNotice()
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(drop)
+  try:
+    return _manager(directory)
+  finally:
+    absl_logger.removeFilter(drop)
+
+
+def _manager(directory):
+  return ocp.CheckpointManager(
     directory,
     item_handlers={
       "state": ocp.StandardCheckpointHandler(),
@@ -311,6 +320,17 @@ def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[in
       cleanup_tmp_directories=False,
     ),
   )
+
+
+def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[int, Any, dict]:
+  """(step, params, training config JSON) of checkpoint `step` under `directory`, or of the
+  newest step that restores, onto this process's first device whatever mesh saved it.
+
+  Read-only: an unreadable step is skipped with a warning, not moved aside.
+  FileNotFoundError if none restores.
+  """
+  directory = storage.path(directory)
+  manager = _read_only_manager(directory)
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:
