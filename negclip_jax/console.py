@@ -13,6 +13,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -27,19 +28,37 @@ FAULT_EXIT = 1  # a known fault at run time
 KNOWN = (OSError, ValueError)
 # Faults of a write, whose line says what progress is already saved.
 WRITE_FAULTS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EIO)
+_HINTS = {
+  errno.ENOSPC: " (the disk is full; free space and rerun the same command)",
+  errno.EDQUOT: " (over the disk quota; free space and rerun the same command)",
+  errno.EROFS: " (a read-only file system; pass a writable directory)",
+  errno.EACCES: " (no permission; pass a writable directory or fix its permissions)",
+}
+
+
+def _disk_full_elsewhere(e: BaseException) -> str | None:
+  """The file of a full-disk write that a library reports as another type (tensorstore's
+  `ValueError: RESOURCE_EXHAUSTED ... No space left on device`), else None."""
+  text = str(e)
+  if isinstance(e, OSError) or "No space left on device" not in text:
+    return None
+  files = re.findall(r'"(/[^"]+|gs://[^"]+)"', text)
+  return files[-1] if files else "a file"
+
+
+def is_write_fault(e: BaseException) -> bool:
+  """A full disk, a read-only or unwritable directory: the line names the saved progress."""
+  return (isinstance(e, OSError) and e.errno in WRITE_FAULTS) or bool(_disk_full_elsewhere(e))
 
 
 def one_line(e: BaseException) -> str:
   """The message of `e`; for an OSError its file and strerror on one line, with the fix."""
+  if file := _disk_full_elsewhere(e):
+    return f"{file}: No space left on device" + _HINTS[errno.ENOSPC]
   if isinstance(e, OSError) and e.strerror:
     where = " ".join(f"{f}" for f in (e.filename, e.filename2) if f is not None)
     text = f"{where}: {e.strerror}" if where else e.strerror
-    if e.errno == errno.ENOSPC:
-      text += " (the disk is full; free space and rerun the same command)"
-    elif e.errno == errno.EROFS:
-      text += " (a read-only file system; pass a writable directory)"
-    elif e.errno == errno.EACCES:
-      text += " (no permission; pass a writable directory or fix its permissions)"
+    text += _HINTS.get(e.errno, "")
     return " ".join(text.split())
   return str(e).strip() or type(e).__name__
 
@@ -60,7 +79,7 @@ def boundary(saved: Callable[[], str | None] | None = None, known: tuple = ()):
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
           raise
         message = one_line(e)
-        if isinstance(e, OSError) and e.errno in WRITE_FAULTS and saved is not None:
+        if saved is not None and is_write_fault(e):
           with contextlib.suppress(Exception):
             progress = saved()
             message += f"; saved so far: {progress}" if progress else "; nothing saved yet"

@@ -199,13 +199,14 @@ def test_file_evaluators_run_at_their_cadence_and_print_a_final_table(tmp_path, 
 
 
 def _one_error_line(capsys, cli, argv) -> str:
-  """The one stderr line of `cli(argv)`, which exits 1."""
+  """The one `error:` line of `cli(argv)`, which exits 1 (progress bars may precede it)."""
   capsys.readouterr()  # what ran before
   with pytest.raises(SystemExit) as exit_info:
     cli(argv)
   err = capsys.readouterr().err
-  assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1, err
-  return err.strip()
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert exit_info.value.code == 1 and len(errors) == 1 and "Traceback" not in err, err
+  return errors[0]
 
 
 def test_evaluate_cli_errors_are_one_line_naming_the_file_and_record(tmp_path, capsys):
