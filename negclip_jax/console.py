@@ -1,4 +1,5 @@
-"""What every console script shares: one error boundary, a one-line argparse, the compile cache.
+"""What every console script shares: one error boundary, a one-line argparse, the compile
+cache, progress bars.
 
 A known fault (a missing or unreadable file, a bad value, a full disk) ends a command with
 exactly one ``error: ...`` line on stderr and exit status 1; a wrong command line (argparse)
@@ -17,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Callable
+
+from tqdm.auto import tqdm as tqdm_auto
 
 TRACEBACK_ENV = "NEGCLIP_TRACEBACK"
 CACHE_ENV = "NEGCLIP_COMPILATION_CACHE"  # a directory, or 0/off/false to disable
@@ -129,3 +132,20 @@ def enable_compilation_cache() -> Path | None:
   jax.config.update("jax_compilation_cache_dir", str(directory))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return directory
+
+
+class progress(tqdm_auto):  # noqa: N801 - used as tqdm is
+  """`tqdm` that, writing to a file or pipe (a log), does not repeat its last line on close
+  (tqdm redraws the bar when it closes, which a terminal overwrites and a log keeps)."""
+
+  def display(self, msg=None, pos=None):
+    if msg is None and self.disable and self.n == self.last_print_n and not _isatty(self.fp):
+      return True  # closing: the last update already wrote this line
+    return super().display(msg, pos)
+
+
+def _isatty(stream) -> bool:
+  try:
+    return stream.isatty()
+  except (AttributeError, ValueError):
+    return False

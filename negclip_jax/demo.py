@@ -29,7 +29,6 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
 from negclip_jax import console, export, rundir
 from negclip_jax.data import negshapes
@@ -63,7 +62,7 @@ def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> 
   n_dev = jax.local_device_count()
   shard = lambda x: x.reshape((n_dev, -1) + x.shape[1:])
   losses_ = []
-  for step in tqdm(range(steps), desc="pretrain (plain captions)"):
+  for step in console.progress(range(steps), desc="pretrain (plain captions)"):
     idx = pipeline.step_indices(step, len(ids), batch_size, seed, stream=0)
     state, loss = step_fn(state, shard(pixels[idx]), shard(ids[idx]))
     losses_.append(loss)

@@ -1,6 +1,7 @@
 """The console scripts' shared error boundary, argparse and compilation cache (console.py)."""
 
 import errno
+import io
 import os
 import signal
 import time
@@ -95,3 +96,28 @@ def test_ctrl_c_requests_a_save_like_sigterm():
   finally:
     watcher.close()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_full_disk_reported_as_another_type_is_a_write_fault(capsys):
+  @console.boundary(saved=lambda: "checkpoint /run/checkpoints/4")
+  def save():  # what tensorstore raises through Orbax when the disk fills
+    raise ValueError(
+      'RESOURCE_EXHAUSTED: Error writing "params.x/0.0" in OCDBT database at local file '
+      '"/run/checkpoints/6.orbax-checkpoint-tmp/state/": Failed writing: '
+      '"/run/checkpoints/6.orbax-checkpoint-tmp/state/d/ab": Failed to write 3383296 bytes '
+      "to file 12: No space left on device [os_error_code='28']"
+    )
+
+  line = _exit_line(capsys, save)
+  assert line == (
+    "error: /run/checkpoints/6.orbax-checkpoint-tmp/state/d/ab: No space left on device (the "
+    "disk is full; free space and rerun the same command); saved so far: checkpoint "
+    "/run/checkpoints/4"
+  )
+
+
+def test_progress_bars_in_a_log_end_with_one_100_percent_line():
+  log = io.StringIO()  # not a terminal
+  for _ in console.progress(range(3), file=log, mininterval=0):
+    pass
+  assert log.getvalue().count("100%") == 1, log.getvalue()

@@ -26,7 +26,6 @@ import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from etils import epath
-from tqdm.auto import tqdm
 
 from negclip_jax import configs, console, rundir, storage
 from negclip_jax.data import negshapes
@@ -468,7 +467,7 @@ def loop(
   preempt.abort_note = "rerun the same command to resume from the newest checkpoint"
   pending, last, stopped_early = [], None, False
   evaluated = {}
-  bar = tqdm(
+  bar = console.progress(
     total=run.total_steps,
     initial=run.start_step,
     desc="train",
