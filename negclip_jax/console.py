@@ -4,7 +4,8 @@ cache, progress bars.
 A known fault (a missing or unreadable file, a bad value, a full disk) ends a command with
 exactly one ``error: ...`` line on stderr and exit status 1; a wrong command line (argparse)
 exits 2 with one line and a pointer to ``--help``. Anything else is a bug and keeps its
-traceback. ``NEGCLIP_TRACEBACK=1`` shows the traceback of known faults too.
+traceback. ``NEGCLIP_TRACEBACK=1`` shows the traceback of known faults too. A Ctrl-C that
+reaches the boundary (eval, export, demo) is one line and exit status 130.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TRACEBACK_ENV = "NEGCLIP_TRACEBACK"
 CACHE_ENV = "NEGCLIP_COMPILATION_CACHE"  # a directory, or 0/off/false to disable
 USAGE_EXIT = 2  # argparse's status for a wrong command line
 FAULT_EXIT = 1  # a known fault at run time
+INTERRUPT_EXIT = 130  # Ctrl-C (128 + SIGINT), as a shell reports it
 
 # Known faults: what a user's files, flags and disks raise. Our own error classes
 # (ConfigError, DataError, ResumeError, ...) are ValueErrors.
@@ -78,6 +80,9 @@ def boundary(saved: Callable[[], str | None] | None = None, known: tuple = ()):
     def run(*args, **kwargs):
       try:
         return fn(*args, **kwargs)
+      except KeyboardInterrupt:  # negclip-train saves on Ctrl-C instead (PreemptionWatcher)
+        print("error: interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPT_EXIT)
       except (*KNOWN, *known) as e:
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
           raise

@@ -106,6 +106,7 @@ def main(argv=None) -> int:
       f"Ctrl-C saves: exit {rc}, stopped at step {step}, checkpoints {steps_on_disk(run_dir)}",
       rc == 0
       and "Traceback" not in out
+      and "Fatal Python" not in out
       and summary[-1]["stopped_early"]
       and steps_on_disk(run_dir)[-1] == step,
       out,
@@ -114,7 +115,10 @@ def main(argv=None) -> int:
     rc, out = interrupt(cmd, home, lambda text: "train:" in text and "it/s" in text, signals=2)
     c.expect(
       f"Ctrl-C twice stops at once: exit {rc}",
-      rc == 130 and "Traceback" not in out and len(error_lines(out)) == 1,
+      rc == 130
+      and "Traceback" not in out
+      and "Fatal Python" not in out
+      and len(error_lines(out)) == 1,
       out,
     )
     # During set-up (loading, compiling): one line, no traceback, no crash.

@@ -121,3 +121,11 @@ def test_progress_bars_in_a_log_end_with_one_100_percent_line():
   for _ in console.progress(range(3), file=log, mininterval=0):
     pass
   assert log.getvalue().count("100%") == 1, log.getvalue()
+
+
+def test_ctrl_c_outside_training_is_one_line_and_status_130(capsys):
+  @console.boundary()
+  def evaluate():
+    raise KeyboardInterrupt
+
+  assert _exit_line(capsys, evaluate, code=130) == "error: interrupted (Ctrl-C)"

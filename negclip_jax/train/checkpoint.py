@@ -218,7 +218,7 @@ class PreemptionWatcher:
   thread is inside a long XLA compilation (no KeyboardInterrupt unwinds through JAX).
   """
 
-  ABORT_EXIT = 130  # 128 + SIGINT, the shell's status for a Ctrl-C
+  ABORT_EXIT = 130  # 128 + SIGINT, the shell's status for a Ctrl-C (console.INTERRUPT_EXIT)
 
   def __init__(self, saving: bool = True):
     self.requested = False
