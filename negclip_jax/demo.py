@@ -29,9 +29,8 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-from tqdm.auto import tqdm
 
-from negclip_jax import export, rundir
+from negclip_jax import console, export, rundir
 from negclip_jax.data import negshapes
 from negclip_jax.eval.tasks import negshapes_task
 from negclip_jax.model import clip as model_lib
@@ -63,7 +62,7 @@ def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> 
   n_dev = jax.local_device_count()
   shard = lambda x: x.reshape((n_dev, -1) + x.shape[1:])
   losses_ = []
-  for step in tqdm(range(steps), desc="pretrain (plain captions)"):
+  for step in console.progress(range(steps), desc="pretrain (plain captions)"):
     idx = pipeline.step_indices(step, len(ids), batch_size, seed, stream=0)
     state, loss = step_fn(state, shard(pixels[idx]), shard(ids[idx]))
     losses_.append(loss)
@@ -479,7 +478,7 @@ PRETRAIN_LR = 1e-3
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(
+  parser = console.ArgumentParser(
     prog="negclip-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument(
@@ -553,9 +552,12 @@ def main(argv=None):
   )
 
 
-def cli():
-  """Console script `negclip-demo` (= python -m negclip_jax.demo); exit status 0 on success."""
-  main()
+@console.boundary()
+def cli(argv: list[str] | None = None):
+  """Console script `negclip-demo` (= python -m negclip_jax.demo); exit status 0 on success,
+  1 with one `error:` line for a bad file or value, 2 for a bad command line."""
+  console.enable_compilation_cache()
+  main(argv)
 
 
 if __name__ == "__main__":

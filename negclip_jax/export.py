@@ -19,7 +19,7 @@ import os
 
 from etils import epath
 
-from negclip_jax import configs, rundir, storage
+from negclip_jax import configs, console, rundir, storage
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
 from negclip_jax.train import param_groups
@@ -210,7 +210,7 @@ def export_run(result: dict, config, out: str | os.PathLike, name: str) -> epath
 
 def main(argv: list[str] | None = None) -> dict[str, epath.Path]:
   """Console script `negclip-export` (= python -m negclip_jax.export)."""
-  p = argparse.ArgumentParser(
+  p = console.ArgumentParser(
     prog="negclip-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument(
@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict[str, epath.Path]:
     "--format",
     choices=[*FORMATS, "both"],
     default="hf",
-    help="hf: transformers CLIPModel directory; openai: model.pt for OpenAI clip",
+    help="hf: transformers CLIPModel directory; openai: model.pt for OpenAI clip; "
+    "both: DIR/hf and DIR/openai (default: %(default)s)",
   )
   p.add_argument("--out", required=True, help="output directory")
   args = p.parse_args(argv)
@@ -234,9 +235,11 @@ def main(argv: list[str] | None = None) -> dict[str, epath.Path]:
   return dirs
 
 
-def cli():
-  """Console script `negclip-export` (= python -m negclip_jax.export); exit status 0 on success."""
-  main()
+@console.boundary()
+def cli(argv: list[str] | None = None):
+  """Console script `negclip-export` (= python -m negclip_jax.export); exit status 0 on
+  success, 1 with one `error:` line for a bad file or value, 2 for a bad command line."""
+  main(argv)
 
 
 if __name__ == "__main__":

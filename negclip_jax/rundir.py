@@ -74,7 +74,7 @@ def run_model(run_dir: str | os.PathLike, dtype=jnp.float32):
     raise FileNotFoundError(
       f"{run_dir} has no {MODEL_CONFIG_FILE}: not a negclip_jax run directory"
     )
-  config = model_lib.config_from_dict(json.loads(config_file.read_text()), str(config_file))
+  config = model_lib.config_from_dict(convert.read_json_object(config_file), str(config_file))
   tok_dir = run_dir / TOKENIZER_DIR
   tokenizer = ClipTokenizer.from_pretrained(tok_dir) if tok_dir.is_dir() else ClipTokenizer()
   return model_lib.CLIP(config, dtype=dtype), tokenizer

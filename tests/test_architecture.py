@@ -12,7 +12,7 @@ PACKAGE = Path(negclip_jax.__file__).parent
 
 # Lowest first; fnmatch patterns over dotted module names below negclip_jax.
 LAYERS = (
-  ("platform", ("storage", "hosts", "torch_io", "configs", "configs.*")),
+  ("platform", ("storage", "hosts", "torch_io", "console", "configs", "configs.*")),
   ("model and data", ("model", "model.*", "data", "data.*")),
   (
     "training core",

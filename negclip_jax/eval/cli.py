@@ -1,8 +1,8 @@
 """Evaluate a CLIP on the negation benchmarks (and plain retrieval, zero-shot classification).
 
-CLI (`negclip-eval` is the same)::
+CLI (`python -m negclip_jax.evaluate` is the same)::
 
-  python -m negclip_jax.evaluate --model PATH --task TASK [task options]
+  negclip-eval --model PATH --task TASK [task options]
       [--protocol original|hf] [--dtype float32|bfloat16|float16]
       [--out results.json] [--batch-size N]
 
@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import jax
 
-from negclip_jax import rundir, storage
+from negclip_jax import console, rundir, storage
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE
 from negclip_jax.eval.embed import DTYPES, Embedder
 from negclip_jax.eval.metrics import NEGATION_WORDS, TIES
@@ -34,10 +33,8 @@ from negclip_jax.model.preprocess import PREPROCESS
 
 
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-    prog="python -m negclip_jax.evaluate",
-    description=__doc__,
-    formatter_class=argparse.RawDescriptionHelpFormatter,
+  p = console.ArgumentParser(
+    prog="negclip-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   p.add_argument("--model", required=True, help="HF CLIP dir, state-dict file, or run dir")
   p.add_argument("--task", required=True, choices=[*TASKS, "all"])
@@ -170,19 +167,17 @@ def main(argv: list[str] | None = None) -> dict:
     missing = missing_options(args.task, _task_options(args, args.task, plot_path))
     if missing:
       parser.error("; ".join(missing))
-  try:
-    model, params, tokenizer = rundir.load_model(args.model)
-    mesh = None
-    if args.fsdp:
-      from negclip_jax.train import sharding
+  console.enable_compilation_cache()
+  model, params, tokenizer = rundir.load_model(args.model)
+  mesh = None
+  if args.fsdp:
+    from negclip_jax.train import sharding
 
-      mesh = sharding.make_mesh(args.fsdp)
-    embedder = Embedder(model, params, args.batch_size, dtype=args.dtype, mesh=mesh)
-    results = {
-      t: run_with_embedder(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks
-    }
-  except (OSError, ValueError) as e:  # a missing/unreadable file or record, named in `e`
-    sys.exit(f"error: {e}")
+    mesh = sharding.make_mesh(args.fsdp)
+  embedder = Embedder(model, params, args.batch_size, dtype=args.dtype, mesh=mesh)
+  results = {
+    t: run_with_embedder(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks
+  }
   table = markdown(results)
   if jax.process_index() != 0:
     return results
@@ -194,9 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
   return results
 
 
-def cli():
-  """Console script `negclip-eval` (= python -m negclip_jax.evaluate); exit status 0 on success."""
-  main()
+@console.boundary()
+def cli(argv: list[str] | None = None):
+  """Console script `negclip-eval` (= python -m negclip_jax.evaluate); exit status 0 on
+  success, 1 with one `error:` line for a bad file or value, 2 for a bad command line."""
+  main(argv)
 
 
 if __name__ == "__main__":

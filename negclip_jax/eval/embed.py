@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
-from tqdm.auto import tqdm
 
-from negclip_jax import hosts
+from negclip_jax import console, hosts
 from negclip_jax.data.records import DataError
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model.preprocess import get_preprocess
@@ -177,7 +176,7 @@ class Embedder:
     lo, hi = hosts.process_block(n)
     steps = max(1, math.ceil(hosts.block_size(n) / batch_size))  # same count on every process
     outs = []
-    for s in tqdm(range(steps), desc=f"embed {desc}", disable=not self.progress):
+    for s in console.progress(range(steps), desc=f"embed {desc}", disable=not self.progress):
       a, b = min(hi, lo + s * batch_size), min(hi, lo + (s + 1) * batch_size)
       # A process past its last example still joins the collective batch (with filler).
       x = get(a, b) if b > a else get(0, 1)

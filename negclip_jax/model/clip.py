@@ -53,13 +53,94 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
+  """Both towers and the joint embedding; checked on construction (`check_config`)."""
+
   text: TextConfig = TextConfig()
   vision: VisionConfig = VisionConfig()
   projection_dim: int = 512
   logit_scale_init_value: float = math.log(1 / 0.07)
 
+  def __post_init__(self):
+    check_config(self)
+
   def replace(self, **kw) -> "CLIPConfig":
     return dataclasses.replace(self, **kw)
+
+
+# Sane bounds of a model config (README "Model configs"): far above any released CLIP, low
+# enough that a mistyped or hostile config.json fails at once instead of allocating for hours.
+MAX_LAYERS = 256
+MAX_WIDTH = 65536  # hidden, MLP and projection widths
+MAX_VOCAB = 1 << 20
+MAX_CONTEXT = 8192
+MAX_IMAGE_SIZE = 8192
+MAX_CHANNELS = 16
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+class ModelConfigError(ValueError):
+  """A model config value out of type or range: `key` (e.g. "text.num_attention_heads"),
+  `value`, `problem`; readers prefix the file (`in_file`)."""
+
+  def __init__(self, key: str, value, problem: str):
+    self.key, self.value, self.problem = key, value, problem
+    super().__init__(f"{key}={value!r}: {problem}")
+
+  def in_file(self, source: str, prefixes: Mapping[str, str] | None = None) -> ValueError:
+    """This error naming `source` and the key as that file spells it (prefixes: {"text.":
+    "text_config."})."""
+    key = self.key
+    for ours, theirs in (prefixes or {}).items():
+      if key.startswith(ours):
+        key = theirs + key[len(ours) :]
+    return ValueError(f"{source}: {key}={self.value!r}: {self.problem}")
+
+
+def _int_in(key: str, value, lo: int, hi: int):
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ModelConfigError(key, value, f"must be an integer, not {type(value).__name__}")
+  if not lo <= value <= hi:
+    raise ModelConfigError(key, value, f"must be in [{lo}, {hi}]")
+
+
+def _number(key: str, value, positive: bool = False):
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ModelConfigError(key, value, f"must be a number, not {type(value).__name__}")
+  if not math.isfinite(value) or (positive and value <= 0):
+    raise ModelConfigError(key, value, "must be finite" + (" and > 0" if positive else ""))
+
+
+def _check_tower(tower: str, c: TextConfig | VisionConfig):
+  key = lambda name: f"{tower}.{name}"
+  _int_in(key("num_hidden_layers"), c.num_hidden_layers, 1, MAX_LAYERS)
+  _int_in(key("hidden_size"), c.hidden_size, 1, MAX_WIDTH)
+  _int_in(key("intermediate_size"), c.intermediate_size, 1, MAX_WIDTH)
+  _int_in(key("num_attention_heads"), c.num_attention_heads, 1, c.hidden_size)
+  if c.hidden_size % c.num_attention_heads:
+    raise ModelConfigError(
+      key("num_attention_heads"), c.num_attention_heads, f"must divide hidden_size {c.hidden_size}"
+    )
+  if c.hidden_act not in ACTIVATIONS:
+    raise ModelConfigError(key("hidden_act"), c.hidden_act, f"must be one of {ACTIVATIONS}")
+  _number(key("layer_norm_eps"), c.layer_norm_eps, positive=True)
+
+
+def check_config(config: CLIPConfig) -> None:
+  """ModelConfigError for the first value out of type or range (the bounds above; heads
+  dividing widths; bools are not integers), before anything is built."""
+  for tower, c, cls in (("text", config.text, TextConfig), ("vision", config.vision, VisionConfig)):
+    if not isinstance(c, cls):
+      raise ModelConfigError(tower, c, f"must be a {cls.__name__}")
+    _check_tower(tower, c)
+  t, v = config.text, config.vision
+  _int_in("text.vocab_size", t.vocab_size, 1, MAX_VOCAB)
+  _int_in("text.max_position_embeddings", t.max_position_embeddings, 1, MAX_CONTEXT)
+  _int_in("text.eos_token_id", t.eos_token_id, 0, MAX_VOCAB)
+  _int_in("vision.image_size", v.image_size, 1, MAX_IMAGE_SIZE)
+  _int_in("vision.patch_size", v.patch_size, 1, v.image_size)
+  _int_in("vision.num_channels", v.num_channels, 1, MAX_CHANNELS)
+  _int_in("projection_dim", config.projection_dim, 1, MAX_WIDTH)
+  _number("logit_scale_init_value", config.logit_scale_init_value)
 
 
 def config_to_dict(config: CLIPConfig) -> dict:
@@ -75,6 +156,8 @@ def config_from_dict(d: Mapping[str, Any], source: str = "model config") -> CLIP
       vision=VisionConfig(**d["vision"]),
       **{k: v for k, v in d.items() if k not in ("text", "vision")},
     )
+  except ModelConfigError as e:
+    raise e.in_file(source) from e
   except (KeyError, TypeError) as e:
     raise ValueError(f"{source}: not a negclip-jax CLIP config ({type(e).__name__}: {e})") from e
 

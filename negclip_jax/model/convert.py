@@ -139,15 +139,21 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> model_
     )
   text = hf.get("text_config") or hf.get("text_config_dict") or {}
   vision = hf.get("vision_config") or hf.get("vision_config_dict") or {}
+  for key, value in (("text_config", text), ("vision_config", vision)):
+    if not isinstance(value, Mapping):
+      raise ValueError(f"{source}: {key}={value!r}: must be a JSON object")
   pick = lambda cls, d: {f: d[f] for f in cls.__dataclass_fields__ if f in d}
-  return model_lib.CLIPConfig(
-    text=model_lib.TextConfig(**pick(model_lib.TextConfig, text)),
-    vision=model_lib.VisionConfig(**pick(model_lib.VisionConfig, vision)),
-    projection_dim=hf.get("projection_dim", 512),
-    logit_scale_init_value=hf.get(
-      "logit_scale_init_value", model_lib.CLIPConfig.logit_scale_init_value
-    ),
-  )
+  try:
+    return model_lib.CLIPConfig(
+      text=model_lib.TextConfig(**pick(model_lib.TextConfig, text)),
+      vision=model_lib.VisionConfig(**pick(model_lib.VisionConfig, vision)),
+      projection_dim=hf.get("projection_dim", 512),
+      logit_scale_init_value=hf.get(
+        "logit_scale_init_value", model_lib.CLIPConfig.logit_scale_init_value
+      ),
+    )
+  except model_lib.ModelConfigError as e:
+    raise e.in_file(source, {"text.": "text_config.", "vision.": "vision_config."}) from e
 
 
 def config_to_hf(config: model_lib.CLIPConfig) -> dict:
@@ -507,7 +513,7 @@ def _export_config_beside(weights: epath.Path) -> model_lib.CLIPConfig | None:
   sidecar = weights.parent / EXPORT_CONFIG
   if not sidecar.is_file():
     return None
-  meta = _read_json(sidecar)
+  meta = read_json_object(sidecar)
   if meta.get("weights") != weights.name:
     return None
   return model_lib.config_from_dict(meta.get("config", {}), str(sidecar))
@@ -526,7 +532,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   """
   path = storage.path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"No checkpoint file at {path}")
+    raise FileNotFoundError(
+      f"{path}: no such file or directory (expected a training run directory, one of its "
+      "checkpoints, a Hugging Face CLIP directory or a checkpoint file)"
+    )
   if path.suffix == ".safetensors":
     from safetensors import SafetensorError
     from safetensors.numpy import load, load_file  # no torch needed (bfloat16 via ml_dtypes)
@@ -553,12 +562,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Any]:
   return sd
 
 
-def _read_json(file: epath.Path) -> dict:
+def read_json_object(file: epath.Path) -> dict:
   """A JSON object from `file`; ValueError naming the file otherwise."""
   try:
     value = json.loads(file.read_text(encoding="utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{file}: not valid UTF-8 JSON ({e})") from e
+  except RecursionError as e:
+    raise ValueError(f"{file}: JSON nested too deeply to be a config") from e
   if not isinstance(value, dict):
     raise ValueError(f"{file}: expected a JSON object, got a {type(value).__name__}")
   return value
@@ -568,17 +579,17 @@ def _read_json(file: epath.Path) -> dict:
 _LAYOUTS = (
   (
     "config.json",
-    lambda f: config_from_hf(_read_json(f), str(f)),
+    lambda f: config_from_hf(read_json_object(f), str(f)),
     ("model.safetensors", "pytorch_model.bin"),
   ),
   (
     "open_clip_config.json",
-    lambda f: config_from_open_clip(_read_json(f), str(f)),
+    lambda f: config_from_open_clip(read_json_object(f), str(f)),
     ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"),
   ),
   (
     EXPORT_CONFIG,
-    lambda f: model_lib.config_from_dict(_read_json(f).get("config", {}), str(f)),
+    lambda f: model_lib.config_from_dict(read_json_object(f).get("config", {}), str(f)),
     ("model.pt",),
   ),
 )
@@ -588,7 +599,12 @@ def _describe_dir(path: epath.Path) -> tuple[epath.Path, model_lib.CLIPConfig]:
   """(weights file, stated config) of a model directory."""
   for marker, read_config, weight_names in _LAYOUTS:
     if (path / marker).is_file():
-      config = read_config(path / marker)
+      try:
+        config = read_config(path / marker)
+      except model_lib.ModelConfigError as e:
+        raise e.in_file(str(path / marker)) from e
+      except (TypeError, ZeroDivisionError, OverflowError) as e:  # arithmetic on bad values
+        raise ValueError(f"{path / marker}: bad value ({type(e).__name__}: {e})") from e
       for name in weight_names:
         if (path / name).is_file():
           return path / name, config

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import threading
 import time
 from typing import Any, Callable
 
@@ -203,21 +205,61 @@ class Checkpointer:
 
 
 class PreemptionWatcher:
-  """Turns SIGTERM into "save and stop", agreed by every process.
+  """Turns SIGTERM and Ctrl-C (SIGINT) into "save and stop", agreed by every process.
 
   One process acts at the next step. Multi-process runs agree with one all-gather at
   boundary steps only (log/save steps, where the loop syncs anyway), so the other steps
   keep dispatching asynchronously; Orbax's own preemption sync point (TPU) counts at
   every step, as it is agreed without a collective.
+
+  A second Ctrl-C, or a Ctrl-C while `saving` is False (set-up and compiling, or the export
+  after the last step), ends the process at once: one line on stderr, exit status 130.
+  Signals are read by a thread from `signal.set_wakeup_fd`, so they act even while the main
+  thread is inside a long XLA compilation (no KeyboardInterrupt unwinds through JAX).
   """
 
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+  ABORT_EXIT = 130  # 128 + SIGINT, the shell's status for a Ctrl-C (console.INTERRUPT_EXIT)
 
-  def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-    self.requested = True
+  def __init__(self, saving: bool = True):
+    self.requested = False
+    self.saving = saving
+    self.abort_note = "rerun the same command to resume from the newest checkpoint"
+    self._interrupts = 0
+    self._previous = {s: signal.signal(s, _ignore) for s in (signal.SIGTERM, signal.SIGINT)}
+    self._stderr = os.dup(2)  # stays the terminal while fd 2 is redirected
+    self._reader, self._writer = socket.socketpair()
+    self._writer.setblocking(False)
+    self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+    threading.Thread(target=self._watch, name="negclip-signals", daemon=True).start()
+
+  def _watch(self):
+    while data := _recv(self._reader):
+      for signum in data:
+        self._handle(signum)
+    self._reader.close()
+
+  def _handle(self, signum: int):
+    if signum == signal.SIGTERM:
+      logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+      self.requested = True
+    elif signum == signal.SIGINT:
+      self._interrupts += 1
+      if self._interrupts > 1 or not self.saving:
+        self._abort("Ctrl-C again" if self._interrupts > 1 else "Ctrl-C")
+      self._say(
+        "Ctrl-C: saving a checkpoint at the next step and stopping (Ctrl-C again to stop at "
+        "once without saving)."
+      )
+      self.requested = True
+
+  def _say(self, line: str):
+    """One line on the original stderr, past Python's buffered streams (whose locks the main
+    thread may hold) and past a temporary redirect of fd 2 (TensorFlow's import)."""
+    os.write(self._stderr, f"\n{line}\n".encode())
+
+  def _abort(self, what: str):
+    self._say(f"error: {what}: stopped at once without saving; {self.abort_note}")
+    os._exit(self.ABORT_EXIT)
 
   def should_stop(self, step: int, checkpointer: Checkpointer, boundary: bool) -> bool:
     if checkpointer.manager.reached_preemption(step):
@@ -227,7 +269,57 @@ class PreemptionWatcher:
     return boundary and not hosts.all_processes(not self.requested)
 
   def close(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    signal.set_wakeup_fd(self._previous_fd)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._writer.close()  # the reader thread sees end-of-file and ends
+    os.close(self._stderr)
+
+
+def _ignore(signum, frame):
+  """The Python-level handler: the watcher thread acts on the signal (see PreemptionWatcher)."""
+
+
+def _recv(sock: socket.socket) -> bytes:
+  try:
+    return sock.recv(64)
+  except OSError:
+    return b""
+
+
+class _DropReadOnlyNotice(logging.Filter):
+  def filter(self, record):
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+def _read_only_manager(directory) -> ocp.CheckpointManager:
+  """A CheckpointManager that only reads, without Orbax's notices that it is read-only."""
+  drop = _DropReadOnlyNotice()
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(drop)
+  try:
+    return _manager(directory)
+  finally:
+    absl_logger.removeFilter(drop)
+
+
+def _manager(directory):
+  return ocp.CheckpointManager(
+    directory,
+    item_handlers={
+      "state": ocp.StandardCheckpointHandler(),
+      "config": ocp.JsonCheckpointHandler(),
+      "data": ocp.JsonCheckpointHandler(),
+    },
+    # The values read_only implies, given, so that Orbax does not warn that it sets them.
+    options=ocp.CheckpointManagerOptions(
+      read_only=True,
+      save_interval_steps=0,
+      max_to_keep=None,
+      create=False,
+      cleanup_tmp_directories=False,
+    ),
+  )
 
 
 def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[int, Any, dict]:
@@ -238,15 +330,7 @@ def read_step(directory: str | os.PathLike, step: int | None = None) -> tuple[in
   FileNotFoundError if none restores.
   """
   directory = storage.path(directory)
-  manager = ocp.CheckpointManager(
-    directory,
-    item_handlers={
-      "state": ocp.StandardCheckpointHandler(),
-      "config": ocp.JsonCheckpointHandler(),
-      "data": ocp.JsonCheckpointHandler(),
-    },
-    options=ocp.CheckpointManagerOptions(read_only=True),
-  )
+  manager = _read_only_manager(directory)
   steps = sorted(manager.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:

@@ -210,7 +210,7 @@ def image_embeddings(
   if cache_dir is not None:
     entry = storage.path(cache_dir) / cache_key(model, params, images, image_size, stamps)
     cached = _read_block(entry, n)
-    logger.info("image cache %s: %s (%s)", "hit" if cached else "miss", entry, _describe(images))
+    logger.debug("image cache %s: %s (%s)", "hit" if cached else "miss", entry, _describe(images))
   if entry is None or not _hit_everywhere(cached):
     block, dropped = _compute(
       model, params, images, image_size, batch_size, bad.skip, record_index, key

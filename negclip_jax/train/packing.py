@@ -18,7 +18,8 @@ the EOT irrelevant, so a caption occupies only its first `pooled_lengths` tokens
 Shape: T is the row length (the text context, so any caption fits a row); R is the
 smallest rung of `ROWS_LADDER` >= the rows first-fit-decreasing packing needs. Batches of
 i.i.d. captions differ little in total tokens, so a run compiles one or two shapes, and
-the ladder's rungs are at most 12.5% apart. Fallback: a batch that does not fit a rung
+the ladder's rungs are at most 12.5% apart; a rung close to one caption per row takes that
+full shape (`batch_rows`), so short contexts compile once. Fallback: a batch that does not fit a rung
 takes the next rung up (one more compile), up to one caption per row; nothing is ever
 truncated, and a caption longer than T is an error.
 """
@@ -160,12 +161,26 @@ def pack_text_batch(
   """A global batch's TEXT_KEYS arrays [B, L] -> the packed layout with a leading [shards]
   axis (one shard per device, contiguous examples), sliced to `mine` (this host's devices).
 
-  All shards get the same rows (the rung of the largest need over the *global* batch, so
-  every host picks the same shape).
+  All shards get the same rows (`batch_rows` of the largest need over the *global* batch,
+  so every host picks the same shape).
   """
   every = text_shards(ids, shards)
-  rows = ladder_rows(max(rows_needed(s, row_length, eos_token_id) for s in every))
+  needed = max(rows_needed(s, row_length, eos_token_id) for s in every)
+  rows = batch_rows(needed, len(every[0]))
   return pack_shards(every[mine], row_length, eos_token_id, rows)
+
+
+# A rung at least this fraction of one-caption-per-row takes that full shape instead: packing
+# there saves little, and batches of short contexts (e.g. 16 tokens) then compile one shape.
+FULL_ROWS_FRACTION = 0.75
+
+
+def batch_rows(needed: int, captions: int) -> int:
+  """R of a training batch of `captions` captions per shard that needs `needed` rows: the
+  `ladder_rows` rung, or `captions` (the most rows any batch needs, one caption per row)
+  when that rung is at least FULL_ROWS_FRACTION of it."""
+  rung = ladder_rows(needed)
+  return captions if rung >= FULL_ROWS_FRACTION * captions else rung
 
 
 def row_slots(packed: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

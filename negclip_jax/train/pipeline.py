@@ -54,9 +54,8 @@ from typing import ClassVar, Mapping, NamedTuple, Sequence, Union
 import jax
 import numpy as np
 from absl import logging as absl_logging
-from tqdm.auto import tqdm
 
-from negclip_jax import hosts, storage
+from negclip_jax import console, hosts, storage
 from negclip_jax.data.records import AbsenceRecord, BadRecords, DataError, PresenceRecord
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model.preprocess import preprocess_image
@@ -259,7 +258,7 @@ def _undecodable(table: _Table, image_size: int):
 
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
       list(
-        tqdm(
+        console.progress(
           pool.map(check, range(lo, hi)),
           total=hi - lo,
           desc=f"check {column}",

@@ -26,11 +26,10 @@ import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from etils import epath
-from tqdm.auto import tqdm
 
-from negclip_jax import configs, rundir, storage
+from negclip_jax import configs, console, rundir, storage
 from negclip_jax.data import negshapes
-from negclip_jax.data.records import BadRecords, DataError
+from negclip_jax.data.records import BadRecords
 from negclip_jax.eval import evaluators, registry
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model.tokenizer import ClipTokenizer
@@ -40,6 +39,7 @@ from negclip_jax.train import (
   image_cache,
   losses,
   optim,
+  packing,
   param_groups,
   pipeline,
   resume,
@@ -84,12 +84,31 @@ def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
   params, one of its steps, an HF dir, an OpenAI checkpoint) or a random preset."""
   dtype = jnp.dtype(config.dtype)
   if config.init:
-    return rundir.load_model(config.init, dtype=dtype)
+    try:
+      return rundir.load_model(config.init, dtype=dtype)
+    except FileNotFoundError as e:
+      raise ConfigError(f"config.init={config.init!r}: {e}") from e
   model = model_lib.CLIP(model_lib.get_config(config.model), dtype=dtype)
   return model, model_lib.init_params(model, jax.random.key(config.seed)), ClipTokenizer()
 
 
 def load_tables(config, image_size: int, bad: BadRecords | None = None):
+  """`_load_tables`; a missing data file is a ConfigError naming its `config.data` key."""
+  try:
+    return _load_tables(config, image_size, bad)
+  except FileNotFoundError as e:
+    found = str(e.filename or "")
+    paths = {k: str(v) for k, v in config.data.items() if isinstance(v, str) and v}
+    keys = [k for k, v in paths.items() if v == found] or [
+      k for k, v in paths.items() if found.startswith(v)
+    ]
+    keys = [f"config.data.{k}" for k in keys]
+    raise ConfigError(
+      f"{' / '.join(keys) or 'config.data'}: {found or e}: no such file or directory; fix the path"
+    ) from e
+
+
+def _load_tables(config, image_size: int, bad: BadRecords | None = None):
   """(PresenceTable, AbsenceTable) from `config.data`, every bad record reported to `bad`
   (default: `config.data.on_error`; see `pipeline.validate`); the presence table holds distractor images when
   `config.objective` is "conclip". Without the image cache, a "skip" run decodes every
@@ -161,7 +180,9 @@ def load_tables(config, image_size: int, bad: BadRecords | None = None):
 
 
 def _missing(key):
-  raise ValueError(f"config.data.{key} must be set for this data source and objective")
+  raise ConfigError(
+    f"config.data.{key} must be set for this data source and objective (--config.data.{key}=PATH)"
+  )
 
 
 def num_train_steps(config, presence_size: int, absence_size: int) -> int:
@@ -294,6 +315,7 @@ class Run:
   state: train_step.TrainState  # placed on the devices (replicated or sharded)
   start_step: int
   total_steps: int
+  compiled_shapes: list[str] = dataclasses.field(default_factory=list)  # the step's text shapes
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
@@ -431,15 +453,21 @@ class Due:
     return cls(log=log or save or stop, save=save or stop, stop=stop, evals=evals)
 
 
-def loop(run: Run, log: rundir.MetricsLog) -> tuple[int, dict | None, bool, dict]:
-  """Trains from `run.start_step` to the end or a preemption, updating `run.state` ->
-  (step reached, last logged metrics, stopped early, {evaluator: (step, metrics)})."""
+def loop(
+  run: Run, log: rundir.MetricsLog, preempt: checkpoint.PreemptionWatcher | None = None
+) -> tuple[int, dict | None, bool, dict]:
+  """Trains from `run.start_step` to the end or a preemption (SIGTERM, Ctrl-C; `preempt`, or
+  a watcher of its own), updating `run.state` -> (step reached, last logged metrics, stopped
+  early, {evaluator: (step, metrics)})."""
   main = jax.process_index() == 0
   config_json = json.loads(run.config.to_json())
-  preempt = checkpoint.PreemptionWatcher()
+  own_watcher = preempt is None
+  preempt = preempt or checkpoint.PreemptionWatcher()
+  preempt.saving = True
+  preempt.abort_note = "rerun the same command to resume from the newest checkpoint"
   pending, last, stopped_early = [], None, False
   evaluated = {}
-  bar = tqdm(
+  bar = console.progress(
     total=run.total_steps,
     initial=run.start_step,
     desc="train",
@@ -451,6 +479,7 @@ def loop(run: Run, log: rundir.MetricsLog) -> tuple[int, dict | None, bool, dict
   try:
     for batch in run.data:
       batch.pop(batch_lib.STEP_KEY)
+      _note_new_shape(run.compiled_shapes, batch, step + 1)
       run.state, metrics = run.step_fn(run.state, run.placement.batch(batch))
       pending.append((step, metrics))
       step += 1
@@ -472,8 +501,25 @@ def loop(run: Run, log: rundir.MetricsLog) -> tuple[int, dict | None, bool, dict
   finally:
     bar.close()
     run.checkpointer.close()
-    preempt.close()
+    preempt.saving = False
+    preempt.abort_note = f"step {step} is saved; rerun the same command to finish"
+    if own_watcher:
+      preempt.close()
   return step, last, stopped_early, evaluated
+
+
+def _note_new_shape(seen: list[str], batch: dict, step: int):
+  """Logs (and appends to `seen`) a text shape the step has not run yet: it compiles now."""
+  if packing.PACKED_IDS in batch:
+    rows, length = batch[packing.PACKED_IDS].shape[-2:]
+    shape = f"packed text of {rows} rows x {length} tokens"
+  else:
+    shape = f"text length {batch[batch_lib.TEXT_KEYS[0]].shape[-1]}"
+  if shape in seen:
+    return
+  why = f"a new shape; compiled before: {', '.join(seen)}" if seen else "the first shape"
+  logger.info("Step %d: compiling the train step for %s (%s).", step, shape, why)
+  seen.append(shape)
 
 
 def _evaluate(run: Run, ev: evaluators.Evaluator, log: rundir.MetricsLog, step: int) -> dict:
@@ -518,18 +564,23 @@ def finish(
   return result
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str | os.PathLike,
+  preempt: checkpoint.PreemptionWatcher | None = None,
+) -> dict:
   """Runs (or resumes) training: `setup`, `loop`, `finish`.
 
   Returns {"step", "last_metrics", "eval" ({evaluator name: final metrics}; empty if
   stopped early), "stopped_early", "model", "params" (host copy), "tokenizer"}. The
   evaluators of `config.evals` (validated before anything loads) run at their cadence and
   once at the end; results go to the metrics log as ``eval/<name>/<metric>``. A run that
-  finishes exports to WORKDIR/export/hf (`negclip_jax.export`).
+  finishes exports to WORKDIR/export/hf (`negclip_jax.export`). `preempt` (the CLI's,
+  installed before set-up) turns SIGTERM / Ctrl-C into a save and stop.
   """
   run = setup(config, workdir)
   log = rundir.MetricsLog(run.workdir, run.start_step)
-  return finish(run, log, *loop(run, log))
+  return finish(run, log, *loop(run, log, preempt))
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -580,10 +631,23 @@ def configure_logging():
   logging.getLogger("negclip_jax").setLevel(logging.INFO)
 
 
+def _saved_progress() -> str | None:
+  """The newest checkpoint of --workdir, for the error line of a failed write."""
+  checkpoints = storage.path(_WORKDIR.value) / rundir.CHECKPOINTS_DIR
+  steps = (
+    [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()] if checkpoints.exists() else []
+  )
+  return f"checkpoint {checkpoints}/{max(steps)}" if steps else None
+
+
+@console.boundary(saved=_saved_progress, known=(NonFiniteLossError,))
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  preempt = checkpoint.PreemptionWatcher(saving=False)  # Ctrl-C in set-up: stop at once
+  preempt.abort_note = "nothing was trained in this session; rerun the same command to go on"
   configure_logging()
+  console.enable_compilation_cache()
   initialize_distributed()
   if jax.process_index() == 0:
     print(
@@ -592,15 +656,9 @@ def main(argv):
       flush=True,
     )
   try:
-    result = train(_CONFIG.value, _WORKDIR.value)
-  except (
-    ConfigError,
-    evaluators.EvalConfigError,
-    resume.ResumeError,
-    DataError,
-    NonFiniteLossError,
-  ) as e:
-    sys.exit(f"error: {e}")
+    result = train(_CONFIG.value, _WORKDIR.value, preempt)
+  finally:
+    preempt.close()
   if result["eval"] and jax.process_index() == 0:
     print(
       f"Final evaluation (step {result['step']}):\n{registry.markdown(result['eval'])}",
