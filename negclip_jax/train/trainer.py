@@ -624,7 +624,8 @@ def main(argv):
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, except that -h/--help prints the flags and every config key with
   its default and meaning (of --config's config if given, else the base) and exits 0; a
-  bad flag or `--config.KEY=VALUE` override exits with one line."""
+  bad flag or `--config.KEY=VALUE` override exits with one line. ``--config.evals.NAME.KEY``
+  may name a new evaluator or option (`configs.apply_eval_overrides`)."""
   if "-h" in argv or "--help" in argv:
     given = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
     given += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
@@ -644,10 +645,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
       _HEARTBEAT_TIMEOUT,
     ):
       print(f"  --{holder.name}: {flags.FLAGS[holder.name].help}")
+    print(
+      "  -v, --verbosity: absl log level of the libraries (Orbax, TensorFlow); default: warnings"
+    )
     print(f"\nconfig keys (--config.KEY=VALUE; defaults of {name}):\n{table}")
     sys.exit(0)
   try:
-    return flags.FLAGS(argv)
+    argv, eval_overrides = configs.split_eval_overrides(argv)
+    sys.argv = argv  # ml_collections reads its --config.KEY overrides from sys.argv
+    rest = flags.FLAGS(argv)
+    configs.apply_eval_overrides(_CONFIG.value, eval_overrides)
+    return rest
   except flags.Error as e:
     sys.exit(f"error: {str(e).rstrip('.')}. Pass --help for usage.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # from ml_collections
