@@ -23,7 +23,7 @@ import pytest
 import torch
 import transformers
 from flax import traverse_util
-from helpers import NEGBENCH_MCQ_HEADER
+from helpers import NEGBENCH_MCQ_HEADER, ROOT
 from PIL import Image
 
 from negclip_jax.data import negshapes
@@ -818,3 +818,27 @@ def test_embedder_padding_is_exact_on_any_device_count(devices, params_file):
     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
   )
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_docs_mcq_example_scores_a_wrong_caption_0_in_the_coco_layout(tmp_path, caplog):
+  """docs/data_formats.md's MCQ example (right answer: caption 2) under the default `coco`
+  layout, whose answer types leave caption 0 unmapped: a model that picks caption 0 is
+  wrong and that answer is counted as `unmapped`, not a crash after the whole pass."""
+  from negclip_jax.data.negbench import load_negbench_mcq
+  from negclip_jax.eval.tasks import negbench_task
+
+  docs = (ROOT / "docs/data_formats.md").read_text()
+  example = docs.split("Multiple choice (e.g.", 1)[1].split("```", 2)[1].strip()
+  (tmp_path / "mcq.csv").write_text(example + "\n")
+  image = example.splitlines()[1].split(",")[0]
+  (tmp_path / image).parent.mkdir(parents=True)
+  Image.new("RGB", (8, 8)).save(tmp_path / image)
+  records = load_negbench_mcq(tmp_path / "mcq.csv", tmp_path)
+  assert records[0].correct == 2
+  out = negbench_task.wrong_answers(np.array([0]), records, "coco")
+  template = records[0].template
+  assert out["wrong_as_unmapped"] == 1.0 and out["wrong_as_hybrid"] == 0.0
+  assert out[f"wrong_{template}_as_unmapped"] == 1
+  assert "counted as 'unmapped'" in caplog.text and "--mcq-layout" in caplog.text
+  right = negbench_task.wrong_answers(np.array([2]), records, "coco")
+  assert np.isnan(right["wrong_as_unmapped"])  # no wrong answers
