@@ -52,7 +52,7 @@ def file_facts(path: str | os.PathLike) -> dict:
     stat = p.stat()
     facts["bytes"] = None if p.is_dir() else int(stat.length)
     facts["modified"] = _utc(stat.mtime)
-  except (OSError, ValueError):
+  except (OSError, ValueError, NotImplementedError, AttributeError):  # a store without stat
     pass
   return facts
 
