@@ -32,6 +32,7 @@ import optax
 
 from negclip_jax import console, export, rundir
 from negclip_jax.data import negshapes
+from negclip_jax.eval import results as results_json
 from negclip_jax.eval.tasks import negshapes_task
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
@@ -298,7 +299,9 @@ def run(
     "pretrained": before,
     "omni_negclip": after,
   }
-  (workdir / f"results{tag}.json").write_text(json.dumps(results, indent=2))
+  (workdir / f"results{tag}.json").write_text(
+    json.dumps(results_json.strict(results), indent=2, allow_nan=False)
+  )
   plot(
     workdir / f"demo{tag}.png",
     pretrain_losses,

@@ -6,7 +6,8 @@ RUN_OR_CHECKPOINT is a training run directory (its newest readable checkpoint), 
 its checkpoints (``RUN/checkpoints/STEP``), or anything `convert.load_pretrained` reads.
 One format is written into DIR, ``both`` into DIR/hf and DIR/openai. Every export holds
 a model card (README.md: base model, trained parameters, objective and loss weights,
-steps, data, the final evaluation when the run logged one, how to load it); the HF one
+steps done of the run's total, marked unfinished when short of it, data, the final
+evaluation when the run logged one, a table per task, how to load it); the HF one
 also config.json (with ``architectures``), model.safetensors, the preprocessor and the
 tokenizer files. Training runs export to WORKDIR/export/hf when they finish.
 """
@@ -19,7 +20,7 @@ import os
 
 from etils import epath
 
-from negclip_jax import configs, console, rundir, storage
+from negclip_jax import console, rundir, storage
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
 from negclip_jax.train import param_groups
@@ -43,6 +44,37 @@ def openai_loadable(config) -> bool:
   )
 
 
+def base_model_name(init: str) -> str:
+  """`config.init` as a card shows it: a Hub id, a relative path or a URI as given; an
+  absolute local path by its last two parts (a card does not carry this machine's paths)."""
+  if "://" in init or not os.path.isabs(init):
+    return init
+  return "/".join(epath.Path(init).parts[-2:])
+
+
+def steps_done(step: int | None, total: int | None, run_config: dict) -> str:
+  """ "40 of 40", "2 of 40 (unfinished: ...)" or, for a length in epochs, "N (num_epochs=E)"."""
+  if total is None:
+    return f"{step} (num_epochs={run_config.get('num_epochs')})"
+  if step is not None and step < total:
+    return f"{step} of {total} (unfinished: the run stopped before its last step)"
+  return f"{step} of {total}"
+
+
+def evaluation_tables(evaluation: dict) -> str:
+  """{metric: value} -> one markdown table; {task: {metric: value}} -> a table per task;
+  metrics sorted by name."""
+  shown = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
+  nested = all(isinstance(v, dict) for v in evaluation.values())
+  groups = sorted(evaluation.items()) if nested else [(None, evaluation)]
+  out = []
+  for task, metrics in groups:
+    rows = [f"| {k} | {shown(v)} |" for k, v in sorted(metrics.items())]
+    out += [f"### {task}\n"] if task is not None else []
+    out += ["\n".join(["| metric | value |", "|---|---:|", *rows]), ""]
+  return "\n".join(out).rstrip()
+
+
 def model_card(
   model_config,
   params,
@@ -50,11 +82,14 @@ def model_card(
   step: int | None = None,
   evaluation: dict | None = None,
   name: str = "negclip-jax CLIP",
+  total_steps: int | None = None,
 ) -> str:
   """README.md (markdown with Hugging Face metadata) describing the model and its training.
 
-  `run_config`: the training config JSON (None for a converted model); `evaluation`: the
-  final evaluation, {metric: value} or {task: {metric: value}} (shown as "task.metric").
+  `run_config`: the training config JSON (None for a converted model); `step` of
+  `total_steps` (default: the config's `total_steps` when set; a step short of it is marked
+  unfinished); `evaluation`: the final evaluation, {metric: value} or {task: {metric:
+  value}} (one table per task, metrics sorted by name).
   """
   text, vision = model_config.text, model_config.vision
   rows = [
@@ -78,7 +113,10 @@ def model_card(
       "negshapes": f"NegShapes ({d.get('negshapes_num')} generated examples)",
     }
     rows += [
-      ("base model", f"`{c['init']}`" if c["init"] else f"random init of preset `{c['model']}`"),
+      (
+        "base model",
+        f"`{base_model_name(c['init'])}`" if c["init"] else f"random init of preset `{c['model']}`",
+      ),
       ("trained parameters", f"`layers={c['layers']}`: {trained}; the vision tower is frozen"),
       (
         "objective",
@@ -88,7 +126,8 @@ def model_card(
       ),
       (
         "steps",
-        f"{step} (batch {c['batch_size']} per stream, AdamW lr {c['learning_rate']}, "
+        f"{steps_done(step, total_steps or c.get('total_steps') or None, c)} "
+        f"(batch {c['batch_size']} per stream, AdamW lr {c['learning_rate']}, "
         f"weight decay {c['weight_decay']}, {c['schedule']} schedule, "
         f"{c['warmup_steps']} warm-up steps, seed {c['seed']})",
       ),
@@ -99,17 +138,11 @@ def model_card(
       ),
     ]
   table = "\n".join(["| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
-  if evaluation:  # flat {metric: value} or nested {task: {metric: value}}
-    shown = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)
-    results = "\n".join(
-      [
-        "| metric | value |",
-        "|---|---:|",
-        *(f"| {k} | {shown(v)} |" for k, v in configs.flat_config(evaluation).items()),
-      ]
-    )
-  else:
-    results = "No evaluation was logged for this checkpoint."
+  results = (
+    evaluation_tables(evaluation)
+    if evaluation
+    else ("No evaluation was logged for this checkpoint.")
+  )
   if openai_loadable(model_config):
     openai = (
       "```python\nimport torch\nfrom clip.model import build_model  # pip install "
@@ -204,6 +237,7 @@ def export_run(result: dict, config, out: str | os.PathLike, name: str) -> epath
     result["step"],
     result["eval"],
     name=f"{name} (Omni-NegCLIP, negclip-jax)",
+    total_steps=result.get("total_steps"),
   )
   return export(result["model"], result["params"], result["tokenizer"], out, ("hf",), card)["hf"]
 

@@ -11,6 +11,7 @@ WORKDIR/ (local or ``gs://``)::
                              evaluators log ``eval/<name>/<metric>`` (`eval_key`)
   tensorboard/               the same rows as TensorBoard events
   skipped.jsonl              the records `data.on_error=skip` left out, one JSON line each
+  results.json               the final evaluation with its header (`eval/results.py`)
   image_cache/               frozen-tower image features (unless `data.cache_dir` is set)
   export/hf/                 the finished run's Hugging Face export with its model card
 
@@ -47,6 +48,7 @@ TOKENIZER_DIR = "tokenizer"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 SKIPPED_FILE = "skipped.jsonl"
+RESULTS_FILE = "results.json"
 IMAGE_CACHE_DIR = "image_cache"
 EXPORT_DIR = "export/hf"
 EVAL_PREFIX = "eval/"
@@ -150,6 +152,51 @@ def evaluation_at(run_dir: str | os.PathLike, step: int) -> dict | None:
   return found or None
 
 
+def last_train_metrics(run_dir: str | os.PathLike, step: int) -> dict | None:
+  """The training metrics (no ``eval/`` keys) of the last row logged at or before `step`."""
+  for row in reversed(read_metrics(run_dir)):
+    train = {k: v for k, v in row.items() if k != "step" and not k.startswith(EVAL_PREFIX)}
+    if row.get("step", 0) <= step and train:
+      return train
+  return None
+
+
+def best_evaluation(run_dir: str | os.PathLike, name: str) -> str:
+  """ "best <metric> <value> at step <s>" of evaluator `name`'s first accuracy-like metric
+  (higher is better) when it was logged at more than one step, else ""."""
+  prefix = eval_key(name, "")
+  series = {}
+  for row in read_metrics(run_dir):
+    for key, value in row.items():
+      if key.startswith(prefix) and isinstance(value, float) and value == value:
+        series.setdefault(key.removeprefix(prefix), []).append((value, row["step"]))
+  for metric, points in series.items():
+    if any(w in metric for w in ("acc", "top1", "r1")) and len(points) > 1:
+      value, step = max(points, key=lambda p: (p[0], -p[1]))
+      return f"best {metric} {value:.4f} at step {step}"
+  return ""
+
+
+def checkpoint_steps(run_dir: str | os.PathLike) -> list[int]:
+  """The checkpoint steps on disk under `run_dir`."""
+  directory = storage.path(run_dir) / CHECKPOINTS_DIR
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def skipped_count(run_dir: str | os.PathLike) -> int:
+  """How many records `skipped.jsonl` lists (0 when there is none)."""
+  path = storage.path(run_dir) / SKIPPED_FILE
+  return sum(1 for line in path.read_text().splitlines() if line.strip()) if path.is_file() else 0
+
+
+def is_export(path: str | os.PathLike) -> bool:
+  """Whether `path` holds a finished HF export (its weights and config)."""
+  path = storage.path(path)
+  return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
 def drop_rows_after(path: epath.Path, step: int) -> None:
   """Rewrites metrics.jsonl without the rows of steps > `step` (logged)."""
   if not path.exists():
@@ -180,14 +227,16 @@ class MetricsLog:
       return
     drop_rows_after(workdir / METRICS_FILE, start_step)
     self.jsonl = storage.AppendLog(workdir / METRICS_FILE)
-    from tensorboardX import SummaryWriter
-
-    self.tb_dir = storage.LocalMirror(workdir / TENSORBOARD_DIR)
-    self.tb = SummaryWriter(self.tb_dir.local)
+    self.workdir, self.tb = workdir, None  # an events file only once there is a row
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
       return
+    if self.tb is None:
+      from tensorboardX import SummaryWriter
+
+      self.tb_dir = storage.LocalMirror(self.workdir / TENSORBOARD_DIR)
+      self.tb = SummaryWriter(self.tb_dir.local)
     self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     for k, v in metrics.items():
       self.tb.add_scalar(tensorboard_tag(k), v, step)
@@ -197,5 +246,6 @@ class MetricsLog:
   def close(self):
     if self.enabled:
       self.jsonl.close()
+    if self.enabled and self.tb is not None:
       self.tb.close()
       self.tb_dir.close()

@@ -41,6 +41,7 @@ LAYERS = (
       "eval.tasks.*",
       "eval.registry",
       "eval.evaluators",
+      "eval.results",
     ),
   ),
   ("training input", ("train.pipeline", "train.image_cache")),

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import io
 import json
@@ -84,10 +85,84 @@ def meanings() -> dict[str, str]:
   return out
 
 
+EVALS_FLAG = "--config.evals."
+
+
+def split_eval_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+  """argv without its ``--config.evals.NAME.KEY=VALUE`` (or ``... VALUE``) arguments, and
+  those as (NAME, KEY, VALUE). ml_collections sets only keys that exist; `apply_eval_overrides`
+  also creates evaluators and their options. A malformed one raises ValueError (one line)."""
+  rest, found, i = [], [], 0
+  while i < len(argv):
+    arg = argv[i]
+    if not arg.startswith(EVALS_FLAG):
+      rest.append(arg)
+      i += 1
+      continue
+    dotted, sep, value = arg[len(EVALS_FLAG) :].partition("=")
+    if not sep:
+      if i + 1 >= len(argv):
+        raise ValueError(f"{arg} needs a value: {arg}=VALUE")
+      value, i = argv[i + 1], i + 1
+    name, _, key = dotted.partition(".")
+    if not name or not key or "." in key:
+      raise ValueError(
+        f"{arg.partition('=')[0]}: expected {EVALS_FLAG}NAME.KEY=VALUE "
+        f"(e.g. {EVALS_FLAG}cc.task=ccneg)"
+      )
+    found.append((name, key, value))
+    i += 1
+  return rest, found
+
+
+def _parse_value(text: str, old=None):
+  """A command-line value: the type of `old` when it has one, else a Python literal
+  (``500``, ``0.5``, ``True``/``true``) or, failing that, the string itself."""
+  if isinstance(old, bool) or text.lower() in ("true", "false"):
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+  if isinstance(old, (int, float)) and not isinstance(old, bool):
+    return type(old)(text)
+  if isinstance(old, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return value if isinstance(value, (int, float, str)) else text
+
+
+def apply_eval_overrides(config, overrides: list[tuple[str, str, str]]):
+  """Sets ``config.evals[NAME][KEY]`` for each (NAME, KEY, VALUE), creating the evaluator
+  when it is new (`eval/evaluators.py` validates the result); returns `config`."""
+  import ml_collections
+
+  with config.unlocked():
+    for name, key, text in overrides:
+      if name not in config.evals:
+        config.evals[name] = ml_collections.ConfigDict()
+      entry = config.evals[name]
+      try:
+        value = _parse_value(text, entry.get(key))
+      except ValueError as e:
+        raise ValueError(f"{EVALS_FLAG}{name}.{key}={text}: {e}") from None
+      with entry.ignore_type():
+        entry[key] = value
+  return config
+
+
 def help_table(config) -> str:
-  """Every key of `config` with its value and meaning, one per line."""
+  """Every key of `config` with its value and meaning, one per line; an empty `evals` shows
+  how to add an evaluator."""
   flat = flat_config(json.loads(config.to_json()))
+  if not config.evals:
+    flat["evals.NAME.KEY"] = {}
   meaning = meanings()
+  meaning["evals.NAME.KEY"] = (
+    "add or change an evaluator: --config.evals.NAME.task=TASK and its options "
+    "(every, batch_size, dtype, data, image_root, ...; README, Evaluation)"
+  )
   width = max(len(k) for k in flat) + 2
   return "\n".join(
     f"  --config.{k.ljust(width)}{json.dumps(v):<16} {meaning.get(k, '')}".rstrip()

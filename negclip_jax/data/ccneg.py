@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 from typing import Literal, Sequence
 
@@ -54,6 +55,8 @@ CCNEG_EVAL_SIZE = 40000
 """The last 40,000 samples of CC-Neg are its evaluation split."""
 
 _RawRecord = tuple[str, str, str]  # (image_path as stored, caption, negative prompt with commas)
+
+logger = logging.getLogger(__name__)
 
 
 _JSONL_HINT = (
@@ -151,6 +154,29 @@ def strip_commas(text: str) -> str:
   return text.replace(",", "")
 
 
+def held_out(path: str, n: int, eval_size: int, split: str) -> int:
+  """The records the eval split holds: `eval_size`, or for a file of at most `eval_size`
+  records (a small file under the paper's 40000 default) all `n` of them for ``"eval"`` and
+  none for ``"train"`` (training uses the whole file), with a warning naming the option."""
+  if eval_size < 0:
+    raise DataError(path, f"eval_size={eval_size} must be >= 0 (--eval-size, data.ccneg_eval_size)")
+  if eval_size < n:
+    return eval_size
+  held = n if split == "eval" else 0
+  logger.warning(
+    "%s: eval_size=%d >= its %d records: the %s split uses all %d (nothing is held out); "
+    "set --eval-size (negclip-eval) or config.data.ccneg_eval_size (training) below %d to "
+    "hold the last records out",
+    path,
+    eval_size,
+    n,
+    split,
+    n,
+    n,
+  )
+  return held
+
+
 def load_ccneg(
   path: str | os.PathLike,
   image_root: str | os.PathLike,
@@ -173,7 +199,8 @@ def load_ccneg(
   Commas are removed from the negated caption (as the original CoN-CLIP code does)
   unless ``keep_commas`` (then apply :func:`strip_commas` before embedding).
   The last ``eval_size`` records form ``"eval"``, the rest ``"train"`` (``eval_size``
-  is ignored for ``"all"``). A record that cannot be parsed goes to ``bad`` (default:
+  is ignored for ``"all"``); a file of at most ``eval_size`` records is used whole by
+  both, with a warning (`held_out`). A record that cannot be parsed goes to ``bad`` (default:
   raise); the splits are by position in the file, so skipping does not move them.
   Each record's ``index`` is its position in the file.
   """
@@ -183,9 +210,8 @@ def load_ccneg(
   raw = _read_raw(path, bad)
   if split == "all":
     selected = raw
-  elif not 0 <= eval_size <= len(raw):
-    raise DataError(path, f"eval_size={eval_size} is not within [0, {len(raw)}] records")
   else:
+    eval_size = held_out(path, len(raw), eval_size, split)
     cut = len(raw) - eval_size
     selected = raw[:cut] if split == "train" else raw[cut:]
 
@@ -249,11 +275,11 @@ def load_num_ops(path: str | os.PathLike, eval_size: int = CCNEG_EVAL_SIZE) -> d
     raise DataError(
       path, f"expected a dict from count to indices, got {type(table).__name__}", key="num_ops"
     )
-  first = n - eval_size
+  first = n - held_out(path, n, eval_size, "eval")
   out = {}
   for k in sorted(table):
     indices = _index_list(path, table[k], f"num_ops[{k}]")
-    kept = indices[-min(eval_size, len(indices)) :]
+    kept = indices[-min(n - first, len(indices)) :]
     out[int(k)] = [i - first for i in kept if first <= i < n]
   return out
 

@@ -145,13 +145,16 @@ def load_tfds_images(
 
   ``name`` is a TFDS dataset prepared under ``data_dir`` (``imagenet2012``,
   ``cifar100``, ...) or, with ``data_dir`` None, an image folder
-  ``name/<split>/<label>/<image>`` read by TFDS's ``ImageFolder``. ``examples`` yields
+  ``name/<split>/<label>/<image>`` read by TFDS's ``ImageFolder``, or a plain
+  ``name/<label>/<image>`` folder (no split level; `split` is then not used). ``examples`` yields
   ``(image uint8[H, W, 3], label index, key)``: the key is the file name where the
   dataset records one (``image/filename``), else the example index. TFDS's
   deterministic order (``shuffle_files=False``).
   """
   import tensorflow_datasets as tfds
 
+  if data_dir is None and storage.isdir(name) and _class_folders(name):
+    return _read_class_folders(name, _class_folders(name))
   if data_dir is None:
     if not storage.isdir(name):
       raise DataError(
@@ -194,3 +197,38 @@ def load_tfds_images(
       )
 
   return examples(), list(label_feature.names), count
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # what TFDS's ImageFolder reads
+
+
+def _class_folders(name: str) -> dict[str, list]:
+  """{label: sorted image files} of a plain ``name/<label>/<image>`` folder: every
+  subfolder holds images and no subfolder of its own; {} for any other layout."""
+  subdirs = sorted(p for p in storage.path(name).iterdir() if p.is_dir())
+  out = {}
+  for sub in subdirs:
+    entries = list(sub.iterdir())
+    if any(e.is_dir() for e in entries):
+      return {}
+    out[sub.name] = sorted(e for e in entries if e.suffix.lower() in IMAGE_SUFFIXES)
+  return out if any(out.values()) else {}
+
+
+def _read_class_folders(name: str, classes: dict[str, list]):
+  """`load_tfds_images`'s triple for a plain class folder: labels in sorted folder order
+  (as ImageFolder numbers them), images in sorted file order, keys the file paths."""
+  from PIL import Image, UnidentifiedImageError
+
+  files = [(path, label) for label, paths in enumerate(classes.values()) for path in paths]
+
+  def examples() -> Iterator[tuple[np.ndarray, int, str]]:
+    for path, label in files:
+      try:
+        with path.open("rb") as f, Image.open(f) as image:
+          pixels = np.asarray(image.convert("RGB"))
+      except (OSError, UnidentifiedImageError) as e:
+        raise DataError(os.fspath(path), f"not a readable image ({e})") from e
+      yield pixels, label, os.fspath(path)
+
+  return examples(), list(classes), len(files)

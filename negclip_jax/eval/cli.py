@@ -7,8 +7,10 @@ CLI (`python -m negclip_jax.evaluate` is the same)::
       [--out results.json] [--batch-size N]
 
 PATH is anything `load_pretrained` reads, or a training run directory holding
-`checkpoints/`. Writes ``{task: {metric: value, ..., "n": count}}`` as JSON to --out and
-a markdown table to the same path with suffix .md (also printed). `--task all` runs
+`checkpoints/`. Writes ``{"header": {model, step, version, command, tasks: {task:
+{protocol, dtype, data files}}}, "results": {task: {metric: value, ..., "n": count}}}`` as
+strict JSON (NaN as null; `eval/results.py`) to --out and a markdown table to the same
+path with suffix .md (also printed). `--task all` runs
 every task whose data options are given (negshapes needs none). `--protocol original`
 (default) follows the original scripts (OpenAI `clip` preprocessing, their decision
 rules); `hf` preprocesses as transformers' `CLIPImageProcessor`. See docs/evaluate.md.
@@ -18,12 +20,13 @@ rules); `hf` preprocesses as transformers' `CLIPImageProcessor`. See docs/evalua
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 
 import jax
 
 from negclip_jax import console, rundir, storage
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE
+from negclip_jax.eval import results as results_json
 from negclip_jax.eval.embed import DTYPES, Embedder
 from negclip_jax.eval.metrics import NEGATION_WORDS, TIES
 from negclip_jax.eval.registry import TASKS, markdown, missing_options, run_with_embedder
@@ -168,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     if missing:
       parser.error("; ".join(missing))
   console.enable_compilation_cache()
-  model, params, tokenizer = rundir.load_model(args.model)
+  loaded = rundir.load(args.model)
+  model, params, tokenizer = loaded.model, loaded.params, loaded.tokenizer
   mesh = None
   if args.fsdp:
     from negclip_jax.train import sharding
@@ -183,8 +187,13 @@ def main(argv: list[str] | None = None) -> dict:
     return results
   print(table, end="")
   if out:
+    tasks = {
+      t: results_json.task_header(t, _task_options(args, t, plot_path), args.dtype) for t in tasks
+    }
+    command = ["negclip-eval", *(sys.argv[1:] if argv is None else argv)]
+    head = results_json.header(args.model, tasks, loaded.step, command)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(results_json.document(head, results))
     out.with_suffix(".md").write_text(table)
   return results
 

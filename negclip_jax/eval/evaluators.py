@@ -20,7 +20,7 @@ import os
 from typing import Mapping
 
 from negclip_jax import rundir, storage
-from negclip_jax.eval import registry
+from negclip_jax.eval import registry, results
 
 _EVALUATOR_KEYS = ("task", "every", "batch_size", "dtype")
 
@@ -53,6 +53,11 @@ class Evaluator:
       mesh=mesh,
       **self.options,
     )
+
+  def header(self) -> dict:
+    """What this evaluator's numbers are of (`results.task_header`: task, protocol, dtype,
+    data files), for the run's results JSON."""
+    return results.task_header(self.task, self.options, self.dtype)
 
   def log_keys(self, metrics: Mapping) -> dict:
     """{"eval/<name>/<metric>": value} for the metrics log."""

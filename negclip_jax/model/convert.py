@@ -697,17 +697,36 @@ def load_pretrained(
   return model_lib.CLIP(config, dtype=dtype), params
 
 
+def hf_tokenizer(config: model_lib.CLIPConfig, tokenizer=None):
+  """The tokenizer an HF export of a `config` model carries: `tokenizer`, else the bundled
+  OpenAI one; ValueError when its vocabulary does not fit the model's."""
+  from negclip_jax.model.tokenizer import default_tokenizer
+
+  tokenizer = default_tokenizer() if tokenizer is None else tokenizer
+  if tokenizer.vocab_size > config.text.vocab_size:
+    raise ValueError(
+      f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary "
+      f"{config.text.vocab_size}; pass save_pretrained(..., tokenizer=) the model's own "
+      "(e.g. ClipTokenizer.from_pretrained(its directory))"
+    )
+  return tokenizer
+
+
 def save_pretrained(
   model: model_lib.CLIP, params, out_dir: str | os.PathLike, format: str = "hf", tokenizer=None
 ) -> epath.Path:
   """Writes weights PyTorch users can load; `load_pretrained(out_dir)` reads both back.
 
-  format="hf": config.json + model.safetensors (+ tokenizer and preprocessor files),
-    loadable by `transformers.CLIPModel.from_pretrained(out_dir)`.
+  format="hf": config.json + model.safetensors, the preprocessor files and the tokenizer
+    files of `tokenizer` (default: the bundled OpenAI vocabulary, when the model's vocabulary
+    has its size; else a ValueError asks for the model's own), loadable by
+    `transformers.CLIPModel.from_pretrained(out_dir)` and `CLIPProcessor.from_pretrained`.
   format="openai": model.pt, an OpenAI-named state dict of float tensors for
     `model.load_state_dict` in the original (OpenAI `clip`) code, and model_config.json
     (`EXPORT_CONFIG`) with the full config, which the state dict cannot express.
   """
+  if format == "hf":
+    tokenizer = hf_tokenizer(model.config, tokenizer)  # checked before anything is written
   out = storage.path(out_dir)  # local or gs://
   out.mkdir(parents=True, exist_ok=True)
   sd = params_to_state_dict(params)
@@ -725,8 +744,7 @@ def save_pretrained(
     (out / "preprocessor_config.json").write_text(
       json.dumps(_image_processor_config(model.config.vision.image_size), indent=2)
     )
-    if tokenizer is not None:
-      tokenizer.save_pretrained(out)
+    tokenizer.save_pretrained(out, context_length=model.config.text.max_position_embeddings)
   elif format == "openai":
     import torch
 

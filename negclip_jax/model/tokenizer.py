@@ -198,8 +198,9 @@ class ClipTokenizer:
       logger.warning("truncated %d of %d texts to %d tokens", truncated, len(texts), context_length)
     return out
 
-  def save_pretrained(self, out_dir: str | os.PathLike) -> epath.Path:
-    """Write Hugging Face tokenizer files loadable by `transformers.CLIPTokenizer`; returns `out_dir`."""
+  def save_pretrained(self, out_dir: str | os.PathLike, context_length: int = 77) -> epath.Path:
+    """Write Hugging Face tokenizer files loadable by `transformers.CLIPTokenizer` (and
+    `CLIPProcessor`), with `context_length` as its ``model_max_length``; returns `out_dir`."""
     out_dir = storage.path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(
@@ -216,7 +217,7 @@ class ClipTokenizer:
     }
     config = {
       "tokenizer_class": "CLIPTokenizer",
-      "model_max_length": 77,
+      "model_max_length": context_length,
       "do_lower_case": True,
       "errors": "replace",
       **special,

@@ -31,6 +31,7 @@ from negclip_jax import configs, console, rundir, storage
 from negclip_jax.data import negshapes
 from negclip_jax.data.records import BadRecords
 from negclip_jax.eval import evaluators, registry
+from negclip_jax.eval import results as results_json
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model.tokenizer import ClipTokenizer
 from negclip_jax.train import batch as batch_lib
@@ -365,7 +366,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
     state, data_state, start = restored
     placed = placement.place(state)
     del state
-    if main:
+    if main and start >= total_steps:
+      print(
+        f"{workdir} already finished: step {start} of {total_steps} "
+        f"({ckpt.directory}/{start}); nothing to train",
+        flush=True,
+      )
+    elif main:
       print(f"Resuming from {ckpt.directory}/{start}", flush=True)
   else:
     placed = placement.init_state(params, tx)
@@ -539,16 +546,23 @@ def finish(
   evaluated: dict,
 ) -> dict:
   """Final evaluations (each evaluator once at the last step, unless stopped early), the
-  host copy of the params, and the export of a finished run -> `train`'s result."""
+  host copy of the params, the results JSON and the export of a finished run -> `train`'s
+  result. A run that had finished before this call (the same command again) reuses the
+  logged metrics and final evaluation and keeps its export."""
+  finished_before = run.start_step >= run.total_steps
+  if finished_before:  # nothing was trained: what the run logged at its last step
+    last = last or rundir.last_train_metrics(run.workdir, step)
+    evaluated = {n: (step, m) for n, m in (rundir.evaluation_at(run.workdir, step) or {}).items()}
   final_eval = {}
   for ev in [] if stopped_early else run.evals:
-    if evaluated.get(ev.name, (None,))[0] == step:  # the loop has just run it
+    if evaluated.get(ev.name, (None,))[0] == step:  # the loop has just run it (or a past run)
       final_eval[ev.name] = evaluated[ev.name][1]
     else:
       final_eval[ev.name] = _evaluate(run, ev, log, step)
   log.close()
   result = {
     "step": step,
+    "total_steps": run.total_steps,
     "last_metrics": last,
     "eval": final_eval,
     "stopped_early": stopped_early,
@@ -556,12 +570,66 @@ def finish(
     "params": run.placement.host(run.state.params),
     "tokenizer": run.tokenizer,
   }
-  if jax.process_index() == 0 and not stopped_early:
+  main = jax.process_index() == 0
+  if main and final_eval:
+    heads = {ev.name: ev.header() for ev in run.evals}
+    head = results_json.header(str(run.workdir), heads, step)
+    (run.workdir / rundir.RESULTS_FILE).write_text(results_json.document(head, final_eval))
+  export_dir = run.workdir / rundir.EXPORT_DIR
+  if main and not stopped_early and not (finished_before and rundir.is_export(export_dir)):
     from negclip_jax import export
 
-    out = export.export_run(result, run.config, run.workdir / rundir.EXPORT_DIR, run.workdir.name)
+    out = export.export_run(result, run.config, export_dir, run.workdir.name)
     print(f"Exported to {out}", flush=True)
   return result
+
+
+def summary(result: dict, workdir: epath.Path, seconds: float, start_step: int) -> str:
+  """The human end-of-run block: how far, how long, final and best metrics, and where the
+  checkpoints, export, results, metrics, TensorBoard events and skipped records are."""
+  step, total = result["step"], result["total_steps"]
+  if result["stopped_early"]:
+    state = f"stopped at step {step} of {total} (unfinished; the same command resumes)"
+  elif start_step >= total:
+    state = f"already finished at step {step} of {total}"
+  else:
+    state = f"finished: step {step} of {total}"
+  lines = [f"Training {state}; {step - start_step} steps in {seconds:.0f} s"]
+  last = {k: v for k, v in (result["last_metrics"] or {}).items() if k != "samples_per_s"}
+  if last:
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(last.items()) if isinstance(v, float))
+    lines.append(f"  final training metrics: {shown}")
+  for name, metrics in result["eval"].items():
+    headline = {k: v for k, v in metrics.items() if k != "n" and not k.startswith("n_")}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in list(headline.items())[:4])
+    best = rundir.best_evaluation(workdir, name)
+    lines.append(f"  eval {name} (step {step}): {shown}" + (f"; {best}" if best else ""))
+  steps = rundir.checkpoint_steps(workdir)
+  places = [
+    ("Checkpoints", f"{workdir / rundir.CHECKPOINTS_DIR} (steps {steps})"),
+    (
+      "Export",
+      str(workdir / rundir.EXPORT_DIR)
+      if rundir.is_export(workdir / rundir.EXPORT_DIR) and not result["stopped_early"]
+      else f"none yet (written when the run finishes; or negclip-export {workdir})",
+    ),
+  ]
+  if result["eval"]:
+    places.append(("Results", str(workdir / rundir.RESULTS_FILE)))
+  places += [
+    ("Metrics", str(workdir / rundir.METRICS_FILE)),
+    (
+      "TensorBoard",
+      f"{workdir / rundir.TENSORBOARD_DIR} (pip install tensorboard; "
+      f"tensorboard --logdir {workdir / rundir.TENSORBOARD_DIR})",
+    ),
+  ]
+  skipped = rundir.skipped_count(workdir)
+  if skipped:
+    places.append(("Skipped records", f"{workdir / rundir.SKIPPED_FILE} ({skipped})"))
+  width = max(len(k) for k, _ in places) + 1
+  lines += [f"  {(k + ':').ljust(width)} {v}" for k, v in places]
+  return "\n".join(lines) + "\n"
 
 
 def train(
@@ -571,16 +639,20 @@ def train(
 ) -> dict:
   """Runs (or resumes) training: `setup`, `loop`, `finish`.
 
-  Returns {"step", "last_metrics", "eval" ({evaluator name: final metrics}; empty if
-  stopped early), "stopped_early", "model", "params" (host copy), "tokenizer"}. The
-  evaluators of `config.evals` (validated before anything loads) run at their cadence and
-  once at the end; results go to the metrics log as ``eval/<name>/<metric>``. A run that
-  finishes exports to WORKDIR/export/hf (`negclip_jax.export`). `preempt` (the CLI's,
-  installed before set-up) turns SIGTERM / Ctrl-C into a save and stop.
+  Returns {"step", "total_steps", "last_metrics", "eval" ({evaluator name: final metrics};
+  empty if stopped early), "stopped_early", "model", "params" (host copy), "tokenizer",
+  "start_step", "seconds"}. The evaluators of `config.evals` (validated before anything
+  loads) run at their cadence and once at the end; results go to the metrics log as
+  ``eval/<name>/<metric>`` and, at the end, to WORKDIR/results.json. A run that finishes
+  exports to WORKDIR/export/hf (`negclip_jax.export`); running a finished run again
+  trains nothing and reports what it logged. `preempt` (the CLI's, installed before
+  set-up) turns SIGTERM / Ctrl-C into a save and stop.
   """
+  t0 = time.perf_counter()
   run = setup(config, workdir)
   log = rundir.MetricsLog(run.workdir, run.start_step)
-  return finish(run, log, *loop(run, log, preempt))
+  result = finish(run, log, *loop(run, log, preempt))
+  return {**result, "start_step": run.start_step, "seconds": time.perf_counter() - t0}
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -659,17 +731,17 @@ def main(argv):
     result = train(_CONFIG.value, _WORKDIR.value, preempt)
   finally:
     preempt.close()
-  if result["eval"] and jax.process_index() == 0:
-    print(
-      f"Final evaluation (step {result['step']}):\n{registry.markdown(result['eval'])}",
-      end="",
-      flush=True,
-    )
+  if jax.process_index() == 0:
+    if result["eval"]:
+      print(f"Final evaluation (step {result['step']}):\n{registry.markdown(result['eval'])}")
+    workdir = storage.path(_WORKDIR.value)
+    print(summary(result, workdir, result["seconds"], result["start_step"]), end="", flush=True)
   # Every process prints the summary (multi-process runs can compare their final metrics).
   print(
     json.dumps(
       {
         "step": result["step"],
+        "total_steps": result["total_steps"],
         "stopped_early": result["stopped_early"],
         **(result["last_metrics"] or {}),
         **({"eval": result["eval"]} if result["eval"] else {}),
@@ -682,7 +754,8 @@ def main(argv):
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, except that -h/--help prints the flags and every config key with
   its default and meaning (of --config's config if given, else the base) and exits 0; a
-  bad flag or `--config.KEY=VALUE` override exits with one line."""
+  bad flag or `--config.KEY=VALUE` override exits with one line. ``--config.evals.NAME.KEY``
+  may name a new evaluator or option (`configs.apply_eval_overrides`)."""
   if "-h" in argv or "--help" in argv:
     given = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
     given += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
@@ -702,10 +775,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
       _HEARTBEAT_TIMEOUT,
     ):
       print(f"  --{holder.name}: {flags.FLAGS[holder.name].help}")
+    print(
+      "  -v, --verbosity: absl log level of the libraries (Orbax, TensorFlow); default: warnings"
+    )
     print(f"\nconfig keys (--config.KEY=VALUE; defaults of {name}):\n{table}")
     sys.exit(0)
   try:
-    return flags.FLAGS(argv)
+    argv, eval_overrides = configs.split_eval_overrides(argv)
+    sys.argv = argv  # ml_collections reads its --config.KEY overrides from sys.argv
+    rest = flags.FLAGS(argv)
+    configs.apply_eval_overrides(_CONFIG.value, eval_overrides)
+    return rest
   except flags.Error as e:
     sys.exit(f"error: {str(e).rstrip('.')}. Pass --help for usage.")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # from ml_collections

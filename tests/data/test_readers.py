@@ -251,10 +251,17 @@ def test_ccneg_malformed_jsonl(tmp_path):
   _assert_names(err, path, "record 2", "line 3")
 
 
-def test_ccneg_eval_size_and_missing_images(ccneg_pt):
+def test_ccneg_eval_size_and_missing_images(ccneg_pt, caplog):
   path, root = ccneg_pt
-  with pytest.raises(DataError, match=r"eval_size=6 is not within \[0, 5\]"):
-    load_ccneg(path, root, eval_size=6)
+  everything = load_ccneg(path, root, split="all")
+  # A file smaller than the default 40000 held-out records: both splits use all of it,
+  # with a warning naming the option that holds records out.
+  for split in ("train", "eval"):
+    caplog.clear()
+    assert load_ccneg(path, root, split=split) == everything
+    assert f"the {split} split uses all 5" in caplog.text and "--eval-size" in caplog.text
+  with pytest.raises(DataError, match=r"eval_size=-1 must be >= 0 \(--eval-size"):
+    load_ccneg(path, root, eval_size=-1)
   os.remove(os.path.join(root, "cc3m_subset_images_extracted_final/1.jpg"))
   os.remove(os.path.join(root, "cc3m_subset_images_extracted_final/3.jpg"))
   with pytest.raises(DataError) as err:

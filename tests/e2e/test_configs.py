@@ -78,3 +78,49 @@ def test_an_unknown_config_name_is_one_line_without_traceback(tmp_path):
   assert out.returncode == 1 and "Traceback" not in out.stderr
   assert "--config 'tinny' is neither a file nor a shipped config name" in out.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_eval_overrides_create_evaluators():
+  argv = ["prog", "--config.evals.cc.task=ccneg", "--config.evals.cc.every", "5", "--x=1"]
+  rest, found = configs.split_eval_overrides(argv)
+  assert rest == ["prog", "--x=1"]
+  config = configs.load("tiny")
+  config.evals.negshapes = dict(num=24)
+  found += [("negshapes", "num", "48"), ("negshapes", "seed", "3"), ("cc", "data", "a.jsonl")]
+  configs.apply_eval_overrides(config, found)
+  assert config.evals.cc.to_dict() == {"task": "ccneg", "every": 5, "data": "a.jsonl"}
+  assert config.evals.negshapes.to_dict() == {"num": 48, "seed": 3}
+  with pytest.raises(ValueError, match=r"--config\.evals\.NAME\.KEY=VALUE"):
+    configs.split_eval_overrides(["--config.evals.cc=ccneg"])
+
+
+def _train(tmp_path, *flags):
+  return subprocess.run(
+    [sys.executable, "-m", "negclip_jax.train", "--config", "tiny", *flags],
+    cwd=tmp_path,
+    env={**os.environ, "PYTHONPATH": str(ROOT)},
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+
+
+def test_an_evaluator_added_on_the_command_line_is_validated_as_one_from_a_file(tmp_path):
+  out = _train(
+    tmp_path,
+    "--workdir",
+    str(tmp_path / "run"),
+    "--config.evals.cc.task=ccneg",
+    f"--config.evals.cc.data={tmp_path / 'missing.jsonl'}",
+    f"--config.evals.cc.image_root={tmp_path}",
+  )
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+  assert out.stderr.strip().splitlines()[-1] == (
+    f"error: config.evals.cc.data: no such file or directory: {tmp_path / 'missing.jsonl'}"
+  )
+
+
+def test_help_mentions_evals_and_verbosity(tmp_path):
+  out = _train(tmp_path, "--help")
+  assert out.returncode == 0, out.stderr
+  assert "--config.evals.NAME.KEY" in out.stdout and "--verbosity" in out.stdout

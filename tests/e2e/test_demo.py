@@ -68,7 +68,10 @@ def test_demo_fast_writes_everything_and_follows_seed(tmp_path, monkeypatch):
     assert (tmp_path / export / "model.safetensors").is_file()
     assert (tmp_path / export / "vocab.json").is_file()
   card = (tmp_path / "export/hf/README.md").read_text()  # the model card holds the results
-  assert f"| negshapes.presence_acc | {results['omni_negclip']['presence_acc']:.4f} |" in card
+  rows = card.split("### negshapes\n", 1)[1].lstrip("\n").split("\n\n")[0].splitlines()[2:]
+  assert f"| presence_acc | {results['omni_negclip']['presence_acc']:.4f} |" in rows
+  assert rows == sorted(rows)  # sorted by metric name, not in the order computed
+  assert "| base model | `pretrained/hf` |" in card and str(tmp_path) not in card
   # The fine-tuned export is a real transformers CLIP with the same text features.
   model, params = load_pretrained(tmp_path / "export/hf")
   hf = transformers.CLIPModel.from_pretrained(tmp_path / "export/hf").eval()

@@ -54,7 +54,71 @@ def run_dir(tmp_path_factory):
   )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Exported to" in out.stdout
+  (cwd / "first_stdout.txt").write_text(out.stdout)
   return cwd / "run"
+
+
+def test_training_ends_with_a_summary_and_a_results_json(run_dir):
+  stdout = (run_dir.parent / "first_stdout.txt").read_text()
+  block = stdout[stdout.index("Training finished: step 2 of 2") :].splitlines()
+  assert block[0].startswith("Training finished: step 2 of 2; 2 steps in ")
+  assert block[1].startswith("  final training metrics: L1 ")
+  assert block[2].startswith("  eval negshapes (step 2): ")
+  where = {k.strip(): v.strip() for k, v in (row.split(": ", 1) for row in block[3:-1])}
+  assert where["Checkpoints"].startswith(f"{run_dir / 'checkpoints'} (steps [")
+  assert where["Export"] == str(run_dir / "export" / "hf")
+  assert where["Results"] == str(run_dir / "results.json")
+  assert where["Metrics"] == str(run_dir / "metrics.jsonl")
+  assert where["TensorBoard"].startswith(f"{run_dir / 'tensorboard'} (pip install tensorboard")
+  last = json.loads(block[-1])  # the JSON line for scripts stays last
+  assert last["step"] == last["total_steps"] == 2 and "L1" in last and last["eval"]["negshapes"]
+  reject = lambda name: pytest.fail(f"non-strict JSON constant {name}")
+  written = json.loads((run_dir / "results.json").read_text(), parse_constant=reject)
+  head = written["header"]
+  assert (
+    head["model"] == str(run_dir)
+    and head["step"] == 2
+    and "--config.total_steps=2" in head["command"]
+  )
+  assert head["tasks"] == {
+    "negshapes": {"task": "negshapes", "protocol": None, "dtype": "float32", "files": {}}
+  }
+  assert (
+    written["results"]["negshapes"]["presence_acc"] == last["eval"]["negshapes"]["presence_acc"]
+  )
+
+
+def test_running_a_finished_run_again_says_so_and_keeps_its_export(run_dir):
+  export_file = run_dir / "export" / "hf" / "model.safetensors"
+  before = (export_file.stat().st_mtime_ns, rundir.read_metrics(run_dir))
+  first = json.loads((run_dir.parent / "first_stdout.txt").read_text().splitlines()[-1])
+  out = _run(
+    [
+      "-m",
+      "negclip_jax.train",
+      "--config",
+      "tiny_eval.py",
+      "--workdir",
+      "run",
+      "--config.total_steps=2",
+    ],
+    cwd=run_dir.parent,
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"{run_dir.name} already finished: step 2 of 2" in out.stdout
+  assert "Resuming from" not in out.stdout and "Exported to" not in out.stdout
+  assert "Training already finished at step 2 of 2; 0 steps in " in out.stdout
+  assert (export_file.stat().st_mtime_ns, rundir.read_metrics(run_dir)) == before
+  assert len(list((run_dir / "tensorboard").iterdir())) == 1  # no new, empty events file
+  assert json.loads(out.stdout.splitlines()[-1]) == first  # final metrics and evaluation kept
+
+
+def test_model_card_of_an_unfinished_run_with_a_local_base_model(run_dir):
+  loaded = rundir.load(run_dir)
+  config = {**loaded.run_config, "total_steps": 40, "init": "/home/me/models/clip-b32/hf"}
+  card = export.model_card(loaded.model.config, loaded.params, config, 2)
+  assert "| steps | 2 of 40 (unfinished: the run stopped before its last step) (batch 8" in card
+  assert "| base model | `clip-b32/hf` |" in card and "/home/me" not in card
 
 
 def _pixels(size, n=2, seed=0):
@@ -95,9 +159,11 @@ def test_model_card_states_training_and_final_evaluation(run_dir):
   assert "| base model | random init of preset `tiny` |" in card
   assert "`layers=front`" in card and "trainable text blocks: [0, 1]" in card
   assert "`omni_negclip` with lambda_stage2=1.0, lambda_orig=1.0, lambda_text=1.0" in card
-  assert "| steps | 2 (batch 8 per stream" in card
+  assert "| steps | 2 of 2 (batch 8 per stream" in card
   assert "presence: NegShapes (64 generated examples)" in card
-  assert f"| negshapes.presence_acc | {final['eval/negshapes/presence_acc']:.4f} |" in card
+  table = card.split("### negshapes\n", 1)[1].lstrip("\n").split("\n\n")[0].splitlines()[2:]
+  assert f"| presence_acc | {final['eval/negshapes/presence_acc']:.4f} |" in table
+  assert table == sorted(table) and len(table) == len(rundir.evaluation_at(run_dir, 2)["negshapes"])
   assert 'CLIPModel.from_pretrained("DIR")' in card
   assert "cannot rebuild it" in card  # tiny has 16-wide heads, not OpenAI's 64
 
@@ -113,7 +179,7 @@ def test_export_command_writes_both_formats_of_a_checkpoint(run_dir, tmp_path):
     for a, b in zip(*(convert.params_to_state_dict(p).values() for p in (params, back))):
       np.testing.assert_array_equal(a, b)
     card = (directory / "README.md").read_text()
-    assert "| steps | 2 (" in card and "| negshapes.presence_acc |" in card
+    assert "| steps | 2 of 2 (" in card and "### negshapes" in card and "| presence_acc |" in card
   assert sorted(p.name for p in dirs["hf"].iterdir()) == sorted(["README.md", *HF_EXPORT_FILES])
 
 

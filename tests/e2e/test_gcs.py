@@ -210,7 +210,7 @@ def test_train_kill_resume_evaluate_export_in_a_bucket(gcs, tmp_path):
       f"gs://{BUCKET}/eval/negshapes.json",
     ]
   )
-  assert json.loads(fs.cat(f"{BUCKET}/eval/negshapes.json")) == results
+  assert json.loads(fs.cat(f"{BUCKET}/eval/negshapes.json"))["results"] == results
   assert results["negshapes"]["n"] > 0
 
   # Exported to the bucket in both formats and loaded back from it.

@@ -23,13 +23,14 @@ import pytest
 import torch
 import transformers
 from flax import traverse_util
-from helpers import NEGBENCH_MCQ_HEADER
+from helpers import NEGBENCH_MCQ_HEADER, ROOT
 from PIL import Image
 
 from negclip_jax.data import negshapes
 from negclip_jax.data.records import DataError
 from negclip_jax.eval import cli as eval_cli
 from negclip_jax.eval import embed, metrics, registry
+from negclip_jax.eval import results as eval_results
 from negclip_jax.eval.embed import Embedder
 from negclip_jax.eval.tasks import layers_task
 from negclip_jax.model import clip as model_lib
@@ -691,9 +692,21 @@ def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path,
     if "image_root" in options:
       argv += [f"--{task}-data", options["data"], f"--{task}-image-root", options["image_root"]]
   argv += ["--layers-data", "negshapes"]
-  eval_cli.main(argv)
-  results = json.loads((tmp_path / "res.json").read_text())
+  results = eval_cli.main(argv)
   assert list(results) == [t for t in registry.TASKS if t != "zeroshot"]  # no --zeroshot-data
+  # The file: strict JSON (NaN written as null) with a header saying what was evaluated.
+  reject = lambda name: pytest.fail(f"non-strict JSON constant {name}")
+  written = json.loads((tmp_path / "res.json").read_text(), parse_constant=reject)
+  assert written["results"] == eval_results.strict(results)
+  head = written["header"]
+  assert head["model"] == clip.dir and head["step"] is None and head["negclip_jax"]
+  assert head["command"].split()[1:3] == ["--model", clip.dir]
+  ccneg = head["tasks"]["ccneg"]
+  assert ccneg["protocol"] == "original" and ccneg["dtype"] == "float32"
+  data = ccneg["files"]["data"]
+  assert data["bytes"] == os.path.getsize(data["path"]) and data["modified"].endswith("+00:00")
+  assert ccneg["files"]["image_root"]["bytes"] is None
+  assert head["tasks"]["negshapes"]["protocol"] is None
   pairs = negshapes.presence_task(6, 3)
   for task in MINE:
     want = (
@@ -818,3 +831,33 @@ def test_embedder_padding_is_exact_on_any_device_count(devices, params_file):
     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
   )
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_docs_mcq_example_scores_a_wrong_caption_0_in_the_coco_layout(tmp_path, caplog):
+  """docs/data_formats.md's MCQ example (right answer: caption 2) under the default `coco`
+  layout, whose answer types leave caption 0 unmapped: a model that picks caption 0 is
+  wrong and that answer is counted as `unmapped`, not a crash after the whole pass."""
+  from negclip_jax.data.negbench import load_negbench_mcq
+  from negclip_jax.eval.tasks import negbench_task
+
+  docs = (ROOT / "docs/data_formats.md").read_text()
+  example = docs.split("Multiple choice (e.g.", 1)[1].split("```", 2)[1].strip()
+  (tmp_path / "mcq.csv").write_text(example + "\n")
+  image = example.splitlines()[1].split(",")[0]
+  (tmp_path / image).parent.mkdir(parents=True)
+  Image.new("RGB", (8, 8)).save(tmp_path / image)
+  records = load_negbench_mcq(tmp_path / "mcq.csv", tmp_path)
+  assert records[0].correct == 2
+  out = negbench_task.wrong_answers(np.array([0]), records, "coco")
+  template = records[0].template
+  assert out["wrong_as_unmapped"] == 1.0 and out["wrong_as_hybrid"] == 0.0
+  assert out[f"wrong_{template}_as_unmapped"] == 1
+  assert "counted as 'unmapped'" in caplog.text and "--mcq-layout" in caplog.text
+  right = negbench_task.wrong_answers(np.array([2]), records, "coco")
+  assert np.isnan(right["wrong_as_unmapped"])  # no wrong answers
+
+
+def test_results_json_writes_nan_as_null():
+  reject = lambda name: pytest.fail(f"non-strict JSON constant {name}")
+  text = eval_results.document({"model": "m"}, {"t": {"a": float("nan"), "b": [float("inf"), 1.0]}})
+  assert json.loads(text, parse_constant=reject)["results"] == {"t": {"a": None, "b": [None, 1.0]}}

@@ -3,6 +3,7 @@ an image folder and a TFDS dataset in a data_dir, both built here and read throu
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -157,12 +158,42 @@ def test_folder_and_tfds_data_dir_equal_pytorch_clipmodel(data, models):
       templates=str(templates),
       protocol="hf",
     )
+    per_class = {
+      f"top1_class_{name.replace(' ', '_')}": float(np.mean(want[labels == c].argmax(-1) == c))
+      for c, name in enumerate(CLASSES)
+    }
+    assert len(set(per_class.values())) > 1  # classes differ: a per-class mix-up shows
     assert result == {
       "top1": want_top[1],
       "top5": want_top[5],
+      **per_class,
       "n": len(files),
       "n_classes": len(CLASSES),
     }
+
+
+def test_a_plain_class_folder_reads_as_its_split_and_few_classes_have_no_top5(
+  data, models, tmp_path
+):
+  """DIR/<class>/<image> (no split level) is read as DIR/<split>/<class>/<image> is; with
+  3 classes top-5 would be 1 by construction, so it is not reported."""
+  folder, _, templates, _ = data
+  model, params, tokenizer, _, _ = models
+  run = lambda **o: registry.run_task(
+    "zeroshot", model, params, tokenizer, progress=False, batch_size=8, protocol="hf", **o
+  )
+  full = run(data=str(folder), templates=str(templates))
+  assert run(data=str(folder / "test"), templates=str(templates)) == full
+  for name in CLASSES[:3]:
+    shutil.copytree(folder / "test" / name, tmp_path / name)
+  few = run(data=str(tmp_path), templates=str(templates))
+  assert "top5" not in few and few["n_classes"] == 3 and few["n"] == 3 * PER_CLASS
+  assert set(few) == {"top1", "n", "n_classes"} | {
+    f"top1_class_{n.replace(' ', '_')}" for n in CLASSES[:3]
+  }
+  (tmp_path / CLASSES[0] / "0.png").write_bytes(b"not a png")
+  with pytest.raises(DataError, match=r"0\.png.*not a readable image"):
+    run(data=str(tmp_path), templates=str(templates))
 
 
 def test_shipped_imagenet_lists_are_openais():

@@ -4,6 +4,7 @@ retrieval."""
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import numpy as np
@@ -12,10 +13,13 @@ from negclip_jax.data.negbench import load_negbench_mcq, load_negbench_retrieval
 from negclip_jax.data.records import McqRecord, RetrievalSet
 from negclip_jax.eval import embed, metrics
 
+logger = logging.getLogger(__name__)
+
 ANSWER_TYPES = {  # MCQ layout -> caption index -> answer type (the original's mapping)
   "coco": {1: "hybrid", 2: "positive", 3: "negative"},  # COCO, VOC2007, MSR-VTT MCQs
   "synthetic": {0: "positive", 1: "hybrid", 2: "hybrid", 3: "negative"},
 }
+UNMAPPED = "unmapped"  # the type of a wrong answer at an index the layout does not map
 
 
 def _predictions(
@@ -32,20 +36,31 @@ def _predictions(
 
 def wrong_answers(predicted: np.ndarray, records: Sequence[McqRecord], layout: str) -> dict:
   """ "wrong_as_<type>" (fraction of wrong answers whose chosen caption has that type)
-  and "wrong_<template>_as_<type>" counts; types by caption index from `ANSWER_TYPES`."""
+  and "wrong_<template>_as_<type>" counts; types by caption index from `ANSWER_TYPES`.
+
+  A layout that leaves an index unmapped (caption 0 in ``coco``: NegBench's COCO MCQs never
+  offer it as a wrong answer; the original raises KeyError) counts a wrong pick there as
+  type ``unmapped``, with a warning, so a file whose right answer is elsewhere still scores.
+  """
   types = ANSWER_TYPES[layout]
   names = list(dict.fromkeys(types.values()))
+  if len(types) < max(len(r.captions) for r in records):
+    names.append(UNMAPPED)
   templates = list(dict.fromkeys(r.template for r in records))
   counts = {(t, a): 0 for t in templates for a in names}
-  for i, (p, r) in enumerate(zip(predicted, records)):
-    if p == r.correct:
-      continue
-    if p not in types:
-      raise ValueError(
-        f"record {i}: the wrong answer is caption {p}, which has no answer type "
-        f"in the {layout!r} layout {types}; use the other --mcq-layout"
-      )
-    counts[r.template, types[p]] += 1
+  for p, r in zip(predicted, records):
+    if p != r.correct:
+      counts[r.template, types.get(int(p), UNMAPPED)] += 1
+  unmapped = sum(counts[t, UNMAPPED] for t in templates) if UNMAPPED in names else 0
+  if unmapped:
+    logger.warning(
+      "%d wrong answer(s) chose a caption the %r MCQ layout gives no answer type %s; "
+      "counted as %r (--mcq-layout picks the layout)",
+      unmapped,
+      layout,
+      types,
+      UNMAPPED,
+    )
   total = sum(counts.values())
   out = {
     f"wrong_as_{a}": sum(counts[t, a] for t in templates) / total if total else float("nan")

@@ -1,4 +1,4 @@
-"""Zero-shot image classification (ImageNet-style): top-1 / top-5 accuracy.
+"""Zero-shot image classification (ImageNet-style): top-1 / top-5 and per-class accuracy.
 
 Each class's embedding is the prompt ensemble of OpenAI's ImageNet notebook: embed every
 template filled with the class name, L2-normalize per prompt, average, renormalize
@@ -6,7 +6,7 @@ template filled with the class name, L2-normalize per prompt, average, renormali
 
 Images come through TFDS: a dataset prepared under a local ``data_dir`` (``imagenet2012``
 with split ``validation``, ``cifar100``, ``caltech101``, ...) or an image folder
-``DIR/<split>/<class>/<image>`` (TFDS's ``ImageFolder``). Class names and templates
+``DIR/<split>/<class>/<image>`` (TFDS's ``ImageFolder``) or ``DIR/<class>/<image>``. Class names and templates
 (`CLASSNAMES`, `TEMPLATES`: shipped JSON in ``negclip_jax/assets/zeroshot/``, from OpenAI's
 published lists) are a shipped name or a JSON file; by default the dataset's own label
 names with "_" read as " ", except ``imagenet2012*``, whose WordNet ids map to OpenAI's
@@ -134,11 +134,17 @@ def classify(
 
 
 def run(embedder, tokenizer, context_length: int, **options) -> dict:
-  """ "top1", "top5" (top-C with fewer than 5 classes), "n" images, "n_classes"."""
+  """ "top1"; "top5" only with more than 5 classes (with 5 or fewer it is 1 by
+  construction); "top1_class_<name>" (accuracy on each class's images; its class name
+  with "_" for " "; NaN for a class with no images); "n" images; "n_classes"."""
   scores, labels, _, names = classify(embedder, tokenizer, context_length, **options)
-  return {
-    "top1": float(topk_correct(scores, labels, 1).mean()),
-    "top5": float(topk_correct(scores, labels, 5).mean()),
-    "n": len(labels),
-    "n_classes": len(names),
-  }
+  top1 = topk_correct(scores, labels, 1)
+  out = {"top1": float(top1.mean())}
+  if len(names) > 5:
+    out["top5"] = float(topk_correct(scores, labels, 5).mean())
+  for c, name in enumerate(names):
+    key = f"top1_class_{name.replace(' ', '_')}"
+    key = f"{key}_{c}" if key in out else key  # two classes of one name
+    mine = top1[labels == c]
+    out[key] = float(mine.mean()) if mine.size else float("nan")
+  return {**out, "n": len(labels), "n_classes": len(names)}
