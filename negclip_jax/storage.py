@@ -80,7 +80,7 @@ def file_stamp(p: str) -> str | None:
     return f"{st.length} {st.mtime}"
   try:
     st = os.stat(p)
-  except OSError:
+  except (OSError, ValueError):  # ValueError: a NUL byte in the path
     return None
   return f"{st.st_size} {st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
 
@@ -112,6 +112,31 @@ def write_atomic(file: str | os.PathLike, data: bytes) -> None:
   with builtins.open(tmp, "wb") as f:
     f.write(data)
   os.replace(tmp, file)
+
+
+def create_new(file: str | os.PathLike, data: bytes) -> bool:
+  """Writes `data` to `file` only if no such file exists -> whether it did; never a partial
+  file. Locally a complete temporary file is hard-linked to the name (linking fails on an
+  existing name); a bucket object is uploaded with the precondition "no object yet"
+  (``ifGenerationMatch=0``, through gcsfs), so of two concurrent writers exactly one wins."""
+  if is_remote(file):
+    import fsspec
+
+    try:
+      fsspec.filesystem("gs").pipe_file(os.fspath(file), data, mode="create")
+    except FileExistsError:  # HTTP 412: the precondition failed
+      return False
+    return True
+  tmp = f"{os.fspath(file)}.{uuid.uuid4().hex}.tmp"
+  with builtins.open(tmp, "wb") as f:
+    f.write(data)
+  try:
+    os.link(tmp, file)
+  except FileExistsError:
+    return False
+  finally:
+    os.unlink(tmp)
+  return True
 
 
 class AppendLog:

@@ -33,6 +33,7 @@ from negclip_jax.data import negshapes
 from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.eval import evaluators, registry
 from negclip_jax.model import clip as model_lib
+from negclip_jax.model import preprocess
 from negclip_jax.model.tokenizer import ClipTokenizer
 from negclip_jax.train import batch as batch_lib
 from negclip_jax.train import (
@@ -59,13 +60,19 @@ class ConfigError(ValueError):
 
 
 def validate_config(config):
-  """ConfigError (one line) for a bad `objective`, `layers` or `parallelism` value."""
+  """ConfigError (one line) for a bad `objective`, `layers`, `parallelism` or
+  `data.max_image_pixels` value."""
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
   try:
     param_groups.parse_layers(config.layers)
   except ValueError as e:
     raise ConfigError(f"config.layers: {e}") from e
+  max_pixels = config.data.get("max_image_pixels", 1)
+  if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+    raise ConfigError(
+      f"config.data.max_image_pixels={max_pixels!r}; give a positive number of pixels"
+    )
   parallelism = config.get("parallelism", "pmap")
   if parallelism not in sharding.PARALLELISMS:
     raise ConfigError(f"config.parallelism={parallelism!r}; choose from {sharding.PARALLELISMS}")
@@ -307,6 +314,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
   model, params, tokenizer = load_model(config)
   image_size = model.config.vision.image_size
   bad = BadRecords(config.data.on_error)
+  if "max_image_pixels" in config.data:
+    preprocess.set_max_image_pixels(config.data.max_image_pixels)
   presence, absence = load_tables(config, image_size, bad)
 
   labels = param_groups.label_params(params, config.layers, extra_trainable=config.extra_trainable)
@@ -334,6 +343,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
         (len(presence), len(absence)),
         model.config.text.num_hidden_layers,
       ),
+      restart=config.get("restart", False),
     )
   except resume.ResumeError:
     ckpt.close()
@@ -525,11 +535,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict
   stopped early), "stopped_early", "model", "params" (host copy), "tokenizer"}. The
   evaluators of `config.evals` (validated before anything loads) run at their cadence and
   once at the end; results go to the metrics log as ``eval/<name>/<metric>``. A run that
-  finishes exports to WORKDIR/export/hf (`negclip_jax.export`).
+  finishes exports to WORKDIR/export/hf (`negclip_jax.export`). A trainer already running
+  in `workdir` is refused (`rundir.WorkdirLock`).
   """
-  run = setup(config, workdir)
-  log = rundir.MetricsLog(run.workdir, run.start_step)
-  return finish(run, log, *loop(run, log))
+  with rundir.WorkdirLock(workdir):
+    run = setup(config, workdir)
+    log = rundir.MetricsLog(run.workdir, run.start_step)
+    return finish(run, log, *loop(run, log))
 
 
 # ---------------------------------------------------------------------------- CLI

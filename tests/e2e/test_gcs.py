@@ -266,3 +266,15 @@ def test_training_time_evaluator_reads_data_and_images_from_a_bucket(gcs, tmp_pa
   assert out["eval"]["cc"]["n"] == expected["n"] == 8
   for key, value in expected.items():
     np.testing.assert_allclose(out["eval"]["cc"][key], value, rtol=1e-6, err_msg=key)
+
+
+def test_workdir_lock_in_a_bucket(gcs):
+  """The lock object is created with a generation precondition: of two trainers one wins."""
+  workdir = f"gs://{BUCKET}/locked-run"
+  with rundir.WorkdirLock(workdir):
+    assert _objects(gcs["fs"], f"{BUCKET}/locked-run") == [rundir.LOCK_FILE]
+    with pytest.raises(rundir.WorkdirInUse, match=r"locked-run is in use by another trainer"):
+      rundir.WorkdirLock(workdir).acquire()
+  assert _objects(gcs["fs"], f"{BUCKET}/locked-run") == []
+  with rundir.WorkdirLock(workdir):
+    pass
