@@ -80,7 +80,9 @@ def _leaf_digest(x) -> jax.Array:
   )
 
 
-_tree_digests = jax.jit(lambda tree: jax.tree.map(_leaf_digest, tree))
+# Compiled once per leaf shape, dtype and sharding (the blocks of a tower share theirs),
+# not once per state tree.
+_leaf_digest_jit = jax.jit(_leaf_digest)
 
 
 def _json_digest(value) -> str:
@@ -89,9 +91,9 @@ def _json_digest(value) -> str:
 
 def digests(state, data_state: dict) -> dict:
   """{"version", "state": {leaf path: 16 hex digits}, "data": 16 hex digits} of a state tree
-  (global jax.Arrays, any sharding, every process calls it: one jitted reduction) and of
+  (global jax.Arrays, any sharding, every process calls it: a jitted reduction per leaf) and of
   the data-position JSON."""
-  flat = jax.tree_util.tree_flatten_with_path(_tree_digests(state))[0]
+  flat = [(path, _leaf_digest_jit(x)) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]]
   state_digests = {
     jax.tree_util.keystr(path, simple=True, separator="/"): bytes(
       np.asarray(d.addressable_data(0), np.uint32).astype(">u4").tobytes()
