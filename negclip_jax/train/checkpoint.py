@@ -66,23 +66,46 @@ def _mix(x):
   return x ^ (x >> 16)
 
 
-def _leaf_digest(x) -> jax.Array:
-  """uint32 [2]: two sums, mod 2^32, of mix(bits ^ mix(position + seed)) over every 32-bit
-  word of `x`. A sum is indifferent to how `x` is sharded (each device sums its shards, XLA
-  adds them up), and a changed word always changes it (mix is a bijection)."""
-  if x.dtype == jnp.bool_:
-    x = x.astype(jnp.uint8)
-  bits = jnp.dtype(x.dtype).itemsize * 8
-  words = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{min(bits, 32)}")).astype(jnp.uint32)
-  position = jnp.arange(words.size, dtype=jnp.uint32).reshape(words.shape)
+def _shard_digest(data, starts, strides) -> jax.Array:
+  """uint32 [2]: two sums, mod 2^32, of mix(word ^ mix(position + seed)) over the 32-bit words
+  of one shard, `position` being each word's place in the whole array (`starts`: the shard's
+  first index per dimension, `strides`: the whole array's, in elements). The sums of an
+  array's shards add up to the array's, however it is sharded, and a changed word always
+  changes them (mix is a bijection)."""
+  if data.dtype == jnp.bool_:
+    data = data.astype(jnp.uint8)
+  bits = jnp.dtype(data.dtype).itemsize * 8
+  words = jax.lax.bitcast_convert_type(data, jnp.dtype(f"uint{min(bits, 32)}")).astype(jnp.uint32)
+  position = jnp.zeros(data.shape, jnp.uint32)
+  for d in range(data.ndim):
+    index = jax.lax.broadcasted_iota(jnp.uint32, data.shape, d) + starts[d].astype(jnp.uint32)
+    position = position + index * strides[d].astype(jnp.uint32)
+  if words.ndim > data.ndim:  # 64-bit values: two words each
+    last = jax.lax.broadcasted_iota(jnp.uint32, words.shape, words.ndim - 1)
+    position = position[..., None] * jnp.uint32(words.shape[-1]) + last
   return jnp.stack(
     [jnp.sum(_mix(words ^ _mix(position + jnp.uint32(seed))), dtype=jnp.uint32) for seed in (1, 2)]
   )
 
 
-# Compiled once per leaf shape, dtype and sharding (the blocks of a tower share theirs),
-# not once per state tree.
-_leaf_digest_jit = jax.jit(_leaf_digest)
+# One device-local program per shard (no collective, so nothing can wait on Orbax's
+# background threads), compiled once per shard shape and dtype.
+_shard_digest_jit = jax.jit(_shard_digest)
+
+
+def _leaf_digest_parts(x) -> list:
+  """The `_shard_digest`s of the shards of `x` this process holds, each index once
+  (replica 0); a host value counts as one shard."""
+  strides = np.cumprod((1, *np.shape(x)[::-1]))[:-1][::-1].astype(np.uint32)
+  if not isinstance(x, jax.Array):
+    return [_shard_digest_jit(x, np.zeros(np.ndim(x), np.uint32), strides)]
+  return [
+    _shard_digest_jit(
+      shard.data, np.array([s.start or 0 for s in shard.index], np.uint32).reshape(-1), strides
+    )
+    for shard in x.addressable_shards
+    if shard.replica_id == 0
+  ]
 
 
 def _json_digest(value) -> str:
@@ -91,14 +114,21 @@ def _json_digest(value) -> str:
 
 def digests(state, data_state: dict) -> dict:
   """{"version", "state": {leaf path: 16 hex digits}, "data": 16 hex digits} of a state tree
-  (global jax.Arrays, any sharding, every process calls it: a jitted reduction per leaf) and of
-  the data-position JSON."""
-  flat = [(path, _leaf_digest_jit(x)) for path, x in jax.tree_util.tree_flatten_with_path(state)[0]]
+  (global jax.Arrays, any sharding; every process calls it: each digests the shards it
+  holds on their devices, then the sums are added up) and of the data-position JSON."""
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  parts = jax.device_get([_leaf_digest_parts(x) for _, x in flat])
+  local = np.array(
+    [np.sum(np.array(p, np.uint64).reshape(-1, 2), axis=0) for p in parts], np.uint64
+  ).reshape(-1, 2)
+  if jax.process_count() > 1:  # each process summed the shards it holds
+    gathered = multihost_utils.process_allgather((local % 2**32).astype(np.uint32))
+    local = np.asarray(gathered).astype(np.uint64)
+    local = local.reshape(jax.process_count(), -1, 2).sum(axis=0)
+  words = (local % 2**32).astype(">u4")
   state_digests = {
-    jax.tree_util.keystr(path, simple=True, separator="/"): bytes(
-      np.asarray(d.addressable_data(0), np.uint32).astype(">u4").tobytes()
-    ).hex()
-    for path, d in flat
+    jax.tree_util.keystr(path, simple=True, separator="/"): words[i].tobytes().hex()
+    for i, (path, _) in enumerate(flat)
   }
   return {"version": CHECKSUM_VERSION, "state": state_digests, "data": _json_digest(data_state)}
 
