@@ -196,18 +196,21 @@ def export(
   model, params, tokenizer, out: str | os.PathLike, formats=("hf",), card: str = ""
 ) -> dict[str, epath.Path]:
   """Writes each of `formats` (local or ``gs://``) with `card` as README.md ->
-  {format: directory}. One format goes into `out`, several into `out/<format>`."""
+  {format: directory}. One format goes into `out`, several into `out/<format>`; atomically
+  (`storage.publish_dir`): an interrupted export leaves the previous one, or nothing
+  loadable."""
   unknown = sorted(set(formats) - set(FORMATS))
   if unknown or not formats:
     raise ValueError(f"export formats must be among {FORMATS}, got {list(formats)}")
   out = storage.path(out)
-  dirs = {f: out if len(formats) == 1 else out / f for f in formats}
-  for fmt, directory in dirs.items():
-    convert.save_pretrained(
-      model, params, directory, format=fmt, tokenizer=tokenizer if fmt == "hf" else None
-    )
-    (directory / CARD).write_text(card, encoding="utf-8")
-  return dirs
+  with storage.publish_dir(out) as filling:  # readers see the whole export or none
+    for fmt in formats:
+      directory = filling if len(formats) == 1 else filling / fmt
+      convert.save_pretrained(
+        model, params, directory, format=fmt, tokenizer=tokenizer if fmt == "hf" else None
+      )
+      (directory / CARD).write_text(card, encoding="utf-8")
+  return {f: out if len(formats) == 1 else out / f for f in formats}
 
 
 def load(source: str | os.PathLike):

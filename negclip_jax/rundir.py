@@ -9,11 +9,14 @@ WORKDIR/ (local or ``gs://``)::
   tokenizer/                 the tokenizer's files
   metrics.jsonl              one JSON row per logged step: {"step", metric: value, ...};
                              evaluators log ``eval/<name>/<metric>`` (`eval_key`)
+  metrics.jsonl.<UTC>.bak    the log as it was before a resume rewrote it (`drop_rows_after`)
   tensorboard/               the same rows as TensorBoard events
   skipped.jsonl              the records `data.on_error=skip` left out, one JSON line each
   results.json               the final evaluation with its header (`eval/results.py`)
   image_cache/               frozen-tower image features (unless `data.cache_dir` is set)
   export/hf/                 the finished run's Hugging Face export with its model card
+  lock.json                  held while a trainer runs here: {"host", "pid", "started",
+                             "heartbeat", "token"} (`WorkdirLock`)
 
 `load(source)` reads a model from a run directory (its newest readable step), one of its
 steps (``RUN/checkpoints/STEP``), or anything `convert.load_pretrained` reads (HF
@@ -27,17 +30,22 @@ import dataclasses
 import json
 import logging
 import os
+import socket
+import threading
+import time
+import uuid
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from etils import epath
 
-from negclip_jax import storage
+from negclip_jax import hosts, storage
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
 from negclip_jax.model.tokenizer import ClipTokenizer
 from negclip_jax.train import checkpoint
+from negclip_jax.train.resume import ResumeError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,7 @@ SKIPPED_FILE = "skipped.jsonl"
 RESULTS_FILE = "results.json"
 IMAGE_CACHE_DIR = "image_cache"
 EXPORT_DIR = "export/hf"
+LOCK_FILE = "lock.json"
 EVAL_PREFIX = "eval/"
 
 
@@ -62,8 +71,9 @@ def is_run_dir(path: str | os.PathLike) -> bool:
 
 def write_model(workdir: epath.Path, model_config: model_lib.CLIPConfig, tokenizer) -> None:
   """model_config.json and tokenizer/: what `run_model` reads back."""
-  (workdir / MODEL_CONFIG_FILE).write_text(
-    json.dumps(model_lib.config_to_dict(model_config), indent=2)
+  storage.write_atomic(
+    workdir / MODEL_CONFIG_FILE,
+    json.dumps(model_lib.config_to_dict(model_config), indent=2).encode(),
   )
   tokenizer.save_pretrained(workdir / TOKENIZER_DIR)
 
@@ -117,6 +127,155 @@ def load_model(source: str | os.PathLike, dtype=jnp.float32, step: int | None = 
   return loaded.model, loaded.params, loaded.tokenizer
 
 
+# ------------------------------------------------------------------ workdir lock
+
+
+class WorkdirInUse(ResumeError):
+  """Another trainer holds the run directory's lock."""
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
+    return True
+  return True
+
+
+class WorkdirLock:
+  """One trainer per run directory: WORKDIR/lock.json, created only if absent
+  (`storage.create_new`: a hard link locally, a generation precondition on ``gs://``).
+
+  Held by process 0 of a run (the others agree on the outcome). A second trainer is
+  refused (`WorkdirInUse`, naming the holder's host, pid and start time). A lock is stale,
+  and taken over with a warning, when its pid is gone on this host, or when its heartbeat
+  (rewritten every `heartbeat_s` by a thread) is older than `stale_after_s` on another host.
+  Two trainers taking over the same stale lock at the same moment may both win; a live
+  holder is never taken over. Use as a context manager (`release` on exit).
+  """
+
+  def __init__(
+    self, workdir: str | os.PathLike, stale_after_s: float = 600, heartbeat_s: float = 60
+  ):
+    self.file = storage.path(workdir) / LOCK_FILE
+    self.stale_after_s, self.heartbeat_s = stale_after_s, heartbeat_s
+    self.held = False
+    self._stop = threading.Event()
+    self._thread = None
+    self._record = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "heartbeat": time.time(),
+      "token": uuid.uuid4().hex,
+    }
+
+  def _holder(self) -> dict | None:
+    """The lock's record; {} if it cannot be read (being written, or damaged); None if
+    there is no lock."""
+    try:
+      holder = json.loads(self.file.read_bytes())
+    except FileNotFoundError:
+      return None
+    except (OSError, ValueError):
+      return {}
+    return holder if isinstance(holder, dict) else {}
+
+  def _stale_reason(self, holder: dict) -> str | None:
+    """Why `holder` is stale, or None while it may still be running."""
+    age = time.time() - float(holder.get("heartbeat") or 0)
+    if holder.get("host") == self._record["host"] and isinstance(holder.get("pid"), int):
+      if holder["pid"] != os.getpid() and not _pid_alive(holder["pid"]):
+        return f"its pid {holder['pid']} is gone on this host"
+      return None
+    if age > self.stale_after_s:
+      return f"no heartbeat for {age:.0f} s (> {self.stale_after_s:.0f} s)"
+    return None
+
+  def _try_acquire(self) -> str | None:
+    """None once held, else the refusal."""
+    data = json.dumps(self._record).encode()
+    for _ in range(3):
+      if storage.create_new(self.file, data):
+        return None
+      holder = self._holder()
+      if holder is None:  # released meanwhile
+        continue
+      reason = self._stale_reason(holder)
+      if reason is None:
+        return (
+          f"{self.file.parent} is in use by another trainer: host {holder.get('host', '?')}, "
+          f"pid {holder.get('pid', '?')}, started {holder.get('started', '?')} "
+          f"(lock {self.file}). Wait for it to finish or stop it; a dead holder's lock is "
+          f"taken over automatically (its pid gone on its host, or no heartbeat for "
+          f"{self.stale_after_s:.0f} s)"
+        )
+      if self._holder() != holder:  # changed while we looked: look again
+        continue
+      logger.warning(
+        "Taking over the stale lock %s of host %s, pid %s, started %s (%s).",
+        self.file,
+        holder.get("host", "?"),
+        holder.get("pid", "?"),
+        holder.get("started", "?"),
+        reason,
+      )
+      try:
+        self.file.unlink()
+      except FileNotFoundError:
+        pass
+    return f"could not lock {self.file}: it keeps changing; is another trainer starting?"
+
+  def acquire(self) -> "WorkdirLock":
+    """Takes the lock (process 0) -> self; `WorkdirInUse` on every process if refused."""
+    refusal = None
+    if jax.process_index() == 0:
+      self.file.parent.mkdir(parents=True, exist_ok=True)
+      refusal = self._try_acquire()
+      self.held = refusal is None
+    if not hosts.all_processes(refusal is None):
+      self.release()
+      raise WorkdirInUse(refusal or f"process 0 could not lock {self.file}; see its log")
+    if self.held:
+      self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="workdir-lock")
+      self._thread.start()
+    return self
+
+  def _heartbeat(self):
+    while not self._stop.wait(self.heartbeat_s):
+      holder = self._holder()
+      if holder and holder.get("token") != self._record["token"]:
+        logger.error(
+          "%s was taken over by pid %s on %s", self.file, holder.get("pid"), holder.get("host")
+        )
+        return
+      self._record["heartbeat"] = time.time()
+      try:
+        storage.write_atomic(self.file, json.dumps(self._record).encode())
+      except OSError as e:
+        logger.warning("cannot refresh %s (%s)", self.file, e)
+
+  def release(self) -> None:
+    """Removes the lock if this process holds it."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+    if self.held:
+      self.held = False
+      holder = self._holder()
+      if holder is not None and holder.get("token") == self._record["token"]:
+        self.file.unlink()
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
 # ------------------------------------------------------------------ metrics log
 
 
@@ -131,12 +290,44 @@ def tensorboard_tag(key: str) -> str:
   return key if "/" in key else f"train/{key}"
 
 
+def _parse_rows(data: bytes) -> tuple[list[dict], list[int]]:
+  """(the JSON object rows of metrics.jsonl bytes, 1-based numbers of the lines that are not
+  one: torn by a crash or a full disk, or not UTF-8)."""
+  rows, bad = [], []
+  for number, line in enumerate(data.splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line.decode("utf-8"))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+      row = None
+    if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+      rows.append(row)
+    else:
+      bad.append(number)
+  return rows, bad
+
+
+def _unreadable_rows_warning(path, bad: list[int], action: str) -> None:
+  logger.warning(
+    "%s: %s %d unreadable row(s) (torn by a crash or a full disk, or not UTF-8 JSON; lines %s)",
+    path,
+    action,
+    len(bad),
+    ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else ""),
+  )
+
+
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-  """The rows of a run's metrics.jsonl ([] when there is none)."""
+  """The rows of a run's metrics.jsonl ([] when there is none); unreadable rows are left
+  out with a warning (a resumed run drops them from the file, `drop_rows_after`)."""
   log = storage.path(run_dir) / METRICS_FILE
   if not log.is_file():
     return []
-  return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+  rows, bad = _parse_rows(log.read_bytes())
+  if bad:
+    _unreadable_rows_warning(log, bad, "skipped")
+  return rows
 
 
 def evaluation_at(run_dir: str | os.PathLike, step: int) -> dict | None:
@@ -198,11 +389,21 @@ def is_export(path: str | os.PathLike) -> bool:
 
 
 def drop_rows_after(path: epath.Path, step: int) -> None:
-  """Rewrites metrics.jsonl without the rows of steps > `step` (logged)."""
+  """Rewrites metrics.jsonl without the rows of steps > `step` and without unreadable rows
+  (each kind logged once); the original is kept beside it as ``metrics.jsonl.<UTC>.bak``."""
   if not path.exists():
     return
-  rows = path.read_text().splitlines(keepends=True)
-  keep = [r for r in rows if not r.strip() or json.loads(r).get("step", 0) <= step]
+  data = path.read_bytes()
+  rows, bad = _parse_rows(data)
+  keep = [r for r in rows if r.get("step", 0) <= step]
+  if not bad and len(keep) == len(rows):
+    if data and not data.endswith(b"\n"):  # the next append starts a line of its own
+      storage.write_atomic(path, data + b"\n")
+    return
+  backup = path.parent / f"{path.name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.bak"
+  storage.write_atomic(backup, data)
+  if bad:
+    _unreadable_rows_warning(path, bad, "dropped")
   if len(keep) < len(rows):
     logger.warning(
       "%s: dropped %d rows of steps after %d, logged by a run that went past its "
@@ -211,7 +412,8 @@ def drop_rows_after(path: epath.Path, step: int) -> None:
       len(rows) - len(keep),
       step,
     )
-    storage.write_atomic(path, "".join(keep).encode())
+  storage.write_atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+  logger.warning("%s: the original is kept as %s", path, backup)
 
 
 class MetricsLog:

@@ -12,13 +12,14 @@ temporary-file-and-rename a local file needs (`write_atomic`).
 from __future__ import annotations
 
 import builtins
+import contextlib
 import io
 import os
 import stat
 import tempfile
 import uuid
 from collections import defaultdict
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from etils import epath
 
@@ -80,7 +81,7 @@ def file_stamp(p: str) -> str | None:
     return f"{st.length} {st.mtime}"
   try:
     st = os.stat(p)
-  except OSError:
+  except (OSError, ValueError):  # ValueError: a NUL byte in the path
     return None
   return f"{st.st_size} {st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
 
@@ -112,6 +113,31 @@ def write_atomic(file: str | os.PathLike, data: bytes) -> None:
   with builtins.open(tmp, "wb") as f:
     f.write(data)
   os.replace(tmp, file)
+
+
+def create_new(file: str | os.PathLike, data: bytes) -> bool:
+  """Writes `data` to `file` only if no such file exists -> whether it did; never a partial
+  file. Locally a complete temporary file is hard-linked to the name (linking fails on an
+  existing name); a bucket object is uploaded with the precondition "no object yet"
+  (``ifGenerationMatch=0``, through gcsfs), so of two concurrent writers exactly one wins."""
+  if is_remote(file):
+    import fsspec
+
+    try:
+      fsspec.filesystem("gs").pipe_file(os.fspath(file), data, mode="create")
+    except FileExistsError:  # HTTP 412: the precondition failed
+      return False
+    return True
+  tmp = f"{os.fspath(file)}.{uuid.uuid4().hex}.tmp"
+  with builtins.open(tmp, "wb") as f:
+    f.write(data)
+  try:
+    os.link(tmp, file)
+  except FileExistsError:
+    return False
+  finally:
+    os.unlink(tmp)
+  return True
 
 
 class AppendLog:
@@ -147,6 +173,63 @@ def move_tree(source: epath.Path, target: epath.Path) -> None:
   for file in _files_under(source):
     file.copy(target / file.relative_to(source))
   source.rmtree()
+
+
+PARTIAL_MARKER = "WRITE_IN_PROGRESS"
+
+
+@contextlib.contextmanager
+def publish_dir(target: str | os.PathLike) -> Iterator[epath.Path]:
+  """A folder to fill, which readers see at `target` whole or not at all.
+
+  Locally: a hidden sibling ``.<name>.partial-<id>`` (holding `PARTIAL_MARKER`), renamed
+  to `target` on success (a previous `target` is renamed away first, then deleted; it may
+  hold only names the new folder holds, else FileExistsError) and deleted on failure; leftovers of killed writers are deleted on the next call. A bucket
+  has no rename: `target` itself is filled, with `PARTIAL_MARKER` written first and
+  deleted last, so a reader that checks `is_partial` refuses a half-written folder.
+  """
+  target = path(target)
+  if is_remote(target):
+    target.mkdir(parents=True, exist_ok=True)
+    (target / PARTIAL_MARKER).write_text("being written; incomplete until this file is gone\n")
+    yield target
+    (target / PARTIAL_MARKER).unlink()
+    return
+  parent = target.parent
+  parent.mkdir(parents=True, exist_ok=True)
+  for leftover in parent.glob(f".{target.name}.partial-*"):
+    leftover.rmtree()
+  for leftover in parent.glob(f".{target.name}.old-*"):
+    leftover.rmtree()
+  tmp = parent / f".{target.name}.partial-{uuid.uuid4().hex}"
+  tmp.mkdir()
+  (tmp / PARTIAL_MARKER).write_text("being written; incomplete\n")
+  try:
+    yield tmp
+  except BaseException:
+    if tmp.exists():
+      tmp.rmtree()
+    raise
+  (tmp / PARTIAL_MARKER).unlink()
+  old = parent / f".{target.name}.old-{uuid.uuid4().hex}"
+  if target.exists():
+    foreign = sorted({c.name for c in target.iterdir()} - {c.name for c in tmp.iterdir()})
+    if foreign:  # replacing it would delete them
+      tmp.rmtree()
+      raise FileExistsError(
+        f"{target} holds {foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, "
+        "which this write would not replace; choose a new or empty directory"
+      )
+    target.rename(old)
+  tmp.rename(target)
+  if old.exists():
+    old.rmtree()
+
+
+def is_partial(folder: str | os.PathLike) -> bool:
+  """Whether `folder` (or the folder holding it) is being written by `publish_dir`."""
+  folder = path(folder)
+  return (folder / PARTIAL_MARKER).exists() or (folder.parent / PARTIAL_MARKER).exists()
 
 
 def _files_under(folder: epath.Path):

@@ -33,6 +33,7 @@ def get_config():
   c.data.distractor_coco_json = ""  # captions_train2017.json: the index order of the mapping
   c.data.distractor_image_dir = ""  # COCO train2017 images
   c.data.on_error = "raise"  # raise | skip (skipped examples are counted and reported)
+  c.data.max_image_pixels = 89478485  # larger images are bad records (PIL's default limit)
   c.data.image_cache = True  # embed the frozen image tower's inputs once
   c.data.pack_text = True  # several captions per text row (exact; pmap runs only)
   c.data.cache_dir = ""  # default: <workdir>/image_cache
@@ -71,5 +72,6 @@ def get_config():
   c.log_every = 50  # steps between metric logs
   c.save_every = 1000  # steps between Orbax checkpoints
   c.max_to_keep = 3  # checkpoints kept
+  c.restart = False  # start over at step 0 when every checkpoint is unreadable (else stop)
   c.evals = ml_collections.ConfigDict()  # name -> dict(task, every (0 = at the end), options)
   return c

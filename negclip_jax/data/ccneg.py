@@ -114,16 +114,14 @@ def _read_pt(path: str, bad: BadRecords) -> list[_RawRecord | None]:
 
 
 def _read_jsonl(path: str, bad: BadRecords) -> list[_RawRecord | None]:
-  try:
-    return _parse_jsonl(path, bad)
-  except UnicodeDecodeError as e:
-    raise not_utf8(path, e) from e
+  """One record per non-blank line, each decoded on its own: a line that is not UTF-8 or
+  not JSON is that record's DataError (naming the line), not the file's."""
 
-
-def _parse_jsonl(path: str, bad: BadRecords) -> list[_RawRecord | None]:
   def parse(i, line_no, line):
     try:
-      obj = json.loads(line)
+      obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise not_utf8(path, e, index=i, line=line_no) from e
     except json.JSONDecodeError as e:
       raise DataError(path, f"invalid JSON on line {line_no}: {e}", index=i) from e
     return tuple(
@@ -132,7 +130,7 @@ def _parse_jsonl(path: str, bad: BadRecords) -> list[_RawRecord | None]:
     )
 
   out = []
-  with storage.open(path, encoding="utf-8") as f:
+  with storage.open(path, "rb") as f:
     for line_no, line in enumerate(f, start=1):
       if line.strip():
         out.append(bad.parse(parse, len(out), line_no, line))

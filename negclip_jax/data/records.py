@@ -260,11 +260,16 @@ def require_list(file: str | os.PathLike, value: Any, *, index: int | None, key:
 
 
 def not_utf8(
-  file: str | os.PathLike, error: UnicodeDecodeError, *, index: int | None = None
+  file: str | os.PathLike,
+  error: UnicodeDecodeError,
+  *,
+  index: int | None = None,
+  line: int | None = None,
 ) -> DataError:
-  """DataError for bytes of `file` that are not UTF-8."""
+  """DataError for bytes of `file` (on 1-based `line`, when known) that are not UTF-8."""
   bad = error.object[error.start : error.start + 1]
-  return DataError(file, f"not UTF-8 text ({error.reason}: {bad!r})", index=index)
+  where = f" on line {line}" if line is not None else ""
+  return DataError(file, f"not UTF-8 text{where} ({error.reason}: {bad!r})", index=index)
 
 
 def load_json(file: str | os.PathLike) -> Any:

@@ -663,6 +663,11 @@ def load_pretrained(
   from negclip_jax.model import hub
 
   path = hub.resolve(path)
+  if path.is_dir() and storage.is_partial(path):
+    raise ValueError(
+      f"{path} is a half-written export (it holds {storage.PARTIAL_MARKER}: the export was "
+      "interrupted); export again"
+    )
   if path.is_dir():
     weights, stated = _describe_dir(path)
   else:
@@ -724,6 +729,9 @@ def save_pretrained(
   format="openai": model.pt, an OpenAI-named state dict of float tensors for
     `model.load_state_dict` in the original (OpenAI `clip`) code, and model_config.json
     (`EXPORT_CONFIG`) with the full config, which the state dict cannot express.
+
+  Files are written one by one into `out_dir`; `negclip_jax.export` publishes a whole
+  folder at once (`storage.publish_dir`).
   """
   if format == "hf":
     tokenizer = hf_tokenizer(model.config, tokenizer)  # checked before anything is written

@@ -18,10 +18,11 @@ never applied. They differ in the crop offset, the colour conversion and the sca
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Callable, Sequence, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from negclip_jax import storage
 
@@ -33,20 +34,42 @@ CLIP_STD.flags.writeable = False
 ImageLike = Union[Image.Image, np.ndarray, str, os.PathLike]
 
 
+# PIL's decompression-bomb limit is the one limit: `load_image` refuses larger images with
+# a ValueError, so PIL's warning between 1x and 2x the limit would only repeat it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+  """Images of more than `limit` pixels (width x height) are refused by `load_image`
+  (None: no limit); default PIL's `Image.MAX_IMAGE_PIXELS` (89,478,485, about 9459^2),
+  which this sets, process-wide (config `data.max_image_pixels`)."""
+  Image.MAX_IMAGE_PIXELS = limit
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
   """Decode the image file at `path` (pixels loaded, mode unchanged).
 
-  Raises FileNotFoundError if `path` does not exist and ValueError if it cannot be decoded.
+  Raises FileNotFoundError if `path` does not exist and ValueError for anything else that
+  goes wrong opening or decoding it: a corrupt or truncated file, an image of more pixels
+  than `set_max_image_pixels` allows (checked before decoding), a NUL byte in the path.
   """
   if storage.is_remote(path) and not storage.isfile(path):  # locally: no stat, one open
     raise FileNotFoundError(f"image file not found: {path}")
   try:
     with Image.open(storage.open(path, "rb") if storage.is_remote(path) else path) as image:
+      limit = Image.MAX_IMAGE_PIXELS
+      if limit is not None and image.width * image.height > limit:
+        raise ValueError(
+          f"{image.width}x{image.height} = {image.width * image.height} pixels, more than "
+          f"the limit {limit} (data.max_image_pixels)"
+        )
       image.load()
       return image.copy()
   except (FileNotFoundError, IsADirectoryError) as e:  # no stat first: one open per image
     raise FileNotFoundError(f"image file not found: {path}") from e
-  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+  except Exception as e:  # noqa: BLE001 - every decoder fault is this file's
+    if isinstance(e, Image.DecompressionBombError):
+      e = f"{e} (data.max_image_pixels)"
     raise ValueError(f"cannot decode image file {path}: {e}") from e
 
 

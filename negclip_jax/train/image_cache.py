@@ -90,8 +90,8 @@ def _shard_file(process: int, process_count: int) -> str:
 
 def _read_block(entry: epath.Path, n: int):
   """(this process's block of the stored features [hi - lo, D], dropped {position:
-  reason}) from the shards overlapping it, or None (absent, or unreadable: logged, then
-  recomputed and overwritten)."""
+  reason}) from the shards overlapping it, or None (absent, or unreadable, e.g. a shard
+  emptied or cut short by a crash: logged, then recomputed and overwritten)."""
   if not (entry / INDEX_FILE).exists():
     return None
   try:
@@ -114,7 +114,7 @@ def _read_block(entry: epath.Path, n: int):
     if len(block) != hi - lo:
       raise ValueError(f"the shards hold {len(block)} of rows {lo}..{hi - 1}")
     return block, {int(i): r for i, r in meta["dropped"].items()}
-  except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+  except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as e:
     logger.warning("image cache %s unreadable (%s: %s); recomputing it", entry, type(e).__name__, e)
     return None
 

@@ -94,11 +94,12 @@ def bad_records(on_error: BadRecords | str) -> BadRecords:
 def load_example_image(
   images: Images, i: int, image_size: int, record: int | None = None, key: str = "image"
 ) -> np.ndarray:
-  """Image i preprocessed to float32 [S, S, 3]; an unreadable file -> DataError(path, record, key)."""
+  """Image i preprocessed to float32 [S, S, 3]; any fault reading, decoding or resizing a
+  file -> DataError(path, record, key), for the bad-record policy."""
   image = images[i]
   try:
     return preprocess_image(image, image_size)
-  except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
+  except Exception as e:  # noqa: BLE001 - whatever one file does is that record's fault
     if isinstance(image, np.ndarray):
       raise
     raise DataError(image, str(e), index=i if record is None else record, key=key) from e

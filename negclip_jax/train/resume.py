@@ -15,6 +15,7 @@ STATE_NEUTRAL_KEYS = (
   "log_every",
   "save_every",
   "max_to_keep",
+  "restart",
   "data.cache_dir",
   "data.pack_text",
   "parallelism",

@@ -33,6 +33,7 @@ from negclip_jax.data.records import BadRecords
 from negclip_jax.eval import evaluators, registry
 from negclip_jax.eval import results as results_json
 from negclip_jax.model import clip as model_lib
+from negclip_jax.model import preprocess
 from negclip_jax.model.tokenizer import ClipTokenizer
 from negclip_jax.train import batch as batch_lib
 from negclip_jax.train import (
@@ -60,13 +61,19 @@ class ConfigError(ValueError):
 
 
 def validate_config(config):
-  """ConfigError (one line) for a bad `objective`, `layers` or `parallelism` value."""
+  """ConfigError (one line) for a bad `objective`, `layers`, `parallelism` or
+  `data.max_image_pixels` value."""
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
   try:
     param_groups.parse_layers(config.layers)
   except ValueError as e:
     raise ConfigError(f"config.layers: {e}") from e
+  max_pixels = config.data.get("max_image_pixels", 1)
+  if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
+    raise ConfigError(
+      f"config.data.max_image_pixels={max_pixels!r}; give a positive number of pixels"
+    )
   parallelism = config.get("parallelism", "pmap")
   if parallelism not in sharding.PARALLELISMS:
     raise ConfigError(f"config.parallelism={parallelism!r}; choose from {sharding.PARALLELISMS}")
@@ -330,6 +337,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
   model, params, tokenizer = load_model(config)
   image_size = model.config.vision.image_size
   bad = BadRecords(config.data.on_error)
+  if "max_image_pixels" in config.data:
+    preprocess.set_max_image_pixels(config.data.max_image_pixels)
   presence, absence = load_tables(config, image_size, bad)
 
   labels = param_groups.label_params(params, config.layers, extra_trainable=config.extra_trainable)
@@ -357,6 +366,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
         (len(presence), len(absence)),
         model.config.text.num_hidden_layers,
       ),
+      restart=config.get("restart", False),
     )
   except resume.ResumeError:
     ckpt.close()
@@ -646,12 +656,14 @@ def train(
   ``eval/<name>/<metric>`` and, at the end, to WORKDIR/results.json. A run that finishes
   exports to WORKDIR/export/hf (`negclip_jax.export`); running a finished run again
   trains nothing and reports what it logged. `preempt` (the CLI's, installed before
-  set-up) turns SIGTERM / Ctrl-C into a save and stop.
+  set-up) turns SIGTERM / Ctrl-C into a save and stop. A trainer already running in
+  `workdir` is refused (`rundir.WorkdirLock`).
   """
   t0 = time.perf_counter()
-  run = setup(config, workdir)
-  log = rundir.MetricsLog(run.workdir, run.start_step)
-  result = finish(run, log, *loop(run, log, preempt))
+  with rundir.WorkdirLock(workdir):
+    run = setup(config, workdir)
+    log = rundir.MetricsLog(run.workdir, run.start_step)
+    result = finish(run, log, *loop(run, log, preempt))
   return {**result, "start_step": run.start_step, "seconds": time.perf_counter() - t0}
 
 

@@ -17,6 +17,7 @@ from negclip_jax.data.negbench import load_negbench_mcq, load_negbench_retrieval
 from negclip_jax.data.negrefcocog import load_negrefcocog
 from negclip_jax.data.records import (
   AbsenceRecord,
+  BadRecords,
   DataError,
   McqRecord,
   PresenceRecord,
@@ -249,6 +250,26 @@ def test_ccneg_malformed_jsonl(tmp_path):
   with pytest.raises(DataError) as err:
     load_ccneg(path, tmp_path, split="all", check_images=False)
   _assert_names(err, path, "record 2", "line 3")
+
+
+def test_ccneg_jsonl_one_latin1_line_is_one_bad_record(tmp_path):
+  """Issue 26 #3: one Latin-1 line refused the whole file, even under on_error=skip."""
+  path = tmp_path / "ccneg.jsonl"
+  row = lambda caption: json.dumps(
+    {"image_path": "a.jpg", "caption": caption, "negative_prompt": "n"}, ensure_ascii=False
+  )
+  path.write_bytes(
+    (row("one") + "\n" + row("caf\u00e9") + "\n" + row("three") + "\n")
+    .encode("utf-8")
+    .replace("caf\u00e9".encode(), "caf\u00e9".encode("latin-1"))
+  )
+  bad = BadRecords("skip")
+  records = load_ccneg(path, tmp_path, split="all", eval_size=0, check_images=False, bad=bad)
+  assert [r.caption for r in records] == ["one", "three"]
+  assert [(e.file, e.index) for e in bad.skipped] == [(str(path), 1)]
+  with pytest.raises(DataError) as err:
+    load_ccneg(path, tmp_path, split="all", eval_size=0, check_images=False)
+  _assert_names(err, path, "record 1", "not UTF-8 text on line 2")
 
 
 def test_ccneg_eval_size_and_missing_images(ccneg_pt, caplog):
@@ -770,6 +791,8 @@ def test_tfds_errors(tfds_tiny, tmp_path):
 def test_non_utf8_files_are_one_line_naming_the_file(tmp_path, name, load):
   path = tmp_path / name
   path.write_bytes(b'{"caption": "a cat \xff\xfe"}\n')
-  with pytest.raises(DataError, match=r"not UTF-8 text \(invalid start byte: b'\\xff'\)") as e:
+  with pytest.raises(
+    DataError, match=r"not UTF-8 text( on line 1)? \(invalid start byte: b'\\xff'\)"
+  ) as e:
     load(path)
   assert e.value.file == str(path) and "\n" not in str(e.value)

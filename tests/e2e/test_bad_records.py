@@ -125,6 +125,61 @@ def test_skipped_undecodable_image_without_cache_is_found_before_training(tmp_pa
   assert str(tmp_path / "data/cc3m/images/4.png") not in presence.images
 
 
+def _read_fault_datasets(root: Path) -> tuple[dict, set]:
+  """config.data overrides for files with an image over a 4096-pixel limit (7.png, shared by
+  both streams) and a NUL byte in a CC-Neg image path (record 2), and the expected
+  skipped.jsonl entries {(file, record, key)}."""
+  from PIL import Image
+
+  data = write_file_datasets(root, N, 32)
+  images = Path(data["ccneg_image_root"]) / "images"
+  Image.new("RGB", (80, 80), (10, 200, 30)).save(images / "7.png")  # 6400 > 4096 pixels
+  texts = _ccneg_texts(data["ccneg_path"])
+  rows = [
+    {"image_path": str(images / f"{i}.png"), "caption": c, "negative_prompt": n}
+    for i, (c, n) in enumerate(zip(*texts))
+  ]
+  rows[2]["image_path"] = str(images / "2\x00.png")
+  ccneg = root / "ccneg.jsonl"
+  ccneg.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  data.update(ccneg_path=str(ccneg), max_image_pixels=4096)
+  expected = {
+    (str(ccneg), 2, "image_path"),
+    (str(ccneg), 7, "image"),
+    (data["coco_json"], 7, "image"),
+  }
+  return data, expected
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_too_large_image_and_nul_path_are_bad_records(tmp_path, cache, monkeypatch):
+  """Issue 26 #3: PIL's DecompressionBombError and "embedded null byte" stopped the run
+  with a traceback under both policies."""
+  from PIL import Image
+
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # process-wide
+  data, expected = _read_fault_datasets(tmp_path / "data")
+  c = _config(data, **{"data.on_error": "skip", "data.image_cache": cache})
+  out = trainer.train(c, tmp_path / "run")
+  assert out["step"] == 2
+  rows = [json.loads(line) for line in (tmp_path / "run/skipped.jsonl").read_text().splitlines()]
+  assert {(r["file"], r["record"], r["key"]) for r in rows} == expected
+  too_large = [r["reason"] for r in rows if r["record"] == 7]
+  assert all(
+    "6400 pixels, more than the limit 4096 (data.max_image_pixels)" in r for r in too_large
+  )
+  if not cache:
+    return
+  with pytest.raises(DataError) as e:  # under "raise": the first of them, one line
+    trainer.train(_config(data, **{"data.image_cache": cache}), tmp_path / "run2")
+  assert "\n" not in str(e.value) and str(e.value).startswith(str(tmp_path / "data"))
+
+
+def test_max_image_pixels_must_be_positive(tmp_path):
+  with pytest.raises(trainer.ConfigError, match=r"config.data.max_image_pixels=0"):
+    trainer.train(_config({}, **{"data.max_image_pixels": 0}), tmp_path / "run")
+
+
 # ------------------------------------------------------------------------- evaluators
 
 

@@ -19,7 +19,7 @@ from helpers import HF_EXPORT_FILES, ROOT
 from references import openai_clip_model
 
 import negclip_jax
-from negclip_jax import export, rundir
+from negclip_jax import export, rundir, storage
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model import convert
 
@@ -265,3 +265,57 @@ def test_export_of_a_converted_model_claims_no_training(run_dir, tmp_path):
   card = (dirs["openai"] / "README.md").read_text()
   assert "it was not trained by negclip-jax" in card
   assert "| objective |" not in card and "| architecture | CLIP: ViT 2x32, patch 8, 32 px" in card
+
+
+def _tiny_model():
+  model = model_lib.CLIP(model_lib.get_config("tiny"))
+  return model, model_lib.init_params(model, jax.random.key(0))
+
+
+def _tree(path) -> dict:
+  return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_an_interrupted_export_leaves_the_previous_one_or_nothing(tmp_path, monkeypatch):
+  """Issue 26 #8: a killed export left config.json beside a truncated model.safetensors."""
+  import safetensors.numpy
+
+  model, params = _tiny_model()
+  tokenizer = negclip_jax.ClipTokenizer()
+  out = tmp_path / "export" / "hf"
+  export.export(model, params, tokenizer, out, ("hf",), "first")
+  before = _tree(out)
+
+  def crash(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(safetensors.numpy, "save", crash)  # after config.json is written
+  with pytest.raises(OSError, match="No space left"):
+    export.export(model, params, tokenizer, out, ("hf",), "second")
+  assert _tree(out) == before  # the previous export, whole
+  assert sorted(p.name for p in out.parent.iterdir()) == ["hf"]  # nothing half-written beside
+  with pytest.raises(OSError):
+    export.export(model, params, tokenizer, tmp_path / "new", ("hf",), "first")
+  assert not (tmp_path / "new").exists()
+  monkeypatch.undo()
+
+  # A writer killed mid-way (no clean-up ran) leaves only a hidden folder that loaders refuse;
+  # the next export removes it.
+  killed = storage.publish_dir(out)
+  partial = killed.__enter__()
+  (partial / "config.json").write_text("{}")
+  with pytest.raises(ValueError, match="half-written export"):
+    convert.load_pretrained(partial)
+  assert _tree(out) == before
+  export.export(model, params, tokenizer, out, ("hf",), "third")
+  assert sorted(p.name for p in out.parent.iterdir()) == ["hf"]
+  assert (out / "README.md").read_text() == "third"
+  convert.load_pretrained(out)
+
+
+def test_export_does_not_replace_a_folder_holding_other_files(tmp_path):
+  model, params = _tiny_model()
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="holds 'notes.txt', which this write would not"):
+    export.export(model, params, None, tmp_path, ("openai",), "card")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -266,3 +266,41 @@ def test_training_time_evaluator_reads_data_and_images_from_a_bucket(gcs, tmp_pa
   assert out["eval"]["cc"]["n"] == expected["n"] == 8
   for key, value in expected.items():
     np.testing.assert_allclose(out["eval"]["cc"][key], value, rtol=1e-6, err_msg=key)
+
+
+def test_workdir_lock_in_a_bucket(gcs):
+  """The lock object is created with a generation precondition: of two trainers one wins."""
+  workdir = f"gs://{BUCKET}/locked-run"
+  with rundir.WorkdirLock(workdir):
+    assert _objects(gcs["fs"], f"{BUCKET}/locked-run") == [rundir.LOCK_FILE]
+    with pytest.raises(rundir.WorkdirInUse, match=r"locked-run is in use by another trainer"):
+      rundir.WorkdirLock(workdir).acquire()
+  assert _objects(gcs["fs"], f"{BUCKET}/locked-run") == []
+  with rundir.WorkdirLock(workdir):
+    pass
+
+
+def test_an_interrupted_export_to_a_bucket_is_refused_by_loaders(gcs, monkeypatch):
+  """A bucket has no rename: the export's marker object goes first and is deleted last."""
+  import safetensors.numpy
+
+  from negclip_jax import export, storage
+  from negclip_jax.model import clip as model_lib
+
+  model = model_lib.CLIP(model_lib.get_config("tiny"))
+  params = model_lib.init_params(model, jax.random.key(0))
+  out = f"gs://{BUCKET}/exports/hf"
+  real_save = safetensors.numpy.save
+  with monkeypatch.context() as patch:
+    patch.setattr(safetensors.numpy, "save", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+      export.export(model, params, ClipTokenizer(), out, ("hf",), "card")
+  assert storage.PARTIAL_MARKER in _objects(gcs["fs"], f"{BUCKET}/exports/hf")
+  with pytest.raises(ValueError, match="half-written export"):
+    convert.load_pretrained(out)
+  assert safetensors.numpy.save is real_save
+  export.export(model, params, ClipTokenizer(), out, ("hf",), "card")
+  assert storage.PARTIAL_MARKER not in _objects(gcs["fs"], f"{BUCKET}/exports/hf")
+  _, loaded = convert.load_pretrained(out)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

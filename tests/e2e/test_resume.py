@@ -149,11 +149,15 @@ def test_corrupt_final_checkpoint_is_moved_aside_and_a_rerun_recovers(
   assert steps == [2, 4, 6]  # step 6 retrained and logged once (tiny logs every 2 steps)
 
 
-def test_every_checkpoint_unreadable_starts_over_keeping_them(run_copy):
+def test_every_checkpoint_unreadable_starts_over_keeping_them_only_when_told(run_copy):
+  """Issue 26 #4: this used to restart at step 0 silently."""
   for f in (run_copy / "checkpoints").rglob("*"):
     if f.is_file() and "state" in f.parts:
       f.write_bytes(b"")
-  out = trainer.train(tiny_config(), run_copy)
+  with pytest.raises(resume.ResumeError, match="--config.restart=true"):
+    trainer.train(tiny_config(), run_copy)
+  assert steps_on_disk(run_copy) == [2, 4, 6]
+  out = trainer.train(tiny_config(restart=True), run_copy)
   assert out["step"] == 6 and steps_on_disk(run_copy) == [2, 4, 6]
   aside = sorted(p.name.split(".")[0] for p in (run_copy / rundir.UNREADABLE_DIR).iterdir())
   assert aside == ["2", "4", "6"]

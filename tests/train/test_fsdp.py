@@ -152,6 +152,18 @@ def test_two_process_fsdp_resumes_evaluates_and_each_process_writes_its_shards(
   total = sum(written.values())
   print(f"\nbytes written per process: {written}")
   assert all(0.3 * total < n < 0.7 * total for n in written.values()), written
+  # Its checksums (summed over both processes' shards) verify here in one process; bytes
+  # flipped in process 1's half are caught, and the reader falls back a step.
+  assert rundir.load(workdir).step == STEPS
+  data_file = max(
+    (f for f in (state / "ocdbt.process_1").rglob("*") if f.is_file()),
+    key=lambda f: f.stat().st_size,
+  )
+  data = bytearray(data_file.read_bytes())
+  middle = slice(len(data) // 2, len(data) // 2 + 64)
+  data[middle] = bytes(b ^ 0xFF for b in data[middle])
+  data_file.write_bytes(bytes(data))
+  assert rundir.load(workdir).step == STEPS - 1
 
 
 @pytest.mark.parametrize("preset,name", [("vit-h-14", "ViT-H-14"), ("vit-bigg-14", "ViT-bigG-14")])
