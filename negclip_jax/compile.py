@@ -194,10 +194,11 @@ def train_batch(config, model_config, per_chip: int, n: int, packed_rows: int | 
   return out
 
 
-def train_step_program(config, tpu: Slice, packed_rows: int = 0) -> Program:
-  """The training step exactly as `trainer.setup` builds it, lowered for `tpu`."""
+def train_step_program(config, devices, packed_rows: int = 0) -> Program:
+  """The training step exactly as `trainer.setup` builds it, lowered for `devices` (a
+  slice's, or fake CPU devices as `benchmarks/memory.py` uses)."""
   trainer.validate_config(config)
-  n = len(tpu.devices)
+  n = len(devices)
   if config.batch_size % n:
     raise CompileError(f"config.batch_size={config.batch_size} must divide by the {n} chips")
   per_chip = config.batch_size // n
@@ -207,13 +208,13 @@ def train_step_program(config, tpu: Slice, packed_rows: int = 0) -> Program:
   tx = trainer.optimizer_from_config(config, labels, schedule)
   state = jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params)
   if config.parallelism == "fsdp":
-    placement = sharding.Fsdp(sharding.make_mesh(config.fsdp, tpu.devices))
+    placement = sharding.Fsdp(sharding.make_mesh(config.fsdp, devices))
     mesh, batch_spec = placement.mesh, P(sharding.BATCH_AXES)
     step = placement.compile(trainer.make_step(config, model, labels, tx, placement), state)
     state = placement.restore_target(state)
   else:  # the pmapped per-device step, as pmap runs it: under shard_map on the slice
     placement = sharding.Pmap()
-    mesh, batch_spec = Mesh(np.asarray(tpu.devices), (train_step.AXIS,)), P(train_step.AXIS)
+    mesh, batch_spec = Mesh(np.asarray(devices), (train_step.AXIS,)), P(train_step.AXIS)
     step = train_step.shard_map_train_step(
       trainer.make_step(config, model, labels, tx, placement), mesh
     )
@@ -259,7 +260,7 @@ def embed_program(
 def programs(config, tpu: Slice, packed_rows: int = 0) -> list[Program]:
   """The train step, the image-cache pass (with `config.data.image_cache`) and the
   evaluators' text and image embedders, for `tpu`."""
-  out = [train_step_program(config, tpu, packed_rows)]
+  out = [train_step_program(config, tpu.devices, packed_rows)]
   model, params = abstract_model(config)
   per_call = lambda batch: math.ceil(batch / tpu.local_devices)  # per chip, as Embedder
   fsdp = config.fsdp if config.parallelism == "fsdp" else None
@@ -290,12 +291,18 @@ def programs(config, tpu: Slice, packed_rows: int = 0) -> list[Program]:
 # -------------------------------------------------------------------------- figures
 
 
+def peak_bytes(m) -> int:
+  """Peak bytes per device of a `memory_analysis()`: arguments + outputs - donated aliases
+  + temporaries."""
+  return (
+    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  )
+
+
 def figures(compiled, examples: int, tpu: Slice, compile_s: float) -> dict:
   """Per-chip bytes, FITS, FLOPs and the cost model's time of one compiled program."""
   m = compiled.memory_analysis()
-  peak = (
-    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-  )
+  peak = peak_bytes(m)
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
@@ -349,7 +356,7 @@ def fixes(config, tpu: Slice, num_slices: int, packed_rows: int = 0, progress=No
     c.update(overrides)
     target = describe_slice(topology, num_slices) if topology else tpu
     try:
-      r = measure(train_step_program(c, target, packed_rows), target, progress)
+      r = measure(train_step_program(c, target.devices, packed_rows), target, progress)
     except CompileError as e:
       out.append({"change": change, "error": str(e)})
       continue

@@ -22,7 +22,7 @@ def test_tiny_train_step_fits_a_tpu_slice(topology, num_slices, parallelism):
   tpu = compile_lib.describe_slice(topology, num_slices)
   assert len(tpu.devices) == 4 * num_slices
   assert tpu.devices[0].device_kind == "TPU v5 lite" and tpu.hbm_bytes == 16 * 2**30
-  program = compile_lib.train_step_program(_tiny(parallelism=parallelism), tpu)
+  program = compile_lib.train_step_program(_tiny(parallelism=parallelism), tpu.devices)
   got = compile_lib.measure(program, tpu)
   compiled = program.lower().compile()  # again (a persistent-cache hit): the reference
   m = compiled.memory_analysis()
