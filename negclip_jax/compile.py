@@ -27,8 +27,10 @@ HBM, FITS / DOES NOT FIT, FLOPs per chip from `cost_analysis()`, and the cost mo
 model gives none (missing or not positive). The last line is `fits: true|false` and the
 exit status 0 / 1. A train step that does not fit is compiled again with each change that
 could make it fit (fsdp, bfloat16, a bigger slice, half the per-chip batch), and the peak
-each gives is printed. Compiles are slow (minutes for ViT-B/32 on 2 cores): set
-JAX_COMPILATION_CACHE_DIR to reuse them across runs.
+each gives is printed. Compiles are slow (minutes for ViT-B/32 on 2 cores), one program
+at a time. JAX's persistent compilation cache is off here: with JAX 0.10.2 and libtpu
+0.0.42.1 an executable compiled for compile-only devices is written but cannot be read
+back ("PjRtCompiler must be constructed with a Client").
 """
 
 from __future__ import annotations
@@ -325,13 +327,18 @@ def figures(compiled, examples: int, tpu: Slice, compile_s: float) -> dict:
   }
 
 
+def compile_program(program: Program) -> tuple[jax.stages.Compiled, float]:
+  """(the compiled program, seconds lowering and compiling took)."""
+  t0 = time.perf_counter()
+  compiled = program.lower().compile()
+  return compiled, time.perf_counter() - t0
+
+
 def measure(program: Program, tpu: Slice, progress=None) -> dict:
   """Compiles `program` for `tpu` -> `figures` (with "program")."""
   if progress:
     progress(f"compiling {program.name} for {tpu.name} ...")
-  t0 = time.perf_counter()
-  compiled = program.lower().compile()
-  seconds = time.perf_counter() - t0
+  compiled, seconds = compile_program(program)
   return {"program": program.name, **figures(compiled, program.examples, tpu, seconds)}
 
 
@@ -459,6 +466,7 @@ def main(argv):
 def cli():
   """Console script `negclip-compile` (= python -m negclip_jax.compile)."""
   jax.config.update("jax_platforms", "cpu")  # the slice is compile-only; run nothing on it
+  jax.config.update("jax_enable_compilation_cache", False)  # see the module doc
   flags.mark_flags_as_required(["config", "topology"])
   names = ("config", "topology", "num_slices", "json", "packed_rows", "fixes")
   app.run(main, flags_parser=lambda argv: trainer.parse_flags(argv, __doc__, names))
