@@ -8,6 +8,10 @@ params from `jax.eval_shape`) and compiled for a mesh of fake CPU devices
 (`--xla_force_host_platform_device_count`, set here before JAX starts). For each model,
 global batch B and device count n (skipped when n does not divide B):
 
+Both steps are `negclip-compile`'s (`negclip_jax.compile.train_step_program`: the step
+`negclip-train` builds for the config), compiled for the fake CPU devices instead of a TPU
+slice (`negclip-compile` gives the TPU compiler's figures):
+
   pmap: the per-device step (`train_step.make_train_step` under `jax.shard_map`, what
         `jax.pmap` runs): full state replica, B / n examples per device.
   fsdp: `sharding.fsdp_train_step` on mesh (1, n) (or (n / f, f) with `--fsdp f`): params
@@ -55,76 +59,40 @@ os.environ["XLA_FLAGS"] = " ".join(
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
 
-from negclip_jax.model import clip as model_lib
-from negclip_jax.train import optim, param_groups, sharding
-from negclip_jax.train import step as train_step
+from negclip_jax import compile as compile_lib
+from negclip_jax import configs
 
 GIB = 2**30
-TEXT_KEYS = (
-  "presence_caption_ids",
-  "presence_negated_ids",
-  "absence_caption_ids",
-  "absence_updated_ids",
-)
 
 
-def abstract_setup(preset: str, layers: str):
-  """(model, labels, tx, abstract state) for `preset`, nothing allocated."""
-  model = model_lib.CLIP(model_lib.get_config(preset))
-  params = jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(0)))
-  labels = param_groups.label_params(params, layers)
-  tx = optim.make_optimizer(labels)
-  state = jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params)
-  return model, labels, tx, state
+def step_config(preset: str, batch: int, parallelism: str):
+  """The paper's config (`omni_negclip_vitb32`) with this preset, batch and placement;
+  unpacked 77-token texts."""
+  c = configs.load("omni_negclip_vitb32")
+  c.model, c.batch_size, c.layers, c.parallelism, c.fsdp = (
+    preset,
+    batch,
+    ARGS.layers,
+    parallelism,
+    ARGS.fsdp,
+  )
+  c.data.pack_text = False
+  return c
 
 
-def abstract_batch(config, batch: int) -> dict:
-  length = config.text.max_position_embeddings
-  out = {k: jax.ShapeDtypeStruct((batch, length), jnp.int32) for k in TEXT_KEYS}
-  for prefix in ("presence", "absence"):
-    out[f"{prefix}_image_emb"] = jax.ShapeDtypeStruct((batch, config.projection_dim), jnp.float32)
-  return out
-
-
-def stats(compiled) -> dict:
-  m = compiled.memory_analysis()
-  args, temp = m.argument_size_in_bytes, m.temp_size_in_bytes
+def stats(preset: str, batch: int, n: int, parallelism: str) -> dict:
+  """GiB per device of `negclip-compile`'s train step, compiled for n fake CPU devices."""
+  program = compile_lib.train_step_program(
+    step_config(preset, batch, parallelism), jax.devices()[:n]
+  )
+  m = program.lower().compile().memory_analysis()
   return {
-    "state": args / GIB,
-    "temp": temp / GIB,
-    "peak": (args + m.output_size_in_bytes - m.alias_size_in_bytes + temp) / GIB,
+    "state": m.argument_size_in_bytes / GIB,
+    "temp": m.temp_size_in_bytes / GIB,
+    "peak": compile_lib.peak_bytes(m) / GIB,
   }
-
-
-def pmap_memory(model, labels, tx, state, batch: int, n: int) -> dict:
-  mesh = Mesh(np.asarray(jax.devices()[:n]), (train_step.AXIS,))
-  step = train_step.shard_map_train_step(train_step.make_train_step(model, labels, tx), mesh)
-  replicated = sharding.with_shardings(
-    state, jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
-  )
-  b = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=NamedSharding(mesh, P(train_step.AXIS))
-    ),
-    abstract_batch(model.config, batch),
-  )
-  return stats(step.lower(replicated, b).compile())
-
-
-def fsdp_memory(model, labels, tx, state, batch: int, n: int) -> dict:
-  mesh = sharding.make_mesh(n if ARGS.fsdp == -1 else ARGS.fsdp, jax.devices()[:n])
-  fsdp = sharding.Fsdp(mesh)
-  step = fsdp.compile(train_step.make_train_step(model, labels, tx, **fsdp.step_options), state)
-  b = jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh)),
-    abstract_batch(model.config, batch),
-  )
-  return stats(step.lower(fsdp.restore_target(state), b).compile())
 
 
 def main():
@@ -143,8 +111,8 @@ def main():
   )
   print("|---|---|---|---|---|---|---|---|---|---|---|")
   for preset in models:
-    model, labels, tx, state = abstract_setup(preset, ARGS.layers)
-    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    model, params = compile_lib.abstract_model(step_config(preset, batches[0], "pmap"))
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     for batch in batches:
       for n in devices:
         if batch % n:
@@ -155,8 +123,7 @@ def main():
           )
           continue
         t0 = time.perf_counter()
-        pm = pmap_memory(model, labels, tx, state, batch, n)
-        fs = fsdp_memory(model, labels, tx, state, batch, n)
+        pm, fs = (stats(preset, batch, n, kind) for kind in ("pmap", "fsdp"))
         print(
           f"| {preset} | {count / 1e6:,.0f}M | {batch} | {n} | {pm['state']:.2f} | "
           f"{pm['temp']:.2f} | {pm['peak']:.2f} | {fs['state']:.3f} | {fs['temp']:.2f} | "

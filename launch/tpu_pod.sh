@@ -8,6 +8,11 @@
 #       [--config configs/omni_negclip_vitb32.py] [-- --config.batch_size=1024 ...]
 #   launch/tpu_pod.sh --zone us-central2-b --name negclip-pod --teardown   # delete the TPU
 #
+# --preflight first compiles the run's programs for the slice here, with the TPU compiler
+# and no TPU (negclip-compile, `pip install ".[tpu]"`), and creates nothing when the
+# training step does not fit the chips' memory (the changes that would make it fit are
+# printed).
+#
 # Resume after preemption (or any failure): re-run the same command. A preempted TPU is
 # deleted and recreated, the code re-copied, and training resumes from the latest
 # checkpoint in the workdir (which is why the workdir must be a gs:// bucket: it outlives
@@ -15,7 +20,7 @@
 set -euo pipefail
 
 usage() {
-  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   cat <<'EOF'
 
 Options (environment variables in brackets):
@@ -34,6 +39,9 @@ Options (environment variables in brackets):
   --skip-install         do not (re)install requirements on the workers
   --no-follow            start training and return without streaming the log
   --teardown             delete the TPU and exit
+  --preflight            compile for the slice here first (negclip-compile, the `tpu`
+                         extra; Python: PREFLIGHT_PYTHON, default .venv/bin/python or
+                         python3); stop without creating anything if it does not fit
   --dry-run              print every command instead of running it (gcloud not needed)
   -h, --help             this message
 Everything after -- is passed to `python -m negclip_jax.train` (e.g. --config.key=value).
@@ -48,6 +56,7 @@ project=${PROJECT:-} zone=${ZONE:-} name=${TPU_NAME:-negclip-pod}
 accelerator=${ACCELERATOR_TYPE:-v4-32} version=${TPU_VERSION:-tpu-ubuntu2204-base}
 config=${CONFIG:-configs/omni_negclip_vitb32.py} workdir=${WORKDIR:-}
 repo= ref= python_bin=python3.11 spot=0 skip_install=0 follow=1 teardown=0 dry_run=0
+preflight=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --project|--zone|--name|--accelerator-type|--version|--config|--workdir|--repo|--ref|--python)
@@ -62,6 +71,7 @@ while [[ $# -gt 0 ]]; do
     --skip-install) skip_install=1; shift ;;
     --no-follow) follow=0; shift ;;
     --teardown) teardown=1; shift ;;
+    --preflight) preflight=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; break ;;
@@ -70,11 +80,25 @@ while [[ $# -gt 0 ]]; do
 done
 extra_args=("$@")
 [[ -n $zone ]] || { usage >&2; die "--zone is required"; }
+root=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/_common.sh"  # quote, quote_all, run
+
+# ---------------------------------------------------------------------- 0. preflight
+if ((preflight && !teardown)); then
+  py=${PREFLIGHT_PYTHON:-$([[ -x $root/.venv/bin/python ]] && echo "$root/.venv/bin/python" || echo python3)}
+  check=("$py" -m negclip_jax.compile --config "$config" --topology "$accelerator" "${extra_args[@]}")
+  if ((dry_run)); then
+    echo "(cd $(quote "$root") && $(quote_all "${check[@]}"))"
+  else
+    echo "tpu_pod.sh: preflight: compiling for $accelerator (negclip-compile; minutes)" >&2
+    (cd "$root" && "${check[@]}") ||
+      die "preflight: the run does not fit or does not compile on $accelerator (above); no TPU created"
+  fi
+fi
+
 if ((!dry_run)) && ! command -v gcloud >/dev/null 2>&1; then
   die "gcloud not found (install the Google Cloud CLI, or use --dry-run)"
 fi
-
-source "$(dirname "$0")/_common.sh"  # quote, quote_all, run
 
 loc=(--zone="$zone")
 [[ -n $project ]] && loc+=(--project="$project")
@@ -119,7 +143,6 @@ if [[ -n $repo ]]; then
   on_workers all "set -e; if [ -d $code_dir/.git ]; then git -C $code_dir fetch --quiet origin; \
 else git clone --quiet $(quote "$repo") $code_dir; fi$checkout"
 else
-  root=$(cd "$(dirname "$0")/.." && pwd)
   tarball=${TMPDIR:-/tmp}/negclip_jax_code.tgz
   if ((dry_run)); then
     echo "(cd $(quote "$root") && git ls-files -z --cached --others --exclude-standard |" \

@@ -53,6 +53,7 @@ LAYERS = (
       "train.__main__",
       "eval.cli",
       "export",
+      "compile",
       "demo",
       "evaluate",
       "partition",

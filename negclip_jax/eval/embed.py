@@ -35,7 +35,9 @@ from negclip_jax.train import losses, packing, sharding
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-def _features(model, kind: str, normalize: bool):
+def features(model, kind: str, normalize: bool):
+  """fn(params, x) -> features [b, D] of one device's batch x: ids [b, L] ("text"), pixels
+  [b, S, S, 3] ("image") or (packed rows, slots) ("packed_text"); what the Embedder runs."""
   method = "get_text_features" if kind == "text" else "get_image_features"
 
   def fn(params, x):
@@ -58,13 +60,13 @@ def _features(model, kind: str, normalize: bool):
 
 @functools.lru_cache(maxsize=None)
 def _pmapped(model, kind: str, normalize: bool):
-  return jax.pmap(_features(model, kind, normalize))
+  return jax.pmap(features(model, kind, normalize))
 
 
 @functools.lru_cache(maxsize=None)
 def _sharded(model, kind: str, normalize: bool, mesh):
   """jit on the inputs' shardings (params placed by `Embedder`, batch over all devices)."""
-  return jax.jit(_features(model, kind, normalize), out_shardings=sharding.batch_sharding(mesh))
+  return jax.jit(features(model, kind, normalize), out_shardings=sharding.batch_sharding(mesh))
 
 
 class Embedder:

@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
 INDEX_FILE = "index.json"
 VISION_PREFIXES = ("vision_model", "visual_projection")
+BATCH_SIZE = 64  # images per process per embedding call
 
 
 def _update_images(h, images: Images, stamps) -> None:
@@ -186,7 +187,7 @@ def image_embeddings(
   images: Images,
   image_size: int,
   cache_dir: str | None = None,
-  batch_size: int = 64,
+  batch_size: int = BATCH_SIZE,
   on_error: BadRecords | str = "raise",
   record_index=None,
   key: str = "image",
@@ -234,7 +235,7 @@ def embed_table(
   image_size: int,
   *,
   cache_dir: str | None = None,
-  batch_size: int = 64,
+  batch_size: int = BATCH_SIZE,
   on_error: BadRecords | str = "raise",
 ):
   """`table` (a pipeline table) with `image_emb` (and `distractor_emb` if it holds

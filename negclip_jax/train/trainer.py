@@ -270,6 +270,28 @@ def optimizer_from_config(config, labels, schedule: optax.Schedule):
   )
 
 
+def packs_text(config, placement) -> bool:
+  """Whether the batches carry packed text rows (`config.data.pack_text`, pmap runs only)."""
+  return bool(config.data.pack_text) and placement.mesh is None
+
+
+def make_step(config, model, labels, tx, placement) -> Callable:
+  """`train_step.make_train_step` with the config's objective keys, for `placement`
+  (uncompiled: `placement.compile` it, or lower it ahead of time as `negclip-compile` does)."""
+  return train_step.make_train_step(
+    model,
+    labels,
+    tx,
+    objective=config.objective,
+    lambda_stage2=config.lambda_stage2,
+    lambda_orig=config.lambda_orig,
+    lambda_text=config.lambda_text,
+    margin=config.margin,
+    global_negatives=config.global_negatives,
+    **placement.step_options,
+  )
+
+
 # --------------------------------------------------------------------------- loop
 
 
@@ -409,27 +431,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
     image_size=image_size,
     num_steps=total_steps,
     start_step=start,
-    pack_text=config.data.pack_text and placement.mesh is None,
+    pack_text=packs_text(config, placement),
     eos_token_id=model.config.text.eos_token_id,
   )
   if restored is not None:
     data.load_state_dict(data_state)
 
-  step_fn = placement.compile(
-    train_step.make_train_step(
-      model,
-      labels,
-      tx,
-      objective=config.objective,
-      lambda_stage2=config.lambda_stage2,
-      lambda_orig=config.lambda_orig,
-      lambda_text=config.lambda_text,
-      margin=config.margin,
-      global_negatives=config.global_negatives,
-      **placement.step_options,
-    ),
-    placed,
-  )
+  step_fn = placement.compile(make_step(config, model, labels, tx, placement), placed)
   return Run(
     config,
     workdir,
@@ -764,10 +772,30 @@ def main(argv):
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, except that -h/--help prints the flags and every config key with
-  its default and meaning (of --config's config if given, else the base) and exits 0; a
-  bad flag or `--config.KEY=VALUE` override exits with one line. ``--config.evals.NAME.KEY``
-  may name a new evaluator or option (`configs.apply_eval_overrides`)."""
+  return parse_flags(
+    argv,
+    __doc__,
+    [
+      h.name
+      for h in (
+        _CONFIG,
+        _WORKDIR,
+        _COORDINATOR,
+        _NUM_PROCESSES,
+        _PROCESS_ID,
+        _DISTRIBUTED,
+        _HEARTBEAT_TIMEOUT,
+      )
+    ],
+  )
+
+
+def parse_flags(argv: list[str], doc: str, names) -> list[str]:
+  """absl flag parsing, except that -h/--help prints `doc`, the flags `names` and every
+  config key with its default and meaning (of --config's config if given, else the base)
+  and exits 0; a bad flag or `--config.KEY=VALUE` override exits with one line.
+  ``--config.evals.NAME.KEY`` may name a new evaluator or option
+  (`configs.apply_eval_overrides`)."""
   if "-h" in argv or "--help" in argv:
     given = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
     given += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
@@ -776,17 +804,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
       table = configs.help_table(configs.load(name))
     except ValueError as e:
       sys.exit(f"error: {e}")
-    print(__doc__ + "\nflags:")
-    for holder in (
-      _CONFIG,
-      _WORKDIR,
-      _COORDINATOR,
-      _NUM_PROCESSES,
-      _PROCESS_ID,
-      _DISTRIBUTED,
-      _HEARTBEAT_TIMEOUT,
-    ):
-      print(f"  --{holder.name}: {flags.FLAGS[holder.name].help}")
+    print(doc + "\nflags:")
+    for flag in names:
+      print(f"  --{flag}: {flags.FLAGS[flag].help}")
     print(
       "  -v, --verbosity: absl log level of the libraries (Orbax, TensorFlow); default: warnings"
     )

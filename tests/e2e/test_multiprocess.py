@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -314,6 +315,27 @@ def test_tpu_pod_dry_run():
     "--teardown",
   )
   assert "gcloud compute tpus tpu-vm delete negclip-pod" in teardown
+
+
+def test_tpu_pod_preflight_refuses_a_slice_that_does_not_compile():
+  args = ["--zone", "z", "--workdir", "gs://b/r", "--accelerator-type", "v5litepod-3"]
+  args += ["--preflight", "--", "--config.batch_size=256"]
+  assert "-m negclip_jax.compile --config configs/omni_negclip_vitb32.py --topology " in (
+    _dry_run("tpu_pod.sh", *args)
+  )
+  env = {**os.environ, "PATH": "/usr/bin:/bin", "PREFLIGHT_PYTHON": sys.executable}
+  proc = subprocess.run(
+    ["bash", str(ROOT / "launch" / "tpu_pod.sh"), *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )  # no gcloud on PATH: it must stop before needing it
+  assert proc.returncode == 2, proc.stderr
+  assert "error: --topology 'v5litepod-3'" in proc.stderr
+  assert "preflight: the run does not fit or does not compile on v5litepod-3" in proc.stderr
+  assert "gcloud" not in proc.stderr
 
 
 def test_gpu_dry_run():

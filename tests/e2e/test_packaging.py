@@ -58,6 +58,7 @@ def test_wheel_ships_commands_configs_data_and_declares_extras(tmp_path):
     "negclip-eval = negclip_jax.eval.cli:cli",
     "negclip-export = negclip_jax.export:cli",
     "negclip-demo = negclip_jax.demo:cli",
+    "negclip-compile = negclip_jax.compile:cli",
   ):
     assert line in scripts
   metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()

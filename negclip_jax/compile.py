@@ -1,0 +1,476 @@
+r"""negclip-compile: compile a run's programs for a TPU slice ahead of time, without a TPU.
+
+negclip-compile --config NAME_OR_FILE [--config.KEY=VALUE ...] --topology v5e:4x8
+    [--num_slices N] [--json] [--packed_rows R] [--nofixes]
+(= python -m negclip_jax.compile; needs the `tpu` extra: pip install "negclip-jax[tpu]")
+
+The TPU compiler (libtpu) runs on any machine: JAX describes the slice (`--topology`
+v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:4x4, ... or an accelerator type v5litepod-8, v4-32,
+v5p-8, v6e-8) and compiles for its chips. Nothing is allocated: every argument is a
+`jax.ShapeDtypeStruct` with its sharding. Programs, built by the functions the run uses:
+
+  train step      `trainer.make_step` for the config's placement (pmap: the per-device
+                  step under `shard_map`, what `jax.pmap` runs; fsdp: `Fsdp.compile`'s jit),
+                  the batch `negclip-train` feeds it: cached image features or pixels
+                  (`config.data.image_cache`), texts at the full context (the largest
+                  bucket), or packed text rows under pmap with `config.data.pack_text`
+                  (`--packed_rows` per chip; default 4 b, one caption per row, the most a
+                  batch can need)
+  image cache     the frozen-tower pass of `image_cache` (`config.data.image_cache`)
+  text embedder,  the evaluators' `eval.embed.Embedder` calls (default batch and dtype of
+  image embedder  `evaluators.Evaluator`; replicated params, or sharded as fsdp trains)
+
+Per program: per-chip bytes from the compiler's `memory_analysis()` (arguments, outputs,
+temporaries; peak = arguments + outputs - donated aliases + temporaries) against the chip's
+HBM, FITS / DOES NOT FIT, FLOPs per chip from `cost_analysis()`, and the cost model's time
+("optimal_seconds") with the examples/s and MFU it implies, or "no estimate" when the cost
+model gives none (missing or not positive). The last line is `fits: true|false` and the
+exit status 0 / 1. A train step that does not fit is compiled again with each change that
+could make it fit (fsdp, bfloat16, a bigger slice, half the per-chip batch), and the peak
+each gives is printed. Compiles are slow (minutes for ViT-B/32 on 2 cores), one program
+at a time. JAX's persistent compilation cache is off here: with JAX 0.10.2 and libtpu
+0.0.42.1 an executable compiled for compile-only devices is written but cannot be read
+back ("PjRtCompiler must be constructed with a Client").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from negclip_jax.eval import embed, evaluators
+from negclip_jax.model import clip as model_lib
+from negclip_jax.train import batch as batch_lib
+from negclip_jax.train import image_cache, packing, param_groups, sharding, trainer
+from negclip_jax.train import step as train_step
+
+GIB = 2**30
+# Per chip, from the Google Cloud TPU documentation's system architecture pages
+# (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): HBM capacity and peak bf16 compute.
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
+PEAK_BF16_TFLOPS = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918}
+# Slice shapes per generation, smallest first (the "bigger slice" a fix tries is the next).
+SHAPES_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
+SHAPES_3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8")
+_ACCELERATOR_RE = re.compile(r"^(v4|v5p|v5litepod|v5e|v6e)-(\d+)$")
+_TOPOLOGY_RE = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+)+)$")
+
+
+class CompileError(ValueError):
+  """A topology or config negclip-compile cannot take (one line)."""
+
+
+# ---------------------------------------------------------------------------- slice
+
+
+def topology_name(value: str) -> str:
+  """ "v5e:2x4" as given, or an accelerator type ("v5litepod-8", "v4-32": TensorCores,
+  2 per v4/v5p chip) -> its topology name."""
+  if _TOPOLOGY_RE.match(value):
+    return value
+  m = _ACCELERATOR_RE.match(value)
+  if not m:
+    raise CompileError(
+      f"--topology {value!r}: give GENERATION:SHAPE (v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:4x4) "
+      "or an accelerator type (v5litepod-8, v4-32, v5p-8, v6e-8)"
+    )
+  gen, count = m.group(1), int(m.group(2))
+  gen = "v5e" if gen == "v5litepod" else gen
+  chips = count // 2 if gen in ("v4", "v5p") else count
+  shapes = SHAPES_3D if gen in ("v4", "v5p") else SHAPES_2D
+  for shape in shapes:
+    if math.prod(int(d) for d in shape.split("x")) == chips:
+      return f"{gen}:{shape}"
+  raise CompileError(f"--topology {value!r}: no known {gen} slice of {chips} chips")
+
+
+def bigger_topology(name: str) -> str | None:
+  """The next slice shape of the same generation (twice the chips), or None."""
+  gen, shape = name.split(":")
+  shapes = SHAPES_3D if len(shape.split("x")) == 3 else SHAPES_2D
+  return f"{gen}:{shapes[shapes.index(shape) + 1]}" if shape in shapes[:-1] else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """A TPU slice's compile-only devices (one per chip) and its chip's figures."""
+
+  name: str  # topology name, with "/N slices" when num_slices > 1
+  generation: str
+  devices: tuple
+
+  @property
+  def hbm_bytes(self) -> int:
+    return HBM_GIB[self.generation] * GIB
+
+  @property
+  def peak_flops(self) -> float:
+    return PEAK_BF16_TFLOPS[self.generation] * 1e12
+
+  @property
+  def local_devices(self) -> int:
+    """Chips per host (a process's `jax.local_device_count()` on that slice)."""
+    return sum(d.process_index == self.devices[0].process_index for d in self.devices)
+
+
+def describe_slice(topology: str, num_slices: int = 1) -> Slice:
+  """`jax.experimental.topologies` devices for `topology` (any `topology_name` spelling);
+  v4 as megacore (one device per chip, as TPU VMs run it)."""
+  from jax.experimental import topologies
+
+  name = topology_name(topology)
+  # libtpu otherwise asks the GCE metadata server for the host's TPU, and warns when there
+  # is none; a compile-only topology needs neither.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no TPU to own
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  gen = name.split(":")[0]
+  options = {"chip_config_name": "megacore"} if gen == "v4" else {}
+  if num_slices > 1:
+    options["num_slices"] = num_slices
+  try:
+    devices = topologies.get_topology_desc(name, platform="tpu", **options).devices
+  except (RuntimeError, ValueError) as e:  # no libtpu, or a shape it does not know
+    raise CompileError(
+      f'--topology {name}: {str(e).splitlines()[0]} (needs libtpu: pip install "negclip-jax[tpu]")'
+    ) from e
+  label = name if num_slices == 1 else f"{name} x {num_slices} slices"
+  return Slice(label, gen, tuple(devices))
+
+
+# ------------------------------------------------------------------------- programs
+
+
+@dataclasses.dataclass
+class Program:
+  name: str
+  lower: Callable[[], jax.stages.Lowered]
+  examples: int  # examples (global) per call, for examples/s
+
+
+def _abstract(shape, dtype, mesh, spec=P()):
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=NamedSharding(mesh, spec))
+
+
+def abstract_model(config):
+  """(model, abstract float32 params) of `config.model` at `config.dtype`; nothing allocated."""
+  if config.init:
+    raise CompileError(
+      f"config.init={config.init!r}: negclip-compile builds the model from config.model; "
+      "pass --config.init= --config.model=PRESET (the preset of that checkpoint)"
+    )
+  model = model_lib.CLIP(model_lib.get_config(config.model), dtype=jnp.dtype(config.dtype))
+  return model, jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(0)))
+
+
+def train_batch(config, model_config, per_chip: int, n: int, packed_rows: int | None) -> dict:
+  """The global batch `negclip-train` feeds the step for n chips: {key: (shape, dtype)}."""
+  b, length = per_chip * n, model_config.text.max_position_embeddings
+  if packed_rows is not None:
+    out = {k: ((n * packed_rows, length), batch_lib.TEXT_DTYPE) for k in packing.PACKED_KEYS[:3]}
+    out[packing.PACKED_POOL] = ((n * 4 * per_chip,), batch_lib.TEXT_DTYPE)
+  else:
+    out = {k: ((b, length), batch_lib.TEXT_DTYPE) for k in batch_lib.TEXT_KEYS}
+  prefixes = ["presence", "absence"] + (["presence_distractor"] * (config.objective == "conclip"))
+  for prefix in prefixes:
+    if config.data.image_cache:
+      out[batch_lib.image_emb_key(prefix)] = ((b, model_config.projection_dim), np.float32)
+    else:
+      size = model_config.vision.image_size
+      out[batch_lib.pixels_key(prefix)] = ((b, size, size, 3), batch_lib.IMAGE_DTYPE)
+  return out
+
+
+def train_step_program(config, devices, packed_rows: int = 0) -> Program:
+  """The training step exactly as `trainer.setup` builds it, lowered for `devices` (a
+  slice's, or fake CPU devices as `benchmarks/memory.py` uses)."""
+  trainer.validate_config(config)
+  n = len(devices)
+  if config.batch_size % n:
+    raise CompileError(f"config.batch_size={config.batch_size} must divide by the {n} chips")
+  per_chip = config.batch_size // n
+  model, params = abstract_model(config)
+  labels = param_groups.label_params(params, config.layers, extra_trainable=config.extra_trainable)
+  schedule = trainer.schedule_from_config(config, max(config.total_steps, 1))
+  tx = trainer.optimizer_from_config(config, labels, schedule)
+  state = jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params)
+  if config.parallelism == "fsdp":
+    placement = sharding.Fsdp(sharding.make_mesh(config.fsdp, devices))
+    mesh, batch_spec = placement.mesh, P(sharding.BATCH_AXES)
+    step = placement.compile(trainer.make_step(config, model, labels, tx, placement), state)
+    state = placement.restore_target(state)
+  else:  # the pmapped per-device step, as pmap runs it: under shard_map on the slice
+    placement = sharding.Pmap()
+    mesh, batch_spec = Mesh(np.asarray(devices), (train_step.AXIS,)), P(train_step.AXIS)
+    step = train_step.shard_map_train_step(
+      trainer.make_step(config, model, labels, tx, placement), mesh
+    )
+    state = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, mesh), state)
+  rows = None
+  if trainer.packs_text(config, placement):
+    rows = packed_rows or packing.ladder_rows(4 * per_chip)
+  batch = {
+    k: _abstract(shape, dtype, mesh, batch_spec)
+    for k, (shape, dtype) in train_batch(config, model.config, per_chip, n, rows).items()
+  }
+  return Program("train step", lambda: step.lower(state, batch), config.batch_size)
+
+
+def embed_program(
+  name: str, model, params, kind: str, per_chip: int, tpu: Slice, fsdp: int | None, normalize
+) -> Program:
+  """One `Embedder` call on every chip: `embed.features` on per_chip items each, params
+  replicated (pmap; lowered under shard_map, as pmap runs it) or sharded on an fsdp mesh."""
+  n, c = len(tpu.devices), model.config
+  shape = (
+    (n * per_chip, c.text.max_position_embeddings)
+    if kind == "text"
+    else (n * per_chip, c.vision.image_size, c.vision.image_size, 3)
+  )
+  dtype = batch_lib.TEXT_DTYPE if kind == "text" else batch_lib.IMAGE_DTYPE
+  fn = embed.features(model, kind, normalize)
+  if fsdp is None:
+    mesh = Mesh(np.asarray(tpu.devices), (train_step.AXIS,))
+    jitted = jax.jit(
+      jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(train_step.AXIS)), out_specs=P(train_step.AXIS))
+    )
+    p = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, mesh), params)
+    x = _abstract(shape, dtype, mesh, P(train_step.AXIS))
+  else:
+    mesh = sharding.make_mesh(fsdp, tpu.devices)
+    jitted = jax.jit(fn, out_shardings=sharding.batch_sharding(mesh))
+    p = sharding.with_shardings(params, sharding.state_shardings(params, mesh))
+    x = _abstract(shape, dtype, mesh, P(sharding.BATCH_AXES))
+  return Program(name, lambda: jitted.lower(p, x), n * per_chip)
+
+
+def programs(config, tpu: Slice, packed_rows: int = 0) -> list[Program]:
+  """The train step, the image-cache pass (with `config.data.image_cache`) and the
+  evaluators' text and image embedders, for `tpu`."""
+  out = [train_step_program(config, tpu.devices, packed_rows)]
+  model, params = abstract_model(config)
+  per_call = lambda batch: math.ceil(batch / tpu.local_devices)  # per chip, as Embedder
+  fsdp = config.fsdp if config.parallelism == "fsdp" else None
+  if config.data.image_cache:  # always replicated on the local devices (pmap)
+    out.append(
+      embed_program(
+        "image cache", model, params, "image", per_call(image_cache.BATCH_SIZE), tpu, None, False
+      )
+    )
+  evaluator = evaluators.Evaluator("compile", "compile")  # the defaults config.evals takes
+  eval_model = model.clone(dtype=embed.DTYPES[evaluator.dtype])
+  for kind in ("text", "image"):
+    out.append(
+      embed_program(
+        f"{kind} embedder",
+        eval_model,
+        params,
+        kind,
+        per_call(evaluator.batch_size),
+        tpu,
+        fsdp,
+        True,
+      )
+    )
+  return out
+
+
+# -------------------------------------------------------------------------- figures
+
+
+def peak_bytes(m) -> int:
+  """Peak bytes per device of a `memory_analysis()`: arguments + outputs - donated aliases
+  + temporaries."""
+  return (
+    m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  )
+
+
+def figures(compiled, examples: int, tpu: Slice, compile_s: float) -> dict:
+  """Per-chip bytes, FITS, FLOPs and the cost model's time of one compiled program."""
+  m = compiled.memory_analysis()
+  peak = peak_bytes(m)
+  cost = compiled.cost_analysis() or {}
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  raw = cost.get("optimal_seconds")
+  seconds = float(raw) if raw is not None and raw > 0 else None
+  return {
+    "argument_bytes": int(m.argument_size_in_bytes),
+    "output_bytes": int(m.output_size_in_bytes),
+    "alias_bytes": int(m.alias_size_in_bytes),
+    "temp_bytes": int(m.temp_size_in_bytes),
+    "peak_bytes": int(peak),
+    "hbm_bytes": tpu.hbm_bytes,
+    "fits": bool(peak <= tpu.hbm_bytes),
+    "flops_per_chip": flops,
+    "cost_model_seconds": seconds,  # None: no estimate
+    "optimal_seconds": None if raw is None else float(raw),  # as the cost model said
+    "examples_per_s": examples / seconds if seconds else None,
+    "mfu": flops / seconds / tpu.peak_flops if seconds else None,
+    "compile_s": round(compile_s, 1),
+  }
+
+
+def compile_program(program: Program) -> tuple[jax.stages.Compiled, float]:
+  """(the compiled program, seconds lowering and compiling took)."""
+  t0 = time.perf_counter()
+  compiled = program.lower().compile()
+  return compiled, time.perf_counter() - t0
+
+
+def measure(program: Program, tpu: Slice, progress=None) -> dict:
+  """Compiles `program` for `tpu` -> `figures` (with "program")."""
+  if progress:
+    progress(f"compiling {program.name} for {tpu.name} ...")
+  compiled, seconds = compile_program(program)
+  return {"program": program.name, **figures(compiled, program.examples, tpu, seconds)}
+
+
+def fixes(config, tpu: Slice, num_slices: int, packed_rows: int = 0, progress=None) -> list:
+  """Each change that could make the train step fit, compiled: [{change, peak_bytes, fits}]."""
+  candidates = []
+  if config.parallelism == "pmap" and config.global_negatives:
+    candidates.append(("--config.parallelism=fsdp", {"parallelism": "fsdp"}, None))
+  if config.dtype == "float32":
+    candidates.append(("--config.dtype=bfloat16", {"dtype": "bfloat16"}, None))
+  bigger = bigger_topology(topology_name(tpu.name.split(" ")[0]))
+  if bigger:
+    candidates.append((f"--topology {bigger}", {}, bigger))
+  half = config.batch_size // 2
+  if half and half % len(tpu.devices) == 0:
+    candidates.append(
+      (f"--config.batch_size={half} (half the per-chip batch)", {"batch_size": half}, None)
+    )
+  out = []
+  for change, overrides, topology in candidates:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.update(overrides)
+    target = describe_slice(topology, num_slices) if topology else tpu
+    try:
+      r = measure(train_step_program(c, target.devices, packed_rows), target, progress)
+    except CompileError as e:
+      out.append({"change": change, "error": str(e)})
+      continue
+    out.append({"change": change, "peak_bytes": r["peak_bytes"], "fits": r["fits"]})
+  return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _gib(x: int) -> str:
+  return f"{x / GIB:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+  """Markdown table of `measure` results (GiB per chip)."""
+  lines = [
+    "| program | arguments GiB | temporaries GiB | peak GiB | HBM GiB | fits | TFLOP per chip | "
+    "cost-model s | examples/s | MFU | compile s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in rows:
+    timing = (
+      f"{r['cost_model_seconds']:.4g} | {r['examples_per_s']:,.0f} | {r['mfu']:.0%}"
+      if r["cost_model_seconds"]
+      else "no estimate | no estimate | no estimate"
+    )
+    lines.append(
+      f"| {r['program']} | {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | "
+      f"{_gib(r['peak_bytes'])} | {r['hbm_bytes'] // GIB} | "
+      f"{'FITS' if r['fits'] else 'DOES NOT FIT'} | {r['flops_per_chip'] / 1e12:.3g} | "
+      f"{timing} | {r['compile_s']:.0f} |"
+    )
+  return "\n".join(lines)
+
+
+def run(
+  config, topology: str, num_slices: int = 1, packed_rows: int = 0, try_fixes=True, progress=None
+) -> dict:
+  """Compiles every program of `config` for the slice -> {"slice", "programs", "fits", "fixes"}."""
+  tpu = describe_slice(topology, num_slices)
+  rows = [measure(p, tpu, progress) for p in programs(config, tpu, packed_rows)]
+  fits = all(r["fits"] for r in rows)
+  result = {
+    "slice": tpu.name,
+    "chips": len(tpu.devices),
+    "chip": tpu.devices[0].device_kind,
+    "hbm_gib_per_chip": HBM_GIB[tpu.generation],
+    "peak_bf16_tflops_per_chip": PEAK_BF16_TFLOPS[tpu.generation],
+    "programs": rows,
+    "fits": fits,
+  }
+  if not rows[0]["fits"] and try_fixes:
+    result["fixes"] = fixes(config, tpu, num_slices, packed_rows, progress)
+  return result
+
+
+# ------------------------------------------------------------------------------ CLI
+
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "TPU slice: v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:4x4, or v5litepod-8, v4-32"
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices (multislice over DCN).")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the tables.")
+_PACKED_ROWS = flags.DEFINE_integer(
+  "packed_rows", 0, "Packed text rows per chip (pmap with pack_text); 0: 4 x per-chip batch."
+)
+_FIXES = flags.DEFINE_bool("fixes", True, "If the step does not fit, compile each fix.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = flags.FLAGS.config  # negclip-train's --config flag (with --config.KEY=VALUE)
+  say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not _JSON.value else None
+  try:
+    result = run(config, _TOPOLOGY.value, _NUM_SLICES.value, _PACKED_ROWS.value, _FIXES.value, say)
+  except (CompileError, trainer.ConfigError) as e:
+    sys.exit(f"error: {e}")
+  if _JSON.value:
+    print(json.dumps(result, indent=1))
+  else:
+    c = config
+    print(
+      f"{c.model} ({c.parallelism}, {c.dtype}, batch {c.batch_size}, layers {c.layers}) on "
+      f"{result['slice']}: {result['chips']} x {result['chip']}, "
+      f"{result['hbm_gib_per_chip']} GiB HBM and {result['peak_bf16_tflops_per_chip']} bf16 "
+      "TFLOP/s per chip (Google Cloud TPU docs); per chip:"
+    )
+    print(table(result["programs"]))
+    for fix in result.get("fixes", []):
+      figure = fix.get("error") or (
+        f"peak {_gib(fix['peak_bytes'])} GiB per chip: {'FITS' if fix['fits'] else 'DOES NOT FIT'}"
+      )
+      print(f"  try {fix['change']}: {figure}")
+    print(f"fits: {str(result['fits']).lower()}")
+  sys.exit(0 if result["fits"] else 1)
+
+
+def cli():
+  """Console script `negclip-compile` (= python -m negclip_jax.compile)."""
+  jax.config.update("jax_platforms", "cpu")  # the slice is compile-only; run nothing on it
+  jax.config.update("jax_enable_compilation_cache", False)  # see the module doc
+  flags.mark_flags_as_required(["config", "topology"])
+  names = ("config", "topology", "num_slices", "json", "packed_rows", "fixes")
+  app.run(main, flags_parser=lambda argv: trainer.parse_flags(argv, __doc__, names))
+
+
+if __name__ == "__main__":
+  cli()
