@@ -36,6 +36,7 @@ def get_config():
   c.data.image_cache = True  # embed the frozen image tower's inputs once
   c.data.pack_text = True  # several captions per text row (exact; pmap runs only)
   c.data.cache_dir = ""  # default: <workdir>/image_cache
+  c.data.read_threads = 0  # image reader threads (0: max(32, 4 * CPUs), up to 128; 1: serial)
 
   # Optimization: the original recipe, exactly (`torch.optim.AdamW(trainable, lr, weight_decay)`
   # with torch's betas/eps, decay on every trainable tensor, and the original `cosine_lr`).

@@ -16,6 +16,7 @@ STATE_NEUTRAL_KEYS = (
   "save_every",
   "max_to_keep",
   "data.cache_dir",
+  "data.read_threads",
   "data.pack_text",
   "parallelism",
   "fsdp",

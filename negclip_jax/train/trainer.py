@@ -353,7 +353,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
   if config.data.image_cache:  # frozen tower: embed every image once
     cache_dir = config.data.cache_dir or str(workdir / rundir.IMAGE_CACHE_DIR)
     presence, absence = (
-      image_cache.embed_table(t, model, params, image_size, cache_dir=cache_dir, on_error=bad)
+      image_cache.embed_table(
+        t,
+        model,
+        params,
+        image_size,
+        cache_dir=cache_dir,
+        on_error=bad,
+        read_threads=config.data.read_threads,
+      )
       for t in (presence, absence)
     )
   if main:
@@ -372,6 +380,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
     start_step=start,
     pack_text=config.data.pack_text and placement.mesh is None,
     eos_token_id=model.config.text.eos_token_id,
+    read_threads=config.data.read_threads,
   )
   if restored is not None:
     data.load_state_dict(data_state)
