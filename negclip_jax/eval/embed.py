@@ -84,7 +84,7 @@ class Embedder:
   same ids in later calls: equal texts always get bitwise equal features (the tasks count
   ties as wrong). A model that overrides `get_text_features` is never packed.
   `read_threads` (`parallel_read.read_threads`; 0: from the CPU count, 1: serial) load the
-  images of `images` ahead of the device, one batch ahead, in order.
+  images of `images` ahead of the device, a batch ahead (`read_window` images), in order.
   """
 
   def __init__(
@@ -106,6 +106,7 @@ class Embedder:
     self.batch_size = math.ceil(batch_size / self.n_local) * self.n_local
     self.normalize = normalize
     self.read_threads = parallel_read.read_threads(read_threads)
+    self.read_window = max(self.batch_size, self.read_threads)
     self.progress = progress and jax.process_index() == 0
     self.mesh = mesh
     if mesh is None:
@@ -163,13 +164,14 @@ class Embedder:
     """gather=False: only this process's `hosts.process_block` rows [hi - lo, D].
 
     `load(items[i])` runs on `read_threads` threads (`parallel_read.read_ahead`), at most
-    one batch ahead of the batch being embedded; an exception it raises is raised when
+    `read_window` (one batch, or the thread count if larger) items ahead of the batch being
+    embedded; an exception it raises is raised when
     its item's batch is built, as a serial loop would.
     """
     load = load or (lambda x: x)
     lo, hi = hosts.process_block(len(items))
     ahead = parallel_read.read_ahead(
-      lambda i: load(items[i]), range(lo, hi), self.read_threads, self.batch_size
+      lambda i: load(items[i]), range(lo, hi), self.read_threads, self.read_window
     )
 
     position = [lo]  # the next item `ahead` yields

@@ -41,7 +41,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
   if storage.is_remote(path) and not storage.isfile(path):  # locally: no stat, one open
     raise FileNotFoundError(f"image file not found: {path}")
   try:
-    with Image.open(storage.open(path, "rb") if storage.is_remote(path) else path) as image:
+    with Image.open(storage.open(path, "rb")) as image:
       image.load()
       return image.copy()
   except (FileNotFoundError, IsADirectoryError) as e:  # no stat first: one open per image

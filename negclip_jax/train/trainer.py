@@ -89,6 +89,9 @@ def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
   return model, model_lib.init_params(model, jax.random.key(config.seed)), ClipTokenizer()
 
 
+WEBDATASET = "wds:"  # config.data.presence / absence = "wds:" + a shard pattern
+
+
 def load_tables(config, image_size: int, bad: BadRecords | None = None):
   """(PresenceTable, AbsenceTable) from `config.data`, every bad record reported to `bad`
   (default: `config.data.on_error`; see `pipeline.validate`); the presence table holds distractor images when
@@ -114,6 +117,19 @@ def load_tables(config, image_size: int, bad: BadRecords | None = None):
     )
   if d.presence == "negshapes":
     presence = shapes[0]
+  elif d.presence.startswith(WEBDATASET):
+    from negclip_jax.data import webdataset
+
+    if distractors:
+      raise ValueError("config.data.presence=wds:... has no distractor images (objective conclip)")
+    pattern = d.presence[len(WEBDATASET) :]
+    presence = pipeline.presence_table(
+      webdataset.load_presence(pattern, d.wds_caption_key, d.wds_negated_key, bad=bad),
+      on_error=bad,
+      source=pattern,
+      decode=decode,
+      image_size=image_size,
+    )
   elif d.presence == "ccneg":
     from negclip_jax.data import ccneg
 
@@ -138,9 +154,22 @@ def load_tables(config, image_size: int, bad: BadRecords | None = None):
       image_size=image_size,
     )
   else:
-    raise ValueError(f"config.data.presence must be 'ccneg' or 'negshapes', got {d.presence!r}")
+    raise ValueError(
+      f"config.data.presence must be 'ccneg', 'negshapes' or 'wds:SHARDS', got {d.presence!r}"
+    )
   if d.absence == "negshapes":
     absence = shapes[1]
+  elif d.absence.startswith(WEBDATASET):
+    from negclip_jax.data import webdataset
+
+    pattern = d.absence[len(WEBDATASET) :]
+    absence = pipeline.absence_table(
+      webdataset.load_absence(pattern, d.wds_caption_key, d.wds_updated_key, bad=bad),
+      on_error=bad,
+      source=pattern,
+      decode=decode,
+      image_size=image_size,
+    )
   elif d.absence == "coco_negation":
     from negclip_jax.data import coco_negation
 
@@ -155,7 +184,7 @@ def load_tables(config, image_size: int, bad: BadRecords | None = None):
     )
   else:
     raise ValueError(
-      f"config.data.absence must be 'coco_negation' or 'negshapes', got {d.absence!r}"
+      f"config.data.absence must be 'coco_negation', 'negshapes' or 'wds:SHARDS', got {d.absence!r}"
     )
   return presence, absence
 
