@@ -2,49 +2,16 @@
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
+from helpers import write_wds_shards
 from PIL import Image
 
 from negclip_jax import storage
 from negclip_jax.data import webdataset as wds
 from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.model.preprocess import preprocess_image
-
-
-def _png(seed: int) -> bytes:
-  buffer = io.BytesIO()
-  pixels = np.random.default_rng(seed).integers(0, 256, (13, 17, 3), np.uint8)
-  Image.fromarray(pixels).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
-def write_shards(folder, samples_per_shard=3, shards=2, bad=()):
-  """shards of samples {key}.png, .txt, .json {"negated", "updated"}; `bad`: {(shard,
-  position): "noimage" | "nonegated" | "undecodable"}. Returns {key: png bytes}."""
-  images = {}
-  bad = dict(bad)
-  for s in range(shards):
-    with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
-      for i in range(samples_per_shard):
-        key = f"{s:03d}{i:04d}"
-        fields = {"txt": f"a photo {key}".encode(), "json": {"negated": f"no photo {key}"}}
-        fields["json"]["updated"] = f"nothing but {key}"
-        if bad.get((s, i)) == "nonegated":
-          del fields["json"]["negated"]
-        if bad.get((s, i)) != "noimage":
-          images[key] = (
-            b"\x89PNG not really" if bad.get((s, i)) == "undecodable" else _png(100 * s + i)
-          )
-          fields["png"] = images[key]
-        fields["json"] = json.dumps(fields["json"]).encode()
-        for field, data in fields.items():
-          info = tarfile.TarInfo(f"{key}.{field}")
-          info.size = len(data)
-          tar.addfile(info, io.BytesIO(data))
-  return images
 
 
 def test_brace_patterns():
@@ -56,7 +23,7 @@ def test_brace_patterns():
 
 
 def test_records_hold_texts_by_key_and_images_as_member_ranges(tmp_path):
-  images = write_shards(tmp_path)
+  images = write_wds_shards(tmp_path)
   pattern = str(tmp_path / "shard-{000..001}.tar")
   records = wds.load_presence(pattern, caption_key="txt", negated_key="negated")
   assert [r.caption for r in records] == [f"a photo {k}" for k in images]
@@ -80,7 +47,7 @@ def test_records_hold_texts_by_key_and_images_as_member_ranges(tmp_path):
 
 
 def test_bad_samples_raise_or_are_skipped(tmp_path):
-  write_shards(tmp_path, bad={(0, 1): "noimage", (1, 2): "nonegated"})
+  write_wds_shards(tmp_path, bad={(0, 1): "noimage", (1, 2): "nonegated"})
   pattern = str(tmp_path / "shard-{000..001}.tar")
   with pytest.raises(DataError, match=r"shard-000\.tar, record 1, key 'image'.*no image"):
     wds.load_presence(pattern)
@@ -101,7 +68,7 @@ def test_training_reads_shards_with_and_without_the_cache_and_skips_bad_samples(
   from negclip_jax.model.tokenizer import ClipTokenizer
   from negclip_jax.train import pipeline, trainer
 
-  write_shards(tmp_path, samples_per_shard=6, bad={(0, 2): "undecodable", (1, 0): "noimage"})
+  write_wds_shards(tmp_path, samples_per_shard=6, bad={(0, 2): "undecodable", (1, 0): "noimage"})
   pattern = "wds:" + str(tmp_path / "shard-{000..001}.tar")
   runs = {}
   for cache in (True,):  # without the cache, batches read members: the resume check below
