@@ -48,7 +48,7 @@ TASKS = {
     },
     ("eval_size", "protocol", "negation_words", "num_ops"),
   ),
-  "ccneg_wds": Task(
+  "ccneg-wds": Task(
     ccneg_task.run_shards,
     {"data": "CC-Neg-style webdataset shards, e.g. 'shards/{00000..00007}.tar'"},
     ("protocol", "negation_words"),

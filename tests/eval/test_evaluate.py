@@ -249,7 +249,7 @@ def files(tmp_path_factory):
     root=r,
     options={
       "ccneg": dict(data=f"{r}/ccneg.pt", image_root=r, eval_size=CCNEG_EVAL, num_ops=True),
-      "ccneg_wds": dict(data=f"{r}/ccneg_{{eval}}.tar"),  # a brace pattern of one shard
+      "ccneg-wds": dict(data=f"{r}/ccneg_{{eval}}.tar"),  # a brace pattern of one shard
       "ccneg2": dict(data=f"{r}/ccneg2.pt", image_root=r),
       "negrefcocog": dict(data=f"{r}/refs.json", image_root=r),
       "negationclip": dict(data=f"{r}/coco_neg.json", image_root=r, ties="both"),
@@ -507,7 +507,7 @@ def _reference(task, hf, root, protocol="original"):
   path = lambda i: _path(root, i)
   if task == "ccneg":
     return _ref_ccneg(hf, root, protocol)
-  if task == "ccneg_wds":  # the eval split, read from a shard: mode 1 without the ops subsets
+  if task == "ccneg-wds":  # the eval split, read from a shard: mode 1 without the ops subsets
     return {k: v for k, v in _ref_ccneg(hf, root, protocol).items() if "_ops_" not in k}
   if task == "ccneg2":
     return _ref_ccneg2(hf, root)
@@ -706,7 +706,7 @@ def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path,
   for task, options in files.options.items():
     if "image_root" in options:
       argv += [f"--{task}-data", options["data"], f"--{task}-image-root", options["image_root"]]
-  argv += ["--layers-data", "negshapes", "--ccneg-wds-data", files.options["ccneg_wds"]["data"]]
+  argv += ["--layers-data", "negshapes", "--ccneg-wds-data", files.options["ccneg-wds"]["data"]]
   eval_cli.main(argv)
   results = json.loads((tmp_path / "res.json").read_text())
   assert list(results) == [t for t in registry.TASKS if t != "zeroshot"]  # no --zeroshot-data
