@@ -22,6 +22,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -97,6 +98,12 @@ def write_data(root: Path, n: int, px: int, per_shard: int) -> dict:
   }
 
 
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def run(workdir: Path, overrides: dict, args) -> dict:
   wrapper = workdir.parent / f"{workdir.name}_python.sh"
   wrapper.write_text(
@@ -117,6 +124,8 @@ def run(workdir: Path, overrides: dict, args) -> dict:
     "2",
     "--devices-per-process",
     "1",
+    "--port",
+    str(free_port()),
     "--",
     "--config",
     str(ROOT / "configs/tiny.py"),
@@ -130,12 +139,14 @@ def run(workdir: Path, overrides: dict, args) -> dict:
     cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout
   )
   wall = time.time() - t0
-  logs = [proc.stdout + proc.stderr] + [
-    (workdir / "cluster_logs" / f"process_{p}.log").read_text()
-    for p in (1,)
-    if (workdir / "cluster_logs" / f"process_{p}.log").exists()
-  ]
-  rss = [int(x) for log in logs for x in re.findall(r"peak_rss_kb (\d+)", log)]
+  # Process 1's line is in its log; the launcher's output holds process 0's (and 1's).
+  log1 = workdir / "cluster_logs" / "process_1.log"
+  p1 = re.findall(r"peak_rss_kb (\d+)", log1.read_text() if log1.exists() else "")
+  out = re.findall(r"peak_rss_kb (\d+)", proc.stdout + proc.stderr)
+  for x in p1:
+    if x in out:
+      out.remove(x)
+  rss = [int(x) for x in out[-1:] + p1[-1:]]
   if proc.returncode:
     print(proc.stderr[-3000:], file=sys.stderr)
   return {"rc": proc.returncode, "wall_s": wall, "peak_rss_mb": [r / 1024 for r in rss]}
@@ -156,7 +167,7 @@ def main(argv=None):
         out = run(base / f"run_{n}_{layout}_{cache}", overrides, args)
         rows.append((n, layout, cache, out))
         print(f"{n} {layout} cache={cache}: {out}", flush=True)
-  print("\n| images | layout | image cache | rc | wall s | peak RSS MB per process |")
+  print("\n| images | layout | image cache | rc | wall s | peak RSS MB, process 0, 1 |")
   print("| --- | --- | --- | --- | --- | --- |")
   for n, layout, cache, out in rows:
     rss = ", ".join(f"{r:.0f}" for r in out["peak_rss_mb"])

@@ -165,15 +165,14 @@ class Embedder:
 
     `load(items[i])` runs on `read_threads` threads (`parallel_read.read_ahead`), at most
     `read_window` (one batch, or the thread count if larger) items ahead of the batch being
-    embedded; an exception it raises is raised when
-    its item's batch is built, as a serial loop would.
+    embedded; an exception it raises is raised when its item's batch is built, as a serial
+    loop would.
     """
     load = load or (lambda x: x)
     lo, hi = hosts.process_block(len(items))
     ahead = parallel_read.read_ahead(
       lambda i: load(items[i]), range(lo, hi), self.read_threads, self.read_window
     )
-
     position = [lo]  # the next item `ahead` yields
 
     def get(a, b):  # _run asks for consecutive blocks of [lo, hi), then filler (0, 1)

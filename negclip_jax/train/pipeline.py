@@ -475,9 +475,9 @@ class TrainPipeline:
   while building step s's batch (e.g. a DataError for a corrupt image) is raised unchanged
   when step s is reached. Without image features, a batch's images are read by
   `read_threads` threads (`parallel_read.read_threads`; 0: from the CPU count, 1: serial),
-  in order, while tf.data builds the next batches. process_index / process_count / local_devices default to jax's
-  values; global_batch must divide by process_count * local_devices. `context_length` is
-  the text tower's max_position_embeddings (or less).
+  in order, while tf.data builds the next batches. process_index / process_count /
+  local_devices default to jax's values; global_batch must divide by process_count *
+  local_devices. `context_length` is the text tower's max_position_embeddings (or less).
   """
 
   def __init__(
