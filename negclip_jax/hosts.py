@@ -6,6 +6,7 @@ entered by every process (call them from code that every process runs).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Mapping
 
@@ -67,3 +68,16 @@ def gather_failures(failed: Mapping[int, str], n: int) -> dict[int, str]:
     int(i): failed.get(int(i), "could not be loaded (see the log of the process that loaded it)")
     for i in np.flatnonzero(every)
   }
+
+
+def gather_json(value) -> list:
+  """[each process's JSON-serializable `value`, in process order], on every process (two
+  all-gathers when multi-process: the lengths, then the padded UTF-8 bytes)."""
+  if jax.process_count() == 1:
+    return [value]
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.array(len(data)))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[: len(data)] = data
+  every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return [json.loads(row[:n].tobytes()) for row, n in zip(every, lengths)]

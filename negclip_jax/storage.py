@@ -15,6 +15,7 @@ import builtins
 import contextlib
 import io
 import os
+import re
 import stat
 import tempfile
 import uuid
@@ -24,11 +25,35 @@ from typing import Iterator, Sequence
 from etils import epath
 
 REMOTE_PREFIX = "gs://"
+# A byte range of a tar file (a member's data), as a path: FILE.tar#OFFSET+SIZE/NAME.
+_MEMBER = re.compile(r"^(?P<file>.+\.tar)#(?P<offset>\d+)\+(?P<size>\d+)/(?P<name>.+)$")
 
 
 def is_remote(path: str | os.PathLike) -> bool:
   """True for a ``gs://`` path."""
   return os.fspath(path).startswith(REMOTE_PREFIX)
+
+
+def member(file: str, name: str, offset: int, size: int) -> str:
+  """The path of `size` bytes at `offset` of the tar file `file` (member `name`'s data):
+  ``FILE#OFFSET+SIZE/NAME``; `open`, `isfile`, `file_stamp` and `files_exist` take it."""
+  return f"{file}#{offset}+{size}/{name}"
+
+
+def split_member(p: str | os.PathLike) -> tuple[str, int, int] | None:
+  """(tar file, offset, size) of a `member` path, else None."""
+  m = _MEMBER.match(os.fspath(p))
+  return (m["file"], int(m["offset"]), int(m["size"])) if m else None
+
+
+def _read_member(file: str, offset: int, size: int) -> bytes:
+  """`size` bytes at `offset` of `file` (one ranged read from a bucket)."""
+  with epath.Path(file).open("rb") if is_remote(file) else builtins.open(file, "rb") as f:
+    f.seek(offset)
+    data = f.read(size)
+  if len(data) != size:
+    raise OSError(f"{file}: {size} bytes at {offset} asked for, {len(data)} read (truncated)")
+  return data
 
 
 def path(p: str | os.PathLike) -> epath.Path:
@@ -51,18 +76,24 @@ def open(
 
   Only reading is supported remotely (`write_atomic` writes); `encoding` and `newline`
   apply as in `builtins.open` (e.g. ``utf-8-sig``, ``newline=""`` for csv).
+  A `member` path is read (its byte range only) into memory too.
   """
-  if not is_remote(file):
+  part = split_member(file)
+  if not is_remote(file) and part is None:
     return builtins.open(file, mode, encoding=encoding, newline=newline)
   if mode not in ("r", "rb"):
     raise ValueError(f"{file}: mode {mode!r}; only 'r'/'rb' open a gs:// object (use write_atomic)")
-  data = io.BytesIO(epath.Path(file).read_bytes())
+  data = io.BytesIO(_read_member(*part) if part else epath.Path(file).read_bytes())
   return (
     data if mode == "rb" else io.TextIOWrapper(data, encoding=encoding or "utf-8", newline=newline)
   )
 
 
 def isfile(p: str | os.PathLike) -> bool:
+  """Whether `p` (or a `member` path's tar file) is a file."""
+  part = split_member(p)
+  if part:
+    return isfile(part[0])
   return epath.Path(p).is_file() if is_remote(p) else os.path.isfile(p)
 
 
@@ -72,7 +103,11 @@ def isdir(p: str | os.PathLike) -> bool:
 
 def file_stamp(p: str) -> str | None:
   """ "<size> <mtime>" of a file (one `stat`; one request for a ``gs://`` object), or None
-  if it is not a file."""
+  if it is not a file; a `member` path: its tar file's, with its range."""
+  part = split_member(p)
+  if part:
+    stamp = file_stamp(part[0])
+    return stamp and f"{stamp} @{part[1]}+{part[2]}"
   if is_remote(p):
     try:
       st = epath.Path(p).stat()
@@ -88,7 +123,8 @@ def file_stamp(p: str) -> str | None:
 
 def files_exist(paths: Sequence[str]) -> list[bool]:
   """Whether each path is a file. A ``gs://`` folder is listed once (one request per
-  1000 objects) instead of one request per image."""
+  1000 objects) instead of one request per image; a `member` path: its tar file."""
+  paths = [(split_member(p) or (p,))[0] for p in paths]
   listed: dict[str, set[str]] = {}
   by_folder = defaultdict(list)
   for p in paths:

@@ -1,12 +1,14 @@
 """What many tests share: the repository root, tiny configs, run-directory probes,
 subprocess environments, and small datasets in the original file formats."""
 
+import io
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import jax
@@ -256,3 +258,41 @@ def write_file_datasets(root: Path, n: int, size: int) -> dict:
     distractor_coco_json=str(root / "captions_train2017.json"),
     distractor_image_dir=str(root / "coco"),
   )
+
+
+# ------------------------------------------------------- webdataset shards
+
+
+def _png(seed: int) -> bytes:
+  from PIL import Image
+
+  buffer = io.BytesIO()
+  pixels = np.random.default_rng(seed).integers(0, 256, (13, 17, 3), np.uint8)
+  Image.fromarray(pixels).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def write_wds_shards(folder, samples_per_shard=3, shards=2, bad=()):
+  """webdataset shards folder/shard-SSS.tar of samples {key}.png, .txt, .json {"negated", "updated"}; `bad`: {(shard,
+  position): "noimage" | "nonegated" | "undecodable"}. Returns {key: png bytes}."""
+  images = {}
+  bad = dict(bad)
+  for s in range(shards):
+    with tarfile.open(folder / f"shard-{s:03d}.tar", "w") as tar:
+      for i in range(samples_per_shard):
+        key = f"{s:03d}{i:04d}"
+        fields = {"txt": f"a photo {key}".encode(), "json": {"negated": f"no photo {key}"}}
+        fields["json"]["updated"] = f"nothing but {key}"
+        if bad.get((s, i)) == "nonegated":
+          del fields["json"]["negated"]
+        if bad.get((s, i)) != "noimage":
+          images[key] = (
+            b"\x89PNG not really" if bad.get((s, i)) == "undecodable" else _png(100 * s + i)
+          )
+          fields["png"] = images[key]
+        fields["json"] = json.dumps(fields["json"]).encode()
+        for field, data in fields.items():
+          info = tarfile.TarInfo(f"{key}.{field}")
+          info.size = len(data)
+          tar.addfile(info, io.BytesIO(data))
+  return images

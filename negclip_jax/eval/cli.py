@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--out", help="results JSON path (also writes <stem>.md, <stem>_layers.png)")
   p.add_argument("--batch-size", type=int, default=256, help="per process")
   p.add_argument(
+    "--read-threads",
+    type=int,
+    default=0,
+    help="threads reading images ahead of the device (0: from the CPU count; 1: serial)",
+  )
+  p.add_argument(
     "--fsdp",
     type=int,
     default=0,
@@ -178,7 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
     from negclip_jax.train import sharding
 
     mesh = sharding.make_mesh(args.fsdp)
-  embedder = Embedder(model, params, args.batch_size, dtype=args.dtype, mesh=mesh)
+  embedder = Embedder(
+    model, params, args.batch_size, dtype=args.dtype, mesh=mesh, read_threads=args.read_threads
+  )
   results = {
     t: run_with_embedder(t, embedder, tokenizer, _task_options(args, t, plot_path)) for t in tasks
   }

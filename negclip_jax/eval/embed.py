@@ -27,6 +27,7 @@ import numpy as np
 from flax import jax_utils
 
 from negclip_jax import console, hosts
+from negclip_jax.data import parallel_read
 from negclip_jax.data.records import DataError
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model.preprocess import get_preprocess
@@ -83,6 +84,8 @@ class Embedder:
   at float rounding, so the Embedder keeps each packed text's feature and reuses it for the
   same ids in later calls: equal texts always get bitwise equal features (the tasks count
   ties as wrong). A model that overrides `get_text_features` is never packed.
+  `read_threads` (`parallel_read.read_threads`; 0: from the CPU count, 1: serial) load the
+  images of `images` ahead of the device, a batch ahead (`read_window` images), in order.
   """
 
   def __init__(
@@ -95,6 +98,7 @@ class Embedder:
     dtype: str | None = None,
     mesh=None,
     pack: bool = True,
+    read_threads: int = 0,
   ):
     if dtype is not None and dtype not in DTYPES:
       raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
@@ -102,6 +106,8 @@ class Embedder:
     self.n_local = jax.local_device_count()
     self.batch_size = math.ceil(batch_size / self.n_local) * self.n_local
     self.normalize = normalize
+    self.read_threads = parallel_read.read_threads(read_threads)
+    self.read_window = max(self.batch_size, self.read_threads)
     self.progress = progress and jax.process_index() == 0
     self.mesh = mesh
     if mesh is None:
@@ -156,15 +162,30 @@ class Embedder:
   def images(
     self, items: Sequence, load: Callable | None = None, desc: str = "images", gather: bool = True
   ) -> np.ndarray:
-    """gather=False: only this process's `hosts.process_block` rows [hi - lo, D]."""
+    """gather=False: only this process's `hosts.process_block` rows [hi - lo, D].
+
+    `load(items[i])` runs on `read_threads` threads (`parallel_read.read_ahead`), at most
+    `read_window` (one batch, or the thread count if larger) items ahead of the batch being
+    embedded; an exception it raises is raised when its item's batch is built, as a serial
+    loop would.
+    """
     load = load or (lambda x: x)
-    return self._run(
-      "image",
-      len(items),
-      lambda lo, hi: np.stack([load(items[i]) for i in range(lo, hi)]),
-      desc,
-      gather,
+    lo, hi = hosts.process_block(len(items))
+    ahead = parallel_read.read_ahead(
+      lambda i: load(items[i]), range(lo, hi), self.read_threads, self.read_window
     )
+    position = [lo]  # the next item `ahead` yields
+
+    def get(a, b):  # _run asks for consecutive blocks of [lo, hi), then filler (0, 1)
+      if a == position[0] and a < b <= hi:
+        position[0] = b
+        return np.stack([next(ahead) for _ in range(a, b)])
+      return np.stack([load(items[i]) for i in range(a, b)])
+
+    try:
+      return self._run("image", len(items), get, desc, gather)
+    finally:
+      ahead.close()
 
   def _run(self, kind, n, get, desc, gather: bool = True, batch_size=None) -> np.ndarray:
     if n == 0:

@@ -49,6 +49,11 @@ TASKS = {
     },
     ("eval_size", "protocol", "negation_words", "num_ops"),
   ),
+  "ccneg-wds": Task(
+    ccneg_task.run_shards,
+    {"data": "CC-Neg-style webdataset shards, e.g. 'shards/{00000..00007}.tar'"},
+    ("protocol", "negation_words"),
+  ),
   "ccneg2": Task(
     ccneg_task.run2,
     {"data": "CC-Neg mode-2 .pt (positive/negative images)", "image_root": _IMAGE_ROOT},

@@ -56,7 +56,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
   if storage.is_remote(path) and not storage.isfile(path):  # locally: no stat, one open
     raise FileNotFoundError(f"image file not found: {path}")
   try:
-    with Image.open(storage.open(path, "rb") if storage.is_remote(path) else path) as image:
+    with Image.open(storage.open(path, "rb")) as image:
       limit = Image.MAX_IMAGE_PIXELS
       if limit is not None and image.width * image.height > limit:
         raise ValueError(

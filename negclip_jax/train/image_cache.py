@@ -162,9 +162,11 @@ def _write_entry(
   storage.write_atomic(entry / INDEX_FILE, json.dumps(meta, indent=1).encode())
 
 
-def _compute(model, params, images: Images, image_size, batch_size, skip: bool, record_index, key):
+def _compute(
+  model, params, images: Images, image_size, batch_size, skip: bool, record_index, key, threads
+):
   """(this process's block of features float32 [hi - lo, D], every process's dropped
-  {position: reason})."""
+  {position: reason}); images read by `threads` reader threads (`Embedder.images`)."""
   failed: dict[int, str] = {}
 
   def load(i):
@@ -176,7 +178,7 @@ def _compute(model, params, images: Images, image_size, batch_size, skip: bool, 
       failed[i] = e.reason
       return np.zeros((image_size, image_size, 3), np.float32)
 
-  embedder = Embedder(model, params, batch_size, normalize=False)
+  embedder = Embedder(model, params, batch_size, normalize=False, read_threads=threads)
   block = embedder.images(range(len(images)), load, desc="image cache", gather=False)
   return np.ascontiguousarray(block, np.float32), hosts.gather_failures(failed, len(images))
 
@@ -193,6 +195,7 @@ def image_embeddings(
   key: str = "image",
   source: str | None = None,
   stamps=None,
+  read_threads: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Raw `get_image_features` of `images` -> (emb float32 [K, D], kept int64 [K] positions).
 
@@ -202,7 +205,8 @@ def image_embeddings(
   of `kept`). With `cache_dir`, a previous result for the same key is loaded instead of
   computed (a stored skip-mode result still raises for its dropped images under "raise").
   With several processes each loads its own block of images, so only the one holding a bad
-  image raises: prefer on_error="skip" there. `stamps`: see `cache_key`.
+  image raises: prefer on_error="skip" there. `stamps`: see `cache_key`. `read_threads`:
+  image reader threads (`parallel_read.read_threads`; 0: from the CPU count).
   """
   bad = bad_records(on_error)
   n = len(images)
@@ -214,7 +218,7 @@ def image_embeddings(
     logger.debug("image cache %s: %s (%s)", "hit" if cached else "miss", entry, _describe(images))
   if entry is None or not _hit_everywhere(cached):
     block, dropped = _compute(
-      model, params, images, image_size, batch_size, bad.skip, record_index, key
+      model, params, images, image_size, batch_size, bad.skip, record_index, key, read_threads
     )
     if entry is not None:
       _write_entry(entry, block, dropped, images, image_size)
@@ -237,6 +241,7 @@ def embed_table(
   cache_dir: str | None = None,
   batch_size: int = BATCH_SIZE,
   on_error: BadRecords | str = "raise",
+  read_threads: int = 0,
 ):
   """`table` (a pipeline table) with `image_emb` (and `distractor_emb` if it holds
   distractors) from `image_embeddings`; rows with an unloadable image dropped.
@@ -258,6 +263,7 @@ def embed_table(
       key=key,
       source=table.source,
       stamps=table.file_stamps,
+      read_threads=read_threads,
     )
     embedded[column] = (emb, kept)
     for i in np.setdiff1d(np.arange(len(table)), kept):

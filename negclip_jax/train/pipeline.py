@@ -42,7 +42,6 @@ Checkpointing
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -56,6 +55,7 @@ import numpy as np
 from absl import logging as absl_logging
 
 from negclip_jax import console, hosts, storage
+from negclip_jax.data import parallel_read
 from negclip_jax.data.records import AbsenceRecord, BadRecords, DataError, PresenceRecord
 from negclip_jax.model import clip as model_lib
 from negclip_jax.model.preprocess import preprocess_image
@@ -257,16 +257,14 @@ def _undecodable(table: _Table, image_size: int):
       except DataError as e:
         failed[i] = e.reason
 
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-      list(
-        console.progress(
-          pool.map(check, range(lo, hi)),
-          total=hi - lo,
-          desc=f"check {column}",
-          disable=jax.process_index() != 0,
-          leave=False,
-        )
-      )
+    for _ in console.progress(
+      parallel_read.read_ahead(check, range(lo, hi)),
+      total=hi - lo,
+      desc=f"check {column}",
+      disable=jax.process_index() != 0,
+      leave=False,
+    ):
+      pass
     for i, reason in sorted(hosts.gather_failures(failed, len(images)).items()):
       yield i, IMAGE_COLUMNS[column].image_key, reason
 
@@ -475,9 +473,11 @@ class TrainPipeline:
   Texts are tokenized once here (`tokenizer(texts, context_length)`). Iterating runs
   `build_host_batch` in tf.data (parallel, deterministic order, prefetched); an error
   while building step s's batch (e.g. a DataError for a corrupt image) is raised unchanged
-  when step s is reached. process_index / process_count / local_devices default to jax's
-  values; global_batch must divide by process_count * local_devices. `context_length` is
-  the text tower's max_position_embeddings (or less).
+  when step s is reached. Without image features, a batch's images are read by
+  `read_threads` threads (`parallel_read.read_threads`; 0: from the CPU count, 1: serial),
+  in order, while tf.data builds the next batches. process_index / process_count /
+  local_devices default to jax's values; global_batch must divide by process_count *
+  local_devices. `context_length` is the text tower's max_position_embeddings (or less).
   """
 
   def __init__(
@@ -499,6 +499,7 @@ class TrainPipeline:
     prefetch: int = 2,
     pack_text: bool = False,
     eos_token_id: int = model_lib.EOT_TOKEN_ID,
+    read_threads: int = 0,
   ):
     self.tables = {"presence": presence, "absence": absence}
     self.context_length, self.global_batch = context_length, global_batch
@@ -508,6 +509,7 @@ class TrainPipeline:
     self.local_devices = jax.local_device_count() if local_devices is None else local_devices
     self.truncate_text, self.prefetch = truncate_text, prefetch
     self.pack_text, self.eos_token_id = pack_text, eos_token_id
+    self.read_threads = parallel_read.read_threads(read_threads)
     if seed < 0 or start_step < 0:
       raise ValueError(f"seed and start_step must be >= 0, got {seed} and {start_step}")
     if global_batch % (self.process_count * self.local_devices):
@@ -590,7 +592,8 @@ class TrainPipeline:
         if getattr(table, field) is not None:
           batch[key] = getattr(table, field)[idx]
         else:
-          batch[key] = np.stack([table.pixels(i, self.image_size, column) for i in idx])
+          load = functools.partial(table.pixels, image_size=self.image_size, column=column)
+          batch[key] = np.stack(list(parallel_read.read_ahead(load, idx, self.read_threads)))
     batch = {k: v.reshape((self.local_devices, -1) + v.shape[1:]) for k, v in batch.items()}
     batch[batch_lib.STEP_KEY] = np.full(self.local_devices, step, np.int32)
     return batch

@@ -17,6 +17,7 @@ STATE_NEUTRAL_KEYS = (
   "max_to_keep",
   "restart",
   "data.cache_dir",
+  "data.read_threads",
   "data.pack_text",
   "parallelism",
   "fsdp",

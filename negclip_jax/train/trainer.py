@@ -100,6 +100,9 @@ def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
   return model, model_lib.init_params(model, jax.random.key(config.seed)), ClipTokenizer()
 
 
+WEBDATASET = "wds:"  # config.data.presence / absence = "wds:" + a shard pattern
+
+
 def load_tables(config, image_size: int, bad: BadRecords | None = None):
   """`_load_tables`; a missing data file is a ConfigError naming its `config.data` key."""
   try:
@@ -141,6 +144,19 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
     )
   if d.presence == "negshapes":
     presence = shapes[0]
+  elif d.presence.startswith(WEBDATASET):
+    from negclip_jax.data import webdataset
+
+    if distractors:
+      raise ValueError("config.data.presence=wds:... has no distractor images (objective conclip)")
+    pattern = d.presence[len(WEBDATASET) :]
+    presence = pipeline.presence_table(
+      webdataset.load_presence(pattern, d.wds_caption_key, d.wds_negated_key, bad=bad),
+      on_error=bad,
+      source=pattern,
+      decode=decode,
+      image_size=image_size,
+    )
   elif d.presence == "ccneg":
     from negclip_jax.data import ccneg
 
@@ -165,9 +181,22 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
       image_size=image_size,
     )
   else:
-    raise ValueError(f"config.data.presence must be 'ccneg' or 'negshapes', got {d.presence!r}")
+    raise ValueError(
+      f"config.data.presence must be 'ccneg', 'negshapes' or 'wds:SHARDS', got {d.presence!r}"
+    )
   if d.absence == "negshapes":
     absence = shapes[1]
+  elif d.absence.startswith(WEBDATASET):
+    from negclip_jax.data import webdataset
+
+    pattern = d.absence[len(WEBDATASET) :]
+    absence = pipeline.absence_table(
+      webdataset.load_absence(pattern, d.wds_caption_key, d.wds_updated_key, bad=bad),
+      on_error=bad,
+      source=pattern,
+      decode=decode,
+      image_size=image_size,
+    )
   elif d.absence == "coco_negation":
     from negclip_jax.data import coco_negation
 
@@ -182,7 +211,7 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
     )
   else:
     raise ValueError(
-      f"config.data.absence must be 'coco_negation' or 'negshapes', got {d.absence!r}"
+      f"config.data.absence must be 'coco_negation', 'negshapes' or 'wds:SHARDS', got {d.absence!r}"
     )
   return presence, absence
 
@@ -414,7 +443,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
   if config.data.image_cache:  # frozen tower: embed every image once
     cache_dir = config.data.cache_dir or str(workdir / rundir.IMAGE_CACHE_DIR)
     presence, absence = (
-      image_cache.embed_table(t, model, params, image_size, cache_dir=cache_dir, on_error=bad)
+      image_cache.embed_table(
+        t,
+        model,
+        params,
+        image_size,
+        cache_dir=cache_dir,
+        on_error=bad,
+        read_threads=config.data.read_threads,
+      )
       for t in (presence, absence)
     )
   if main:
@@ -433,6 +470,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
     start_step=start,
     pack_text=packs_text(config, placement),
     eos_token_id=model.config.text.eos_token_id,
+    read_threads=config.data.read_threads,
   )
   if restored is not None:
     data.load_state_dict(data_state)

@@ -34,6 +34,7 @@ from helpers import (
   tiny_config,
   tiny_train_cmd,
   write_file_datasets,
+  write_wds_shards,
 )
 
 from negclip_jax import rundir
@@ -304,3 +305,21 @@ def test_an_interrupted_export_to_a_bucket_is_refused_by_loaders(gcs, monkeypatc
   _, loaded = convert.load_pretrained(out)
   for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_webdataset_shards_in_a_bucket_read_as_local_ones(gcs, tmp_path):
+  from negclip_jax import storage
+  from negclip_jax.data import webdataset
+  from negclip_jax.model.preprocess import preprocess_image
+
+  write_wds_shards(tmp_path, samples_per_shard=3, shards=2)
+  _upload(gcs["fs"], tmp_path, f"{BUCKET}/wds")
+  local = webdataset.load_presence(str(tmp_path / "shard-{000..001}.tar"))
+  remote = webdataset.load_presence(f"gs://{BUCKET}/wds/shard-{{000..001}}.tar")
+  assert [(r.caption, r.negated) for r in remote] == [(r.caption, r.negated) for r in local]
+  for a, b in zip(local, remote, strict=True):
+    assert b.image_path.startswith(f"gs://{BUCKET}/wds/shard-")
+    assert storage.file_stamp(b.image_path).endswith(a.image_path.split("#")[1].split("/")[0])
+    assert (
+      preprocess_image(b.image_path, 32).tobytes() == preprocess_image(a.image_path, 32).tobytes()
+    )

@@ -41,6 +41,7 @@ from helpers import (
   run_cluster,
   steps_on_disk,
   subprocess_env,
+  write_wds_shards,
 )
 
 from negclip_jax import rundir
@@ -366,3 +367,18 @@ def test_gpu_dry_run():
     "gpu.sh", "--sbatch", "--nodes", "2", "--gpus-per-node", "4", "--workdir", "/shared/runs/gpu"
   )
   assert batch.startswith("sbatch --nodes=2") and "--wrap=" in batch and "srun" in batch
+
+
+def test_webdataset_shards_indexed_per_host_train_as_in_one_process(env, tmp_path):
+  """Each process indexes its block of shards (all-gathered): the same records, batches and
+  params as one process reading every shard."""
+  write_wds_shards(tmp_path, samples_per_shard=5, shards=4)
+  pattern = "wds:" + str(tmp_path / "shard-{000..003}.tar")
+  flags = {"data.presence": pattern, "data.absence": pattern, "data.image_cache": False}
+  one = trainer.train(cluster_config(**flags), tmp_path / "one")
+  first, _ = run_cluster(
+    tmp_path / "two", env, train_flags=tuple(f"--config.{k}={v}" for k, v in flags.items())
+  )
+  assert first["step"] == one["step"] == STEPS
+  _, params, _ = rundir.load_model(tmp_path / "two")
+  assert_params_close(params, one["params"])

@@ -9,10 +9,12 @@ original scripts' decision rules written out in numpy / torch.
 
 import csv
 import functools
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 import types
 
@@ -182,6 +184,17 @@ def files(tmp_path_factory):
     },
     root / "ccneg2.pt",
   )
+  with tarfile.open(root / "ccneg_eval.tar", "w") as tar:  # the eval split as shards
+    for k, (image, caption, negated) in enumerate(CCNEG[-CCNEG_EVAL:]):
+      fields = {
+        "jpg": (root / IMAGES[k + len(CCNEG) - CCNEG_EVAL][0]).read_bytes(),
+        "txt": caption.encode(),
+        "json": json.dumps({"negated": negated}).encode(),
+      }
+      for field, data in fields.items():
+        info = tarfile.TarInfo(f"{k:04d}.{field}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
   (root / "refs.json").write_text(
     json.dumps(
       [
@@ -237,6 +250,7 @@ def files(tmp_path_factory):
     root=r,
     options={
       "ccneg": dict(data=f"{r}/ccneg.pt", image_root=r, eval_size=CCNEG_EVAL, num_ops=True),
+      "ccneg-wds": dict(data=f"{r}/ccneg_{{eval}}.tar"),  # a brace pattern of one shard
       "ccneg2": dict(data=f"{r}/ccneg2.pt", image_root=r),
       "negrefcocog": dict(data=f"{r}/refs.json", image_root=r),
       "negationclip": dict(data=f"{r}/coco_neg.json", image_root=r, ties="both"),
@@ -494,6 +508,8 @@ def _reference(task, hf, root, protocol="original"):
   path = lambda i: _path(root, i)
   if task == "ccneg":
     return _ref_ccneg(hf, root, protocol)
+  if task == "ccneg-wds":  # the eval split, read from a shard: mode 1 without the ops subsets
+    return {k: v for k, v in _ref_ccneg(hf, root, protocol).items() if "_ops_" not in k}
   if task == "ccneg2":
     return _ref_ccneg2(hf, root)
   if task == "negrefcocog":
@@ -691,7 +707,7 @@ def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path,
   for task, options in files.options.items():
     if "image_root" in options:
       argv += [f"--{task}-data", options["data"], f"--{task}-image-root", options["image_root"]]
-  argv += ["--layers-data", "negshapes"]
+  argv += ["--layers-data", "negshapes", "--ccneg-wds-data", files.options["ccneg-wds"]["data"]]
   results = eval_cli.main(argv)
   assert list(results) == [t for t in registry.TASKS if t != "zeroshot"]  # no --zeroshot-data
   # The file: strict JSON (NaN written as null) with a header saying what was evaluated.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import jax
 import numpy as np
@@ -11,7 +12,8 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from negclip_jax.data import negshapes
-from negclip_jax.data.records import DataError
+from negclip_jax.data.records import BadRecords, DataError
+from negclip_jax.eval.embed import Embedder
 from negclip_jax.model.clip import CLIP, get_config, init_params
 from negclip_jax.model.tokenizer import ClipTokenizer
 from negclip_jax.train import image_cache, optim, param_groups
@@ -123,6 +125,60 @@ def test_unreadable_images_raise_or_are_skipped(model, params, tmp_path, monkeyp
   embedded = image_cache.embed_table(table, model, params, SIZE, cache_dir=cache, on_error="skip")
   assert list(embedded.dropped) == [1] and embedded.images == [paths[0], paths[2], paths[3]]
   np.testing.assert_array_equal(embedded.image_emb, emb)
+
+
+def test_parallel_reading_equals_serial_bitwise_and_keeps_the_bad_record_policy(
+  model, params, tmp_path
+):
+  paths = []
+  for i in range(11):
+    paths.append(str(tmp_path / f"{i}.png"))
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 36, 3), np.uint8)).save(
+      paths[-1]
+    )
+  (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8garbage")
+  paths[6] = str(tmp_path / "bad.jpg")
+  run = lambda threads, **kw: image_cache.image_embeddings(
+    model, params, paths, SIZE, batch_size=4, read_threads=threads, **kw
+  )
+  for threads in (1, 8):
+    with pytest.raises(DataError, match=r"bad\.jpg, record 6, key 'image'"):
+      run(threads)
+  skipped = {}
+  for threads in (1, 8):
+    bad = BadRecords("skip")
+    skipped[threads] = (*run(threads, on_error=bad), [str(e) for e in bad.skipped])
+  serial, parallel = skipped[1], skipped[8]
+  assert parallel[0].tobytes() == serial[0].tobytes()  # bitwise
+  np.testing.assert_array_equal(parallel[1], serial[1])
+  assert parallel[2] == serial[2] and len(serial[2]) == 1 and "record 6" in serial[2][0]
+
+
+def test_embedder_reads_one_batch_ahead_of_the_device_and_no_further(model, params, monkeypatch):
+  started, seen = [], []
+  images = np.random.default_rng(0).integers(0, 256, (20, SIZE, SIZE, 3), np.uint8)
+
+  def load(image):
+    started.append(1)
+    return image.astype(np.float32) / 255
+
+  apply = Embedder._apply
+
+  def slow_apply(self, *args):
+    time.sleep(0.1)  # the device is busy: the readers run ahead meanwhile
+    seen.append(len(started))
+    return apply(self, *args)
+
+  monkeypatch.setattr(Embedder, "_apply", slow_apply)
+  embedder = Embedder(model, params, batch_size=4, progress=False, read_threads=4)
+  out = embedder.images(images, load)
+  reads_at_each_batch = list(seen)
+  serial = Embedder(model, params, batch_size=4, progress=False, read_threads=1).images(
+    images, load
+  )
+  assert out.tobytes() == serial.tobytes()
+  # While batch k (items 4k..4k+3) is embedded, batch k + 1 has been read, nothing more.
+  assert reads_at_each_batch == [8, 12, 16, 20, 20]
 
 
 @pytest.mark.parametrize("objective", ["omni_negclip", "conclip"])

@@ -267,11 +267,29 @@ def test_corrupt_image_raises_naming_path_and_record(tmp_path, tokenizer):
   records = [PresenceRecord(p, f"caption {i}", f"not {i}") for i, p in enumerate(paths)]
   presence = pl.presence_table(records)  # the file exists: caught when it is decoded
   _, absence = _tables(4, 4)
-  pipe = _pipeline(tokenizer, presence, absence, num_steps=2)
-  with pytest.raises(DataError, match=r"bad\.jpg, record 2, key 'image'"):
-    pipe.build_host_batch(0)
-  with pytest.raises(DataError, match=r"bad\.jpg, record 2"):
-    list(pipe)
+  for threads in (1, 8):
+    pipe = _pipeline(tokenizer, presence, absence, num_steps=2, read_threads=threads)
+    with pytest.raises(DataError, match=r"bad\.jpg, record 2, key 'image'"):
+      pipe.build_host_batch(0)
+    with pytest.raises(DataError, match=r"bad\.jpg, record 2"):
+      list(pipe)
+
+
+def test_batches_read_by_threads_equal_serial_ones(tmp_path, tokenizer):
+  from PIL import Image
+
+  paths = [str(tmp_path / f"{i}.png") for i in range(12)]
+  for i, path in enumerate(paths):
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (11, 9, 3), np.uint8)).save(path)
+  records = [PresenceRecord(p, f"caption {i}", f"not {i}") for i, p in enumerate(paths)]
+  presence = pl.presence_table(records)
+  _, absence = _tables(12, 12)
+  serial, threaded = (
+    list(_pipeline(tokenizer, presence, absence, num_steps=3, read_threads=t)) for t in (1, 8)
+  )
+  for a, b in zip(serial, threaded, strict=True):
+    _assert_batches_equal(a, b)
+  assert serial[0]["presence_pixels"].shape == (1, 4, SIZE, SIZE, 3)
 
 
 def test_distractors_give_their_own_batch_keys(tokenizer):

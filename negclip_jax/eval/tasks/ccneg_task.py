@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from negclip_jax.data import webdataset
 from negclip_jax.data.ccneg import (
   CCNEG_EVAL_SIZE,
   ImagePairRecord,
@@ -143,6 +144,22 @@ def run(
   records = load_ccneg(data, image_root, split="eval", eval_size=eval_size, keep_commas=True)
   ops = load_num_ops(data, eval_size) if num_ops else None
   return evaluate(embedder, tokenizer, context_length, records, protocol, negation_words, ops)
+
+
+def run_shards(
+  embedder,
+  tokenizer,
+  context_length: int,
+  *,
+  data: str,
+  protocol: str = "original",
+  negation_words: Sequence[str] = metrics.NEGATION_WORDS,
+) -> dict:
+  """`evaluate` (mode 1) on every sample of webdataset shards `data` (a brace pattern, local
+  or gs://): the image, its ``.txt`` caption and the ``negated`` field (its ``.negated``
+  member or .json field; `data.webdataset`)."""
+  records = webdataset.load_presence(data, caption_key="txt", negated_key="negated")
+  return evaluate(embedder, tokenizer, context_length, records, protocol, negation_words)
 
 
 def run2(

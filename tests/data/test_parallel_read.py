@@ -1,0 +1,85 @@
+"""parallel_read.read_ahead: order, bounded in-flight loads, errors in order, serial mode."""
+
+import threading
+import time
+
+import pytest
+
+from negclip_jax.data import parallel_read
+
+
+def test_results_come_in_order_whatever_finishes_first():
+  delays = [0.02 * ((7 * i) % 5) for i in range(30)]  # later items often finish first
+
+  def load(i):
+    time.sleep(delays[i])
+    return i * i
+
+  assert list(parallel_read.read_ahead(load, range(30), threads=8, window=10)) == [
+    i * i for i in range(30)
+  ]
+
+
+def test_at_most_window_loads_are_in_flight_and_reading_runs_ahead():
+  lock, started, consumed, most = threading.Lock(), [0], [0], [0]
+
+  def load(i):
+    with lock:
+      started[0] += 1
+      most[0] = max(most[0], started[0] - consumed[0])
+    return i
+
+  for _ in parallel_read.read_ahead(load, range(200), threads=16, window=12):
+    with lock:
+      consumed[0] += 1
+    time.sleep(0.001)  # a slow consumer: the readers fill the window
+  assert most[0] == 12  # bounded, and the window was used (reads ahead of the consumer)
+
+
+def test_the_first_bad_item_in_order_raises_and_the_rest_is_cancelled():
+  loaded = []
+
+  def load(i):
+    if i == 3:
+      time.sleep(0.05)  # items after it fail sooner; item 3's error must come first
+      raise ValueError("bad 3")
+    if i > 3:
+      raise KeyError(i)
+    loaded.append(i)
+    return i
+
+  got = []
+  with pytest.raises(ValueError, match="bad 3"):
+    for x in parallel_read.read_ahead(load, range(1000), threads=4, window=8):
+      got.append(x)
+  assert got == [0, 1, 2]
+
+
+def test_stopping_early_cancels_reads_not_started():
+  calls = []
+
+  def load(i):
+    calls.append(i)
+    time.sleep(0.01)
+    return i
+
+  reader = parallel_read.read_ahead(load, range(10_000), threads=2, window=4)
+  assert [next(reader) for _ in range(3)] == [0, 1, 2]
+  reader.close()
+  time.sleep(0.05)
+  assert len(calls) <= 3 + 4 + 1  # consumed, window, and the one being submitted
+
+
+def test_one_thread_loads_serially_in_the_caller():
+  threads = set()
+  out = list(
+    parallel_read.read_ahead(lambda i: threads.add(threading.get_ident()) or i, range(5), 1)
+  )
+  assert out == list(range(5)) and threads == {threading.get_ident()}
+
+
+def test_thread_count():
+  assert parallel_read.read_threads(3) == 3
+  assert 32 <= parallel_read.read_threads(0) <= parallel_read.MAX_AUTO_THREADS
+  with pytest.raises(ValueError, match="read_threads must be >= 0"):
+    parallel_read.read_threads(-1)
