@@ -71,7 +71,15 @@ def interrupt(cmd: list[str], cwd: Path, when, signals: int = 1, timeout: float 
   (exit status, output)."""
   log = cwd / f"interrupted_{time.monotonic_ns()}.log"
   with open(log, "w") as out:
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+      cmd,
+      cwd=cwd,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+      text=True,
+      # As from a terminal: a background job (e.g. `make test &`) inherits an ignored SIGINT.
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + timeout
     while not when(log.read_text()) and proc.poll() is None and time.monotonic() < deadline:
       time.sleep(0.1)

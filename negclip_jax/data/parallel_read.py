@@ -7,10 +7,10 @@ and the training batches without the cache (`train.pipeline.TrainPipeline`).
 
 `read_ahead` yields ``load(item)`` in the order of `items`, reading at most `window` items
 ahead of the one last handed out: reading runs ahead of the consumer (e.g. the next batch
-is read while the device embeds this one) but never holds more than `window` results. An
-exception raised by ``load`` is raised unchanged when its item is reached (so the first
-bad item in order raises, as a serial loop would), and the loads not yet consumed are
-cancelled when the consumer stops.
+is read while the device embeds this one) but never holds more than `window` results
+besides the one awaited. An exception raised by ``load`` is raised unchanged when its item
+is reached (so the first bad item in order raises, as a serial loop would), and the loads
+not yet consumed are cancelled when the consumer stops.
 """
 
 from __future__ import annotations

@@ -356,7 +356,11 @@ class PreemptionWatcher:
     self.saving = saving
     self.abort_note = "rerun the same command to resume from the newest checkpoint"
     self._interrupts = 0
-    self._previous = {s: signal.signal(s, _ignore) for s in (signal.SIGTERM, signal.SIGINT)}
+    # A Ctrl-C that the parent chose to ignore (a background job of a script) stays ignored.
+    watched = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+      watched.append(signal.SIGINT)
+    self._previous = {s: signal.signal(s, _ignore) for s in watched}
     self._stderr = os.dup(2)  # stays the terminal while fd 2 is redirected
     self._reader, self._writer = socket.socketpair()
     self._writer.setblocking(False)

@@ -165,7 +165,7 @@ def test_embedder_reads_one_batch_ahead_of_the_device_and_no_further(model, para
   apply = Embedder._apply
 
   def slow_apply(self, *args):
-    time.sleep(0.1)  # the device is busy: the readers run ahead meanwhile
+    time.sleep(0.3)  # the device is busy: the readers run ahead meanwhile
     seen.append(len(started))
     return apply(self, *args)
 
