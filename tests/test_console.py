@@ -86,6 +86,9 @@ def test_compilation_cache_is_on_by_default_and_can_be_disabled(tmp_path, monkey
 
 
 def test_ctrl_c_requests_a_save_like_sigterm():
+  # Python's own handler, as in a fresh process (the watcher leaves an ignored SIGINT alone;
+  # earlier tests in the session may leave one behind).
+  signal.signal(signal.SIGINT, signal.default_int_handler)
   watcher = checkpoint.PreemptionWatcher()
   try:
     os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the watcher's thread acts

@@ -36,14 +36,19 @@ def _object_labels(scenes) -> np.ndarray:
 
 
 def probe_objects(train_x, train_scenes, test_x, test_scenes, prefix: str) -> dict:
-  """ "<prefix>_<colour>_<shape>" balanced probe accuracies, their min and mean."""
+  """ "<prefix>_<colour>_<shape>" balanced probe accuracies, their min and mean; NaN for an
+  object that training or test holds only present or only absent (too few scenes)."""
   train_y, test_y = _object_labels(train_scenes), _object_labels(test_scenes)
+  both = lambda y: 0 < y.sum() < len(y)
   out = {
     f"{prefix}_{c}_{s}": probe.linear_probe(train_x, train_y[:, j], test_x, test_y[:, j])
+    if both(train_y[:, j]) and both(test_y[:, j])
+    else float("nan")
     for j, (c, s) in enumerate(OBJECTS)
   }
-  values = list(out.values())
-  return {**out, f"{prefix}_min": min(values), f"{prefix}_mean": float(np.mean(values))}
+  values = [v for v in out.values() if not np.isnan(v)]
+  summary = (min(values), float(np.mean(values))) if values else (float("nan"),) * 2
+  return {**out, f"{prefix}_min": summary[0], f"{prefix}_mean": summary[1]}
 
 
 def perception(
