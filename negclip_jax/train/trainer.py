@@ -128,7 +128,8 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
   bad = bad or BadRecords(d.on_error)
   need = lambda key: getattr(d, key) or _missing(key)
   distractors = config.objective == "conclip"
-  decode = bad.skip and not d.image_cache
+  # Without the image cache, a "skip" run decodes every image once here.
+  file_table = dict(on_error=bad, decode=bad.skip and not d.image_cache, image_size=image_size)
   if "negshapes" in (d.presence, d.absence):
     shapes = pipeline.negshapes_tables(
       negshapes.generate_pairs(
@@ -152,10 +153,8 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
     pattern = d.presence[len(WEBDATASET) :]
     presence = pipeline.presence_table(
       webdataset.load_presence(pattern, d.wds_caption_key, d.wds_negated_key, bad=bad),
-      on_error=bad,
       source=pattern,
-      decode=decode,
-      image_size=image_size,
+      **file_table,
     )
   elif d.presence == "ccneg":
     from negclip_jax.data import ccneg
@@ -175,10 +174,8 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
         check_images=False,
         bad=bad,
       ),
-      on_error=bad,
       source=d.ccneg_path,
-      decode=decode,
-      image_size=image_size,
+      **file_table,
     )
   else:
     raise ValueError(
@@ -192,10 +189,8 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
     pattern = d.absence[len(WEBDATASET) :]
     absence = pipeline.absence_table(
       webdataset.load_absence(pattern, d.wds_caption_key, d.wds_updated_key, bad=bad),
-      on_error=bad,
       source=pattern,
-      decode=decode,
-      image_size=image_size,
+      **file_table,
     )
   elif d.absence == "coco_negation":
     from negclip_jax.data import coco_negation
@@ -204,10 +199,8 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
       coco_negation.load_coco_negation(
         need("coco_json"), need("coco_image_dir"), check_images=False, bad=bad
       ),
-      on_error=bad,
       source=d.coco_json,
-      decode=decode,
-      image_size=image_size,
+      **file_table,
     )
   else:
     raise ValueError(

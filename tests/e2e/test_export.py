@@ -32,6 +32,18 @@ def _run(args, cwd, **kwargs):
   )
 
 
+# The run the module's tests share, trained in a directory outside the repository.
+TRAIN_ARGS = [
+  "-m",
+  "negclip_jax.train",
+  "--config",
+  "tiny_eval.py",
+  "--workdir",
+  "run",
+  "--config.total_steps=2",
+]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A 2-step tiny run started by name from outside the repository, evaluated at the end."""
@@ -40,18 +52,7 @@ def run_dir(tmp_path_factory):
     "from negclip_jax.configs import tiny\n\n\ndef get_config():\n  c = tiny.get_config()\n"
     "  c.evals.negshapes = dict(num=8)\n  return c\n"
   )
-  out = _run(
-    [
-      "-m",
-      "negclip_jax.train",
-      "--config",
-      "tiny_eval.py",
-      "--workdir",
-      "run",
-      "--config.total_steps=2",
-    ],
-    cwd=cwd,
-  )
+  out = _run(TRAIN_ARGS, cwd=cwd)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "Exported to" in out.stdout
   (cwd / "first_stdout.txt").write_text(out.stdout)
@@ -92,18 +93,7 @@ def test_running_a_finished_run_again_says_so_and_keeps_its_export(run_dir):
   export_file = run_dir / "export" / "hf" / "model.safetensors"
   before = (export_file.stat().st_mtime_ns, rundir.read_metrics(run_dir))
   first = json.loads((run_dir.parent / "first_stdout.txt").read_text().splitlines()[-1])
-  out = _run(
-    [
-      "-m",
-      "negclip_jax.train",
-      "--config",
-      "tiny_eval.py",
-      "--workdir",
-      "run",
-      "--config.total_steps=2",
-    ],
-    cwd=run_dir.parent,
-  )
+  out = _run(TRAIN_ARGS, cwd=run_dir.parent)
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"{run_dir.name} already finished: step 2 of 2" in out.stdout
   assert "Resuming from" not in out.stdout and "Exported to" not in out.stdout

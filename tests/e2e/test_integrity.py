@@ -8,7 +8,6 @@ copy of its workdir.
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import jax
@@ -18,21 +17,6 @@ from helpers import leaves, steps_on_disk, tiny_config
 
 from negclip_jax import rundir
 from negclip_jax.train import checkpoint, resume, trainer
-
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("base")
-  out = trainer.train(tiny_config(), workdir)
-  assert steps_on_disk(workdir) == [2, 4, 6]
-  return workdir, out
-
-
-@pytest.fixture
-def run_copy(base_run, tmp_path):
-  copy = tmp_path / "run"
-  shutil.copytree(base_run[0], copy)
-  return copy
 
 
 def flip_bytes(step_dir: Path, n: int = 64) -> Path:

@@ -28,21 +28,6 @@ def snapshot(workdir: Path) -> dict:
   }
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("base")
-  out = trainer.train(tiny_config(), workdir)
-  assert steps_on_disk(workdir) == [2, 4, 6]
-  return workdir, out
-
-
-@pytest.fixture
-def run_copy(base_run, tmp_path):
-  copy = tmp_path / "run"
-  shutil.copytree(base_run[0], copy)
-  return copy
-
-
 # Representative keys of each kind: model, init, layers, objective and its weights, optimizer,
 # schedule, clipping, batch, seed, data source, gathering, dtype, schedule length (shrunk).
 STATE_CHANGES = {

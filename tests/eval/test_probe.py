@@ -1,5 +1,6 @@
 """Linear probes and the NegShapes diagnosis tasks, on features with known answers."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -68,3 +69,19 @@ def test_fit_pairs_are_the_runs_training_pairs():
   for key in ("presence_captions", "presence_negated", "hard"):
     assert small[key] == full[key][:16]
   assert any(small["hard"]) and not all(small["hard"])
+
+
+def test_fit_reports_the_negation_count_rule_on_its_items():
+  """The word count solves the paper-style pairs and guesses on the hard ones (both negated)."""
+  from negclip_jax.eval import registry
+  from negclip_jax.model import clip as model_lib
+  from negclip_jax.model.tokenizer import ClipTokenizer
+
+  model = model_lib.CLIP(model_lib.get_config("tiny"))
+  params = model_lib.init_params(model, jax.random.key(0))
+  out = registry.run_task(
+    "negshapes-fit", model, params, ClipTokenizer(), progress=False, num=32, seed=0
+  )
+  assert out["presence_train_rule_fewer_negations"] == 1.0
+  assert out["presence_hard_train_rule_fewer_negations"] == 0.5
+  assert out["n"] == out["presence_hard_train_n"] == 32

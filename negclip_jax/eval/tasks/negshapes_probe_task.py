@@ -14,6 +14,8 @@ perception  ("negshapes-probe") For every object (colour, shape): a linear probe
 fit         ("negshapes-fit") Accuracy on the *training* split's own images (ties wrong):
               presence_train       plain caption (true) vs its CC-Neg-style negation
               presence_hard_train  the shortcut-free pair "P, not C" vs "P, not B"
+            "<pair>_rule_fewer_negations": the negation-word count's score on the same items
+            (ties guessed), the trivial rule beside the model.
             With the run's `seed`, `num` <= config.data.negshapes_num and
             `hard_fraction` = config.data.negshapes_hard_fraction, the hard pairs are the
             very pairs the run trains on (`generate_pairs`: item i does not depend on num).
@@ -102,13 +104,20 @@ def fit(
   for name, (mask, true, false) in pairs.items():
     true_f, false_f = text(true, f"{name} true"), text(false, f"{name} false")
     scores = np.stack([np.sum(images * true_f, -1), np.sum(images * false_f, -1)], 1)[mask]
-    stats = negshapes_task.choice_stats(scores, np.zeros(len(scores), np.int64))
+    labels = np.zeros(len(scores), np.int64)
+    stats = negshapes_task.choice_stats(scores, labels)
+    negations = [
+      [-negshapes_task.negation_count(t), -negshapes_task.negation_count(f)]
+      for t, f, keep in zip(true, false, mask)
+      if keep
+    ]
     n = len(scores)
     out.update(
       {
         f"{name}_acc": stats["acc"],
         f"{name}_se": negshapes_task.standard_error(stats["acc"], n),
         f"{name}_n": n,
+        f"{name}_rule_fewer_negations": negshapes_task.choice_stats(negations, labels)["guess"],
       }
     )
   return out
