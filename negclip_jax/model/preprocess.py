@@ -49,23 +49,23 @@ def set_max_image_pixels(limit: int | None) -> None:
 def load_image(path: str | os.PathLike) -> Image.Image:
   """Decode the image file at `path` (pixels loaded, mode unchanged).
 
-  Raises FileNotFoundError if `path` does not exist and ValueError for anything else that
-  goes wrong opening or decoding it: a corrupt or truncated file, an image of more pixels
-  than `set_max_image_pixels` allows (checked before decoding), a NUL byte in the path.
+  One open, no stat first (a ``gs://`` object: one read, no existence check). Raises
+  FileNotFoundError if `path` does not exist and ValueError for anything else that goes
+  wrong opening or decoding it: a corrupt or truncated file, an image of more pixels than
+  `set_max_image_pixels` allows (checked before decoding), a NUL byte in the path.
   """
-  if storage.is_remote(path) and not storage.isfile(path):  # locally: no stat, one open
-    raise FileNotFoundError(f"image file not found: {path}")
   try:
-    with Image.open(storage.open(path, "rb")) as image:
+    with storage.open(path, "rb") as file:
+      image = Image.open(file)
       limit = Image.MAX_IMAGE_PIXELS
       if limit is not None and image.width * image.height > limit:
         raise ValueError(
           f"{image.width}x{image.height} = {image.width * image.height} pixels, more than "
           f"the limit {limit} (data.max_image_pixels)"
         )
-      image.load()
-      return image.copy()
-  except (FileNotFoundError, IsADirectoryError) as e:  # no stat first: one open per image
+      image.load()  # the pixels are in memory: the image outlives the file, no copy
+      return image
+  except (FileNotFoundError, IsADirectoryError) as e:
     raise FileNotFoundError(f"image file not found: {path}") from e
   except Exception as e:  # noqa: BLE001 - every decoder fault is this file's
     if isinstance(e, Image.DecompressionBombError):
@@ -81,7 +81,7 @@ def _to_rgb(image: ImageLike) -> Image.Image:
     if "A" in image.getbands() or image.info.get("transparency") is not None:
       white = Image.new("RGBA", image.size, (255, 255, 255, 255))
       return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # the callers never modify it
   if not isinstance(image, np.ndarray):
     raise TypeError(f"expected a PIL image, a numpy array or a path, got {type(image).__name__}")
   if image.dtype != np.uint8:
@@ -113,12 +113,36 @@ def _center_crop(image: Image.Image, image_size: int, offset: Callable[[int], in
   return image.crop((left, top, left + image_size, top + image_size))
 
 
+def _normalized_values(scale: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+  """float32 [3, 256]: ``(scale(v) - CLIP_MEAN[c]) / CLIP_STD[c]`` for every channel c and
+  uint8 value v, computed once with the very operations a per-image computation would do,
+  so looking a pixel up gives the same bits at a third of the cost (no per-pixel float
+  arithmetic, no broadcast over a last axis of 3)."""
+  scaled = scale(np.arange(256, dtype=np.uint8)[:, None])  # [256, 1]
+  values = np.ascontiguousarray(((scaled - CLIP_MEAN) / CLIP_STD).T)  # [3, 256]
+  values.flags.writeable = False
+  return values
+
+
+# The two protocols' scalings of a uint8 value: "hf" 1/255 in float64, then float32;
+# "original" (torchvision `ToTensor`) / 255 in float32.
+_HF_VALUES = _normalized_values(lambda v: (v.astype(np.float64) * (1 / 255)).astype(np.float32))
+_OPENAI_VALUES = _normalized_values(lambda v: v.astype(np.float32) / np.float32(255))
+
+
+def _lookup(values: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [H, W, 3] with out[..., c] = values[c, pixels[..., c]]."""
+  out = np.empty(pixels.shape, np.float32)
+  for c in range(3):
+    np.take(values[c], pixels[..., c], out=out[..., c], mode="clip")  # uint8: in range
+  return out
+
+
 def preprocess_image(image: ImageLike, image_size: int = 224) -> np.ndarray:
   """One image -> normalized float32 [image_size, image_size, 3], as `CLIPImageProcessor`."""
   resized = _resize_short_side(_to_rgb(image), image_size)
   pixels = np.asarray(_center_crop(resized, image_size, lambda extra: extra // 2))
-  scaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
-  return (scaled - CLIP_MEAN) / CLIP_STD
+  return _lookup(_HF_VALUES, pixels)
 
 
 def _as_pil(image: ImageLike) -> Image.Image:
@@ -138,9 +162,7 @@ def preprocess_image_openai(image: ImageLike, image_size: int = 224) -> np.ndarr
   """One image -> normalized float32 [image_size, image_size, 3], as OpenAI `clip`'s transform."""
   resized = _resize_short_side(_as_pil(image), image_size)
   crop = _center_crop(resized, image_size, lambda extra: int(round(extra / 2.0)))
-  pixels = np.asarray(crop.convert("RGB"))
-  scaled = pixels.astype(np.float32) / np.float32(255)
-  return (scaled - CLIP_MEAN) / CLIP_STD
+  return _lookup(_OPENAI_VALUES, np.asarray(crop.convert("RGB")))
 
 
 PREPROCESS = {"original": preprocess_image_openai, "hf": preprocess_image}

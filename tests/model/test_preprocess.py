@@ -5,7 +5,8 @@ Without torchvision, `transformers.CLIPImageProcessor` resolves to
 `CLIPImageProcessorPil` (PIL bicubic resize, NumPy crop / rescale / normalize),
 which is used here directly and built with explicit openai/clip-vit-base-patch32
 arguments. Our pipeline performs the same operations in the same precision, so
-the measured difference is 0; the tolerance is ATOL = 1e-5. torchvision is not
+its output is bitwise equal (arrays with alpha, composited by each side's own numpy
+arithmetic: ATOL = 1e-5). torchvision is not
 installable here, so its `Resize` / `CenterCrop` / `ToTensor` / `Normalize` on PIL
 images are written out from their definitions (`_compute_resized_output_size`,
 `crop_top = int(round((h - crop) / 2.0))`); the "original" path must equal them exactly.
@@ -71,7 +72,7 @@ def test_matches_transformers(name, image_size):
   for image in (array, Image.fromarray(array)):
     ours = preprocess_image(image, image_size)
     assert ours.shape == (image_size, image_size, 3) and ours.dtype == np.float32
-    np.testing.assert_allclose(ours, expected, rtol=0, atol=ATOL)
+    np.testing.assert_array_equal(ours, expected)
 
 
 def openai_clip_transform(image: Image.Image, size: int) -> np.ndarray:
@@ -191,3 +192,29 @@ def test_corrupt_files(tmp_path):
 def test_rejects_non_uint8_arrays():
   with pytest.raises(ValueError, match="uint8"):
     preprocess_image(IMAGES["coffee"].astype(np.float32))
+
+
+def _file_images():
+  rgba = _modes()["RGBA"]
+  return {
+    "rgb.jpg": Image.fromarray(IMAGES["chelsea"]),
+    "gray.jpg": Image.fromarray(IMAGES["camera"]),
+    "rgba.png": rgba,
+    "palette.gif": _modes()["P"],
+    "rgb.webp": Image.fromarray(IMAGES["coffee"]),
+    "rgb.tiff": Image.fromarray(IMAGES["astronaut"]),
+  }
+
+
+@pytest.mark.parametrize("name", list(_file_images()))
+def test_files_match_the_references(tmp_path, name):
+  """From a path (`load_image`: one open, the decoded image returned without a copy, the
+  normalization looked up per uint8 value) both protocols give the bits their references
+  give on PIL's own decode of the same file."""
+  path = tmp_path / name
+  _file_images()[name].save(path)
+  with Image.open(path) as decoded:
+    decoded.load()
+    hf, original = hf_nhwc(decoded, 64)[0], openai_clip_transform(decoded, 64)
+  np.testing.assert_array_equal(preprocess_image_openai(path, 64), original)
+  np.testing.assert_array_equal(preprocess_image(str(path), 64), hf)
