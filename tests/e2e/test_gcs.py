@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -323,3 +324,53 @@ def test_webdataset_shards_in_a_bucket_read_as_local_ones(gcs, tmp_path):
     assert (
       preprocess_image(b.image_path, 32).tobytes() == preprocess_image(a.image_path, 32).tobytes()
     )
+
+
+def test_an_image_read_from_a_bucket_is_one_request(gcs, tmp_path, monkeypatch):
+  """One GET per image (no existence check or metadata request first), a member of a
+  webdataset shard one ranged GET; a missing object is the same DataError a missing local
+  file is, after that one request."""
+  import gcsfs
+
+  from negclip_jax import storage
+  from negclip_jax.data.records import DataError
+  from negclip_jax.model.preprocess import preprocess_image
+  from negclip_jax.train.pipeline import load_example_image
+
+  write_wds_shards(tmp_path, samples_per_shard=2, shards=1)
+  _upload(gcs["fs"], tmp_path, f"{BUCKET}/one-get")
+  local_tar, remote_tar = tmp_path / "shard-000.tar", f"gs://{BUCKET}/one-get/shard-000.tar"
+  gcs["fs"].put_file(str(local_tar), f"{BUCKET}/one-get/image.tar.png")  # not decodable
+  requests = []
+  real_call = gcsfs.GCSFileSystem._call
+
+  async def counted(self, method, path, *args, **kwargs):
+    requests.append((method, path))
+    return await real_call(self, method, path, *args, **kwargs)
+
+  monkeypatch.setattr(gcsfs.GCSFileSystem, "_call", counted)
+  with tarfile.open(local_tar) as tar:
+    members = [m for m in tar.getmembers() if m.name.endswith(".png")]
+  for m in members:
+    local = storage.member(str(local_tar), m.name, m.offset_data, m.size)
+    remote = storage.member(remote_tar, m.name, m.offset_data, m.size)
+    requests.clear()
+    assert preprocess_image(remote, 16).tobytes() == preprocess_image(local, 16).tobytes()
+    assert len(requests) == 1, requests
+  requests.clear()
+  with storage.open(remote_tar, "rb") as f:
+    assert f.read() == local_tar.read_bytes()
+  assert len(requests) == 1, requests
+
+  images = [f"gs://{BUCKET}/one-get/missing.png", str(tmp_path / "missing.png")]
+  errors, counts = [], []
+  for i in range(2):
+    requests.clear()
+    with pytest.raises(DataError) as e:
+      load_example_image(images, i, 16, record=7)
+    errors.append(str(e.value).replace(images[i], "PATH"))
+    counts.append(len(requests))
+  assert counts == [1, 0], requests
+  assert errors[0] == errors[1] and "image file not found: PATH" in errors[0], errors
+  with pytest.raises(DataError, match="cannot decode image file"):
+    load_example_image([f"gs://{BUCKET}/one-get/image.tar.png"], 0, 16)
