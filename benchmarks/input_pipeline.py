@@ -2,7 +2,8 @@
 """Image input throughput: serial vs parallel reading (`negclip_jax.data.parallel_read`).
 
     python benchmarks/input_pipeline.py                 # CPU defaults, a few minutes
-    python benchmarks/input_pipeline.py --num-images 256 --latencies 0,30 --no-gcs
+    python benchmarks/input_pipeline.py --num-images 256 --latencies 0,30 --sources local
+    python benchmarks/input_pipeline.py --latencies 30 --sources local --passes cache --train-steps 0
 
 Images: `--num-images` JPEGs of 500x375 px (quality 90; smooth colour fields plus noise, so
 they decode like photos) written to a temporary folder. Model: `--preset` (default `tiny`,
@@ -18,7 +19,14 @@ Each runs with `read_threads=1` (serial: the code before parallel reading) and w
 default thread count (`parallel_read.read_threads(0)`), from local disk and with a per-object
 latency injected into `preprocess.load_image` (`--latencies` ms: a sleep before each read,
 what a bucket object costs from a TPU VM), and from the local fake-gcs-server the tests
-start (gs:// paths through gcsfs; skipped with `--no-gcs`).
+start (gs:// paths through gcsfs, one GET per image; `--sources` picks local / fake-gcs,
+`--passes` the passes).
+
+Beside wall-clock rates every row gives c, the CPU time per image (`time.process_time` of
+the whole process over the pass / images: read + decode + resize + crop + normalize + the
+model's share), which a shared machine's load barely changes. With `cores` CPUs the
+parallel rate is at most cores / c, so the speed-up at latency L is at most about
+cores * (L + c) / c; the `*_bound` headline lines give that bound for this machine.
 
 train step idle  `TrainPipeline` over tables of image files (the image cache off) feeding the
               real train step (`--train-batch` presence + absence examples, pmap), at
@@ -72,10 +80,11 @@ def parse_args(argv=None):
   p.add_argument("--latencies", default="0,10,30,100", help="injected ms per object")
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--threads", type=int, default=0, help="parallel readers (0: default count)")
-  p.add_argument("--no-gcs", action="store_true", help="skip the fake-gcs-server rows")
+  p.add_argument("--sources", default="local,fake-gcs", help="local and/or fake-gcs rows")
+  p.add_argument("--passes", default="cache,eval,decode", help="cache, eval and/or decode")
   p.add_argument("--gcs-latencies", default="0,30", help="injected ms, fake-gcs-server rows")
   p.add_argument("--train-batch", type=int, default=16)
-  p.add_argument("--train-steps", type=int, default=6)
+  p.add_argument("--train-steps", type=int, default=6, help="0: no train step rows")
   p.add_argument("--idle-latency", type=float, default=30.0, help="ms, train step rows")
   return p.parse_args(argv)
 
@@ -107,13 +116,14 @@ def injected_latency(ms: float):
 
 
 def timed(fn, repeats: int):
-  """(median seconds, last result) of `repeats` calls."""
-  times, out = [], None
+  """(median wall seconds, median CPU seconds of the process, last result) of `repeats` calls."""
+  times, cpu, out = [], [], None
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
     times.append(time.perf_counter() - t0)
-  return common.median(times), out
+    cpu.append(time.process_time() - c0)
+  return common.median(times), common.median(cpu), out
 
 
 @contextlib.contextmanager
@@ -196,6 +206,12 @@ def idle_fraction(model, params, paths, size, args, threads: int) -> tuple[float
 
 def main(argv=None):
   args = parse_args(argv)
+  for option, values, allowed in (
+    ("--passes", args.passes, ("cache", "eval", "decode")),
+    ("--sources", args.sources, ("local", "fake-gcs")),
+  ):
+    if not set(values.split(",")) <= set(allowed):
+      raise SystemExit(f"error: {option} {values!r}: a comma-separated subset of {allowed}")
   threads = parallel_read.read_threads(args.threads)
   print(f"machine: {common.machine_description()}", flush=True)
   print(f"cpus: {os.cpu_count()}, parallel readers: {threads}", flush=True)
@@ -223,31 +239,39 @@ def main(argv=None):
 
   logging.getLogger("negclip_jax").setLevel(logging.WARNING)
   cache_pass(paths[: args.batch], 1), eval_pass(paths[: args.batch], 1)  # compile, untimed
-  rows, equal, speedups = [], True, {}
+  known = {"cache": ("cache pass", cache_pass), "eval": ("eval pass", eval_pass)}
+  known["decode"] = ("decode", decode)
+  passes = [known[k] for k in args.passes.split(",")]
+  rows, equal = [], True
+  row_of = {}  # (source, ms, pass) -> row
 
   def measure(where, files, ms):
     nonlocal equal
     with injected_latency(ms):
-      for name, fn in (("cache pass", cache_pass), ("eval pass", eval_pass), ("decode", decode)):
-        serial_s, serial = timed(lambda: fn(files, 1), args.repeats)
-        parallel_s, parallel = timed(lambda: fn(files, threads), args.repeats)
+      for name, fn in passes:
+        serial_s, serial_cpu, serial = timed(lambda: fn(files, 1), args.repeats)
+        parallel_s, parallel_cpu, parallel = timed(lambda: fn(files, threads), args.repeats)
         if name != "decode":
           same = np.asarray(parallel).tobytes() == np.asarray(serial).tobytes()
         else:
           same = all(a.tobytes() == b.tobytes() for a, b in zip(serial, parallel, strict=True))
         equal &= same
         row = (where, ms, name, n / serial_s, n / parallel_s, serial_s / parallel_s, same)
+        row += (1e3 * serial_cpu / n, 1e3 * parallel_cpu / n)
         rows.append(row)
-        speedups[where, ms, name] = row[5]
+        row_of[row[:3]] = row
         print(
           f"{where:>10} {ms:>5.0f} ms  {name:<10} serial {row[3]:8.1f} img/s  "
-          f"parallel {row[4]:8.1f} img/s  x{row[5]:5.1f}  equal={same}",
+          f"parallel {row[4]:8.1f} img/s  x{row[5]:5.1f}  equal={same}  "
+          f"CPU {row[8]:.2f} ms/img (serial {row[7]:.2f})",
           flush=True,
         )
 
-  for ms in [float(x) for x in args.latencies.split(",")]:
-    measure("local", paths, ms)
-  if not args.no_gcs:
+  sources = args.sources.split(",")
+  if "local" in sources:
+    for ms in [float(x) for x in args.latencies.split(",")]:
+      measure("local", paths, ms)
+  if "fake-gcs" in sources:
     with gcs_server() as fs:
       fs.mkdir("bench")
       remote = []
@@ -257,36 +281,51 @@ def main(argv=None):
       for ms in [float(x) for x in args.gcs_latencies.split(",")]:
         measure("fake-gcs", remote, ms)
 
-  print("\n| source | latency ms | pass | serial img/s | parallel img/s | speed-up | equal |")
-  print("| --- | --- | --- | --- | --- | --- | --- |")
-  for where, ms, name, s, p, x, same in rows:
-    print(f"| {where} | {ms:.0f} | {name} | {s:.1f} | {p:.1f} | {x:.1f}x | {same} |")
+  print(
+    "\n| source | latency ms | pass | serial img/s | parallel img/s | speed-up | equal "
+    "| CPU ms/img serial | CPU ms/img parallel |"
+  )
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for where, ms, name, s, p, x, same, cs, cp in rows:
+    print(
+      f"| {where} | {ms:.0f} | {name} | {s:.1f} | {p:.1f} | {x:.1f}x | {same} | {cs:.2f} | {cp:.2f} |"
+    )
 
   idle = {}
-  with injected_latency(args.idle_latency):
-    for label, t in (("serial", 1), ("parallel", threads)):
-      idle[label] = idle_fraction(model, params, paths, size, args, t)
-      print(
-        f"train step fed from files, cache off, {args.idle_latency:.0f} ms/object, {label}: "
-        f"device idle {idle[label][0]:.1%} of the loop, {idle[label][1]:.2f} steps/s "
-        f"(global batch {args.train_batch} + {args.train_batch} images)",
-        flush=True,
-      )
+  if args.train_steps:
+    with injected_latency(args.idle_latency):
+      for label, t in (("serial", 1), ("parallel", threads)):
+        idle[label] = idle_fraction(model, params, paths, size, args, t)
+        print(
+          f"train step fed from files, cache off, {args.idle_latency:.0f} ms/object, {label}: "
+          f"device idle {idle[label][0]:.1%} of the loop, {idle[label][1]:.2f} steps/s "
+          f"(global batch {args.train_batch} + {args.train_batch} images)",
+          flush=True,
+        )
 
-  rate30 = next((r[4] for r in rows if r[:3] == ("local", 30.0, "cache pass")), None)
-  if rate30:
+  cores = len(os.sched_getaffinity(0))
+  cache30 = row_of.get(("local", 30.0, "cache pass"))
+  if cache30:
     print(
       f"projected {PAPER_IMAGES} image cache pass per host at 30 ms/object: "
-      f"{PAPER_IMAGES / rate30 / 3600:.2f} h parallel (this machine, {args.preset}), "
-      f"serial {PAPER_IMAGES / next(r[3] for r in rows if r[:3] == ('local', 30.0, 'cache pass')) / 3600:.2f} h"
+      f"{PAPER_IMAGES / cache30[4] / 3600:.2f} h parallel (this machine, {args.preset}), "
+      f"serial {PAPER_IMAGES / cache30[3] / 3600:.2f} h"
     )
-  print(f"train_idle_serial: {idle['serial'][0]:.3f}")
-  print(f"train_idle_parallel: {idle['parallel'][0]:.3f}")
-  if ("local", 0.0, "decode") in speedups:
-    decode_rate = next(r[4] for r in rows if r[:3] == ("local", 0.0, "decode"))
-    print(f"decode_only_images_per_s: {decode_rate:.1f}")
-  if ("local", 30.0, "cache pass") in speedups:
-    print(f"cache_pass_speedup_30ms: {speedups['local', 30.0, 'cache pass']:.1f}")
+  for label, t in idle.items():
+    print(f"train_idle_{label}: {t[0]:.3f}")
+  decode0 = row_of.get(("local", 0.0, "decode"))
+  if decode0:
+    print(f"decode_only_images_per_s: {decode0[4]:.1f}")
+    print(f"decode_only_cpu_ms_per_image: {decode0[8]:.2f}")
+  if cache30:
+    # c: CPU per image of the parallel pass (sleeping threads cost none); with `cores` CPUs
+    # the pass cannot beat cores / c, nor `threads` reads per 30 ms.
+    c = cache30[8] / 1e3
+    bound = min(cores / c, threads / 0.030)
+    print(f"cache_pass_cpu_ms_per_image: {1e3 * c:.2f}")
+    print(f"cache_pass_cpu_bound_images_per_s: {bound:.1f} ({cores} CPUs, {threads} threads)")
+    print(f"cache_pass_speedup_30ms_bound: {bound / cache30[3]:.1f}")
+    print(f"cache_pass_speedup_30ms: {cache30[5]:.1f}")
   print(f"features_equal_serial: {str(equal).lower()}")
 
 

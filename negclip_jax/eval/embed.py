@@ -210,7 +210,12 @@ class Embedder:
   def _apply(self, fn, x, count, batch_size):
     """x: an array (or, packed, a tree of arrays) of <= batch_size items, padded by
     repeating the first."""
-    pad = lambda a: np.concatenate([a, np.repeat(a[:1], batch_size - len(a), axis=0)])
+
+    def pad(a):  # a full batch as it is: no copy of the pixels
+      if len(a) == batch_size:
+        return a
+      return np.concatenate([a, np.repeat(a[:1], batch_size - len(a), axis=0)])
+
     if self.mesh is not None:  # this process's rows of one global batch (never packed)
       out = fn(
         self.params,
