@@ -94,7 +94,8 @@ def open(
   encoding: str | None = None,  # noqa: A001
   newline: str | None = None,
 ):
-  """`builtins.open` for a local file; a ``gs://`` object is read whole into memory.
+  """`builtins.open` for a local file; a ``gs://`` object is read whole into memory (one
+  GET, `_read_object`; a missing one raises FileNotFoundError).
 
   Only reading is supported remotely (`write_atomic` writes); `encoding` and `newline`
   apply as in `builtins.open` (e.g. ``utf-8-sig``, ``newline=""`` for csv).

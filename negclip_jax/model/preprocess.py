@@ -13,6 +13,10 @@ never applied. They differ in the crop offset, the colour conversion and the sca
   ``CenterCrop``, ``convert("RGB")``, ``ToTensor``, ``Normalize``). Resize in the
   image's own mode, crop at offset ``int(round((size - crop) / 2))`` (round half
   to even), then convert to RGB (alpha dropped), scale by ``/ 255`` in float32.
+
+Scaling and normalizing are looked up: each protocol's float32 result for every uint8 value
+and channel is computed once with exactly those operations (`_normalized_values`), so a
+pixel's lookup has the same bits as its arithmetic.
 """
 
 from __future__ import annotations
