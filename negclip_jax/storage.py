@@ -56,7 +56,8 @@ def _read_object(file: str, offset: int = 0, size: int | None = None) -> bytes:
   installed) reads through epath. A missing object raises FileNotFoundError either way.
   """
   gpath = epath.Path(file)
-  backend = gpath._backend  # noqa: SLF001 - the client epath chose; it has no public getter
+  # The client epath chose (no public getter; without the attribute: epath's own read).
+  backend = getattr(gpath, "_backend", None)
   if backend is epath_backend.fsspec_backend:
     end = None if size is None else offset + size
     return backend.fs(file).cat_file(file, start=offset or None, end=end)
