@@ -29,8 +29,8 @@ parallel rate is at most cores / c (and threads / (L + c)), and a serial image c
 so the speed-up at latency L is at most about cores * (L + c) / c; the `*_bound` headline
 lines give that bound for this machine's CPUs, whatever its load.
 
-stages  `--stage-sizes`: CPU per image of each step of `preprocess_image` (open, JPEG decode,
-              bicubic resize, crop, normalize), this thread alone.
+stages      `--stage-sizes` px: CPU per image of each step of `preprocess_image` (open,
+              JPEG decode, bicubic resize, crop, normalize), one thread.
 
 train step idle  `TrainPipeline` over tables of image files (the image cache off) feeding the
               real train step (`--train-batch` presence + absence examples, pmap), at
@@ -123,12 +123,9 @@ def injected_latency(ms: float):
 def stage_costs(paths: list[str], size: int) -> dict[str, float]:
   """CPU ms per image of each step of `preprocess_image(path, size)` ("hf"), and of the
   whole call, over `paths` (`time.process_time`, this thread only: no other work runs)."""
-  clock, costs = (
-    time.process_time,
-    dict.fromkeys(
-      ("open + header", "decode", "resize", "crop + array", "normalize", "whole call"), 0.0
-    ),
-  )
+  clock = time.process_time
+  steps = ("open + header", "decode", "resize", "crop + array", "normalize", "whole call")
+  costs = dict.fromkeys(steps, 0.0)
   for path in paths:
     t0 = clock()
     with open(path, "rb") as f:
