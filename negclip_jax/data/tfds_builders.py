@@ -9,9 +9,11 @@ Convert once, then train from the shards (``data.presence=tfds:negclip_ccneg``,
       --annotations negationclip_captions_train2014.json --image-root /data/coco/train2014 \
       --data-dir OUT
 
-or with TFDS's own command, the annotation file and the images it names in one folder:
-``tfds build negclip_ccneg --imports negclip_jax.data.tfds_builders --manual_dir DIR
---data_dir OUT``. The records are those the file readers give (`ccneg.load_ccneg`,
+or through TFDS with the annotation file and the images it names in one folder DIR:
+``NegclipCcneg(data_dir=OUT).download_and_prepare(download_config=tfds.download.DownloadConfig(
+manual_dir=DIR))``, as ``tfds build negclip_ccneg --imports negclip_jax.data.tfds_builders
+--manual_dir DIR --data_dir OUT`` does (tensorflow-datasets 4.9.10's ``tfds`` command needs
+apache-beam installed to start). The records are those the file readers give (`ccneg.load_ccneg`,
 `coco_negation.load_coco_negation`: same parsing, same paths, a bad record stops the build
 with its DataError); image files are copied byte for byte, never re-encoded.
 

@@ -200,3 +200,19 @@ def test_examples_without_usable_text_go_to_the_bad_record_policy(tmp_path):
   records = tfds_shards.load_presence("bad_texts", data_dir=str(tmp_path), bad=bad)
   assert sorted(r.negated for r in records) == ["no cat", "no dog"]
   assert [(e.key, e.reason) for e in bad.skipped] == [("negated", "empty string")]
+
+
+def test_each_process_reads_its_split_for_jax_process_share(data, monkeypatch):
+  import jax
+
+  from negclip_jax import hosts
+
+  read = {}
+  every = tfds_shards.load_presence("negclip_ccneg", data_dir=data.data_dir)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(hosts, "gather_json", lambda share: [share])  # this process's only
+  for p in (0, 1):
+    monkeypatch.setattr(jax, "process_index", lambda p=p: p)
+    read[p] = tfds_shards.load_presence("negclip_ccneg", data_dir=data.data_dir)
+  assert len(read[0]) == len(read[1]) == (N - EVAL) // 2
+  assert sorted(r.index for r in read[0] + read[1]) == [r.index for r in every]
