@@ -174,18 +174,22 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("dataset", choices=sorted(BUILDERS))
   parser.add_argument("--annotations", required=True, help="the annotation file")
   parser.add_argument("--image-root", required=True, help="the folder its image paths are under")
-  parser.add_argument("--data-dir", required=True, help="TFDS data_dir to write (local or gs://)")
+  parser.add_argument("--data-dir", required=True, help="TFDS data_dir to write")
   parser.add_argument(
     "--eval-size", type=int, default=ccneg.CCNEG_EVAL_SIZE, help="ccneg: records held out"
   )
   args = parser.parse_args(argv)
+  if not storage.isfile(args.annotations):
+    parser.exit(1, f"error: --annotations {args.annotations}: no such file\n")
+  if not storage.isdir(args.image_root):
+    parser.exit(1, f"error: --image-root {args.image_root}: no such folder\n")
   kwargs = dict(annotations=args.annotations, image_root=args.image_root, data_dir=args.data_dir)
   if args.dataset == "ccneg":
     kwargs["eval_size"] = args.eval_size
   try:
     builder = BUILDERS[args.dataset](**kwargs)
     builder.download_and_prepare()
-  except DataError as e:
+  except (DataError, OSError) as e:  # a bad record, a missing file
     parser.exit(1, f"error: {e}\n")
   splits = {name: s.num_examples for name, s in builder.info.splits.items()}
   print(f"wrote {builder.info.full_name} to {builder.data_dir}: {splits}")

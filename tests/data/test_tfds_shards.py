@@ -83,6 +83,18 @@ def test_builders_hold_the_records_of_the_files(data):
     tfds_shards.load_presence("negclip_nothing", data_dir=data.data_dir)
 
 
+def test_build_command_names_a_missing_file_in_one_line(tmp_path, capsys):
+  missing = str(tmp_path / "none.jsonl")
+  with pytest.raises(SystemExit) as exit_:
+    tfds_builders.main(
+      ["ccneg", "--annotations", missing, "--image-root", str(tmp_path)]
+      + ["--data-dir", str(tmp_path / "out")]
+    )
+  err = capsys.readouterr().err
+  assert exit_.value.code == 1 and err.startswith("error: ") and missing in err
+  assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_manual_dir_build_reads_the_annotation_file_there(data, tmp_path):
   folder = tmp_path / "manual"
   folder.mkdir()
