@@ -212,6 +212,10 @@ def test_examples_without_usable_text_go_to_the_bad_record_policy(tmp_path):
   records = tfds_shards.load_presence("bad_texts", data_dir=str(tmp_path), bad=bad)
   assert sorted(r.negated for r in records) == ["no cat", "no dog"]
   assert [(e.key, e.reason) for e in bad.skipped] == [("negated", "empty string")]
+  # The same dataset as ArrayRecord files: refused, naming the rebuild option.
+  BadTexts(data_dir=str(tmp_path / "ar"), file_format="array_record").download_and_prepare()
+  with pytest.raises(DataError, match=r"stored as array_record; .*--file_format tfrecord"):
+    tfds_shards.load_presence("bad_texts", data_dir=str(tmp_path / "ar"))
 
 
 def test_each_process_reads_its_split_for_jax_process_share(data, monkeypatch):
