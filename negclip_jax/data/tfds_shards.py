@@ -12,15 +12,16 @@ index is its position in the split, and the order the split's.
 Each process reads its share of the split, ``tfds.split_for_jax_process`` (TFDS's file
 instructions: shard file, examples skipped and taken), walking the TFRecord framing itself
 to know where each example lies; the shares are all-gathered (`hosts.gather_json`), so every
-process holds the same records and a pod reads each example once. An image's encoded bytes
-lie verbatim in its serialized example: the record's image is a `storage.member` path of that
-byte range (one ranged read when loaded; the image cache keys it by the shard's size, mtime
-and the range), as for webdataset shards (`webdataset`). An example without an image or
-without usable text goes to the `records.BadRecords` policy as a DataError naming the shard,
-the example's position in it and the key; an undecodable image is found where any image is
-decoded (image cache, ``pipeline.validate(decode=True)``), under the same policy. Only the
-TFRecord file format (``tfds build``'s default) is read: rebuild an ArrayRecord dataset
-with ``--file_format tfrecord``.
+process holds the same records and each example is parsed by one process (a shard file that
+two shares split is read by both). An image's encoded bytes lie verbatim in its serialized
+example: the record's image is a `storage.member` path of that byte range (one ranged read
+when loaded; the image cache keys it by the shard's size, mtime and the range), as for
+webdataset shards (`webdataset`). An example without an image or without usable text goes to
+the `records.BadRecords` policy as a DataError naming the shard, the example's position in
+it and the key; an undecodable image is found where any image is decoded (image cache,
+``pipeline.validate(decode=True)``), under the same policy. Only the TFRecord file format
+(``tfds build``'s default) is read: rebuild an ArrayRecord dataset with ``--file_format
+tfrecord``.
 """
 
 from __future__ import annotations
