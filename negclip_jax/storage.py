@@ -26,8 +26,11 @@ from etils import epath
 from etils.epath import backend as epath_backend
 
 REMOTE_PREFIX = "gs://"
-# A byte range of a tar file (a member's data), as a path: FILE.tar#OFFSET+SIZE/NAME.
-_MEMBER = re.compile(r"^(?P<file>.+\.tar)#(?P<offset>\d+)\+(?P<size>\d+)/(?P<name>.+)$")
+# A byte range of a tar file (a member's data) or of a TFDS TFRecord shard (an image's
+# bytes), as a path: FILE#OFFSET+SIZE/NAME.
+_MEMBER = re.compile(
+  r"^(?P<file>.+(?:\.tar|\.tfrecord-\d+-of-\d+))#(?P<offset>\d+)\+(?P<size>\d+)/(?P<name>.+)$"
+)
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -36,7 +39,7 @@ def is_remote(path: str | os.PathLike) -> bool:
 
 
 def member(file: str, name: str, offset: int, size: int) -> str:
-  """The path of `size` bytes at `offset` of the tar file `file` (member `name`'s data):
+  """The path of `size` bytes at `offset` of the tar or TFRecord file `file` (`name`'s data):
   ``FILE#OFFSET+SIZE/NAME``; `open`, `isfile`, `file_stamp` and `files_exist` take it."""
   return f"{file}#{offset}+{size}/{name}"
 

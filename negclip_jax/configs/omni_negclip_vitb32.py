@@ -19,8 +19,8 @@ def get_config():
   c.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU
 
   c.data = ml_collections.ConfigDict()
-  c.data.presence = "ccneg"  # ccneg | negshapes | wds:SHARDS (webdataset tar shards)
-  c.data.absence = "coco_negation"  # coco_negation | negshapes | wds:SHARDS
+  c.data.presence = "ccneg"  # ccneg | negshapes | wds:SHARDS (webdataset tar shards) | tfds:NAME
+  c.data.absence = "coco_negation"  # coco_negation | negshapes | wds:SHARDS | tfds:NAME
   c.data.ccneg_path = ""  # ccneg_preprocessed.pt or .jsonl
   c.data.ccneg_image_root = ""  # CC-Neg image folder
   c.data.ccneg_eval_size = 40000  # the last 40k samples are held out
@@ -40,6 +40,8 @@ def get_config():
   c.data.wds_caption_key = "txt"  # wds: a sample's .txt member, or this field of its .json
   c.data.wds_negated_key = "negated"  # wds presence: the negated caption's member or field
   c.data.wds_updated_key = "updated"  # wds absence: the updated caption's member or field
+  c.data.tfds_data_dir = ""  # tfds:NAME: the TFDS data_dir it is prepared in (local or gs://)
+  c.data.tfds_split = "train"  # tfds:NAME: the split read (TFDS syntax: "train[:90%]" too)
   c.data.read_threads = 0  # image reader threads (0: max(32, 4 * CPUs), up to 128; 1: serial)
 
   # Optimization: the original recipe, exactly (`torch.optim.AdamW(trainable, lr, weight_decay)`

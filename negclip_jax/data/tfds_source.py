@@ -20,7 +20,7 @@ def _key_path(key: str | Sequence[str]) -> tuple[str, ...]:
   return (key,) if isinstance(key, str) else tuple(key)
 
 
-def _feature_at(builder, path: tuple[str, ...]):
+def feature_at(builder, path: tuple[str, ...]):
   """The TFDS feature at a nested key path, else DataError listing what exists."""
   feature = builder.info.features
   for depth, k in enumerate(path):
@@ -35,14 +35,15 @@ def _feature_at(builder, path: tuple[str, ...]):
   return feature
 
 
-def _prepared_builder(name: str, data_dir: str | os.PathLike):
-  """The TFDS builder of ``name`` prepared under ``data_dir``, else DataError saying how."""
+def prepared_builder(name: str, data_dir: str | os.PathLike, how: str | None = None):
+  """The TFDS builder of ``name`` prepared under ``data_dir``, else DataError saying `how`
+  to prepare it (default: ``tfds build`` on a machine with internet access)."""
   import tensorflow_datasets as tfds
 
   data_dir = os.fspath(data_dir)
   if not storage.isdir(data_dir):
     raise DataError(data_dir, "TFDS data_dir does not exist")
-  how = (
+  how = how or (
     f"prepare it on a machine with internet access with "
     f"`tfds build {name} --data_dir {data_dir}` and copy that directory here"
   )
@@ -83,9 +84,9 @@ def load_tfds_captions(
   """
   import tensorflow_datasets as tfds  # Heavy import, only needed here.
 
-  builder = _prepared_builder(name, data_dir)
+  builder = prepared_builder(name, data_dir)
   image_path, caption_path = _key_path(image_key), _key_path(caption_key)
-  image_feature = _feature_at(builder, image_path)
+  image_feature = feature_at(builder, image_path)
   if not (
     isinstance(image_feature, tfds.features.Image)
     and image_feature.np_dtype == np.uint8
@@ -96,7 +97,7 @@ def load_tfds_captions(
       f"expected a uint8 RGB Image feature, got {image_feature!r}",
       key="/".join(image_path),
     )
-  caption_feature = _feature_at(builder, caption_path)
+  caption_feature = feature_at(builder, caption_path)
   while isinstance(caption_feature, tfds.features.Sequence):
     caption_feature = caption_feature.feature
   if not isinstance(caption_feature, tfds.features.Text):
@@ -164,8 +165,8 @@ def load_tfds_images(
       )
     builder = tfds.folder_dataset.ImageFolder(os.fspath(name))
   else:
-    builder = _prepared_builder(name, data_dir)
-  image_feature = _feature_at(builder, (image_key,))
+    builder = prepared_builder(name, data_dir)
+  image_feature = feature_at(builder, (image_key,))
   if not (
     isinstance(image_feature, tfds.features.Image)
     and image_feature.np_dtype == np.uint8
@@ -174,7 +175,7 @@ def load_tfds_images(
     raise DataError(
       builder.data_dir, f"expected a uint8 RGB Image feature, got {image_feature!r}", key=image_key
     )
-  label_feature = _feature_at(builder, (label_key,))
+  label_feature = feature_at(builder, (label_key,))
   if not isinstance(label_feature, tfds.features.ClassLabel):
     raise DataError(
       builder.data_dir, f"expected a ClassLabel feature, got {label_feature!r}", key=label_key

@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     "pairs (default all CC-Neg train records, 500 NegShapes pairs); zeroshot: "
     "first N images (default all)",
   )
-  p.add_argument("--tfds-data-dir", help="zeroshot: TFDS data_dir holding the prepared dataset")
+  p.add_argument(
+    "--tfds-data-dir", help="zeroshot, ccneg-tfds: TFDS data_dir holding the prepared dataset"
+  )
   p.add_argument(
     "--classnames",
     help=f"zeroshot: {sorted(zeroshot_task.CLASSNAMES)} or a JSON list "

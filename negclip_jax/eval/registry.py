@@ -54,6 +54,13 @@ TASKS = {
     {"data": "CC-Neg-style webdataset shards, e.g. 'shards/{00000..00007}.tar'"},
     ("protocol", "negation_words"),
   ),
+  "ccneg-tfds": Task(
+    ccneg_task.run_tfds,
+    {
+      "tfds_data_dir": "TFDS data_dir holding negclip_ccneg (python -m negclip_jax.data.tfds_builders)"
+    },
+    ("protocol", "negation_words"),
+  ),
   "ccneg2": Task(
     ccneg_task.run2,
     {"data": "CC-Neg mode-2 .pt (positive/negative images)", "image_root": _IMAGE_ROOT},

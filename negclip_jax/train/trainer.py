@@ -101,6 +101,7 @@ def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
 
 
 WEBDATASET = "wds:"  # config.data.presence / absence = "wds:" + a shard pattern
+TFDS = "tfds:"  # config.data.presence / absence = "tfds:" + a TFDS dataset name
 
 
 def load_tables(config, image_size: int, bad: BadRecords | None = None):
@@ -156,6 +157,17 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
       source=pattern,
       **file_table,
     )
+  elif d.presence.startswith(TFDS):
+    from negclip_jax.data import tfds_shards
+
+    if distractors:
+      raise ValueError("config.data.presence=tfds:... has no distractor images (objective conclip)")
+    name = d.presence[len(TFDS) :]
+    presence = pipeline.presence_table(
+      tfds_shards.load_presence(name, d.tfds_split, data_dir=need("tfds_data_dir"), bad=bad),
+      source=d.presence,
+      **file_table,
+    )
   elif d.presence == "ccneg":
     from negclip_jax.data import ccneg
 
@@ -179,7 +191,8 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
     )
   else:
     raise ValueError(
-      f"config.data.presence must be 'ccneg', 'negshapes' or 'wds:SHARDS', got {d.presence!r}"
+      "config.data.presence must be 'ccneg', 'negshapes', 'wds:SHARDS' or 'tfds:NAME', "
+      f"got {d.presence!r}"
     )
   if d.absence == "negshapes":
     absence = shapes[1]
@@ -190,6 +203,16 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
     absence = pipeline.absence_table(
       webdataset.load_absence(pattern, d.wds_caption_key, d.wds_updated_key, bad=bad),
       source=pattern,
+      **file_table,
+    )
+  elif d.absence.startswith(TFDS):
+    from negclip_jax.data import tfds_shards
+
+    absence = pipeline.absence_table(
+      tfds_shards.load_absence(
+        d.absence[len(TFDS) :], d.tfds_split, data_dir=need("tfds_data_dir"), bad=bad
+      ),
+      source=d.absence,
       **file_table,
     )
   elif d.absence == "coco_negation":
@@ -204,7 +227,8 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
     )
   else:
     raise ValueError(
-      f"config.data.absence must be 'coco_negation', 'negshapes' or 'wds:SHARDS', got {d.absence!r}"
+      "config.data.absence must be 'coco_negation', 'negshapes', 'wds:SHARDS' or 'tfds:NAME', "
+      f"got {d.absence!r}"
     )
   return presence, absence
 

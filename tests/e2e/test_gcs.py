@@ -374,3 +374,24 @@ def test_an_image_read_from_a_bucket_is_one_request(gcs, tmp_path, monkeypatch):
   assert errors[0] == errors[1] and "image file not found: PATH" in errors[0], errors
   with pytest.raises(DataError, match="cannot decode image file"):
     load_example_image([f"gs://{BUCKET}/one-get/image.tar.png"], 0, 16)
+
+
+def test_tfds_dataset_in_a_bucket_read_as_a_local_one(gcs, tmp_path):
+  from negclip_jax.data import tfds_builders, tfds_shards
+  from negclip_jax.model.preprocess import preprocess_image
+
+  files = write_file_datasets(tmp_path / "files", 6, 32)
+  tfds_builders.main(
+    ["ccneg", "--annotations", files["ccneg_path"], "--image-root", files["ccneg_image_root"]]
+    + ["--data-dir", str(tmp_path / "tfds"), "--eval-size", "2"]
+  )
+  _upload(gcs["fs"], tmp_path / "tfds", f"{BUCKET}/tfds")
+  local = tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path / "tfds"))
+  remote = tfds_shards.load_presence("negclip_ccneg", data_dir=f"gs://{BUCKET}/tfds")
+  assert len(remote) == 4
+  for a, b in zip(local, remote, strict=True):
+    assert (b.caption, b.negated, b.index) == (a.caption, a.negated, a.index)
+    assert b.image_path.startswith(f"gs://{BUCKET}/tfds/negclip_ccneg/1.0.0/negclip_ccneg-train")
+    assert (
+      preprocess_image(b.image_path, 32).tobytes() == preprocess_image(a.image_path, 32).tobytes()
+    )

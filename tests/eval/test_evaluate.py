@@ -28,7 +28,7 @@ from flax import traverse_util
 from helpers import NEGBENCH_MCQ_HEADER, ROOT
 from PIL import Image
 
-from negclip_jax.data import negshapes
+from negclip_jax.data import negshapes, tfds_builders
 from negclip_jax.data.records import DataError
 from negclip_jax.eval import cli as eval_cli
 from negclip_jax.eval import embed, metrics, registry
@@ -195,6 +195,10 @@ def files(tmp_path_factory):
         info = tarfile.TarInfo(f"{k:04d}.{field}")
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
+  tfds_builders.main(  # the eval split as TFDS shards
+    ["ccneg", "--annotations", str(root / "ccneg.jsonl"), "--image-root", str(root)]
+    + ["--data-dir", str(root / "tfds"), "--eval-size", str(CCNEG_EVAL)]
+  )
   (root / "refs.json").write_text(
     json.dumps(
       [
@@ -251,6 +255,7 @@ def files(tmp_path_factory):
     options={
       "ccneg": dict(data=f"{r}/ccneg.pt", image_root=r, eval_size=CCNEG_EVAL, num_ops=True),
       "ccneg-wds": dict(data=f"{r}/ccneg_{{eval}}.tar"),  # a brace pattern of one shard
+      "ccneg-tfds": dict(tfds_data_dir=f"{r}/tfds"),
       "ccneg2": dict(data=f"{r}/ccneg2.pt", image_root=r),
       "negrefcocog": dict(data=f"{r}/refs.json", image_root=r),
       "negationclip": dict(data=f"{r}/coco_neg.json", image_root=r, ties="both"),
@@ -508,7 +513,7 @@ def _reference(task, hf, root, protocol="original"):
   path = lambda i: _path(root, i)
   if task == "ccneg":
     return _ref_ccneg(hf, root, protocol)
-  if task == "ccneg-wds":  # the eval split, read from a shard: mode 1 without the ops subsets
+  if task in ("ccneg-wds", "ccneg-tfds"):  # the eval split from shards: no ops subsets
     return {k: v for k, v in _ref_ccneg(hf, root, protocol).items() if "_ops_" not in k}
   if task == "ccneg2":
     return _ref_ccneg2(hf, root)
@@ -713,6 +718,7 @@ def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path,
     if "image_root" in options:
       argv += [f"--{task}-data", options["data"], f"--{task}-image-root", options["image_root"]]
   argv += ["--layers-data", "negshapes", "--ccneg-wds-data", files.options["ccneg-wds"]["data"]]
+  argv += ["--tfds-data-dir", files.options["ccneg-tfds"]["tfds_data_dir"]]
   results = eval_cli.main(argv)
   assert list(results) == [t for t in registry.TASKS if t != "zeroshot"]  # no --zeroshot-data
   # The file: strict JSON (NaN written as null) with a header saying what was evaluated.

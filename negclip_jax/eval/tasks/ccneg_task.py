@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from negclip_jax.data import webdataset
+from negclip_jax.data import tfds_shards, webdataset
 from negclip_jax.data.ccneg import (
   CCNEG_EVAL_SIZE,
   ImagePairRecord,
@@ -23,6 +23,8 @@ from negclip_jax.data.ccneg import (
 )
 from negclip_jax.data.records import PresenceRecord
 from negclip_jax.eval import embed, metrics
+
+TFDS_NAME = "negclip_ccneg"  # `data.tfds_builders.NegclipCcneg`
 
 
 def has_word(text: str, words: Sequence[str]) -> bool:
@@ -159,6 +161,22 @@ def run_shards(
   or gs://): the image, its ``.txt`` caption and the ``negated`` field (its ``.negated``
   member or .json field; `data.webdataset`)."""
   records = webdataset.load_presence(data, caption_key="txt", negated_key="negated")
+  return evaluate(embedder, tokenizer, context_length, records, protocol, negation_words)
+
+
+def run_tfds(
+  embedder,
+  tokenizer,
+  context_length: int,
+  *,
+  tfds_data_dir: str,
+  protocol: str = "original",
+  negation_words: Sequence[str] = metrics.NEGATION_WORDS,
+) -> dict:
+  """`evaluate` (mode 1) on the "eval" split of the TFDS dataset ``negclip_ccneg`` prepared
+  under `tfds_data_dir` (local or gs://) by `data.tfds_builders` (negated captions with
+  their commas, as `run` reads them)."""
+  records = tfds_shards.load_presence(TFDS_NAME, "eval", data_dir=tfds_data_dir)
   return evaluate(embedder, tokenizer, context_length, records, protocol, negation_words)
 
 
