@@ -60,15 +60,33 @@ class ConfigError(ValueError):
   """A config value that cannot work, found before anything loads."""
 
 
+WEBDATASET = "wds:"  # config.data.presence / absence = "wds:" + a shard pattern
+TFDS = "tfds:"  # config.data.presence / absence = "tfds:" + a TFDS dataset name
+# The data sources besides webdataset shards and TFDS datasets, per stream.
+NAMED_SOURCES = {"presence": ("ccneg", "negshapes"), "absence": ("coco_negation", "negshapes")}
+
+
 def validate_config(config):
-  """ConfigError (one line) for a bad `objective`, `layers`, `parallelism` or
-  `data.max_image_pixels` value."""
+  """ConfigError (one line) for a bad `objective`, `layers`, `parallelism`,
+  `data.presence` / `data.absence` or `data.max_image_pixels` value."""
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
   try:
     param_groups.parse_layers(config.layers)
   except ValueError as e:
     raise ConfigError(f"config.layers: {e}") from e
+  for stream, named in NAMED_SOURCES.items():
+    source = config.data[stream]
+    if source not in named and not source.startswith((WEBDATASET, TFDS)):
+      raise ConfigError(
+        f"config.data.{stream}={source!r}; choose from {', '.join(named)}, "
+        f"'{WEBDATASET}SHARDS' or '{TFDS}NAME'"
+      )
+  if config.objective == "conclip" and config.data.presence not in NAMED_SOURCES["presence"]:
+    raise ConfigError(
+      f"config.objective='conclip' needs distractor images, which config.data.presence="
+      f"{config.data.presence!r} does not have; use 'ccneg' or 'negshapes'"
+    )
   max_pixels = config.data.get("max_image_pixels", 1)
   if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
     raise ConfigError(
@@ -98,10 +116,6 @@ def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
       raise ConfigError(f"config.init={config.init!r}: {e}") from e
   model = model_lib.CLIP(model_lib.get_config(config.model), dtype=dtype)
   return model, model_lib.init_params(model, jax.random.key(config.seed)), ClipTokenizer()
-
-
-WEBDATASET = "wds:"  # config.data.presence / absence = "wds:" + a shard pattern
-TFDS = "tfds:"  # config.data.presence / absence = "tfds:" + a TFDS dataset name
 
 
 def load_tables(config, image_size: int, bad: BadRecords | None = None):
@@ -149,8 +163,6 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
   elif d.presence.startswith(WEBDATASET):
     from negclip_jax.data import webdataset
 
-    if distractors:
-      raise ValueError("config.data.presence=wds:... has no distractor images (objective conclip)")
     pattern = d.presence[len(WEBDATASET) :]
     presence = pipeline.presence_table(
       webdataset.load_presence(pattern, d.wds_caption_key, d.wds_negated_key, bad=bad),
@@ -160,15 +172,13 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
   elif d.presence.startswith(TFDS):
     from negclip_jax.data import tfds_shards
 
-    if distractors:
-      raise ValueError("config.data.presence=tfds:... has no distractor images (objective conclip)")
     name = d.presence[len(TFDS) :]
     presence = pipeline.presence_table(
       tfds_shards.load_presence(name, d.tfds_split, data_dir=need("tfds_data_dir"), bad=bad),
       source=d.presence,
       **file_table,
     )
-  elif d.presence == "ccneg":
+  else:  # "ccneg" (`validate_config` allows no other)
     from negclip_jax.data import ccneg
 
     distractor_paths = None
@@ -188,11 +198,6 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
       ),
       source=d.ccneg_path,
       **file_table,
-    )
-  else:
-    raise ValueError(
-      "config.data.presence must be 'ccneg', 'negshapes', 'wds:SHARDS' or 'tfds:NAME', "
-      f"got {d.presence!r}"
     )
   if d.absence == "negshapes":
     absence = shapes[1]
@@ -215,7 +220,7 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
       source=d.absence,
       **file_table,
     )
-  elif d.absence == "coco_negation":
+  else:  # "coco_negation"
     from negclip_jax.data import coco_negation
 
     absence = pipeline.absence_table(
@@ -224,11 +229,6 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
       ),
       source=d.coco_json,
       **file_table,
-    )
-  else:
-    raise ValueError(
-      "config.data.absence must be 'coco_negation', 'negshapes', 'wds:SHARDS' or 'tfds:NAME', "
-      f"got {d.absence!r}"
     )
   return presence, absence
 

@@ -202,6 +202,19 @@ def test_layers_from_a_config_file_and_bad_values():
     param_groups.text_layers("[0,4]", 4)
 
 
+def test_data_sources_are_validated_before_anything_loads():
+  with pytest.raises(
+    trainer.ConfigError, match=r"^config.data.presence='cc-neg'; choose from ccneg"
+  ):
+    trainer.validate_config(tiny_config(**{"data.presence": "cc-neg"}))
+  with pytest.raises(trainer.ConfigError, match=r"^config.data.absence='negshape'; choose from"):
+    trainer.validate_config(tiny_config(**{"data.absence": "negshape"}))
+  for source in ("wds:shard-{0..3}.tar", "tfds:negclip_ccneg"):
+    trainer.validate_config(tiny_config(**{"data.presence": source}))
+    with pytest.raises(trainer.ConfigError, match=r"^config.objective='conclip' needs distractor"):
+      trainer.validate_config(tiny_config(objective="conclip", **{"data.presence": source}))
+
+
 def test_cli_config_errors_are_one_line(tmp_path):
   proc = subprocess.run(
     tiny_train_cmd(tmp_path, "--config.layers=[0,x]"), cwd=ROOT, capture_output=True, text=True
