@@ -26,7 +26,7 @@ HBM, FITS / DOES NOT FIT, FLOPs per chip from `cost_analysis()`, and the cost mo
 ("optimal_seconds") with the examples/s and MFU it implies, or "no estimate" when the cost
 model gives none (missing or not positive). The last line is `fits: true|false` and the
 exit status 0 / 1. A train step that does not fit is compiled again with each change that
-could make it fit (fsdp, bfloat16, a bigger slice, half the per-chip batch), and the peak
+could make it fit (fsdp, bfloat16, remat, a bigger slice, half the per-chip batch), and the peak
 each gives is printed. Compiles are slow (minutes for ViT-B/32 on 2 cores), one program
 at a time. JAX's persistent compilation cache is off here: with JAX 0.10.2 and libtpu
 0.0.42.1 an executable compiled for compile-only devices is written but cannot be read
@@ -349,6 +349,8 @@ def fixes(config, tpu: Slice, num_slices: int, packed_rows: int = 0, progress=No
     candidates.append(("--config.parallelism=fsdp", {"parallelism": "fsdp"}, None))
   if config.dtype == "float32":
     candidates.append(("--config.dtype=bfloat16", {"dtype": "bfloat16"}, None))
+  if not config.get("remat", False):
+    candidates.append(("--config.remat=true", {"remat": True}, None))
   bigger = bigger_topology(topology_name(tpu.name.split(" ")[0]))
   if bigger:
     candidates.append((f"--topology {bigger}", {}, bigger))
