@@ -16,9 +16,7 @@ def get_config():
   # Model.
   c.init = ""  # HF dir, OpenAI checkpoint, Hub id, run dir; "" = random
   c.model = "vit-b-32"  # preset used when `init` is empty (negclip_jax.model.PRESETS)
-  c.dtype = (
-    "float32"  # compute dtype (params, AdamW state, loss stay float32); "bfloat16" on TPU/GPU
-  )
+  c.dtype = "float32"  # compute dtype (params, AdamW state, loss: float32); bfloat16 on TPU/GPU
   c.attention = "einsum"  # einsum | dot_product (jax.nn.dot_product_attention)
   c.remat = False  # recompute each transformer block in the backward pass (activation memory)
 
