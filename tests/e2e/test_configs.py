@@ -133,6 +133,10 @@ def test_every_shipped_config_is_valid():
   for name in configs.NAMES:
     trainer.validate_config(configs.load(name))
     assert (configs.DIR.parent.parent / "configs" / f"{name}.py").is_file(), name  # the alias
+  bad = configs.load("tiny")
+  bad.attention = "flash"
+  with pytest.raises(trainer.ConfigError, match=r"config.attention='flash'; choose from"):
+    trainer.validate_config(bad)
 
 
 def test_tpu_config_is_the_papers_run_with_the_speed_choices():
