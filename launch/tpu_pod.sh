@@ -32,7 +32,7 @@ Options (environment variables in brackets):
   --spot                 create a Spot TPU (cheaper, preemptible; re-run to resume)
   --config C             training config [CONFIG; default configs/omni_negclip_vitb32.py,
                          the paper's float32 run; configs/omni_negclip_vitb32_tpu.py is the
-                         same run with the TPU speed choices: bfloat16 compute, fsdp]
+                         same run with the TPU speed choices: bfloat16, fsdp, remat]
   --workdir W            run directory [WORKDIR]: gs://BUCKET/PATH, read and written by
                          every worker directly (no mount; all hosts must share it)
   --repo URL [--ref R]   git clone URL (checkout R) on the workers instead of copying
