@@ -30,7 +30,9 @@ Options (environment variables in brackets):
   --accelerator-type T   slice type [ACCELERATOR_TYPE; default v4-32 = 4 hosts x 4 chips]
   --version V            TPU VM image [TPU_VERSION; default tpu-ubuntu2204-base]
   --spot                 create a Spot TPU (cheaper, preemptible; re-run to resume)
-  --config C             training config [CONFIG; default configs/omni_negclip_vitb32.py]
+  --config C             training config [CONFIG; default configs/omni_negclip_vitb32.py,
+                         the paper's float32 run; configs/omni_negclip_vitb32_tpu.py is the
+                         same run with the TPU speed choices: bfloat16, fsdp, remat]
   --workdir W            run directory [WORKDIR]: gs://BUCKET/PATH, read and written by
                          every worker directly (no mount; all hosts must share it)
   --repo URL [--ref R]   git clone URL (checkout R) on the workers instead of copying

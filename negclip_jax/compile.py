@@ -13,7 +13,7 @@ v5p-8, v6e-8) and compiles for its chips. Nothing is allocated: every argument i
                   step under `shard_map`, what `jax.pmap` runs; fsdp: `Fsdp.compile`'s jit),
                   the batch `negclip-train` feeds it: cached image features or pixels
                   (`config.data.image_cache`), texts at the full context (the largest
-                  bucket), or packed text rows under pmap with `config.data.pack_text`
+                  bucket), or packed text rows with `config.data.pack_text`
                   (`--packed_rows` per chip; default 4 b, one caption per row, the most a
                   batch can need)
   image cache     the frozen-tower pass of `image_cache` (`config.data.image_cache`)
@@ -26,7 +26,7 @@ HBM, FITS / DOES NOT FIT, FLOPs per chip from `cost_analysis()`, and the cost mo
 ("optimal_seconds") with the examples/s and MFU it implies, or "no estimate" when the cost
 model gives none (missing or not positive). The last line is `fits: true|false` and the
 exit status 0 / 1. A train step that does not fit is compiled again with each change that
-could make it fit (fsdp, bfloat16, a bigger slice, half the per-chip batch), and the peak
+could make it fit (fsdp, bfloat16, remat, a bigger slice, half the per-chip batch), and the peak
 each gives is printed. Compiles are slow (minutes for ViT-B/32 on 2 cores), one program
 at a time. JAX's persistent compilation cache is off here: with JAX 0.10.2 and libtpu
 0.0.42.1 an executable compiled for compile-only devices is written but cannot be read
@@ -45,7 +45,6 @@ import time
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -174,7 +173,7 @@ def abstract_model(config):
       f"config.init={config.init!r}: negclip-compile builds the model from config.model; "
       "pass --config.init= --config.model=PRESET (the preset of that checkpoint)"
     )
-  model = model_lib.CLIP(model_lib.get_config(config.model), dtype=jnp.dtype(config.dtype))
+  model = model_lib.CLIP(model_lib.get_config(config.model), **trainer.model_options(config))
   return model, jax.eval_shape(lambda: model_lib.init_params(model, jax.random.key(0)))
 
 
@@ -183,7 +182,8 @@ def train_batch(config, model_config, per_chip: int, n: int, packed_rows: int | 
   b, length = per_chip * n, model_config.text.max_position_embeddings
   if packed_rows is not None:
     out = {k: ((n * packed_rows, length), batch_lib.TEXT_DTYPE) for k in packing.PACKED_KEYS[:3]}
-    out[packing.PACKED_POOL] = ((n * 4 * per_chip,), batch_lib.TEXT_DTYPE)
+    pool = (n, 4 * per_chip) if config.parallelism == "fsdp" else (n * 4 * per_chip,)
+    out[packing.PACKED_POOL] = (pool, batch_lib.TEXT_DTYPE)  # as `Fsdp.batch` / pmap give it
   else:
     out = {k: ((b, length), batch_lib.TEXT_DTYPE) for k in batch_lib.TEXT_KEYS}
   prefixes = ["presence", "absence"] + (["presence_distractor"] * (config.objective == "conclip"))
@@ -222,7 +222,7 @@ def train_step_program(config, devices, packed_rows: int = 0) -> Program:
     )
     state = jax.tree.map(lambda x: _abstract(x.shape, x.dtype, mesh), state)
   rows = None
-  if trainer.packs_text(config, placement):
+  if config.data.pack_text:
     rows = packed_rows or packing.ladder_rows(4 * per_chip)
   batch = {
     k: _abstract(shape, dtype, mesh, batch_spec)
@@ -349,6 +349,8 @@ def fixes(config, tpu: Slice, num_slices: int, packed_rows: int = 0, progress=No
     candidates.append(("--config.parallelism=fsdp", {"parallelism": "fsdp"}, None))
   if config.dtype == "float32":
     candidates.append(("--config.dtype=bfloat16", {"dtype": "bfloat16"}, None))
+  if not config.get("remat", False):
+    candidates.append(("--config.remat=true", {"remat": True}, None))
   bigger = bigger_topology(topology_name(tpu.name.split(" ")[0]))
   if bigger:
     candidates.append((f"--topology {bigger}", {}, bigger))
@@ -429,7 +431,7 @@ _TOPOLOGY = flags.DEFINE_string(
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices (multislice over DCN).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the tables.")
 _PACKED_ROWS = flags.DEFINE_integer(
-  "packed_rows", 0, "Packed text rows per chip (pmap with pack_text); 0: 4 x per-chip batch."
+  "packed_rows", 0, "Packed text rows per chip (with pack_text); 0: 4 x per-chip batch."
 )
 _FIXES = flags.DEFINE_bool("fixes", True, "If the step does not fit, compile each fix.")
 

@@ -16,7 +16,9 @@ def get_config():
   # Model.
   c.init = ""  # HF dir, OpenAI checkpoint, Hub id, run dir; "" = random
   c.model = "vit-b-32"  # preset used when `init` is empty (negclip_jax.model.PRESETS)
-  c.dtype = "float32"  # compute dtype; "bfloat16" on TPU/GPU
+  c.dtype = "float32"  # compute dtype (params, AdamW state, loss: float32); bfloat16 on TPU/GPU
+  c.attention = "einsum"  # einsum | dot_product (jax.nn.dot_product_attention)
+  c.remat = False  # recompute each transformer block in the backward pass (activation memory)
 
   c.data = ml_collections.ConfigDict()
   c.data.presence = "ccneg"  # ccneg | negshapes | wds:SHARDS (webdataset tar shards) | tfds:NAME
@@ -35,7 +37,7 @@ def get_config():
   c.data.on_error = "raise"  # raise | skip (skipped examples are counted and reported)
   c.data.max_image_pixels = 89478485  # larger images are bad records (PIL's default limit)
   c.data.image_cache = True  # embed the frozen image tower's inputs once
-  c.data.pack_text = True  # several captions per text row (exact; pmap runs only)
+  c.data.pack_text = True  # several captions per text row (exact; pmap and fsdp)
   c.data.cache_dir = ""  # default: <workdir>/image_cache
   c.data.wds_caption_key = "txt"  # wds: a sample's .txt member, or this field of its .json
   c.data.wds_negated_key = "negated"  # wds presence: the negated caption's member or field

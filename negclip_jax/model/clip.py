@@ -301,13 +301,22 @@ def layer_norm(eps: float, dtype, param_dtype, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(eps, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False, name=name)
 
 
+ATTENTIONS = ("einsum", "dot_product")  # `Attention.implementation`
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention; x [N, L, D] -> [N, L, D]."""
+  """Multi-head self-attention; x [N, L, D] -> [N, L, D].
+
+  implementation: "einsum" (the two einsums and a float32 softmax written here) or
+  "dot_product" (`jax.nn.dot_product_attention`, which XLA or cuDNN may fuse; it also
+  takes the softmax in float32).
+  """
 
   hidden_size: int
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = "einsum"
 
   @nn.compact
   def __call__(self, x, mask):
@@ -324,6 +333,11 @@ class Attention(nn.Module):
     q = split(dense("q_proj")(x)) * (head_dim**-0.5)
     k = split(dense("k_proj")(x))
     v = split(dense("v_proj")(x))
+    if self.implementation == "dot_product":
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0)
+      return dense("out_proj")(out.reshape(x.shape[:2] + (self.hidden_size,)))
+    if self.implementation != "einsum":
+      raise ValueError(f"attention implementation {self.implementation!r}; one of {ATTENTIONS}")
     logits = jnp.einsum("nqhd,nkhd->nhqk", q, k)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # softmax in >= f32
     if mask is not None:
@@ -358,12 +372,18 @@ class EncoderLayer(nn.Module):
   layer_norm_eps: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"
 
   @nn.compact
   def __call__(self, x, mask):
     ln = lambda name: layer_norm(self.layer_norm_eps, self.dtype, self.param_dtype, name)
     x = x + Attention(
-      self.hidden_size, self.num_heads, self.dtype, self.param_dtype, name="self_attn"
+      self.hidden_size,
+      self.num_heads,
+      self.dtype,
+      self.param_dtype,
+      self.attention,
+      name="self_attn",
     )(ln("layer_norm1")(x), mask)
     return x + MLP(
       self.hidden_size,
@@ -376,19 +396,26 @@ class EncoderLayer(nn.Module):
 
 
 class Layers(nn.Module):
-  """The block stack; children are named "0".."L-1" like `encoder.layers.{i}`."""
+  """The block stack; children are named "0".."L-1" like `encoder.layers.{i}`.
+
+  remat: rematerialize each block in the backward pass (`nn.remat`): only the blocks'
+  inputs are kept for the gradient, their insides are recomputed (about one more forward
+  of the differentiated blocks, for activation memory of one block at a time)."""
 
   config: Any  # TextConfig | VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, mask):
     """x [N, L, D], mask (see `Attention`) -> tuple of num_hidden_layers + 1 hidden states, input first."""
     c = self.config
+    layer = nn.remat(EncoderLayer) if self.remat else EncoderLayer
     states = [x]
     for i in range(c.num_hidden_layers):
-      x = EncoderLayer(
+      x = layer(
         c.hidden_size,
         c.intermediate_size,
         c.num_attention_heads,
@@ -396,6 +423,7 @@ class Layers(nn.Module):
         c.layer_norm_eps,
         self.dtype,
         self.param_dtype,
+        self.attention,
         name=str(i),
       )(x, mask)
       states.append(x)
@@ -406,10 +434,15 @@ class Encoder(nn.Module):
   config: Any
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, mask):
-    return Layers(self.config, self.dtype, self.param_dtype, name="layers")(x, mask)
+    layers = Layers(
+      self.config, self.dtype, self.param_dtype, self.attention, self.remat, name="layers"
+    )
+    return layers(x, mask)
 
 
 class TextEmbeddings(nn.Module):
@@ -454,6 +487,8 @@ class TextTransformer(nn.Module):
   config: TextConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"  # `Attention.implementation`
+  remat: bool = False  # `Layers.remat`
 
   @nn.compact
   def __call__(self, input_ids, packed=None):
@@ -470,7 +505,9 @@ class TextTransformer(nn.Module):
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
     if segments is not None:
       mask = mask & (segments[:, None, :, None] == segments[:, None, None, :])
-    states = Encoder(c, self.dtype, self.param_dtype, name="encoder")(x, mask)
+    states = Encoder(c, self.dtype, self.param_dtype, self.attention, self.remat, name="encoder")(
+      x, mask
+    )
     last = layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype, "final_layer_norm")(
       states[-1]
     )
@@ -536,6 +573,8 @@ class VisionTransformer(nn.Module):
   config: VisionConfig
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"  # `Attention.implementation`
+  remat: bool = False  # `Layers.remat`
 
   @nn.compact
   def __call__(self, pixel_values):
@@ -543,7 +582,9 @@ class VisionTransformer(nn.Module):
     ln = lambda name: layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype, name)
     x = VisionEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(pixel_values)
     x = ln("pre_layrnorm")(x)  # sic: Hugging Face's spelling.
-    x = Encoder(c, self.dtype, self.param_dtype, name="encoder")(x, None)[-1]
+    x = Encoder(c, self.dtype, self.param_dtype, self.attention, self.remat, name="encoder")(
+      x, None
+    )[-1]
     return ln("post_layernorm")(x[:, 0])
 
 
@@ -561,13 +602,16 @@ class CLIP(nn.Module):
   """
 
   config: CLIPConfig
-  dtype: Dtype = jnp.float32
+  dtype: Dtype = jnp.float32  # compute dtype; params are param_dtype
   param_dtype: Dtype = jnp.float32
+  attention: str = "einsum"  # `Attention.implementation`: "einsum" | "dot_product"
+  remat: bool = False  # rematerialize each transformer block in the backward pass
 
   def setup(self):
     c = self.config
-    self.text_model = TextTransformer(c.text, self.dtype, self.param_dtype)
-    self.vision_model = VisionTransformer(c.vision, self.dtype, self.param_dtype)
+    options = (self.dtype, self.param_dtype, self.attention, self.remat)
+    self.text_model = TextTransformer(c.text, *options)
+    self.vision_model = VisionTransformer(c.vision, *options)
     proj = lambda: nn.Dense(
       c.projection_dim,
       use_bias=False,

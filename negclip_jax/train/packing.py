@@ -8,7 +8,9 @@ The layout of a packed text batch, in one place (R rows of T tokens, P pooled ca
   PACKED_POOL      int32 [P]     flat index r * T + t of each caption's pooled (EOT) token
 
 A packed training batch holds these four keys instead of `batch.TEXT_KEYS` (with the
-leading device axis), P = 4 b captions in TEXT_KEYS order (`pack_text_batch`).
+leading device axis), P = 4 b captions in TEXT_KEYS order (`pack_text_batch`). The fsdp
+step gets every device's rows stacked ([devices R, T]) and the pool with its device axis
+([devices, P], in-group indices; `sharding.Fsdp.batch`, `step.text_embeddings`).
 
 `model.TextTransformer` runs such rows with a block-diagonal causal mask (a token attends
 to earlier tokens of its own segment only) and pools at PACKED_POOL, so every caption's

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from negclip_jax.train import packing
 from negclip_jax.train import step as train_step
 
 PARALLELISMS = ("pmap", "fsdp")
@@ -171,11 +172,13 @@ class Fsdp:
     return fsdp_train_step(step_fn, self.mesh, self.shardings(state))
 
   def batch(self, host_batch: dict) -> dict:
-    """This process's [local devices, b, ...] rows -> global arrays sharded over the mesh."""
+    """This process's [local devices, b, ...] rows -> global arrays sharded over the mesh.
+    A packed text pool keeps its device axis ([devices, 4 b]: in-group indices, one group
+    of packed rows per device; `train_step.text_embeddings`)."""
     sharding = batch_sharding(self.mesh)
+    flat = lambda k, v: v if k == packing.PACKED_POOL else v.reshape((-1,) + v.shape[2:])
     return {
-      k: jax.make_array_from_process_local_data(sharding, v.reshape((-1,) + v.shape[2:]))
-      for k, v in host_batch.items()
+      k: jax.make_array_from_process_local_data(sharding, flat(k, v)) for k, v in host_batch.items()
     }
 
   def to_save(self, state):

@@ -61,8 +61,24 @@ def image_embeddings(model, params, batch) -> dict:
 def text_embeddings(model, params, batch, rows=lambda x: x) -> jax.Array:
   """Raw text features [4, b, D] in `batch_lib.TEXT_KEYS` order, from the four id arrays
   or from a packed text batch (`negclip_jax.packing`, the same features to float rounding).
-  `rows`: a sharding constraint for the unpacked text tower's input and output rows."""
-  if packing.PACKED_POOL in batch:
+  `rows`: a sharding constraint for the text tower's input and output rows.
+
+  A packed batch is one device's rows (pool [4 b], under pmap) or, for the global-array
+  step (fsdp), G devices' rows stacked: rows [G R, T] and pool [G, 4 b / G] of in-group
+  indices, group g holding examples [g b / G, (g + 1) b / G) of every key. The groups run
+  as a batch (vmap), so each stays on its device, pooling included."""
+  if packing.PACKED_POOL in batch and batch[packing.PACKED_POOL].ndim == 2:
+    groups = batch[packing.PACKED_POOL].shape[0]
+    packed = [
+      rows(batch[k].reshape((groups, -1) + batch[k].shape[1:])) for k in packing.PACKED_KEYS
+    ]
+    text = rows(
+      jax.vmap(
+        lambda *group: model.apply({"params": params}, *group, method="get_packed_text_features")
+      )(*packed)
+    )  # [G, 4 b / G, D]: per group, TEXT_KEYS-major
+    text = text.reshape(groups, len(batch_lib.TEXT_KEYS), -1, text.shape[-1]).swapaxes(0, 1)
+  elif packing.PACKED_POOL in batch:
     text = model.apply(
       {"params": params},
       *(batch[k] for k in packing.PACKED_KEYS),

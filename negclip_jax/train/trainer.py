@@ -67,7 +67,7 @@ NAMED_SOURCES = {"presence": ("ccneg", "negshapes"), "absence": ("coco_negation"
 
 
 def validate_config(config):
-  """ConfigError (one line) for a bad `objective`, `layers`, `parallelism`,
+  """ConfigError (one line) for a bad `objective`, `layers`, `attention`, `parallelism`,
   `data.presence` / `data.absence` or `data.max_image_pixels` value."""
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
@@ -92,6 +92,9 @@ def validate_config(config):
     raise ConfigError(
       f"config.data.max_image_pixels={max_pixels!r}; give a positive number of pixels"
     )
+  attention = config.get("attention", "einsum")
+  if attention not in model_lib.ATTENTIONS:
+    raise ConfigError(f"config.attention={attention!r}; choose from {model_lib.ATTENTIONS}")
   parallelism = config.get("parallelism", "pmap")
   if parallelism not in sharding.PARALLELISMS:
     raise ConfigError(f"config.parallelism={parallelism!r}; choose from {sharding.PARALLELISMS}")
@@ -105,16 +108,27 @@ def validate_config(config):
 # ------------------------------------------------------------------------- set-up
 
 
+def model_options(config) -> dict:
+  """The `model_lib.CLIP` options of `config`: compute dtype (params stay float32), attention
+  implementation and rematerialisation of the transformer blocks."""
+  return dict(
+    dtype=jnp.dtype(config.dtype),
+    attention=config.get("attention", "einsum"),
+    remat=bool(config.get("remat", False)),
+  )
+
+
 def load_model(config) -> tuple[model_lib.CLIP, dict, ClipTokenizer]:
   """The initial model: `config.init` (anything `rundir.load` reads: a run directory's latest
   params, one of its steps, an HF dir, an OpenAI checkpoint) or a random preset."""
-  dtype = jnp.dtype(config.dtype)
+  options = model_options(config)
   if config.init:
     try:
-      return rundir.load_model(config.init, dtype=dtype)
+      model, params, tokenizer = rundir.load_model(config.init, dtype=options["dtype"])
     except FileNotFoundError as e:
       raise ConfigError(f"config.init={config.init!r}: {e}") from e
-  model = model_lib.CLIP(model_lib.get_config(config.model), dtype=dtype)
+    return model.clone(**options), params, tokenizer
+  model = model_lib.CLIP(model_lib.get_config(config.model), **options)
   return model, model_lib.init_params(model, jax.random.key(config.seed)), ClipTokenizer()
 
 
@@ -316,11 +330,6 @@ def optimizer_from_config(config, labels, schedule: optax.Schedule):
   )
 
 
-def packs_text(config, placement) -> bool:
-  """Whether the batches carry packed text rows (`config.data.pack_text`, pmap runs only)."""
-  return bool(config.data.pack_text) and placement.mesh is None
-
-
 def make_step(config, model, labels, tx, placement) -> Callable:
   """`train_step.make_train_step` with the config's objective keys, for `placement`
   (uncompiled: `placement.compile` it, or lower it ahead of time as `negclip-compile` does)."""
@@ -485,7 +494,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
     image_size=image_size,
     num_steps=total_steps,
     start_step=start,
-    pack_text=packs_text(config, placement),
+    pack_text=bool(config.data.pack_text),  # one group of rows per device
     eos_token_id=model.config.text.eos_token_id,
     read_threads=config.data.read_threads,
   )

@@ -124,3 +124,28 @@ def test_help_mentions_evals_and_verbosity(tmp_path):
   out = _train(tmp_path, "--help")
   assert out.returncode == 0, out.stderr
   assert "--config.evals.NAME.KEY" in out.stdout and "--verbosity" in out.stdout
+
+
+def test_every_shipped_config_is_valid():
+  from negclip_jax.train import trainer
+
+  assert "omni_negclip_vitb32_tpu" in configs.NAMES
+  for name in configs.NAMES:
+    trainer.validate_config(configs.load(name))
+    assert (configs.DIR.parent.parent / "configs" / f"{name}.py").is_file(), name  # the alias
+  bad = configs.load("tiny")
+  bad.attention = "flash"
+  with pytest.raises(trainer.ConfigError, match=r"config.attention='flash'; choose from"):
+    trainer.validate_config(bad)
+
+
+def test_tpu_config_is_the_papers_run_with_the_speed_choices():
+  """`omni_negclip_vitb32_tpu` changes only the accelerator keys of the paper's config, which
+  stays float32 (the reproduction default)."""
+  base = flat_config(json.loads(configs.load(configs.BASE).to_json()))
+  tpu = flat_config(json.loads(configs.load("omni_negclip_vitb32_tpu").to_json()))
+  assert set(tpu) == set(base)
+  changed = {k: (base[k], tpu[k]) for k in base if base[k] != tpu[k]}
+  assert set(changed) <= {"dtype", "parallelism", "attention", "remat", "fsdp"}
+  assert changed["dtype"] == ("float32", "bfloat16")
+  assert base["dtype"] == "float32" and base["attention"] == "einsum" and base["remat"] is False

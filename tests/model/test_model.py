@@ -110,3 +110,60 @@ def test_bad_inputs_raise_clear_errors():
     )
   with pytest.raises(KeyError, match="Unknown CLIP preset"):
     model_lib.get_config("vit-h-15")
+
+
+def test_dot_product_attention_matches_einsum_and_transformers():
+  """`attention="dot_product"` (jax.nn.dot_product_attention): the same features as the
+  einsum attention and as transformers' CLIPModel, unpacked and packed (segment masks)."""
+  from negclip_jax.train import packing
+
+  config = model_lib.get_config("tiny")
+  hf = _hf_model(config)
+  params = convert.state_dict_to_params(hf.state_dict(), config)
+  ids, pix = _inputs(config, n=6)
+  want_text, want_image = _features(hf, ids, pix)
+  einsum = model_lib.CLIP(config)
+  fused = model_lib.CLIP(config, attention="dot_product")
+  for model in (einsum, fused):
+    text = model.apply({"params": params}, ids, method="get_text_features")
+    image = model.apply({"params": params}, pix, method="get_image_features")
+    assert np.abs(np.asarray(text) - want_text).max() <= 1e-4
+    assert np.abs(np.asarray(image) - want_image).max() <= 1e-4
+  apply = lambda model, *args, method: np.asarray(
+    model.apply({"params": params}, *args, method=method)
+  )
+  for method, x in (("get_text_features", ids), ("get_image_features", pix)):
+    np.testing.assert_allclose(
+      apply(fused, x, method=method), apply(einsum, x, method=method), rtol=0, atol=1e-5
+    )
+  packed = packing.pack(ids, None, config.text.max_position_embeddings, config.text.eos_token_id)
+  assert len(packed[packing.PACKED_IDS]) < len(ids)  # captions share rows
+  args = [packed[k] for k in packing.PACKED_KEYS]
+  got = apply(fused, *args, method="get_packed_text_features")
+  np.testing.assert_allclose(got, want_text, rtol=0, atol=1e-4)
+  np.testing.assert_allclose(
+    got, apply(einsum, *args, method="get_packed_text_features"), rtol=0, atol=1e-5
+  )
+  with pytest.raises(ValueError, match="attention implementation 'flash'"):
+    model_lib.CLIP(config, attention="flash").apply({"params": params}, ids, pix)
+
+
+def test_remat_gives_the_same_features_and_gradients():
+  config = model_lib.get_config("tiny")
+  params = model_lib.init_params(model_lib.CLIP(config), jax.random.key(2))
+  ids, pix = _inputs(config)
+
+  def loss(model, params):
+    image, text, scale = model.apply({"params": params}, ids, pix)
+    return jnp.sum(image @ text.T) * jnp.exp(scale)
+
+  plain = jax.jit(jax.value_and_grad(lambda p: loss(model_lib.CLIP(config), p)))(params)
+  remat = jax.jit(jax.value_and_grad(lambda p: loss(model_lib.CLIP(config, remat=True), p)))(params)
+  np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
+  leaves = jax.tree_util.tree_leaves_with_path(plain[1])
+  assert len(leaves) == len(jax.tree.leaves(remat[1]))
+  for (path, g), r in zip(leaves, jax.tree.leaves(remat[1])):
+    np.testing.assert_allclose(r, g, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  # The backward pass recomputes the blocks: the jaxpr holds remat (checkpoint) calls.
+  jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(model_lib.CLIP(config, remat=True), p)))(params)
+  assert "checkpoint" in str(jaxpr) or "remat" in str(jaxpr)

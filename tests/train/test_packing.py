@@ -95,6 +95,49 @@ def test_packed_step_loss_and_gradients_equal_unpacked(params):
     np.testing.assert_allclose(got, g, rtol=1e-5, atol=1e-5 * float(np.abs(g).max()), err_msg=name)
 
 
+def test_fsdp_packed_step_equals_unpacked(params):
+  """The global-array (fsdp) step on mesh (2, 2) fed as `Fsdp.batch` feeds it: packed rows,
+  one group per device (pool [4, 4 b]), give the unpacked step's loss and gradients."""
+  from negclip_jax.train import sharding
+
+  model = model_lib.CLIP(CONFIG)
+  labels = param_groups.label_params(params, "front")
+  tx = optax.identity()
+  fsdp = sharding.Fsdp(sharding.make_mesh(2, jax.devices()[:4]))
+  step = fsdp.compile(
+    train_step.make_train_step(model, labels, tx, **fsdp.step_options),
+    jax.eval_shape(lambda p: train_step.create_train_state(p, tx), params),
+  )
+  devices, b = 4, 3  # per device
+  rng = np.random.default_rng(2)
+  ids = {k: captions(devices * b, 10 + i) for i, k in enumerate(batch_lib.TEXT_KEYS)}
+  per_device = lambda x: x.reshape((devices, b) + x.shape[1:])
+  images = {
+    batch_lib.image_emb_key(p): per_device(
+      rng.standard_normal((devices * b, CONFIG.projection_dim), np.float32)
+    )
+    for p in ("presence", "absence")
+  }
+  packed = packing.pack_text_batch(ids, devices, CONTEXT, CONFIG.text.eos_token_id)
+  assert packed[packing.PACKED_IDS].shape[1] < 4 * b  # captions share rows
+  runs = {}
+  for name, text in (("unpacked", {k: per_device(v) for k, v in ids.items()}), ("packed", packed)):
+    batch = fsdp.batch({**text, **images})
+    if name == "packed":
+      assert batch[packing.PACKED_POOL].shape == (devices, 4 * b)
+    state = fsdp.init_state(params, tx)
+    new, metrics = step(state, batch)
+    runs[name] = (fsdp.host(new).params, fsdp.host(metrics))
+  (new_u, m_u), (new_p, m_p) = runs["unpacked"], runs["packed"]
+  np.testing.assert_allclose(m_p["total"], m_u["total"], rtol=1e-5)
+  np.testing.assert_allclose(m_p["grad_norm"], m_u["grad_norm"], rtol=1e-5)
+  grads = lambda new: param_groups.split(jax.tree.map(lambda a, p: a - p, new, params), labels)[0]
+  g_u, g_p = grads(new_u), grads(new_p)
+  scale = float(optax.tree.norm(g_u))
+  assert scale > 0
+  assert float(optax.tree.norm(jax.tree.map(lambda x, y: x - y, g_p, g_u))) <= 1e-5 * scale
+
+
 def test_pack_layout_and_fallback():
   lengths = np.array([77, 30, 40, 5, 9, 2, 76, 1])
   ids = captions(8, 0, lengths=lengths.copy())

@@ -191,3 +191,37 @@ def test_conclip_without_distractors_names_the_missing_key():
     ValueError, match="needs presence_distractor_pixels or presence_distractor_image_emb"
   ):
     run_pmap(step, params, tx, [make_batch(4, pixels=False)], jax.devices()[:1])
+
+
+def test_bfloat16_step_keeps_float32_state_and_loss_and_follows_the_float32_step():
+  """dtype=bfloat16 (`config.dtype`): the matmuls run in bfloat16, the parameters, both AdamW
+  moments, the loss and its softmaxes stay float32; three steps track the float32 run."""
+  params, labels, tx, _ = setup(layers="whole")
+  batches = [make_batch(8, s) for s in range(3)]  # pixels: the image tower runs in bf16 too
+  bf16_model = model_lib.CLIP(CONFIG, dtype=jnp.bfloat16)
+  bf16_step = train_step.make_train_step(bf16_model, labels, tx)
+  f32_state, f32_metrics = run_pmap(
+    train_step.make_train_step(MODEL, labels, tx), params, tx, batches, jax.devices()[:2]
+  )
+  state, metrics = run_pmap(bf16_step, params, tx, batches, jax.devices()[:2])
+  leaves = jax.tree.leaves((state.params, state.opt_state))
+  assert leaves and {x.dtype for x in leaves if np.ndim(x)} == {np.dtype(np.float32)}
+  assert all(v.dtype == np.float32 for m in metrics for v in m.values())
+  for got, want in zip(metrics, f32_metrics):  # stated tolerance: 2% of each loss term
+    for k in ("total", "L1", "L2", "L3", "L_neg", "L_orig", "L_text"):
+      np.testing.assert_allclose(got[k], want[k], rtol=2e-2, atol=1e-3, err_msg=k)
+  moved = lambda s: np.concatenate(
+    [np.ravel(a - b) for a, b in zip(jax.tree.leaves(s.params), jax.tree.leaves(params))]
+  )
+  update, f32_update = moved(state), moved(f32_state)
+  cosine = update @ f32_update / np.linalg.norm(update) / np.linalg.norm(f32_update)
+  assert cosine > 0.99, cosine  # the same direction of travel after three AdamW steps
+  # The compiled step: dots on bfloat16 operands, none on float32 ones but the loss's.
+  batch = jax.tree.map(lambda x: x[:4], batches[0])
+  jaxpr = str(
+    jax.make_jaxpr(lambda s, b: bf16_step(s, b), axis_env=[(train_step.AXIS, 1)])(
+      train_step.create_train_state(params, tx), batch
+    )
+  )
+  dots = [line for line in jaxpr.splitlines() if "dot_general" in line]
+  assert sum("bf16[" in line for line in dots) > 2 * len(dots) // 3, dots[:5]
