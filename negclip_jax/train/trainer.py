@@ -61,8 +61,8 @@ class ConfigError(ValueError):
 
 
 def validate_config(config):
-  """ConfigError (one line) for a bad `objective`, `layers`, `parallelism` or
-  `data.max_image_pixels` value."""
+  """ConfigError (one line) for a bad `objective`, `layers`, `parallelism`,
+  `data.max_image_pixels` or `data.negshapes_image_hard_fraction` value."""
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
   try:
@@ -74,6 +74,16 @@ def validate_config(config):
     raise ConfigError(
       f"config.data.max_image_pixels={max_pixels!r}; give a positive number of pixels"
     )
+  if config.data.get("negshapes_image_hard_fraction", 0.0) > 0:
+    if config.objective != "conclip":
+      raise ConfigError(
+        "config.data.negshapes_image_hard_fraction > 0 needs config.objective='conclip' "
+        f"(its distractor terms compare the A+X images), got {config.objective!r}"
+      )
+    if config.data.get("negshapes_hard_fraction", 0.0) > 0:
+      raise ConfigError(
+        "set config.data.negshapes_hard_fraction or negshapes_image_hard_fraction, not both"
+      )
   parallelism = config.get("parallelism", "pmap")
   if parallelism not in sharding.PARALLELISMS:
     raise ConfigError(f"config.parallelism={parallelism!r}; choose from {sharding.PARALLELISMS}")
@@ -139,6 +149,7 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
         split="train",
         distractors=distractors,
         hard_fraction=d.negshapes_hard_fraction,
+        image_hard_fraction=d.get("negshapes_image_hard_fraction", 0.0),
       ),
       on_error=bad,
       distractors=distractors,
