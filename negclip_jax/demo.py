@@ -576,7 +576,11 @@ def compare_table(runs: dict) -> str:
       f"| {_label(key)} | {_chance(first, name)} | {best} | {blind} | " + " | ".join(cells) + " |"
     )
   seconds = [sum(r.get("seconds") or 0 for r in runs[v]) for v in names]
-  rows.append("| seconds (all seeds) | | | | - | " + " | ".join(f"{t:.0f}" for t in seconds) + " |")
+  rows.append(
+    "| wall seconds, all seeds (with any pretraining the run did) | | | | - | "
+    + " | ".join(f"{t:.0f}" for t in seconds)
+    + " |"
+  )
   return "\n".join(rows)
 
 
