@@ -3,6 +3,8 @@ on tasks a shortcut cannot solve.
 
 negclip-demo --workdir runs/demo [--seed S] [--hard-fraction F] [--fast]   (= python -m negclip_jax.demo)
 negclip-demo --workdir runs/compare --compare-seeds 0 1 2   # paper vs hard data
+negclip-demo --workdir runs/why --compare-seeds 0 1 2 --recipe paper conclip_image_hard
+negclip-demo --workdir runs/why --diagnose [--recipe NAME]   # perception vs negation
 
 1. Pretrains a small CLIP from scratch on NegShapes *plain* captions with the standard
    CLIP loss: our stand-in for "pretrained CLIP", which never saw negation.
@@ -14,7 +16,9 @@ negclip-demo --workdir runs/compare --compare-seeds 0 1 2   # paper vs hard data
    multiple choice, each in-distribution and on held-out compositions, with standard
    errors and the shortcut audit; prints tables, writes DIR/results.json, DIR/demo.png,
    and exports the result to DIR/export/hf (its model card holds these results).
-`--seed` seeds every phase (pretraining, fine-tuning, evaluation).
+`--seed` seeds every phase (pretraining, fine-tuning, evaluation). `--recipe` names a
+variant of the fine-tuning (`RECIPES`); `--compare-seeds` runs each over seeds and prints
+mean +- s.d., the shortcut audit and whether it passes the bar (`bar_table`).
 """
 
 from __future__ import annotations
@@ -173,10 +177,10 @@ def plot(path: Path, pretrain_losses: list, finetune_rows: list[dict], before: d
   plt.close(fig)
 
 
-def _pretrained(workdir: Path, config, model, tokenizer, steps: int, batch_size: int, seed: int):
-  """(model, params, losses) pretrained on seed's plain captions; reused from
-  workdir/pretrained when it was made with the same settings."""
-  pretrained_dir = workdir / "pretrained" / "hf"
+def _pretrained(root: Path, config, model, tokenizer, steps: int, batch_size: int, seed: int):
+  """(model, params, losses) pretrained on seed's plain captions in `root`; reused when
+  it was made with the same settings."""
+  pretrained_dir = root / "hf"
   meta = {
     "seed": seed,
     "steps": steps,
@@ -184,7 +188,7 @@ def _pretrained(workdir: Path, config, model, tokenizer, steps: int, batch_size:
     "model": config.model,
     "negshapes_num": config.data.negshapes_num,
   }
-  meta_path = workdir / "pretrained" / "meta.json"
+  meta_path = root / "meta.json"
   if (
     (pretrained_dir / "model.safetensors").is_file()
     and meta_path.is_file()
@@ -192,49 +196,65 @@ def _pretrained(workdir: Path, config, model, tokenizer, steps: int, batch_size:
   ):
     print(f"Reusing the pretrained model in {pretrained_dir}", flush=True)
     model, params = convert.load_pretrained(pretrained_dir)
-    return model, params, json.loads((workdir / "pretrained" / "losses.json").read_text())
-  for stale in (workdir / "pretrained").glob("negshapes_eval_*.json"):
+    return model, params, json.loads((root / "losses.json").read_text())
+  for stale in root.glob("negshapes_eval_*.json"):
     stale.unlink()
   data = negshapes.generate_pairs(
     config.data.negshapes_num, seed, model.config.vision.image_size, split="train"
   )
   params, losses_ = pretrain(model, tokenizer, data, steps, batch_size, PRETRAIN_LR, seed)
   convert.save_pretrained(model, params, pretrained_dir, tokenizer=tokenizer)
-  (workdir / "pretrained" / "losses.json").write_text(json.dumps(losses_))
+  (root / "losses.json").write_text(json.dumps(losses_))
   meta_path.write_text(json.dumps(meta))
   return model, params, losses_
 
 
+VARIANT_TAGS = {  # variant option -> its output-name suffix
+  "hard_fraction": lambda v: f"_hard{v:g}" if v else "",
+  "image_hard_fraction": lambda v: f"_imghard{v:g}" if v else "",
+  "lambda_text": lambda v: f"_ltext{v:g}" if v is not None else "",
+  "objective": lambda v: f"_{v}" if v else "",
+  "layers": lambda v: f"_{v}" if v else "",
+  "learning_rate": lambda v: f"_lr{v:g}" if v else "",
+}
+
+
 def _setup(workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **variant):
-  """(config, tag, tokenizer, model, params, pretrain_losses, eval_num) of `run`'s options:
-  the fine-tuning config and the pretrained stand-in (`variant`: hard_fraction,
-  lambda_text, objective as in `run`; `tag`: the suffix naming the variant's outputs)."""
+  """(config, tag, tokenizer, model, params, pretrain_losses, eval_num, pretrained_root) of
+  `run`'s options: the fine-tuning config and the pretrained stand-in (`variant`: the
+  `VARIANT_TAGS` options as in `run`; `tag`: the suffix naming the variant's outputs).
+  An explicit `pretrain_steps` pretrains in workdir/pretrained_pre<steps> (and tags the
+  outputs "_pre<steps>"), an explicit `finetune_steps` tags them "_steps<steps>"."""
   from negclip_jax.configs import demo as demo_config
 
-  hard_fraction = variant.get("hard_fraction") or 0.0
-  lambda_text, objective = variant.get("lambda_text"), variant.get("objective")
-  tag = (
-    (f"_hard{hard_fraction:g}" if hard_fraction else "")
-    + (f"_ltext{lambda_text:g}" if lambda_text is not None else "")
-    + (f"_{objective}" if objective else "")
+  unknown = set(variant) - set(VARIANT_TAGS)
+  if unknown:
+    raise ValueError(f"unknown demo variant options {sorted(unknown)}; known: {list(VARIANT_TAGS)}")
+  tag = "".join(VARIANT_TAGS[k](variant.get(k)) for k in VARIANT_TAGS)
+  tag += (f"_pre{pretrain_steps}" if pretrain_steps else "") + (
+    f"_steps{finetune_steps}" if finetune_steps else ""
   )
   config = demo_config.get_config()
   if fast:
     config.model, config.data.negshapes_num, config.batch_size = "tiny", 256, 32
     config.total_steps, config.log_every, config.save_every = 4, 2, 4
+  root = workdir / ("pretrained" + (f"_pre{pretrain_steps}" if pretrain_steps else ""))
   pretrain_steps = pretrain_steps or (10 if fast else PRETRAIN_STEPS)
   config.total_steps = finetune_steps or config.total_steps
   eval_num = eval_num or (32 if fast else config.evals.negshapes.num)
   config.seed = seed
-  config.data.negshapes_hard_fraction = hard_fraction
-  if lambda_text is not None:
-    config.lambda_text = lambda_text
-  config.objective = objective or config.objective
+  config.data.negshapes_hard_fraction = variant.get("hard_fraction") or 0.0
+  config.data.negshapes_image_hard_fraction = variant.get("image_hard_fraction") or 0.0
+  if variant.get("lambda_text") is not None:
+    config.lambda_text = variant["lambda_text"]
+  config.objective = variant.get("objective") or config.objective
+  config.layers = variant.get("layers") or config.layers
+  config.learning_rate = variant.get("learning_rate") or config.learning_rate
   config.evals = ml_collections.ConfigDict()  # evaluated separately, on the items of `seed`
   tokenizer = ClipTokenizer()
   model = model_lib.CLIP(model_lib.get_config(config.model))
   model, params, pretrain_losses = _pretrained(
-    workdir,
+    root,
     config,
     model,
     tokenizer,
@@ -242,8 +262,8 @@ def _setup(workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **vari
     config.batch_size if fast else PRETRAIN_BATCH,
     seed,
   )
-  config.init = str(workdir / "pretrained" / "hf")  # as one loads openai/clip-vit-base-patch32
-  return config, tag, tokenizer, model, params, pretrain_losses, eval_num
+  config.init = str(root / "hf")  # as one loads openai/clip-vit-base-patch32
+  return config, tag, tokenizer, model, params, pretrain_losses, eval_num, root
 
 
 def run(
@@ -253,32 +273,32 @@ def run(
   finetune_steps: int | None = None,
   eval_num: int | None = None,
   seed: int = 0,
-  hard_fraction: float = 0.0,
-  lambda_text: float | None = None,
-  objective: str | None = None,
+  **variant,
 ) -> dict:
   """The whole quickstart; returns the content of results.json.
 
   `seed` seeds every phase: the pretraining data, initialisation and batch order, the
-  fine-tuning data and batch order (config.seed) and the evaluation items. With
-  `hard_fraction` > 0 that fraction of the fine-tuning presence pairs are shortcut-free
-  hard negatives (outputs get the suffix "_hard<fraction>"); `lambda_text` overrides the
-  weight of L_text (suffix "_ltext<value>"), `objective` config.objective (suffix "_<name>").
+  fine-tuning data and batch order (config.seed) and the evaluation items. `variant`
+  (`VARIANT_TAGS`) changes the fine-tuning, and the outputs get its suffix:
+  `hard_fraction` > 0 makes that fraction of the presence pairs shortcut-free hard
+  negatives ("_hard<f>"), `image_hard_fraction` that fraction image-hard
+  (`negshapes.generate_pairs`; objective conclip; "_imghard<f>"), `lambda_text` the weight
+  of L_text ("_ltext<v>"), `objective`, `layers` and `learning_rate` the config's keys.
   """
   t_start = time.perf_counter()
   workdir = Path(workdir).absolute()
-  config, tag, tokenizer, model, params, pretrain_losses, eval_num = _setup(
-    workdir,
-    fast,
-    pretrain_steps,
-    finetune_steps,
-    eval_num,
-    seed,
-    hard_fraction=hard_fraction,
-    lambda_text=lambda_text,
-    objective=objective,
+  options = dict(
+    fast=fast,
+    pretrain_steps=pretrain_steps,
+    finetune_steps=finetune_steps,
+    eval_num=eval_num,
+    seed=seed,
+    **variant,
   )
-  before_path = workdir / "pretrained" / f"negshapes_eval_n{eval_num}.json"  # seed: meta.json
+  config, tag, tokenizer, model, params, pretrain_losses, eval_num, root = _setup(
+    workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **variant
+  )
+  before_path = root / f"negshapes_eval_n{eval_num}.json"  # seed: meta.json
   if before_path.is_file():
     before = json.loads(before_path.read_text())
   else:
@@ -293,12 +313,19 @@ def run(
   )
   results = {
     "seed": seed,
-    "hard_fraction": hard_fraction,
+    "options": options,
+    "hard_fraction": config.data.negshapes_hard_fraction,
+    "image_hard_fraction": config.data.negshapes_image_hard_fraction,
     "lambda_text": config.lambda_text,
     "objective": config.objective,
+    "layers": config.layers,
+    "learning_rate": config.learning_rate,
+    "finetune_steps": config.total_steps,
+    "seconds": None,
     "pretrained": before,
     "omni_negclip": after,
   }
+  results["seconds"] = round(time.perf_counter() - t_start)
   (workdir / f"results{tag}.json").write_text(
     json.dumps(results_json.strict(results), indent=2, allow_nan=False)
   )
@@ -333,16 +360,13 @@ def diagnose(
   eval_num: int | None = None,
   seed: int = 0,
   probe_num: int | None = None,
-  layers: str | None = None,
-  learning_rate: float | None = None,
   **variant,
 ) -> dict:
   """Perception vs negation (`negshapes_probe_task`); returns the content of diagnose.json.
 
   1. Linear probes on the pretrained stand-in's frozen image features and its plain-caption
      text features: can each object's presence be read off at all?
-  2. Fine-tunes as `run` does (`layers`, `learning_rate` override the config; `variant` as
-     `run`'s) with the "negshapes-fit" evaluator every log_every steps: the accuracy on
+  2. Fine-tunes as `run` does (`variant` as `run`'s, e.g. `layers`, `learning_rate`) with the "negshapes-fit" evaluator every log_every steps: the accuracy on
      the training split's own presence and hard presence pairs over steps (step 0: the
      pretrained model), i.e. whether the hard pairs are fit at all.
   """
@@ -350,12 +374,9 @@ def diagnose(
 
   t_start = time.perf_counter()
   workdir = Path(workdir).absolute()
-  config, tag, tokenizer, model, params, _, _ = _setup(
+  config, tag, tokenizer, model, params, *_ = _setup(
     workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **variant
   )
-  config.layers = layers or config.layers
-  config.learning_rate = learning_rate or config.learning_rate
-  tag += (f"_{layers}" if layers else "") + (f"_lr{learning_rate:g}" if learning_rate else "")
   probe_num = probe_num or (200 if fast else 2000)
   run_task = lambda task, p, **o: registry.run_task(
     task, model, p, tokenizer, progress=False, seed=seed, **o
@@ -428,29 +449,76 @@ def fit_table(fit: dict) -> str:
   return "\n".join(rows)
 
 
-VARIANTS = {
+RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
   "paper": {},
   "hard": {"hard_fraction": 0.5},
   "hard_no_ltext": {"hard_fraction": 0.5, "lambda_text": 0.0},
+  # capacity: every text layer, a 5x smaller peak rate than front's, 2x steps, hard pairs
+  "whole_hard": {
+    "layers": "whole",
+    "learning_rate": 1e-4,
+    "finetune_steps": 400,
+    "hard_fraction": 0.5,
+  },
+  "longer_pretraining": {"pretrain_steps": 1600},  # a stronger stand-in (4x pretraining)
+  "conclip": {"objective": "conclip"},
+  # image-side hard negatives: half the presence examples are absence_hard-style pairs
+  "conclip_image_hard": {"objective": "conclip", "image_hard_fraction": 0.5},
 }
+VARIANTS = ("paper", "hard", "hard_no_ltext")  # `compare`'s default recipes
+# The bar of "learns negation": the shortcut-free tasks on held-out compositions.
+BAR_TASKS = ("presence_hard_heldout", "absence_hard_heldout", "mcq_heldout_negation")
+PAPER_STYLE = ("presence", "absence", "presence_heldout", "absence_heldout")
+
+
+def _reusable(path: Path, options: dict) -> dict | None:
+  """The results at `path` if a run with exactly `options` wrote them."""
+  if path.is_file():
+    results = json.loads(path.read_text())
+    if results.get("options") == json.loads(json.dumps(options)):
+      return results
+  return None
 
 
 def compare(
-  workdir: str | Path, seeds: Sequence[int], variants: dict | None = None, **kwargs
+  workdir: str | Path, seeds: Sequence[int], variants: Sequence[str] | dict = VARIANTS, **kwargs
 ) -> dict:
-  """`run` per seed and variant ({name: `run` options}; default `VARIANTS`: paper-style
-  data, half the presence pairs hard, and that without L_text), sharing each seed's
-  pretrained model in workdir/seed<S>; writes compare.json and prints the mean and sample
-  standard deviation over seeds of every metric."""
-  workdir, variants = Path(workdir), variants or VARIANTS
+  """`run` per seed and variant (names of `RECIPES`, or {name: `run` options}; default
+  `VARIANTS`), sharing each seed's pretrained models in workdir/seed<S>; a run whose
+  results file was written with the same options is reused, not rerun. Writes
+  compare.json and prints the mean and sample standard deviation over seeds of every
+  metric, the shortcut audit and the bar (`bar_table`)."""
+  workdir = Path(workdir)
+  if not isinstance(variants, dict):
+    variants = {name: RECIPES[name] for name in variants}
   runs = {name: [] for name in variants}
   for seed in seeds:
     for name, options in variants.items():
-      runs[name].append(run(workdir / f"seed{seed}", seed=seed, **options, **kwargs))
-  summary = {"seeds": list(seeds), "variants": variants, "runs": runs, "table": compare_table(runs)}
+      run_options = {**kwargs, **options}
+      tag = _setup_tag(options, run_options)
+      done = _reusable(
+        workdir / f"seed{seed}" / f"results{tag}.json", {**run_options, "seed": seed}
+      )
+      if done:
+        print(f"Reusing {name}, seed {seed}: {workdir / f'seed{seed}' / f'results{tag}.json'}")
+      runs[name].append(done or run(workdir / f"seed{seed}", seed=seed, **run_options))
+  summary = {
+    "seeds": list(seeds),
+    "variants": variants,
+    "runs": runs,
+    "table": compare_table(runs),
+    "bar": bar_table(runs),
+  }
   (workdir / "compare.json").write_text(json.dumps(summary, indent=2))
-  print("\n" + summary["table"], flush=True)
+  print("\n" + summary["table"] + "\n\n" + summary["bar"], flush=True)
   return summary
+
+
+def _setup_tag(variant: dict, run_options: dict) -> str:
+  """The output suffix `_setup` gives a run with these options."""
+  tag = "".join(VARIANT_TAGS[k](variant.get(k)) for k in VARIANT_TAGS)
+  pre, steps = run_options.get("pretrain_steps"), run_options.get("finetune_steps")
+  return tag + (f"_pre{pre}" if pre else "") + (f"_steps{steps}" if steps else "")
 
 
 def _mean_sd(values: Sequence[float]) -> str:
@@ -459,19 +527,101 @@ def _mean_sd(values: Sequence[float]) -> str:
   return f"{values.mean():.3f} +- {sd:.3f}"
 
 
+def mean_se(results: Sequence[dict], name: str) -> tuple[float, float]:
+  """(mean over seeds of task `name`'s accuracy, its standard error): the larger of the
+  seed-to-seed one (s.d. / sqrt(seeds)) and the items' (binomial s.e.s combined)."""
+  acc = np.array([r[f"{name}_acc"] for r in results])
+  items = np.sqrt(np.sum([r[f"{name}_se"] ** 2 for r in results])) / len(results)
+  seeds = acc.std(ddof=1) / np.sqrt(len(acc)) if len(acc) > 1 else 0.0
+  return float(acc.mean()), float(max(items, seeds))
+
+
+def _audit(runs: dict, name: str) -> tuple[str, str]:
+  """(best trivial rule, negation-blind perceiver) on task `name`, mean over seeds; the
+  audit does not depend on the model."""
+  first = [r["omni_negclip"] for r in next(iter(runs.values()))]
+  best = [
+    max(
+      r[f"{name}_rule_{rule}"]
+      for rule in ("fewer_negations", "text_only", "fewer_pixels")
+      if f"{name}_rule_{rule}" in r
+    )
+    for r in first
+    if any(f"{name}_rule_{rule}" in r for rule in ("fewer_negations", "text_only", "fewer_pixels"))
+  ]
+  blind = [r[f"{name}_rule_negation_blind"] for r in first if f"{name}_rule_negation_blind" in r]
+  fmt = lambda v: f"{np.mean(v):.3f}" if v else "-"
+  return fmt(best), fmt(blind)
+
+
 def compare_table(runs: dict) -> str:
-  """Markdown: per metric, mean +- s.d. over seeds before and after each variant."""
+  """Markdown: per metric, mean +- s.d. over seeds before and after each variant (a
+  variant with its own pretraining also before it), and the shortcut audit."""
   names = list(runs)
+  pretraining = lambda v: runs[v][0].get("options", {}).get("pretrain_steps")
+  own = [v for v in names[1:] if pretraining(v) != pretraining(names[0])]
+  header = ["pretrained", *names, *(f"{v} (its pretrained)" for v in own)]
   rows = [
-    "| task | chance | pretrained | " + " | ".join(names) + " |",
-    "|---|---:|---:|" + "---:|" * len(names),
+    "| task | chance | best trivial rule | negation-blind | " + " | ".join(header) + " |",
+    "|---|---:|---:|---:|" + "---:|" * len(header),
   ]
   first = runs[names[0]][0]["omni_negclip"]
   for key in METRICS:
     name = key.removesuffix("_acc")
     cells = [_mean_sd([r["pretrained"][key] for r in runs[names[0]]])]
     cells += [_mean_sd([r["omni_negclip"][key] for r in runs[v]]) for v in names]
-    rows.append(f"| {_label(key)} | {_chance(first, name)} | " + " | ".join(cells) + " |")
+    cells += [_mean_sd([r["pretrained"][key] for r in runs[v]]) for v in own]
+    best, blind = _audit(runs, name) if not key.startswith("retrieval") else ("-", "-")
+    rows.append(
+      f"| {_label(key)} | {_chance(first, name)} | {best} | {blind} | " + " | ".join(cells) + " |"
+    )
+  seconds = [sum(r.get("seconds") or 0 for r in runs[v]) for v in names]
+  rows.append(
+    "| wall seconds, all seeds (with any pretraining the run did) | | | | - | "
+    + " | ".join(f"{t:.0f}" for t in seconds)
+    + " |"
+  )
+  return "\n".join(rows)
+
+
+def bar_table(runs: dict, reference: str = "paper") -> str:
+  """Markdown: per variant, the `BAR_TASKS` above chance in standard errors of the
+  seed mean (`mean_se`; the bar: >= 3 each) and the paper-style tasks' change against
+  `reference` in standard errors of the difference (the bar: > -3 each)."""
+  rows = [
+    "| variant | seeds | "
+    + " | ".join(f"{_label(t + '_acc')} - chance (SEs)" for t in BAR_TASKS)
+    + " | worst paper-style change vs "
+    + reference
+    + " (SEs) | passes |",
+    "|---|---:|" + "---:|" * (len(BAR_TASKS) + 2),
+  ]
+  for name, results in runs.items():
+    after = [r["omni_negclip"] for r in results]
+    cells, ok = [], True
+    for task in BAR_TASKS:
+      mean, se = mean_se(after, task)
+      chance = 0.25 if task.startswith("mcq") else after[0][f"{task}_chance"]
+      z = (mean - chance) / se if se > 0 else 0.0
+      ok &= z >= 3
+      cells.append(f"{mean - chance:+.3f} ({z:+.1f})")
+    if reference in runs and name != reference:
+      ref = [r["omni_negclip"] for r in runs[reference]]
+      worst = min(
+        (
+          (mean_se(after, t)[0] - mean_se(ref, t)[0])
+          / np.hypot(mean_se(after, t)[1], mean_se(ref, t)[1]),
+          t,
+        )
+        for t in PAPER_STYLE
+      )
+      ok &= worst[0] > -3
+      cells.append(f"{worst[0]:+.1f} ({_label(worst[1] + '_acc')})")
+    else:
+      cells.append("-")
+    rows.append(
+      f"| {name} | {len(results)} | " + " | ".join(cells) + f" | {'yes' if ok else 'no'} |"
+    )
   return "\n".join(rows)
 
 
@@ -508,21 +658,33 @@ def main(argv=None):
     default=0.0,
     help="fraction of fine-tuning presence pairs that are hard negatives",
   )
+  parser.add_argument(
+    "--image-hard-fraction",
+    type=float,
+    default=0.0,
+    help="fraction of fine-tuning presence examples that are image-hard (objective conclip)",
+  )
   parser.add_argument("--lambda-text", type=float, help="weight of L_text (config default)")
   parser.add_argument("--objective", help="config.objective (default: the demo config's)")
+  parser.add_argument("--layers", help="config.layers (front|middle|back|whole)")
+  parser.add_argument("--learning-rate", type=float, help="config.learning_rate")
+  parser.add_argument(
+    "--recipe",
+    nargs="+",
+    choices=list(RECIPES),
+    help="named variants (`RECIPES`): one for a run or --diagnose, any for --compare-seeds",
+  )
   parser.add_argument(
     "--diagnose",
     action="store_true",
     help="linear probes of the frozen features and the fit of the training pairs over steps",
   )
   parser.add_argument("--probe-num", type=int, help="--diagnose: probe training scenes (2000)")
-  parser.add_argument("--layers", help="--diagnose: config.layers (front|middle|back|whole)")
-  parser.add_argument("--learning-rate", type=float, help="--diagnose: config.learning_rate")
   parser.add_argument(
     "--compare-seeds",
     type=int,
     nargs="+",
-    help="per seed: paper-style data vs hard negatives (`VARIANTS`)",
+    help=f"per seed, each --recipe (default {' '.join(VARIANTS)}); mean +- s.d. and the bar",
   )
   args = parser.parse_args(argv)
   options = dict(
@@ -531,28 +693,28 @@ def main(argv=None):
     finetune_steps=args.finetune_steps,
     eval_num=args.eval_num,
   )
-  if args.diagnose:
-    return diagnose(
-      args.workdir,
-      seed=args.seed,
-      probe_num=args.probe_num,
-      layers=args.layers,
-      learning_rate=args.learning_rate,
-      hard_fraction=args.hard_fraction,
-      lambda_text=args.lambda_text,
-      objective=args.objective,
-      **options,
-    )
-  if args.compare_seeds:
-    return compare(args.workdir, args.compare_seeds, **options)
-  return run(
-    args.workdir,
-    seed=args.seed,
-    hard_fraction=args.hard_fraction,
+  flags = dict(
+    hard_fraction=args.hard_fraction or None,
+    image_hard_fraction=args.image_hard_fraction or None,
     lambda_text=args.lambda_text,
     objective=args.objective,
-    **options,
+    layers=args.layers,
+    learning_rate=args.learning_rate,
   )
+  flags = {k: v for k, v in flags.items() if v is not None}
+  if args.compare_seeds:
+    if flags or args.diagnose:
+      parser.error(
+        "--compare-seeds runs the variants named by --recipe; drop "
+        + ("--diagnose" if args.diagnose else "--" + next(iter(flags)).replace("_", "-"))
+      )
+    return compare(args.workdir, args.compare_seeds, args.recipe or VARIANTS, **options)
+  if args.recipe and len(args.recipe) > 1:
+    parser.error("several --recipe names need --compare-seeds")
+  variant = {**options, **(RECIPES[args.recipe[0]] if args.recipe else {}), **flags}
+  if args.diagnose:
+    return diagnose(args.workdir, seed=args.seed, probe_num=args.probe_num, **variant)
+  return run(args.workdir, seed=args.seed, **variant)
 
 
 @console.boundary()

@@ -25,6 +25,12 @@ Per example (`generate_pairs`)
            present object (``negated_object``): false (CC-Neg style).
   distractor image  (on request) the same drawing without ``negated_object``: ``negated``
            is true for it, ``caption`` false (CoN-CLIP's distractor image).
+  image-hard (on request, a fraction of the examples) the absence_hard pair as training
+           data: the image shows A+Y (Y = ``negated_object``), the pair of texts is
+           "A, no X" (true) / "A, no Y" (false), and the distractor image draws X in Y's
+           box on the same layout (A+X: "A, no Y" true, "A, no X" false). Image and
+           distractor hold equal object counts, texts equal word counts and one negation
+           each: only which object is named and shown separates them.
   updated  ``caption`` + an absence clause naming an object not in the scene
            (``absent_object``), chosen to share its shape, its colour, or nothing with the
            present objects: true (NegationCLIP style).
@@ -103,6 +109,7 @@ _STREAMS = {
   "absence_hard": 6,
   "mcq": 7,
   "train_hard": 8,
+  "train_image_hard": 9,
 }
 COMPOSITIONS = ("any", "in_distribution", "held_out")
 MCQ_TEMPLATES = ("affirmation", "negation", "hybrid")
@@ -398,6 +405,7 @@ def generate_pairs(
   split: str = "train",
   distractors: bool = False,
   hard_fraction: float = 0.0,
+  image_hard_fraction: float = 0.0,
 ) -> dict:
   """Training data for the plain, negated and updated objectives (seed >= 0).
 
@@ -412,14 +420,24 @@ def generate_pairs(
   probability `hard_fraction` (own stream; other outputs unchanged) the shortcut-free
   pair ("P, not C", "P, not B") of `presence_hard_task`, B = negated_objects[i]; and
   hard: list[bool].
+  With `image_hard_fraction` > 0 (needs `distractors`; not with `hard_fraction`), the
+  same outputs, with probability `image_hard_fraction` (own stream) an image-hard
+  example (module docstring): presence pair ("A, no X", "A, no Y"), distractor image
+  A+X; and image_hard: list[bool]. With `distractors`, distractor_scenes: list[Scene],
+  what each distractor image shows.
   `split` is "train" or "eval" (independent streams). Scenes have 1-3 objects, uniformly.
   "train" never shows or mentions both objects of a held-out pair (`HELD_OUT_PAIRS`):
   such scenes are redrawn with the same object count.
   """
   if split not in ("train", "eval"):
     raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+  if image_hard_fraction > 0 and not distractors:
+    raise ValueError("image_hard_fraction > 0 needs distractors=True (the A+X images)")
+  if image_hard_fraction > 0 and hard_fraction > 0:
+    raise ValueError("use hard_fraction or image_hard_fraction, not both")
   rng = _rng(seed, split)
   hard_rng = _rng(seed, "train_hard")
+  image_rng = _rng(seed, "train_image_hard")
   seen_only = split == "train"
   accept = (lambda scene: not has_held_out_pair(scene)) if seen_only else (lambda scene: True)
   out = {
@@ -434,7 +452,8 @@ def generate_pairs(
       "centres",
     )
   }
-  hard = {k: [] for k in ("presence_captions", "presence_negated", "hard")}
+  hard = {k: [] for k in ("presence_captions", "presence_negated", "hard", "image_hard")}
+  distractor_scenes = []
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   distractor_images = np.empty_like(images) if distractors else None
   for i, (scene, drawing) in enumerate(
@@ -444,8 +463,14 @@ def generate_pairs(
     caption = _plain_caption(scene, rng)
     k = rng.integers(len(scene))
     negated = scene[k]
-    if distractors:
-      distractor_images[i] = _draw(scene[:k] + scene[k + 1 :], _without(drawing, k))
+    image_hard = bool(image_hard_fraction > 0 and image_rng.random() < image_hard_fraction)
+    if image_hard:  # X in Y's box: A+X on the same layout
+      swapped = _sample_new_shape(scene, image_rng, seen_only=seen_only)
+      distractor_scenes.append(scene[:k] + (swapped,) + scene[k + 1 :])
+      distractor_images[i] = _draw(distractor_scenes[-1], drawing)
+    elif distractors:
+      distractor_scenes.append(scene[:k] + scene[k + 1 :])
+      distractor_images[i] = _draw(distractor_scenes[-1], _without(drawing, k))
     absent = _sample_absent(scene, rng, new_shape=False, seen_only=seen_only)
     rest = [o for o in scene if o != negated]
     out["captions"].append(caption)
@@ -455,18 +480,31 @@ def generate_pairs(
     out["negated_objects"].append(negated)
     out["absent_objects"].append(absent)
     out["centres"].append(drawing.centres)
-    if hard_fraction > 0:
-      is_hard = bool(hard_rng.random() < hard_fraction)
+    if hard_fraction > 0 or image_hard_fraction > 0:
+      is_hard = bool(hard_fraction > 0 and hard_rng.random() < hard_fraction)
       if is_hard:
         other = _sample_new_shape(scene, hard_rng, seen_only=seen_only)
         true, false = _negation_pair(rest, other, negated, hard_rng)
+      elif image_hard:
+        true, false = _negation_pair(rest, swapped, negated, image_rng)
       else:
         true, false = caption, out["negated"][-1]
       hard["presence_captions"].append(true)
       hard["presence_negated"].append(false)
       hard["hard"].append(is_hard)
-  extra = {"distractor_images": distractor_images} if distractors else {}
-  return {"images": images, **extra, **out, **(hard if hard_fraction > 0 else {})}
+      hard["image_hard"].append(image_hard)
+  if hard_fraction > 0:
+    del hard["image_hard"]
+  elif image_hard_fraction > 0:
+    del hard["hard"]
+  else:
+    hard = {}
+  extra = (
+    {"distractor_images": distractor_images, "distractor_scenes": distractor_scenes}
+    if distractors
+    else {}
+  )
+  return {"images": images, **extra, **out, **hard}
 
 
 def presence_task(num: int, seed: int, image_size: int = 64, compositions: str = "any") -> dict:

@@ -68,7 +68,8 @@ NAMED_SOURCES = {"presence": ("ccneg", "negshapes"), "absence": ("coco_negation"
 
 def validate_config(config):
   """ConfigError (one line) for a bad `objective`, `layers`, `attention`, `parallelism`,
-  `data.presence` / `data.absence` or `data.max_image_pixels` value."""
+  `data.presence` / `data.absence`, `data.max_image_pixels` or
+  `data.negshapes_image_hard_fraction` value."""
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
   try:
@@ -95,6 +96,16 @@ def validate_config(config):
   attention = config.get("attention", "einsum")
   if attention not in model_lib.ATTENTIONS:
     raise ConfigError(f"config.attention={attention!r}; choose from {model_lib.ATTENTIONS}")
+  if config.data.get("negshapes_image_hard_fraction", 0.0) > 0:
+    if config.objective != "conclip":
+      raise ConfigError(
+        "config.data.negshapes_image_hard_fraction > 0 needs config.objective='conclip' "
+        f"(its distractor terms compare the A+X images), got {config.objective!r}"
+      )
+    if config.data.get("negshapes_hard_fraction", 0.0) > 0:
+      raise ConfigError(
+        "set config.data.negshapes_hard_fraction or negshapes_image_hard_fraction, not both"
+      )
   parallelism = config.get("parallelism", "pmap")
   if parallelism not in sharding.PARALLELISMS:
     raise ConfigError(f"config.parallelism={parallelism!r}; choose from {sharding.PARALLELISMS}")
@@ -168,6 +179,7 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
         split="train",
         distractors=distractors,
         hard_fraction=d.negshapes_hard_fraction,
+        image_hard_fraction=d.get("negshapes_image_hard_fraction", 0.0),
       ),
       on_error=bad,
       distractors=distractors,

@@ -325,6 +325,61 @@ def test_hard_negative_pairs(pairs):
       assert (true, false) == (pairs["captions"][i], pairs["negated"][i])
 
 
+def test_image_hard_pairs(pairs):
+  data = ns.generate_pairs(N, seed=0, distractors=True, image_hard_fraction=0.5)
+  flags = data["image_hard"]
+  assert "hard" not in data and 0.4 * N < sum(flags) < 0.6 * N
+  np.testing.assert_array_equal(data["images"], pairs["images"])  # own stream: rest unchanged
+  for key in ("captions", "negated", "updated", "scenes", "negated_objects", "absent_objects"):
+    assert data[key] == pairs[key], key
+  for i, image_hard in enumerate(flags):
+    scene, shown = data["scenes"][i], data["distractor_scenes"][i]
+    true, false = data["presence_captions"][i], data["presence_negated"][i]
+    image, distractor = data["images"][i].astype(int), data["distractor_images"][i].astype(int)
+    if not image_hard:  # the ordinary example, untouched
+      assert (true, false) == (pairs["captions"][i], pairs["negated"][i])
+      assert shown == pairs["distractor_scenes"][i]
+      np.testing.assert_array_equal(distractor, pairs["distractor_images"][i])
+      continue
+    y = data["negated_objects"][i]
+    (x,) = set(shown) - set(scene)
+    assert set(scene) - set(shown) == {y} and len(shown) == len(scene)  # equal object counts
+    assert x[1] not in {s for _, s in scene} and not ns.has_held_out_pair(shown)
+    # "A, no X" is true for A+Y and false for A+X; "A, no Y" the other way round.
+    assert ns.caption_is_true(true, scene) and not ns.caption_is_true(false, scene)
+    assert ns.caption_is_true(false, shown) and not ns.caption_is_true(true, shown)
+    assert ns.parse_caption(true) == (ns.parse_caption(false)[0], (x,))
+    assert ns.parse_caption(false)[1] == (y,) and len(true.split()) == len(false.split())
+    # A negation-blind matcher prefers the false text for both images: wrong every time.
+    assert _bag_of_words(false, scene) > _bag_of_words(true, scene)
+    assert _bag_of_words(true, shown) > _bag_of_words(false, shown)
+    # X is drawn in Y's box; every other pixel is the same image.
+    k = scene.index(y)
+    cx, cy = data["centres"][i][k]
+    half = 0.5 * 26 + 1  # the largest box at S=64, plus a pixel
+    changed = np.argwhere(np.abs(image - distractor).max(-1) > 0)
+    assert len(changed) and (np.abs(changed[:, ::-1] + 0.5 - (cx, cy)) <= half).all()
+    assert np.abs(distractor[int(cy), int(cx)] - ns.RGB[x[0]]).max() <= 15
+
+
+def test_image_hard_needs_distractors_and_excludes_hard_fraction():
+  with pytest.raises(ValueError, match="distractors=True"):
+    ns.generate_pairs(8, seed=0, image_hard_fraction=0.5)
+  with pytest.raises(ValueError, match="not both"):
+    ns.generate_pairs(8, seed=0, distractors=True, hard_fraction=0.5, image_hard_fraction=0.5)
+
+
+def test_image_hard_pairs_reach_the_presence_table():
+  from negclip_jax.train import pipeline
+
+  data = ns.generate_pairs(40, seed=0, image_size=16, distractors=True, image_hard_fraction=1.0)
+  presence, absence = pipeline.negshapes_tables(data, distractors=True)
+  assert list(presence.captions) == data["presence_captions"] != data["captions"]
+  assert list(presence.negated) == data["presence_negated"]
+  np.testing.assert_array_equal(presence.distractors, data["distractor_images"])
+  assert list(absence.captions) == data["captions"]  # the absence stream is unchanged
+
+
 @pytest.mark.parametrize(
   "task",
   [ns.presence_task, ns.absence_task, ns.presence_hard_task, ns.absence_hard_task, ns.mcq_task],

@@ -4,6 +4,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -103,3 +104,55 @@ def test_demo_diagnose_prints_probes_and_fit_over_steps(tmp_path, capsys):
   assert all(0.0 <= row["presence_hard_train_acc"] <= 1.0 for row in out["fit"].values())
   assert out["fit"]["2"]["L3"] > 0
   assert json.loads((tmp_path / "diagnose.json").read_text())["fit"] == out["fit"]
+
+
+def _fake_runs(accs: dict, se: float = 0.01) -> dict:
+  """{variant: 3 seeds of results} with accuracy accs[variant][task] (+ seed noise)."""
+  tasks = (*demo.BAR_TASKS, *demo.PAPER_STYLE)
+  runs = {}
+  for name, acc in accs.items():
+    runs[name] = []
+    for noise in (-0.01, 0.0, 0.01):
+      after = {"presence_hard_heldout_chance": 0.5, "absence_hard_heldout_chance": 0.5}
+      for t in tasks:
+        after[f"{t}_acc"], after[f"{t}_se"] = acc.get(t, 0.5) + noise, se
+      runs[name].append({"omni_negclip": after, "options": {}})
+  return runs
+
+
+def test_bar_table_known_answers():
+  # mean_se: the larger of the seeds' s.e. (s.d. 0.01 / sqrt 3) and the items' (sqrt 3 * 0.03 / 3)
+  after = [r["omni_negclip"] for r in _fake_runs({"v": {"mcq_heldout_negation": 0.7}}, 0.03)["v"]]
+  assert demo.mean_se(after, "mcq_heldout_negation") == pytest.approx((0.7, 0.03 / np.sqrt(3)))
+  after = [r["omni_negclip"] for r in _fake_runs({"v": {}}, 0.001)["v"]]
+  assert demo.mean_se(after, "presence")[1] == pytest.approx(0.01 / np.sqrt(3))
+  paper = {"presence": 0.9, "absence": 0.8, "presence_heldout": 0.85, "absence_heldout": 0.75}
+  learns = {**paper, "presence_hard_heldout": 0.6, "absence_hard_heldout": 0.6}
+  learns["mcq_heldout_negation"] = 0.35
+  runs = _fake_runs(
+    {
+      "paper": {**paper, "mcq_heldout_negation": 0.1},
+      "learns": learns,
+      "at_chance": {**learns, "absence_hard_heldout": 0.5},  # ties with chance fail
+      "forgets": {**learns, "absence": 0.6},  # loses the paper-style gain
+    }
+  )
+  rows = {r.split(" | ")[0].strip("| "): r for r in demo.bar_table(runs).splitlines()[2:]}
+  assert rows["learns"].endswith("| yes |")
+  assert rows["paper"].endswith("| no |") and rows["at_chance"].endswith("| no |")
+  assert rows["forgets"].endswith("| no |") and "(absence)" in rows["forgets"]
+
+
+def test_demo_compare_recipe_prints_the_bar_and_reuses_runs(tmp_path, capsys, monkeypatch):
+  argv = ["--workdir", str(tmp_path), "--fast", "--compare-seeds", "0"]
+  argv += ["--recipe", "conclip_image_hard"]
+  out = demo.main(argv)
+  image_hard = out["runs"]["conclip_image_hard"][0]
+  assert (image_hard["objective"], image_hard["image_hard_fraction"]) == ("conclip", 0.5)
+  assert (tmp_path / "seed0/results_imghard0.5_conclip.json").is_file()
+  printed = capsys.readouterr().out
+  assert "| conclip_image_hard | 1 |" in printed and "best trivial rule" in printed
+  # The same command again reuses every run: nothing trains.
+  monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained again"))
+  assert demo.main(argv)["runs"] == out["runs"]
+  assert capsys.readouterr().out.count("Reusing conclip_image_hard, seed 0") == 1

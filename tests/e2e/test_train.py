@@ -215,6 +215,17 @@ def test_data_sources_are_validated_before_anything_loads():
       trainer.validate_config(tiny_config(objective="conclip", **{"data.presence": source}))
 
 
+def test_image_hard_fraction_needs_conclip_and_excludes_hard_fraction():
+  image_hard = {"data.negshapes_image_hard_fraction": 0.5}
+  with pytest.raises(trainer.ConfigError, match="needs config.objective='conclip'"):
+    trainer.validate_config(tiny_config(**image_hard))
+  with pytest.raises(trainer.ConfigError, match="not both"):
+    trainer.validate_config(
+      tiny_config(objective="conclip", **image_hard, **{"data.negshapes_hard_fraction": 0.5})
+    )
+  trainer.validate_config(tiny_config(objective="conclip", **image_hard))
+
+
 def test_cli_config_errors_are_one_line(tmp_path):
   proc = subprocess.run(
     tiny_train_cmd(tmp_path, "--config.layers=[0,x]"), cwd=ROOT, capture_output=True, text=True
