@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -306,7 +307,7 @@ def run(
     before_path.write_text(json.dumps(before))
   print("pretrained:\n" + negshapes_task.report(before), flush=True)
 
-  result = trainer.train(config, workdir / f"finetune{tag}")
+  result = train_to_the_end(config, workdir / f"finetune{tag}")
   after = evaluate_negshapes(result["model"], result["params"], tokenizer, eval_num, seed)
   export.export_run(
     {**result, "eval": {"negshapes": after}}, config, workdir / f"export{tag}" / "hf", f"demo{tag}"
@@ -388,7 +389,7 @@ def diagnose(
   )
   fit = {0: run_task("negshapes-fit", params, **fit_options)}
   config.evals.fit = dict(task="negshapes-fit", every=config.log_every, seed=seed, **fit_options)
-  trainer.train(config, workdir / f"diagnose{tag}")
+  train_to_the_end(config, workdir / f"diagnose{tag}")
   logged = {}  # step -> every key logged at it (training and evaluator rows)
   for row in rundir.read_metrics(workdir / f"diagnose{tag}"):
     logged.setdefault(row["step"], {}).update(row)
@@ -628,6 +629,21 @@ def bar_table(runs: dict, reference: str = "paper") -> str:
 PRETRAIN_STEPS = 400
 PRETRAIN_BATCH = 128
 PRETRAIN_LR = 1e-3
+
+
+def train_to_the_end(config, workdir: Path) -> dict:
+  """`trainer.train`; a run stopped early (SIGTERM or Ctrl-C: the trainer saved a
+  checkpoint) ends the demo, exit status 130, before a partly trained model is evaluated."""
+  result = trainer.train(config, workdir)
+  if result["stopped_early"]:
+    print(
+      f"negclip-demo: stopped at step {result['step']} of {result['total_steps']} (checkpoint "
+      f"saved in {workdir}); nothing evaluated; rerun the same command to resume",
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(console.INTERRUPT_EXIT)
+  return result
 
 
 def main(argv=None):

@@ -156,3 +156,21 @@ def test_demo_compare_recipe_prints_the_bar_and_reuses_runs(tmp_path, capsys, mo
   monkeypatch.setattr(trainer, "train", lambda *a, **k: pytest.fail("trained again"))
   assert demo.main(argv)["runs"] == out["runs"]
   assert capsys.readouterr().out.count("Reusing conclip_image_hard, seed 0") == 1
+
+
+def test_a_fine_tuning_stopped_early_ends_the_demo_before_any_evaluation(
+  monkeypatch, tmp_path, capsys
+):
+  """SIGTERM / Ctrl-C make the trainer save and return `stopped_early`; the demo must not go
+  on to evaluate (and write results for) the partly trained model."""
+  from negclip_jax import demo
+  from negclip_jax.train import trainer
+
+  stopped = {"stopped_early": True, "step": 41, "total_steps": 200}
+  monkeypatch.setattr(trainer, "train", lambda config, workdir: stopped)
+  with pytest.raises(SystemExit) as e:
+    demo.train_to_the_end(None, tmp_path / "finetune")
+  assert e.value.code == 130
+  assert "stopped at step 41 of 200" in capsys.readouterr().err
+  monkeypatch.setattr(trainer, "train", lambda config, workdir: {**stopped, "stopped_early": False})
+  assert demo.train_to_the_end(None, tmp_path / "finetune")["step"] == 41
