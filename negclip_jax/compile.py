@@ -1,7 +1,7 @@
 r"""negclip-compile: compile a run's programs for a TPU slice ahead of time, without a TPU.
 
 negclip-compile --config NAME_OR_FILE [--config.KEY=VALUE ...] --topology v5e:4x8
-    [--num_slices N] [--json] [--packed_rows R] [--nofixes]
+    [--num_slices N] [--json] [--packed_rows R] [--nofixes] [--programs train,cache,embedders]
 (= python -m negclip_jax.compile; needs the `tpu` extra: pip install "negclip-jax[tpu]")
 
 The TPU compiler (libtpu) runs on any machine: JAX describes the slice (`--topology`
@@ -19,6 +19,8 @@ v5p-8, v6e-8) and compiles for its chips. Nothing is allocated: every argument i
   image cache     the frozen-tower pass of `image_cache` (`config.data.image_cache`)
   text embedder,  the evaluators' `eval.embed.Embedder` calls (default batch and dtype of
   image embedder  `evaluators.Evaluator`; replicated params, or sharded as fsdp trains)
+
+`--programs` compiles a subset (train, cache, embedders; default all).
 
 Per program: per-chip bytes from the compiler's `memory_analysis()` (arguments, outputs,
 temporaries; peak = arguments + outputs - donated aliases + temporaries) against the chip's
@@ -259,19 +261,29 @@ def embed_program(
   return Program(name, lambda: jitted.lower(p, x), n * per_chip)
 
 
-def programs(config, tpu: Slice, packed_rows: int = 0) -> list[Program]:
-  """The train step, the image-cache pass (with `config.data.image_cache`) and the
-  evaluators' text and image embedders, for `tpu`."""
-  out = [train_step_program(config, tpu.devices, packed_rows)]
+PROGRAMS = ("train", "cache", "embedders")
+
+
+def programs(config, tpu: Slice, packed_rows: int = 0, which=PROGRAMS) -> list[Program]:
+  """Those of `which` (names in PROGRAMS): the train step, the image-cache pass (with
+  `config.data.image_cache`) and the evaluators' text and image embedders, for `tpu`."""
+  unknown = sorted(set(which) - set(PROGRAMS))
+  if unknown or not which:
+    raise CompileError(f"--programs {','.join(which)}: give some of {','.join(PROGRAMS)}")
+  out = [train_step_program(config, tpu.devices, packed_rows)] if "train" in which else []
+  if not set(which) & {"cache", "embedders"}:
+    return out
   model, params = abstract_model(config)
   per_call = lambda batch: math.ceil(batch / tpu.local_devices)  # per chip, as Embedder
   fsdp = config.fsdp if config.parallelism == "fsdp" else None
-  if config.data.image_cache:  # always replicated on the local devices (pmap)
+  if config.data.image_cache and "cache" in which:  # always replicated on the local devices (pmap)
     out.append(
       embed_program(
         "image cache", model, params, "image", per_call(image_cache.BATCH_SIZE), tpu, None, False
       )
     )
+  if "embedders" not in which:
+    return out
   evaluator = evaluators.Evaluator("compile", "compile")  # the defaults config.evals takes
   eval_model = model.clone(dtype=embed.DTYPES[evaluator.dtype])
   for kind in ("text", "image"):
@@ -401,11 +413,18 @@ def table(rows: list[dict]) -> str:
 
 
 def run(
-  config, topology: str, num_slices: int = 1, packed_rows: int = 0, try_fixes=True, progress=None
+  config,
+  topology: str,
+  num_slices: int = 1,
+  packed_rows: int = 0,
+  try_fixes=True,
+  progress=None,
+  which=PROGRAMS,
 ) -> dict:
-  """Compiles every program of `config` for the slice -> {"slice", "programs", "fits", "fixes"}."""
+  """Compiles the programs `which` of `config` for the slice -> {"slice", "programs", "fits",
+  "fixes"}."""
   tpu = describe_slice(topology, num_slices)
-  rows = [measure(p, tpu, progress) for p in programs(config, tpu, packed_rows)]
+  rows = [measure(p, tpu, progress) for p in programs(config, tpu, packed_rows, which)]
   fits = all(r["fits"] for r in rows)
   result = {
     "slice": tpu.name,
@@ -416,7 +435,7 @@ def run(
     "programs": rows,
     "fits": fits,
   }
-  if not rows[0]["fits"] and try_fixes:
+  if rows[0]["program"] == "train step" and not rows[0]["fits"] and try_fixes:
     result["fixes"] = fixes(config, tpu, num_slices, packed_rows, progress)
   return result
 
@@ -432,6 +451,7 @@ _PACKED_ROWS = flags.DEFINE_integer(
   "packed_rows", 0, "Packed text rows per chip (pmap with pack_text); 0: 4 x per-chip batch."
 )
 _FIXES = flags.DEFINE_bool("fixes", True, "If the step does not fit, compile each fix.")
+_PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile: {PROGRAMS}.")
 
 
 def main(argv):
@@ -440,7 +460,15 @@ def main(argv):
   config = flags.FLAGS.config  # negclip-train's --config flag (with --config.KEY=VALUE)
   say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not _JSON.value else None
   try:
-    result = run(config, _TOPOLOGY.value, _NUM_SLICES.value, _PACKED_ROWS.value, _FIXES.value, say)
+    result = run(
+      config,
+      _TOPOLOGY.value,
+      _NUM_SLICES.value,
+      _PACKED_ROWS.value,
+      _FIXES.value,
+      say,
+      tuple(_PROGRAMS.value),
+    )
   except (CompileError, trainer.ConfigError) as e:
     sys.exit(f"error: {e}")
   if _JSON.value:
@@ -468,7 +496,7 @@ def cli():
   jax.config.update("jax_platforms", "cpu")  # the slice is compile-only; run nothing on it
   jax.config.update("jax_enable_compilation_cache", False)  # see the module doc
   flags.mark_flags_as_required(["config", "topology"])
-  names = ("config", "topology", "num_slices", "json", "packed_rows", "fixes")
+  names = ("config", "topology", "num_slices", "json", "packed_rows", "fixes", "programs")
   app.run(main, flags_parser=lambda argv: trainer.parse_flags(argv, __doc__, names))
 
 

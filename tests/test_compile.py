@@ -54,3 +54,18 @@ def test_topology_names():
   assert compile_lib.bigger_topology("v4:2x2x1") == "v4:2x2x2"
   with pytest.raises(compile_lib.CompileError, match="--topology"):
     compile_lib.topology_name("v5e-3")
+
+
+def test_programs_compiles_the_named_subset():
+  tpu = compile_lib.describe_slice("v5e:2x2")
+  names = lambda which, **o: [p.name for p in compile_lib.programs(_tiny(**o), tpu, 0, which)]
+  assert names(("train",)) == ["train step"]
+  assert names(("embedders",)) == ["text embedder", "image embedder"]
+  cached = _tiny()
+  cached.data.image_cache = True
+  assert [p.name for p in compile_lib.programs(cached, tpu, 0, ("cache", "train"))] == [
+    "train step",
+    "image cache",
+  ]
+  with pytest.raises(compile_lib.CompileError, match="--programs train,steps"):
+    compile_lib.programs(_tiny(), tpu, 0, ("train", "steps"))
