@@ -14,7 +14,8 @@ file are skipped. Rows run in the order of the questions a user asks first (does
 at the pod batch fit a v5e-256 under fsdp; does the paper's batch fit a v5e-8; v4-8 and
 v6e-8; then the rest), smallest preset first within each group. A row whose global batch
 the slice's chips do not divide is not a configuration and is not run. Needs the `tpu`
-extra (libtpu), no TPU.
+extra (libtpu), no TPU; `--slices h100-8` (8 H100s, `negclip-compile --gpu h100`) needs
+JAX's CUDA plugin instead (the `cuda12` extra), no GPU.
 
 `--markdown` prints the table for docs/performance.md from `--out`: every row of the
 matrix, compiled or "not compiled" (never estimated).
@@ -33,14 +34,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "omni_negclip_vitb32"
 MODELS = ("vit-b-32", "vit-l-14", "vit-h-14", "vit-bigg-14")
 BATCHES = (128, 4096)
-# Accelerator type -> (topology, chips); v4 as megacore (one device per chip: v4-8 is 4 chips).
+# Accelerator type -> (negclip-compile's target flags, chips); v4 as megacore (one device per
+# chip: v4-8 is 4 chips). h100-8 (not run by default): 8 H100s through JAX's CUDA plugin,
+# which the interpreter must see (e.g. PYTHONPATH naming a folder holding jax_cuda12_plugin).
 SLICES = {
-  "v5e-8": ("v5e:2x4", 8),
-  "v5e-32": ("v5e:4x8", 32),
-  "v5e-256": ("v5e:16x16", 256),
-  "v4-8": ("v4:2x2x1", 4),
-  "v6e-8": ("v6e:2x4", 8),
+  "v5e-8": (("--topology=v5e:2x4",), 8),
+  "v5e-32": (("--topology=v5e:4x8",), 32),
+  "v5e-256": (("--topology=v5e:16x16",), 256),
+  "v4-8": (("--topology=v4:2x2x1",), 4),
+  "v6e-8": (("--topology=v6e:2x4",), 8),
+  "h100-8": (("--gpu=h100", "--gpus=8"), 8),
 }
+TPU_SLICES = ("v5e-8", "v5e-32", "v5e-256", "v4-8", "v6e-8")
 MODES = ("fsdp", "pmap")
 GIB = 2**30
 
@@ -93,7 +98,7 @@ def command(model: str, batch: int, slice_name: str, mode: str) -> list[str]:
     f"--config.model={model}",
     f"--config.batch_size={batch}",
     f"--config.parallelism={mode}",
-    f"--topology={SLICES[slice_name][0]}",
+    *SLICES[slice_name][0],
     "--programs=train",
     "--nofixes",
     "--json",
@@ -162,8 +167,9 @@ def markdown(args) -> str:
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for model, batch, s, mode in value_order(args.models, args.batches, args.slices, args.modes):
-    topology, chips = SLICES[s]
-    head = f"| {model} | {batch} | {s} ({topology}, {chips}) | {mode} | {batch // chips} |"
+    target, chips = SLICES[s]
+    where = target[0].split("=")[1] if s in TPU_SLICES else f"{chips} GPUs"
+    head = f"| {model} | {batch} | {s} ({where}, {chips}) | {mode} | {batch // chips} |"
     row = done.get((model, batch, s, mode))
     if row is None or row["status"] == "timeout":
       why = "not compiled" + (f" (stopped after {row['wall_s']} s)" if row else "")
@@ -173,10 +179,11 @@ def markdown(args) -> str:
     else:
       r = row["result"]["programs"][0]
       hbm = r["hbm_bytes"] // GIB
+      tflop = "no figure" if r["flops_per_chip"] is None else f"{r['flops_per_chip'] / 1e12:.3g}"
       fit = f"FITS ({hbm})" if r["fits"] else f"**DOES NOT FIT** ({hbm})"
       lines.append(
         f"{head} {r['argument_bytes'] / GIB:.2f} | {r['temp_bytes'] / GIB:.2f} | "
-        f"{r['peak_bytes'] / GIB:.2f} | {fit} | {r['flops_per_chip'] / 1e12:.3g} | "
+        f"{r['peak_bytes'] / GIB:.2f} | {fit} | {tflop} | "
         f"{r['compile_s']:.0f} |"
       )
   return "\n".join(lines)
@@ -187,7 +194,7 @@ def parse_args(argv=None):
   p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "tpu_memory_rows.jsonl"))
   p.add_argument("--models", default=",".join(MODELS))
   p.add_argument("--batches", default=",".join(map(str, BATCHES)))
-  p.add_argument("--slices", default=",".join(SLICES))
+  p.add_argument("--slices", default=",".join(TPU_SLICES), help=f"of {','.join(SLICES)}")
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
   p.add_argument("--markdown", action="store_true", help="print the docs table from --out")
