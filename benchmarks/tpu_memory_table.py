@@ -158,6 +158,10 @@ def run_matrix(args) -> None:
     print(f"{summary(row)} [{row['wall_s']} s wall]", flush=True)
 
 
+def _gib(n: int) -> str:
+  return f"{n / GIB:.3f}" if n < 0.1 * GIB else f"{n / GIB:.2f}"
+
+
 def markdown(args) -> str:
   """The docs table: every row of the matrix (value order), compiled or not."""
   done = load(args.out)
@@ -182,8 +186,8 @@ def markdown(args) -> str:
       tflop = "no figure" if r["flops_per_chip"] is None else f"{r['flops_per_chip'] / 1e12:.3g}"
       fit = f"FITS ({hbm})" if r["fits"] else f"**DOES NOT FIT** ({hbm})"
       lines.append(
-        f"{head} {r['argument_bytes'] / GIB:.2f} | {r['temp_bytes'] / GIB:.2f} | "
-        f"{r['peak_bytes'] / GIB:.2f} | {fit} | {tflop} | "
+        f"{head} {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | "
+        f"{_gib(r['peak_bytes'])} | {fit} | {tflop} | "
         f"{r['compile_s']:.0f} |"
       )
   return "\n".join(lines)
