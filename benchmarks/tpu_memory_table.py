@@ -163,33 +163,41 @@ def _gib(n: int) -> str:
 
 
 def markdown(args) -> str:
-  """The docs table: every row of the matrix (value order), compiled or not."""
+  """The docs table of the compiled rows (value order), then every other row of the matrix
+  as "not compiled" (stopped, failed or not reached), grouped by batch, slice and placement."""
   done = load(args.out)
   lines = [
-    "| model | global batch | slice (chips) | placement | per chip | arguments | temporaries "
+    "| model | global batch | slice (chips) | placement | per chip batch | arguments | temporaries "
     "| peak | fits | TFLOP per chip | compile s |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
+  missing = {}  # (batch, slice, mode) -> ["model (why)"]
   for model, batch, s, mode in value_order(args.models, args.batches, args.slices, args.modes):
-    target, chips = SLICES[s]
-    where = target[0].split("=")[1] if s in TPU_SLICES else f"{chips} GPUs"
-    head = f"| {model} | {batch} | {s} ({where}, {chips}) | {mode} | {batch // chips} |"
     row = done.get((model, batch, s, mode))
-    if row is None or row["status"] == "timeout":
-      why = "not compiled" + (f" (stopped after {row['wall_s']} s)" if row else "")
-      lines.append(f"{head} {why} | | | | | |")
-    elif row["status"] == "error":
-      lines.append(f"{head} error: {row['error']} | | | | | |")
-    else:
-      r = row["result"]["programs"][0]
-      hbm = r["hbm_bytes"] // GIB
-      tflop = "no figure" if r["flops_per_chip"] is None else f"{r['flops_per_chip'] / 1e12:.3g}"
-      fit = f"FITS ({hbm})" if r["fits"] else f"**DOES NOT FIT** ({hbm})"
-      lines.append(
-        f"{head} {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | "
-        f"{_gib(r['peak_bytes'])} | {fit} | {tflop} | "
-        f"{r['compile_s']:.0f} |"
-      )
+    if row is None or row["status"] != "ok":
+      if row is None:
+        note = ""
+      elif row["status"] == "timeout":
+        note = f" (stopped after {row['wall_s']} s)"
+      else:
+        note = f" (error: {row['error']})"
+      missing.setdefault((batch, s, mode), []).append(model + note)
+      continue
+    target, chips = SLICES[s]
+    where = f"{target[0].split('=')[1]}, {chips}" if s in TPU_SLICES else f"{chips} GPUs"
+    r = row["result"]["programs"][0]
+    hbm = r["hbm_bytes"] // GIB
+    fit = f"FITS ({hbm})" if r["fits"] else f"**DOES NOT FIT** ({hbm})"
+    tflop = "no figure" if r["flops_per_chip"] is None else f"{r['flops_per_chip'] / 1e12:.3g}"
+    lines.append(
+      f"| {model} | {batch} | {s} ({where}) | {mode} | {batch // chips} | "
+      f"{_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | {_gib(r['peak_bytes'])} | "
+      f"{fit} | {tflop} | {r['compile_s']:.0f} |"
+    )
+  if missing:
+    lines += ["", "Not compiled (no figure):", ""]
+    for (batch, s, mode), models in missing.items():
+      lines.append(f"- batch {batch}, {s}, {mode}: {', '.join(models)}")
   return "\n".join(lines)
 
 
