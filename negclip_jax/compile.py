@@ -1,8 +1,10 @@
 r"""negclip-compile: compile a run's programs for a TPU slice ahead of time, without a TPU.
 
 negclip-compile --config NAME_OR_FILE [--config.KEY=VALUE ...] --topology v5e:4x8
-    [--num_slices N] [--json] [--packed_rows R] [--nofixes]
-(= python -m negclip_jax.compile; needs the `tpu` extra: pip install "negclip-jax[tpu]")
+    [--num_slices N] [--json] [--packed_rows R] [--nofixes] [--programs train,cache,embedders]
+negclip-compile --config NAME_OR_FILE [--config.KEY=VALUE ...] --gpu h100 [--gpus 8] ...
+(= python -m negclip_jax.compile; needs the `tpu` extra: pip install "negclip-jax[tpu]",
+or for --gpu JAX's CUDA plugin, the `cuda12` extra: pip install "negclip-jax[cuda12]")
 
 The TPU compiler (libtpu) runs on any machine: JAX describes the slice (`--topology`
 v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:4x4, ... or an accelerator type v5litepod-8, v4-32,
@@ -19,6 +21,12 @@ v5p-8, v6e-8) and compiles for its chips. Nothing is allocated: every argument i
   image cache     the frozen-tower pass of `image_cache` (`config.data.image_cache`)
   text embedder,  the evaluators' `eval.embed.Embedder` calls (default batch and dtype of
   image embedder  `evaluators.Evaluator`; replicated params, or sharded as fsdp trains)
+
+`--gpu h100` compiles for `--gpus` H100 SXM GPUs (hosts of 8) instead, with JAX's CUDA
+plugin and XLA's target description of the GPU (`assets/gpu_h100_sxm.txtpb`), no GPU
+needed; memory per GPU is the description's `device_memory_size`.
+
+`--programs` compiles a subset (train, cache, embedders; default all).
 
 Per program: per-chip bytes from the compiler's `memory_analysis()` (arguments, outputs,
 temporaries; peak = arguments + outputs - donated aliases + temporaries) against the chip's
@@ -62,6 +70,11 @@ GIB = 2**30
 # (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e): HBM capacity and peak bf16 compute.
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}
 PEAK_BF16_TFLOPS = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918}
+# `--gpu` targets: XLA's target description (bundled in assets/) and the dense bf16 peak
+# from NVIDIA's H100 SXM datasheet (989 TFLOP/s without sparsity).
+GPU_SPECS = {"h100": "gpu_h100_sxm.txtpb"}
+PEAK_BF16_TFLOPS_GPU = {"h100": 989}
+GPUS_PER_HOST = 8
 # Slice shapes per generation, smallest first (the "bigger slice" a fix tries is the next).
 SHAPES_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
 SHAPES_3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8")
@@ -114,11 +127,28 @@ class Slice:
 
   @property
   def hbm_bytes(self) -> int:
+    if self.generation in GPU_SPECS:
+      return gpu_memory_bytes(self.generation)
     return HBM_GIB[self.generation] * GIB
 
   @property
   def peak_flops(self) -> float:
+    if self.generation in GPU_SPECS:
+      return PEAK_BF16_TFLOPS_GPU[self.generation] * 1e12
     return PEAK_BF16_TFLOPS[self.generation] * 1e12
+
+  @property
+  def compiler_options(self) -> dict:
+    """XLA options of every compile. GPUs: no Triton GEMMs, which without a GPU to autotune
+    on fail for some shapes ("Couldn't find output tile sizes"); cuBLAS runs those GEMMs."""
+    return {"xla_gpu_enable_triton_gemm": False} if self.generation in GPU_SPECS else {}
+
+  @property
+  def source(self) -> str:
+    """Where the memory and peak figures come from."""
+    if self.generation in GPU_SPECS:
+      return "memory: XLA's target description; bf16 peak: NVIDIA's datasheet"
+    return "Google Cloud TPU docs"
 
   @property
   def local_devices(self) -> int:
@@ -150,6 +180,40 @@ def describe_slice(topology: str, num_slices: int = 1) -> Slice:
     ) from e
   label = name if num_slices == 1 else f"{name} x {num_slices} slices"
   return Slice(label, gen, tuple(devices))
+
+
+def gpu_spec(name: str) -> str:
+  """The bundled XLA target description (GpuTargetConfigProto text) of GPU `name`."""
+  import importlib.resources
+
+  if name not in GPU_SPECS:
+    raise CompileError(f"--gpu {name!r}: known GPUs are {', '.join(GPU_SPECS)}")
+  return (importlib.resources.files("negclip_jax") / "assets" / GPU_SPECS[name]).read_text()
+
+
+def gpu_memory_bytes(name: str) -> int:
+  """Device memory per GPU of the target description (`device_memory_size`)."""
+  return int(re.search(r"device_memory_size: (\d+)", gpu_spec(name)).group(1))
+
+
+def describe_gpus(name: str, count: int = GPUS_PER_HOST) -> Slice:
+  """`count` compile-only GPUs `name` (hosts of 8) from JAX's CUDA plugin; no GPU needed."""
+  from jax.experimental import topologies
+
+  spec = gpu_spec(name)
+  if count < 1 or (count > GPUS_PER_HOST and count % GPUS_PER_HOST):
+    raise CompileError(f"--gpus {count}: give 1 to 8 or a multiple of 8 (hosts of 8 GPUs)")
+  per_host = min(count, GPUS_PER_HOST)
+  try:
+    devices = topologies.get_topology_desc(
+      platform="cuda", target_config=spec, topology=f"1x{count // per_host}x{per_host}"
+    ).devices
+  except (NotImplementedError, RuntimeError, ValueError) as e:  # no CUDA plugin
+    raise CompileError(
+      f"--gpu {name}: {str(e).splitlines()[0]} (needs JAX's CUDA plugin, no GPU: "
+      'pip install "negclip-jax[cuda12]")'
+    ) from e
+  return Slice(f"{count} x {name}", name, tuple(devices))
 
 
 # ------------------------------------------------------------------------- programs
@@ -259,19 +323,29 @@ def embed_program(
   return Program(name, lambda: jitted.lower(p, x), n * per_chip)
 
 
-def programs(config, tpu: Slice, packed_rows: int = 0) -> list[Program]:
-  """The train step, the image-cache pass (with `config.data.image_cache`) and the
-  evaluators' text and image embedders, for `tpu`."""
-  out = [train_step_program(config, tpu.devices, packed_rows)]
+PROGRAMS = ("train", "cache", "embedders")
+
+
+def programs(config, tpu: Slice, packed_rows: int = 0, which=PROGRAMS) -> list[Program]:
+  """Those of `which` (names in PROGRAMS): the train step, the image-cache pass (with
+  `config.data.image_cache`) and the evaluators' text and image embedders, for `tpu`."""
+  unknown = sorted(set(which) - set(PROGRAMS))
+  if unknown or not which:
+    raise CompileError(f"--programs {','.join(which)}: give some of {','.join(PROGRAMS)}")
+  out = [train_step_program(config, tpu.devices, packed_rows)] if "train" in which else []
+  if not set(which) & {"cache", "embedders"}:
+    return out
   model, params = abstract_model(config)
   per_call = lambda batch: math.ceil(batch / tpu.local_devices)  # per chip, as Embedder
   fsdp = config.fsdp if config.parallelism == "fsdp" else None
-  if config.data.image_cache:  # always replicated on the local devices (pmap)
+  if config.data.image_cache and "cache" in which:  # always replicated on the local devices (pmap)
     out.append(
       embed_program(
         "image cache", model, params, "image", per_call(image_cache.BATCH_SIZE), tpu, None, False
       )
     )
+  if "embedders" not in which:
+    return out
   evaluator = evaluators.Evaluator("compile", "compile")  # the defaults config.evals takes
   eval_model = model.clone(dtype=embed.DTYPES[evaluator.dtype])
   for kind in ("text", "image"):
@@ -307,7 +381,7 @@ def figures(compiled, examples: int, tpu: Slice, compile_s: float) -> dict:
   peak = peak_bytes(m)
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0))
+  flops = float(cost["flops"]) if "flops" in cost else None  # None: no cost analysis (GPU)
   raw = cost.get("optimal_seconds")
   seconds = float(raw) if raw is not None and raw > 0 else None
   return {
@@ -322,15 +396,15 @@ def figures(compiled, examples: int, tpu: Slice, compile_s: float) -> dict:
     "cost_model_seconds": seconds,  # None: no estimate
     "optimal_seconds": None if raw is None else float(raw),  # as the cost model said
     "examples_per_s": examples / seconds if seconds else None,
-    "mfu": flops / seconds / tpu.peak_flops if seconds else None,
+    "mfu": flops / seconds / tpu.peak_flops if seconds and flops else None,
     "compile_s": round(compile_s, 1),
   }
 
 
-def compile_program(program: Program) -> tuple[jax.stages.Compiled, float]:
-  """(the compiled program, seconds lowering and compiling took)."""
+def compile_program(program: Program, options=None) -> tuple[jax.stages.Compiled, float]:
+  """(the compiled program, seconds lowering and compiling took); `options`: XLA's."""
   t0 = time.perf_counter()
-  compiled = program.lower().compile()
+  compiled = program.lower().compile(options)
   return compiled, time.perf_counter() - t0
 
 
@@ -338,7 +412,7 @@ def measure(program: Program, tpu: Slice, progress=None) -> dict:
   """Compiles `program` for `tpu` -> `figures` (with "program")."""
   if progress:
     progress(f"compiling {program.name} for {tpu.name} ...")
-  compiled, seconds = compile_program(program)
+  compiled, seconds = compile_program(program, tpu.compiler_options)
   return {"program": program.name, **figures(compiled, program.examples, tpu, seconds)}
 
 
@@ -351,7 +425,8 @@ def fixes(config, tpu: Slice, num_slices: int, packed_rows: int = 0, progress=No
     candidates.append(("--config.dtype=bfloat16", {"dtype": "bfloat16"}, None))
   if not config.get("remat", False):
     candidates.append(("--config.remat=true", {"remat": True}, None))
-  bigger = bigger_topology(topology_name(tpu.name.split(" ")[0]))
+  gpu = tpu.generation in GPU_SPECS  # no bigger-slice fix for GPUs
+  bigger = None if gpu else bigger_topology(topology_name(tpu.name.split(" ")[0]))
   if bigger:
     candidates.append((f"--topology {bigger}", {}, bigger))
   half = config.batch_size // 2
@@ -380,6 +455,10 @@ def _gib(x: int) -> str:
   return f"{x / GIB:.2f}"
 
 
+def _tflop(flops: float | None) -> str:
+  return "no figure" if flops is None else f"{flops / 1e12:.3g}"
+
+
 def table(rows: list[dict]) -> str:
   """Markdown table of `measure` results (GiB per chip)."""
   lines = [
@@ -396,29 +475,39 @@ def table(rows: list[dict]) -> str:
     lines.append(
       f"| {r['program']} | {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | "
       f"{_gib(r['peak_bytes'])} | {r['hbm_bytes'] // GIB} | "
-      f"{'FITS' if r['fits'] else 'DOES NOT FIT'} | {r['flops_per_chip'] / 1e12:.3g} | "
+      f"{'FITS' if r['fits'] else 'DOES NOT FIT'} | {_tflop(r['flops_per_chip'])} | "
       f"{timing} | {r['compile_s']:.0f} |"
     )
   return "\n".join(lines)
 
 
 def run(
-  config, topology: str, num_slices: int = 1, packed_rows: int = 0, try_fixes=True, progress=None
+  config,
+  topology: str,
+  num_slices: int = 1,
+  packed_rows: int = 0,
+  try_fixes=True,
+  progress=None,
+  which=PROGRAMS,
+  gpu: str | None = None,
+  gpus: int = GPUS_PER_HOST,
 ) -> dict:
-  """Compiles every program of `config` for the slice -> {"slice", "programs", "fits", "fixes"}."""
-  tpu = describe_slice(topology, num_slices)
-  rows = [measure(p, tpu, progress) for p in programs(config, tpu, packed_rows)]
+  """Compiles the programs `which` of `config` for the slice (or `gpus` GPUs `gpu`) ->
+  {"slice", "programs", "fits", "fixes"}."""
+  tpu = describe_gpus(gpu, gpus) if gpu else describe_slice(topology, num_slices)
+  rows = [measure(p, tpu, progress) for p in programs(config, tpu, packed_rows, which)]
   fits = all(r["fits"] for r in rows)
   result = {
     "slice": tpu.name,
     "chips": len(tpu.devices),
     "chip": tpu.devices[0].device_kind,
-    "hbm_gib_per_chip": HBM_GIB[tpu.generation],
-    "peak_bf16_tflops_per_chip": PEAK_BF16_TFLOPS[tpu.generation],
+    "hbm_gib_per_chip": round(tpu.hbm_bytes / GIB, 2),
+    "peak_bf16_tflops_per_chip": tpu.peak_flops / 1e12,
+    "figures_from": tpu.source,
     "programs": rows,
     "fits": fits,
   }
-  if not rows[0]["fits"] and try_fixes:
+  if rows[0]["program"] == "train step" and not rows[0]["fits"] and try_fixes:
     result["fixes"] = fixes(config, tpu, num_slices, packed_rows, progress)
   return result
 
@@ -428,12 +517,15 @@ def run(
 _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "TPU slice: v5e:2x4, v4:2x2x2, v5p:2x2x1, v6e:4x4, or v5litepod-8, v4-32"
 )
+_GPU = flags.DEFINE_enum("gpu", None, list(GPU_SPECS), "A GPU instead of --topology.")
+_GPUS = flags.DEFINE_integer("gpus", GPUS_PER_HOST, "GPUs with --gpu (hosts of 8).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices (multislice over DCN).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the tables.")
 _PACKED_ROWS = flags.DEFINE_integer(
   "packed_rows", 0, "Packed text rows per chip (with pack_text); 0: 4 x per-chip batch."
 )
 _FIXES = flags.DEFINE_bool("fixes", True, "If the step does not fit, compile each fix.")
+_PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile: {PROGRAMS}.")
 
 
 def main(argv):
@@ -442,7 +534,17 @@ def main(argv):
   config = flags.FLAGS.config  # negclip-train's --config flag (with --config.KEY=VALUE)
   say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if not _JSON.value else None
   try:
-    result = run(config, _TOPOLOGY.value, _NUM_SLICES.value, _PACKED_ROWS.value, _FIXES.value, say)
+    result = run(
+      config,
+      _TOPOLOGY.value,
+      _NUM_SLICES.value,
+      _PACKED_ROWS.value,
+      _FIXES.value,
+      say,
+      tuple(_PROGRAMS.value),
+      _GPU.value,
+      _GPUS.value,
+    )
   except (CompileError, trainer.ConfigError) as e:
     sys.exit(f"error: {e}")
   if _JSON.value:
@@ -452,8 +554,8 @@ def main(argv):
     print(
       f"{c.model} ({c.parallelism}, {c.dtype}, batch {c.batch_size}, layers {c.layers}) on "
       f"{result['slice']}: {result['chips']} x {result['chip']}, "
-      f"{result['hbm_gib_per_chip']} GiB HBM and {result['peak_bf16_tflops_per_chip']} bf16 "
-      "TFLOP/s per chip (Google Cloud TPU docs); per chip:"
+      f"{result['hbm_gib_per_chip']:g} GiB HBM and {result['peak_bf16_tflops_per_chip']:g} bf16 "
+      f"TFLOP/s per chip ({result['figures_from']}); per chip:"
     )
     print(table(result["programs"]))
     for fix in result.get("fixes", []):
@@ -469,8 +571,10 @@ def cli():
   """Console script `negclip-compile` (= python -m negclip_jax.compile)."""
   jax.config.update("jax_platforms", "cpu")  # the slice is compile-only; run nothing on it
   jax.config.update("jax_enable_compilation_cache", False)  # see the module doc
-  flags.mark_flags_as_required(["config", "topology"])
-  names = ("config", "topology", "num_slices", "json", "packed_rows", "fixes")
+  flags.mark_flags_as_required(["config"])
+  flags.mark_flags_as_mutual_exclusive(["topology", "gpu"], required=True)
+  names = ("config", "topology", "gpu", "gpus", "num_slices", "json", "packed_rows", "fixes")
+  names += ("programs",)
   app.run(main, flags_parser=lambda argv: trainer.parse_flags(argv, __doc__, names))
 
 
