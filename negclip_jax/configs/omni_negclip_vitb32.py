@@ -30,9 +30,7 @@ def get_config():
   c.data.coco_image_dir = ""  # folder of the COCO images of coco_json
   c.data.negshapes_num = 20000  # generated examples when a stream is negshapes
   c.data.negshapes_hard_fraction = 0.0  # presence pairs replaced by shortcut-free hard pairs
-  # Presence examples replaced by image-hard ones ("A, no X" vs "A, no Y", distractor image
-  # A+X for image A+Y); objective "conclip" only, whose distractor terms use them.
-  c.data.negshapes_image_hard_fraction = 0.0
+  c.data.negshapes_image_hard_fraction = 0.0  # image-hard presence examples (conclip only)
   # Distractor images, read only for objective "conclip" with presence "ccneg".
   c.data.distractor_mapping = ""  # CoN-CLIP's distractor_image_mapping.pt
   c.data.distractor_coco_json = ""  # captions_train2017.json: the index order of the mapping
