@@ -72,9 +72,7 @@ def pretrain(model, tokenizer, data, steps, batch_size, learning_rate, seed) -> 
     idx = pipeline.step_indices(step, len(ids), batch_size, seed, stream=0)
     state, loss = step_fn(state, shard(pixels[idx]), shard(ids[idx]))
     losses_.append(loss)
-  return jax.device_get(jax.tree.map(lambda x: x[0], state.params)), [
-    float(loss[0]) for loss in losses_
-  ]
+  return train_step.unreplicate(state.params), [float(loss[0]) for loss in losses_]
 
 
 def evaluate_negshapes(model, params, tokenizer, num: int, seed: int) -> dict:

@@ -132,9 +132,8 @@ class Pmap:
     return jax.tree.map(global_replica, rstate)
 
   def host(self, tree):
-    """Host copy of local device 0's replica (the shard, not `x[0]`: indexing would compile
-    a gather over local devices, a gloo collective on multi-process CPU)."""
-    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+    """Host copy of local device 0's replica (`train_step.unreplicate`)."""
+    return train_step.unreplicate(tree)
 
   eval_params = host  # what `Embedder(mesh=None)` replicates
 

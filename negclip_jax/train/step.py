@@ -216,6 +216,15 @@ def replicate(tree):
   return jax.pmap(lambda x: x, axis_name=AXIS)(stacked)
 
 
+def unreplicate(tree):
+  """Host copy of local device 0's replica of a `replicate`d tree.
+
+  Reads the device buffer; `x[0]` would compile and run a gather over the local devices
+  (a gloo collective on multi-process CPU, and the XLA abort seen in CI).
+  """
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
+
+
 def pmap_train_step(step_fn):
   """jax.pmap over local devices; state replicated [devices, ...], batch [devices, b, ...]."""
   return jax.pmap(step_fn, axis_name=AXIS, donate_argnums=(0,))

@@ -14,7 +14,6 @@ from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
-from flax import jax_utils
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -24,6 +23,7 @@ from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE, load_ccneg
 from negclip_jax.eval import embed
 from negclip_jax.eval.embed import Embedder
 from negclip_jax.model import clip as model_lib
+from negclip_jax.train import step as train_step
 
 THIRDS = ("front", "middle", "back")
 
@@ -63,7 +63,7 @@ def evaluate(
   """ "cosine_block_0" ... "cosine_block_{L-1}", the `summarize` keys, "n"; with
   `embeddings` also "cosine_embeddings" (first). Values are mean cosines over the pairs."""
   params = (
-    jax_utils.unreplicate(embedder.params) if embedder.mesh is None else embedder.params
+    train_step.unreplicate(embedder.params) if embedder.mesh is None else embedder.params
   )  # replicated [devices, ...] or already sharded
   states = Embedder(
     _eot_model(embedder.model),
