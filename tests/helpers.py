@@ -75,6 +75,26 @@ def leaves(params) -> list[np.ndarray]:
   return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
+def small_pipeline(presence, absence, **overrides):
+  """A one-process `TrainPipeline` over the two tables: global batch 4, 6 steps, 32 px
+  images, 77-token texts, seed 3; `overrides` replace any of these arguments."""
+  from negclip_jax.model.tokenizer import ClipTokenizer
+  from negclip_jax.train import pipeline
+
+  args = dict(
+    tokenizer=ClipTokenizer(),
+    context_length=77,
+    global_batch=4,
+    seed=3,
+    image_size=32,
+    num_steps=6,
+    process_index=0,
+    process_count=1,
+    local_devices=1,
+  )
+  return pipeline.TrainPipeline(presence, absence, **{**args, **overrides})
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -8,13 +8,12 @@ import types
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from helpers import tiny_config, write_file_datasets
+from helpers import small_pipeline, tiny_config, write_file_datasets
 
 from negclip_jax import storage
 from negclip_jax.data import ccneg, coco_negation, tfds_builders, tfds_shards
 from negclip_jax.data.records import BadRecords, DataError
-from negclip_jax.model.tokenizer import ClipTokenizer
-from negclip_jax.train import pipeline, trainer
+from negclip_jax.train import trainer
 
 N, EVAL = 16, 4
 
@@ -131,20 +130,7 @@ def _config(data, source: str, **overrides):
 
 
 def _pipeline(tables, start=0):
-  return pipeline.TrainPipeline(
-    *tables,
-    tokenizer=ClipTokenizer(),
-    context_length=77,
-    global_batch=4,
-    seed=3,
-    image_size=32,
-    num_steps=6,
-    start_step=start,
-    process_index=0,
-    process_count=1,
-    local_devices=1,
-    read_threads=2,
-  )
+  return small_pipeline(*tables, start_step=start, read_threads=2)
 
 
 def test_batches_from_tfds_equal_batches_from_the_files_and_resume_exactly(data):

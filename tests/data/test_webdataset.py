@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import write_wds_shards
+from helpers import small_pipeline, write_wds_shards
 from PIL import Image
 
 from negclip_jax import storage
@@ -65,7 +65,6 @@ def test_bad_samples_raise_or_are_skipped(tmp_path):
 def test_training_reads_shards_with_and_without_the_cache_and_skips_bad_samples(tmp_path):
   from helpers import tiny_config
 
-  from negclip_jax.model.tokenizer import ClipTokenizer
   from negclip_jax.train import pipeline, trainer
 
   write_wds_shards(tmp_path, samples_per_shard=6, bad={(0, 2): "undecodable", (1, 0): "noimage"})
@@ -103,26 +102,13 @@ def test_training_reads_shards_with_and_without_the_cache_and_skips_bad_samples(
     (2, "image"),
   ]
   assert "0000002.png" in bad.skipped[1].reason
-  make = lambda start: pipeline.TrainPipeline(
-    presence,
-    pipeline.absence_table(
-      wds.load_absence(pattern[4:], bad=BadRecords("skip")),
-      on_error="skip",
-      decode=True,
-      image_size=32,
-    ),
-    tokenizer=ClipTokenizer(),
-    context_length=77,
-    global_batch=4,
-    seed=5,
+  absence = pipeline.absence_table(
+    wds.load_absence(pattern[4:], bad=BadRecords("skip")),
+    on_error="skip",
+    decode=True,
     image_size=32,
-    num_steps=6,
-    start_step=start,
-    process_index=0,
-    process_count=1,
-    local_devices=1,
-    read_threads=3,
   )
+  make = lambda start: small_pipeline(presence, absence, seed=5, start_step=start, read_threads=3)
   straight, resumed = list(make(0))[3:], list(make(3))
   assert len(resumed) == 3
   for a, b in zip(straight, resumed, strict=True):

@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 import pytest
+from helpers import small_pipeline
 
 from negclip_jax.data.records import DataError, PresenceRecord
 from negclip_jax.model.preprocess import preprocess_image
@@ -35,18 +36,7 @@ def _tables(n_presence, n_absence, seed=0):
 
 
 def _pipeline(tokenizer, presence, absence, **kw):
-  args = dict(
-    tokenizer=tokenizer,
-    context_length=77,
-    global_batch=4,
-    seed=3,
-    image_size=SIZE,
-    num_steps=6,
-    process_index=0,
-    process_count=1,
-    local_devices=1,
-  )
-  return pl.TrainPipeline(presence, absence, **{**args, **kw})
+  return small_pipeline(presence, absence, tokenizer=tokenizer, image_size=SIZE, **kw)
 
 
 def _assert_batches_equal(a, b):
