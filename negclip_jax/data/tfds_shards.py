@@ -28,6 +28,7 @@ ArrayRecord under ``gs://``) is refused naming the dataset_info.json and the reb
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import struct
 
@@ -156,6 +157,13 @@ def _builder(name: str, data_dir: str, keys: tuple[str, ...]):
       f"TFDS dataset {name!r} has file_format {file_format}, which is read from a local "
       f"data_dir only (the array_record reader opens local files): rebuild it with "
       f"`tfds build --file_format={_TFRECORD}` to read it from gs://, or copy it to a local disk",
+    )
+  if file_format == _ARRAY_RECORD and importlib.util.find_spec("array_record") is None:
+    raise DataError(
+      info,
+      f"TFDS dataset {name!r} has file_format {file_format}, which needs the array_record "
+      f"package: `pip install array-record==0.8.6`, or rebuild it with "
+      f"`tfds build --file_format={_TFRECORD}`",
     )
   if not isinstance(feature_at(builder, (IMAGE_KEY,)), tfds.features.Image):
     raise DataError(builder.data_dir, "expected an Image feature", key=IMAGE_KEY)

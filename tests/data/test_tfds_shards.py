@@ -272,6 +272,22 @@ def test_training_from_tfds_skips_and_lists_an_undecodable_image(data, tmp_path)
   assert "negclip_ccneg-train.tfrecord-00000-of-00001#" in rows[0]["reason"]  # the image's range
 
 
+def test_an_undecodable_image_in_array_record_shards_is_skipped_and_listed(data, tmp_path):
+  files = write_file_datasets(tmp_path / "files", 12, 32)
+  (tmp_path / "files/cc3m/images/2.png").write_bytes(b"\x89PNG not really")
+  build(files, tmp_path / "ar", eval_size=0, coco=False, file_format="array_record")
+  coco = "negclip_coco_negation"  # the fixture's, whose image 2 is fine
+  shutil.copytree(f"{data.dirs['array_record']}/{coco}", tmp_path / "ar" / coco)
+  c = _config(data, "array_record", **{"data.on_error": "skip", "data.image_cache": False})
+  c.data.tfds_data_dir = str(tmp_path / "ar")
+  bad = BadRecords("skip")
+  presence, _ = trainer.load_tables(c, 32, bad)  # decodes every image: no image cache
+  assert 2 not in list(presence.record_index) and len(presence.record_index) == 11
+  ((skipped,),) = [[(e.file, e.index, e.key) for e in bad.skipped]]
+  assert skipped == ("tfds:negclip_ccneg", 2, "image")
+  assert "negclip_ccneg-train.array_record-00000-of-00001#" in bad.skipped[0].reason
+
+
 def test_examples_without_usable_text_go_to_the_bad_record_policy(tmp_path):
   class BadTexts(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
