@@ -21,7 +21,8 @@ read with the ``array_record`` package, which opens local files only), a byte ra
 shard's record, read by random access. The image cache keys either by the shard's size,
 mtime and the range. An example without an image or without usable text goes to the
 `records.BadRecords` policy as a DataError naming the shard, the example's position in it and
-the key; an undecodable image is found where any image is decoded (image cache,
+the key, and so does an unreadable example (not a tf.train.Example; an ArrayRecord record
+whose chunk fails its checksum); an undecodable image is found where any image is decoded (image cache,
 ``pipeline.validate(decode=True)``), under the same policy. Any other file format (and
 ArrayRecord under ``gs://``) is refused naming the dataset_info.json and the rebuild option.
 """
@@ -67,7 +68,7 @@ _READ_AT_ONCE = 256  # ArrayRecord records read per call
 
 
 def _tfrecord_examples(shard: str, skip: int, take: int):
-  """(position, serialized example, [its offset in the shard]) of examples skip .. skip +
+  """(position, serialized example, its offset in the shard) of examples skip .. skip +
   take - 1 of a TFRecord shard."""
   try:
     with storage.open(shard, "rb") as f:
@@ -82,8 +83,8 @@ def _tfrecord_examples(shard: str, skip: int, take: int):
 
 
 def _array_record_examples(shard: str, skip: int, take: int):
-  """(position, serialized example, None) of records skip .. skip + take - 1 of an
-  ArrayRecord shard (a local file)."""
+  """(position, serialized example or the reason it is unreadable, None) of records skip ..
+  skip + take - 1 of an ArrayRecord shard (a local file)."""
   try:
     reader = storage.array_record_reader(shard)
   except FileNotFoundError as e:
@@ -100,25 +101,39 @@ def _array_record_examples(shard: str, skip: int, take: int):
     for lo in range(skip, skip + take, _READ_AT_ONCE):
       hi = min(lo + _READ_AT_ONCE, skip + take)
       try:
-        serialized = reader.read(lo, hi)
-      except RuntimeError as e:  # a damaged chunk
-        raise DataError(shard, f"cannot read records {lo}..{hi - 1}: {e}") from e
-      yield from ((lo + i, example, None) for i, example in enumerate(serialized))
+        yield from ((lo + i, x, None) for i, x in enumerate(reader.read(lo, hi)))
+      except RuntimeError:  # a damaged chunk: which record is it?
+        for position in range(lo, hi):
+          try:
+            (serialized,) = reader.read([position])
+          except RuntimeError as e:
+            serialized = f"unreadable record: {e}"
+          yield position, serialized, None
   finally:
     reader.close()
 
 
 def _read(shard: str, skip: int, take: int, keys: tuple[str, ...], file_format: str) -> list[list]:
-  """[position, image or None, {key: [latin-1 text, ...]}, [index, ...] or None] for
-  examples skip .. skip + take - 1 of a shard; the image is `storage.member`'s [offset,
-  size] in a TFRecord shard, [offset, size, record] in an ArrayRecord one."""
+  """[position, image or None, {key: [latin-1 text, ...]}, [index, ...] or None, why the
+  example is unreadable or None] for examples skip .. skip + take - 1 of a shard; the image is
+  `storage.member`'s [offset, size] in a TFRecord shard, [offset, size, record] in an
+  ArrayRecord one."""
+  from google.protobuf.message import DecodeError
   from tensorflow.core.example import example_pb2
 
   array_record = file_format == _ARRAY_RECORD
   examples = (_array_record_examples if array_record else _tfrecord_examples)(shard, skip, take)
   out = []
   for position, serialized, start in examples:
-    feature = example_pb2.Example.FromString(serialized).features.feature
+    unreadable = serialized if isinstance(serialized, str) else None
+    if not unreadable:
+      try:
+        feature = example_pb2.Example.FromString(serialized).features.feature
+      except DecodeError as e:
+        unreadable = f"not a tf.train.Example ({e})"
+    if unreadable:
+      out.append([position, None, {k: [] for k in keys}, None, unreadable])
+      continue
     image = None
     if IMAGE_KEY in feature and feature[IMAGE_KEY].bytes_list.value:
       encoded = feature[IMAGE_KEY].bytes_list.value[0]
@@ -129,7 +144,7 @@ def _read(shard: str, skip: int, take: int, keys: tuple[str, ...], file_format: 
       for k in keys
     }
     index = list(feature[INDEX_KEY].int64_list.value) if INDEX_KEY in feature else None
-    out.append([position, image, texts, index])
+    out.append([position, image, texts, index, None])
   return out
 
 
@@ -221,11 +236,13 @@ def _text(shard: str, texts: dict, key: str, j: int, position: int) -> str:
 def _records(name, split, data_dir, make, keys: tuple[str, str], bad: BadRecords | None):
   bad = bad or BadRecords("raise")
   out, n = [], 0
-  for shard, (position, image, texts, indices) in index(name, split, data_dir, keys):
+  for shard, (position, image, texts, indices, unreadable) in index(name, split, data_dir, keys):
     for j in range(max(1, len(texts[keys[0]]))):
       record_index = indices[j] if indices and j < len(indices) else n
 
       def parse():
+        if unreadable:
+          raise DataError(shard, unreadable, index=position)
         if image is None:
           raise DataError(shard, "example has no image", index=position, key=IMAGE_KEY)
         path = storage.member(shard, f"{position}.{IMAGE_KEY}", *image)

@@ -112,6 +112,24 @@ def test_a_damaged_array_record_shard_is_named_never_read_as_empty(data, tmp_pat
   image_path = tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path))[0].image_path
   with storage.open(image_path, "rb") as f:  # this thread's reader of the shard, kept open
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # One damaged chunk (one record: TFDS writes group_size:1): that example's fault only.
+  damaged = bytearray(shard.read_bytes())
+  damaged[3000:3400] = bytes(b ^ 0xFF for b in damaged[3000:3400])
+  shard.write_bytes(bytes(damaged))
+  with pytest.raises(DataError, match=rf"{shard}, record \d+: unreadable record: .*hash mismatch"):
+    tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path))
+  bad = BadRecords("skip")
+  read = tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path), bad=bad)
+  assert len(read) == N - EVAL - 1 and len(bad.skipped) == 1
+  kept = {r.index for r in read}
+  _same(
+    read,
+    [
+      r
+      for r in tfds_shards.load_presence("negclip_ccneg", data_dir=data.data_dir)
+      if r.index in kept
+    ],
+  )
   shard.write_bytes(b"not an ArrayRecord file")
   with pytest.raises(DataError, match=rf"{shard}: not a readable ArrayRecord file"):
     tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path))
