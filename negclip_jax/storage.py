@@ -101,9 +101,10 @@ _ARRAY_RECORD_OPEN = 8  # readers each thread keeps open
 def array_record_reader(file: str):
   """An open ArrayRecordReader of a local ArrayRecord file, for random access.
 
-  The reader opens local files only (a ``gs://`` path raises ValueError) and never fails on
-  a missing or unreadable file by itself (it waits on the one, reads nothing from the
-  other): here a missing file raises FileNotFoundError, an unreadable one OSError.
+  The reader opens local files only (a ``gs://`` path raises ValueError here; given one, the
+  reader hangs) and does not fail on a bad file by itself (on a missing one it hangs, from
+  one that is not ArrayRecord it reads 0 records): here a missing file raises
+  FileNotFoundError, an unreadable one OSError.
   """
   from array_record.python import array_record_module
 
