@@ -18,6 +18,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 import uuid
 from collections import defaultdict
 from typing import Iterator, Sequence
@@ -27,9 +28,11 @@ from etils.epath import backend as epath_backend
 
 REMOTE_PREFIX = "gs://"
 # A byte range of a tar file (a member's data) or of a TFDS TFRecord shard (an image's
-# bytes), as a path: FILE#OFFSET+SIZE/NAME.
+# bytes), as a path: FILE#OFFSET+SIZE/NAME; or of one record of a TFDS ArrayRecord shard
+# (compressed, so the range is of the record's bytes): FILE#RECORD:OFFSET+SIZE/NAME.
 _MEMBER = re.compile(
-  r"^(?P<file>.+(?:\.tar|\.tfrecord-\d+-of-\d+))#(?P<offset>\d+)\+(?P<size>\d+)/(?P<name>.+)$"
+  r"^(?P<file>.+(?:\.tar|\.tfrecord-\d+-of-\d+|\.array_record-\d+-of-\d+))"
+  r"#(?:(?P<record>\d+):)?(?P<offset>\d+)\+(?P<size>\d+)/(?P<name>.+)$"
 )
 
 
@@ -38,16 +41,22 @@ def is_remote(path: str | os.PathLike) -> bool:
   return os.fspath(path).startswith(REMOTE_PREFIX)
 
 
-def member(file: str, name: str, offset: int, size: int) -> str:
+def member(file: str, name: str, offset: int, size: int, record: int | None = None) -> str:
   """The path of `size` bytes at `offset` of the tar or TFRecord file `file` (`name`'s data):
-  ``FILE#OFFSET+SIZE/NAME``; `open`, `isfile`, `file_stamp` and `files_exist` take it."""
-  return f"{file}#{offset}+{size}/{name}"
+  ``FILE#OFFSET+SIZE/NAME``, or with `record`, at `offset` of that record of the ArrayRecord
+  file `file`: ``FILE#RECORD:OFFSET+SIZE/NAME``; `open`, `isfile`, `file_stamp` and
+  `files_exist` take it."""
+  at = "" if record is None else f"{record}:"
+  return f"{file}#{at}{offset}+{size}/{name}"
 
 
-def split_member(p: str | os.PathLike) -> tuple[str, int, int] | None:
-  """(tar file, offset, size) of a `member` path, else None."""
+def split_member(p: str | os.PathLike) -> tuple[str, int, int, int | None] | None:
+  """(file, offset, size, ArrayRecord record or None) of a `member` path, else None."""
   m = _MEMBER.match(os.fspath(p))
-  return (m["file"], int(m["offset"]), int(m["size"])) if m else None
+  if not m:
+    return None
+  record = None if m["record"] is None else int(m["record"])
+  return m["file"], int(m["offset"]), int(m["size"]), record
 
 
 def _read_object(file: str, offset: int = 0, size: int | None = None) -> bytes:
@@ -69,9 +78,12 @@ def _read_object(file: str, offset: int = 0, size: int | None = None) -> bytes:
     return f.read(-1 if size is None else size)
 
 
-def _read_member(file: str, offset: int, size: int) -> bytes:
-  """`size` bytes at `offset` of `file` (one ranged read from a bucket)."""
-  if is_remote(file):
+def _read_member(file: str, offset: int, size: int, record: int | None = None) -> bytes:
+  """`size` bytes at `offset` of `file` (one ranged read from a bucket), or of its
+  ArrayRecord `record`."""
+  if record is not None:
+    data = read_array_record(file, record)[offset : offset + size]
+  elif is_remote(file):
     data = _read_object(file, offset, size)
   else:
     with builtins.open(file, "rb") as f:
@@ -80,6 +92,48 @@ def _read_member(file: str, offset: int, size: int) -> bytes:
   if len(data) != size:
     raise OSError(f"{file}: {size} bytes at {offset} asked for, {len(data)} read (truncated)")
   return data
+
+
+_ARRAY_RECORD_READERS = threading.local()  # .open: {file: (stamp, reader)}, per thread
+_ARRAY_RECORD_OPEN = 8  # readers each thread keeps open
+
+
+def array_record_reader(file: str):
+  """An open ArrayRecordReader of a local ArrayRecord file, for random access.
+
+  The reader opens local files only (a ``gs://`` path raises ValueError here; given one, the
+  reader hangs) and does not fail on a bad file by itself (on a missing one it hangs, from
+  one that is not ArrayRecord it reads 0 records): here a missing file raises
+  FileNotFoundError, an unreadable one OSError.
+  """
+  from array_record.python import array_record_module
+
+  if is_remote(file):
+    raise ValueError(f"{file}: ArrayRecord files are read from local paths only")
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{file}: no such file")
+  reader = array_record_module.ArrayRecordReader(file, "readahead_buffer_size:0,max_parallelism:0")
+  if not reader.ok():
+    raise OSError(f"{file}: not a readable ArrayRecord file")
+  return reader
+
+
+def read_array_record(file: str, record: int) -> bytes:
+  """Record `record` of a local ArrayRecord file (its reader kept open per thread, reopened
+  when the file changes)."""
+  cache = _ARRAY_RECORD_READERS.__dict__.setdefault("open", {})
+  stamp = file_stamp(file)
+  if file not in cache or cache[file][0] != stamp:
+    if file in cache:
+      cache.pop(file)[1].close()
+    if len(cache) >= _ARRAY_RECORD_OPEN:
+      cache.pop(next(iter(cache)))[1].close()
+    cache[file] = (stamp, array_record_reader(file))
+  reader = cache[file][1]
+  try:
+    return reader.read([record])[0]
+  except RuntimeError as e:  # out of range, a damaged chunk
+    raise OSError(f"{file}: cannot read record {record}: {e}") from e
 
 
 def path(p: str | os.PathLike) -> epath.Path:
@@ -117,7 +171,7 @@ def open(
 
 
 def isfile(p: str | os.PathLike) -> bool:
-  """Whether `p` (or a `member` path's tar file) is a file."""
+  """Whether `p` (or a `member` path's file) is a file."""
   part = split_member(p)
   if part:
     return isfile(part[0])
@@ -134,7 +188,8 @@ def file_stamp(p: str) -> str | None:
   part = split_member(p)
   if part:
     stamp = file_stamp(part[0])
-    return stamp and f"{stamp} @{part[1]}+{part[2]}"
+    at = "" if part[3] is None else f"{part[3]}:"
+    return stamp and f"{stamp} @{at}{part[1]}+{part[2]}"
   if is_remote(p):
     try:
       st = epath.Path(p).stat()

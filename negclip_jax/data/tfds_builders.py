@@ -1,21 +1,28 @@
-"""`tfds build`-able builders: CC-Neg and NegationCLIP's COCO file as TFDS TFRecord shards.
+"""`tfds build`-able builders: CC-Neg and NegationCLIP's COCO file as TFDS shards.
 
 Convert once, then train from the shards (``data.presence=tfds:negclip_ccneg``,
 ``data.absence=tfds:negclip_coco_negation``, ``data.tfds_data_dir=OUT``; `tfds_shards`):
 
     python -m negclip_jax.data.tfds_builders ccneg --annotations ccneg_preprocessed.pt \
-      --image-root /data/cc3m --data-dir OUT [--eval-size 40000]
+      --image-root /data/cc3m --data-dir OUT [--eval-size 40000] [--file-format array_record]
     python -m negclip_jax.data.tfds_builders coco_negation \
       --annotations negationclip_captions_train2014.json --image-root /data/coco/train2014 \
       --data-dir OUT
 
-or through TFDS with the annotation file and the images it names in one folder DIR:
-``NegclipCcneg(data_dir=OUT).download_and_prepare(download_config=tfds.download.DownloadConfig(
-manual_dir=DIR))``, as ``tfds build negclip_ccneg --imports negclip_jax.data.tfds_builders
---manual_dir DIR --data_dir OUT`` does (tensorflow-datasets 4.9.10's ``tfds`` command needs
-apache-beam installed to start). The records are those the file readers give (`ccneg.load_ccneg`,
-`coco_negation.load_coco_negation`: same parsing, same paths, a bad record stops the build
-with its DataError); image files are copied byte for byte, never re-encoded.
+``--file-format``: ``tfrecord`` (default; read from a local or ``gs://`` data_dir) or
+``array_record`` (read from a local one). Or through TFDS's own command, with the annotation
+file and the images it names in one folder DIR:
+
+    tfds build negclip_ccneg --imports negclip_jax.data.tfds_builders --manual_dir DIR \
+      --data_dir OUT [--file_format array_record]
+
+(the default eval size; ``NegclipCcneg(data_dir=OUT).download_and_prepare(...)`` in Python).
+tensorflow-datasets 4.9.10's ``tfds`` command imports apache-beam and mlcroissant at start,
+for its other subcommands; neither is in our requirements (see the README), so there it needs
+``pip install apache-beam mlcroissant``. The records are those the file readers give
+(`ccneg.load_ccneg`, `coco_negation.load_coco_negation`: same parsing, same paths, a bad
+record stops the build with its DataError); image files are copied byte for byte, never
+re-encoded.
 
 negclip_ccneg: one example per record, {"image", "caption", "negated", "index"}; split
 "train" holds what ``load_ccneg(split="train")`` gives (negated commas stripped, as training
@@ -161,11 +168,13 @@ class NegclipCocoNegation(_FileBuilder):
 
 
 BUILDERS = {"ccneg": NegclipCcneg, "coco_negation": NegclipCocoNegation}
+FILE_FORMATS = ("tfrecord", "array_record")  # what `tfds_shards` reads
 
 
 def main(argv: list[str] | None = None) -> None:
   """``python -m negclip_jax.data.tfds_builders {ccneg,coco_negation} --annotations F
-  --image-root D --data-dir OUT [--eval-size N]``: prepare the dataset under OUT."""
+  --image-root D --data-dir OUT [--eval-size N] [--file-format F]``: prepare the dataset
+  under OUT."""
   parser = argparse.ArgumentParser(
     prog="python -m negclip_jax.data.tfds_builders",
     description=__doc__,
@@ -178,12 +187,23 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument(
     "--eval-size", type=int, default=ccneg.CCNEG_EVAL_SIZE, help="ccneg: records held out"
   )
+  parser.add_argument(
+    "--file-format",
+    choices=FILE_FORMATS,
+    default=FILE_FORMATS[0],
+    help="shard file format (array_record: read from a local data_dir only)",
+  )
   args = parser.parse_args(argv)
   if not storage.isfile(args.annotations):
     parser.exit(1, f"error: --annotations {args.annotations}: no such file\n")
   if not storage.isdir(args.image_root):
     parser.exit(1, f"error: --image-root {args.image_root}: no such folder\n")
-  kwargs = dict(annotations=args.annotations, image_root=args.image_root, data_dir=args.data_dir)
+  kwargs = dict(
+    annotations=args.annotations,
+    image_root=args.image_root,
+    data_dir=args.data_dir,
+    file_format=args.file_format,
+  )
   if args.dataset == "ccneg":
     kwargs["eval_size"] = args.eval_size
   try:

@@ -2,8 +2,11 @@
 
 import dataclasses
 import json
+import os
+import re
 import shutil
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,11 +21,16 @@ from negclip_jax.train import trainer
 N, EVAL = 16, 4
 
 
-def build(files: dict, data_dir, eval_size=EVAL, coco=True) -> None:
+FORMATS = ("tfrecord", "array_record")
+
+
+def build(files: dict, data_dir, eval_size=EVAL, coco=True, file_format="tfrecord") -> None:
   """The datasets of `write_file_datasets`' files, through the `python -m` entry."""
+  out = ["--data-dir", str(data_dir), "--file-format", file_format]
   tfds_builders.main(
     ["ccneg", "--annotations", files["ccneg_path"], "--image-root", files["ccneg_image_root"]]
-    + ["--data-dir", str(data_dir), "--eval-size", str(eval_size)]
+    + out
+    + ["--eval-size", str(eval_size)]
   )
   if coco:
     tfds_builders.main(
@@ -33,7 +41,7 @@ def build(files: dict, data_dir, eval_size=EVAL, coco=True) -> None:
         "--image-root",
         files["coco_image_dir"],
       ]
-      + ["--data-dir", str(data_dir)]
+      + out
     )
 
 
@@ -45,8 +53,10 @@ def data(tmp_path_factory):
   coco = json.loads(open(files["coco_json"]).read())
   coco["annotations"].insert(3, {**coco["annotations"][5], "caption": "a second caption"})
   open(files["coco_json"], "w").write(json.dumps(coco))
-  build(files, root / "tfds")
-  return types.SimpleNamespace(files=files, data_dir=str(root / "tfds"))
+  for file_format in FORMATS:
+    build(files, root / file_format, file_format=file_format)
+  dirs = {f: str(root / f) for f in FORMATS}
+  return types.SimpleNamespace(files=files, data_dir=dirs["tfrecord"], dirs=dirs)
 
 
 def _same(records, reference):
@@ -55,7 +65,7 @@ def _same(records, reference):
   for a, b in zip(records, reference, strict=True):
     assert a.index == b.index
     assert dataclasses.replace(a, image_path="") == dataclasses.replace(b, image_path="")
-    with storage.open(a.image_path, "rb") as f, open(b.image_path, "rb") as g:
+    with storage.open(a.image_path, "rb") as f, storage.open(b.image_path, "rb") as g:
       assert f.read() == g.read()  # the image bytes, copied verbatim into the shard
 
 
@@ -82,6 +92,53 @@ def test_builders_hold_the_records_of_the_files(data):
     tfds_shards.load_presence("negclip_nothing", data_dir=data.data_dir)
 
 
+def test_array_record_shards_hold_the_records_of_the_tfrecord_shards(data):
+  ar = data.dirs["array_record"]
+  assert tfds.builder("negclip_ccneg", data_dir=ar).info.file_format.value == "array_record"
+  for split in ("train", "eval"):
+    records = tfds_shards.load_presence("negclip_ccneg", split, data_dir=ar)
+    _same(records, tfds_shards.load_presence("negclip_ccneg", split, data_dir=data.data_dir))
+    for r in records:  # FILE#RECORD:OFFSET+SIZE/NAME, the image cache's key
+      assert f"negclip_ccneg-{split}.array_record-00000-of-00001#" in r.image_path
+      assert storage.file_stamp(r.image_path).endswith(r.image_path.split("#")[1].split("/")[0])
+  absence = tfds_shards.load_absence("negclip_coco_negation", data_dir=ar)
+  _same(absence, tfds_shards.load_absence("negclip_coco_negation", data_dir=data.data_dir))
+
+
+def test_a_damaged_array_record_shard_is_named_never_read_as_empty(data, tmp_path):
+  shutil.copytree(data.dirs["array_record"], tmp_path, dirs_exist_ok=True)
+  (shard,) = Path(tmp_path).glob("negclip_ccneg/*/negclip_ccneg-train.array_record-*")
+  image_path = tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path))[0].image_path
+  with storage.open(image_path, "rb") as f:  # this thread's reader of the shard, kept open
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # One damaged chunk (one record: TFDS writes group_size:1): that example's fault only.
+  damaged = bytearray(shard.read_bytes())
+  damaged[3000:3400] = bytes(b ^ 0xFF for b in damaged[3000:3400])
+  shard.write_bytes(bytes(damaged))
+  with pytest.raises(DataError, match=rf"{shard}, record \d+: unreadable record: .*hash mismatch"):
+    tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path))
+  bad = BadRecords("skip")
+  read = tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path), bad=bad)
+  assert len(read) == N - EVAL - 1 and len(bad.skipped) == 1
+  kept = {r.index for r in read}
+  _same(
+    read,
+    [
+      r
+      for r in tfds_shards.load_presence("negclip_ccneg", data_dir=data.data_dir)
+      if r.index in kept
+    ],
+  )
+  shard.write_bytes(b"not an ArrayRecord file")
+  with pytest.raises(DataError, match=rf"{shard}: not a readable ArrayRecord file"):
+    tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path))
+  with pytest.raises(OSError, match="not a readable ArrayRecord file"):
+    storage.open(image_path, "rb")  # the file changed: its kept reader is not reused
+  shard.unlink()
+  with pytest.raises(DataError, match=rf"{shard}: shard not found"):
+    tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path))
+
+
 def test_build_command_names_a_missing_file_in_one_line(tmp_path, capsys):
   missing = str(tmp_path / "none.jsonl")
   with pytest.raises(SystemExit) as exit_:
@@ -94,14 +151,62 @@ def test_build_command_names_a_missing_file_in_one_line(tmp_path, capsys):
   assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
-def test_manual_dir_build_reads_the_annotation_file_there(data, tmp_path):
-  folder = tmp_path / "manual"
+def _manual_dir(files: dict, folder: Path) -> Path:
+  """A --manual_dir for negclip_coco_negation: the COCO file and its images in one folder."""
   folder.mkdir()
-  (folder / "images").symlink_to(data.files["coco_image_dir"])
-  coco = json.loads(open(data.files["coco_json"]).read())
+  (folder / "images").symlink_to(files["coco_image_dir"])
+  coco = json.loads(open(files["coco_json"]).read())
   for image in coco["images"]:
     image["file_name"] = "images/" + image["file_name"]
   (folder / "negation_coco.json").write_text(json.dumps(coco))
+  return folder
+
+
+# What the `tfds` script runs for `tfds build ARGS` (tensorflow_datasets.scripts.cli.main,
+# whose other subcommands import apache-beam and mlcroissant before it parses anything): the
+# `build` subcommand's parser and command, once per argument list given as one JSON argument.
+TFDS_BUILD = """
+import json, sys
+from tensorflow_datasets.scripts.cli import build, cli_utils
+for argv in json.loads(sys.argv[1]):
+  cli_utils.make_flags_parser(build.Args, "tfds build")(["tfds build", *argv]).execute()
+"""
+
+
+def test_the_documented_tfds_build_command_builds_what_the_python_m_route_builds(data, tmp_path):
+  import subprocess
+  import sys
+
+  from helpers import subprocess_env
+
+  docs = (Path(__file__).parents[2] / "docs/data_formats.md").read_text()
+  (command,) = re.findall(r"^(tfds build negclip_coco_negation .*array_record)$", docs, re.M)
+  manual = str(_manual_dir(data.files, tmp_path / "manual"))
+  out = {f: tmp_path / f for f in FORMATS}
+  argvs = [
+    [{"DIR": manual, "OUT": str(out[f])}.get(a, a) for a in command.split()[2:]] for f in FORMATS
+  ]
+  argvs[0][-1] = "tfrecord"  # the same command, --file_format tfrecord
+  assert argvs[1][-2:] == ["--file_format", "array_record"] and command.startswith("tfds build ")
+  subprocess.run(
+    [sys.executable, "-c", TFDS_BUILD, json.dumps(argvs)],
+    env=subprocess_env(),
+    check=True,
+    capture_output=True,
+    timeout=120,
+  )
+  for f in FORMATS:
+    name = "negclip_coco_negation"
+    assert tfds.builder(name, data_dir=str(out[f])).info.file_format.value == f
+    assert next(out[f].glob(f"{name}/1.0.0/{name}-train.{f}-00000-of-00001"))
+    _same(
+      tfds_shards.load_absence(name, data_dir=str(out[f])),
+      tfds_shards.load_absence(name, data_dir=data.dirs[f]),
+    )
+
+
+def test_manual_dir_build_reads_the_annotation_file_there(data, tmp_path):
+  folder = _manual_dir(data.files, tmp_path / "manual")
   builder = tfds_builders.NegclipCocoNegation(data_dir=str(tmp_path / "out"))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=folder))
   got = tfds_shards.load_absence("negclip_coco_negation", data_dir=str(tmp_path / "out"))
@@ -118,11 +223,11 @@ def test_manual_dir_build_reads_the_annotation_file_there(data, tmp_path):
 
 def _config(data, source: str, **overrides):
   f = data.files
-  if source == "tfds":
+  if source in FORMATS:
     keys = {
       "data.presence": "tfds:negclip_ccneg",
       "data.absence": "tfds:negclip_coco_negation",
-      "data.tfds_data_dir": data.data_dir,
+      "data.tfds_data_dir": data.dirs[source],
     }
   else:
     keys = {f"data.{k}": v for k, v in f.items()} | {"data.ccneg_eval_size": EVAL}
@@ -133,9 +238,10 @@ def _pipeline(tables, start=0):
   return small_pipeline(*tables, start_step=start, read_threads=2)
 
 
-def test_batches_from_tfds_equal_batches_from_the_files_and_resume_exactly(data):
+@pytest.mark.parametrize("file_format", FORMATS)
+def test_batches_from_tfds_equal_batches_from_the_files_and_resume_exactly(data, file_format):
   from_files = trainer.load_tables(_config(data, "files"), 32)
-  from_tfds = trainer.load_tables(_config(data, "tfds"), 32)
+  from_tfds = trainer.load_tables(_config(data, file_format), 32)
   for a, b in zip(from_files, from_tfds, strict=True):
     assert list(a.record_index) == list(b.record_index) and a.texts() == b.texts()
   straight = list(_pipeline(from_tfds))
@@ -170,6 +276,22 @@ def test_training_from_tfds_skips_and_lists_an_undecodable_image(data, tmp_path)
   assert "negclip_ccneg-train.tfrecord-00000-of-00001#" in rows[0]["reason"]  # the image's range
 
 
+def test_an_undecodable_image_in_array_record_shards_is_skipped_and_listed(data, tmp_path):
+  files = write_file_datasets(tmp_path / "files", 12, 32)
+  (tmp_path / "files/cc3m/images/2.png").write_bytes(b"\x89PNG not really")
+  build(files, tmp_path / "ar", eval_size=0, coco=False, file_format="array_record")
+  coco = "negclip_coco_negation"  # the fixture's, whose image 2 is fine
+  shutil.copytree(f"{data.dirs['array_record']}/{coco}", tmp_path / "ar" / coco)
+  c = _config(data, "array_record", **{"data.on_error": "skip", "data.image_cache": False})
+  c.data.tfds_data_dir = str(tmp_path / "ar")
+  bad = BadRecords("skip")
+  presence, _ = trainer.load_tables(c, 32, bad)  # decodes every image: no image cache
+  assert 2 not in list(presence.record_index) and len(presence.record_index) == 11
+  ((skipped,),) = [[(e.file, e.index, e.key) for e in bad.skipped]]
+  assert skipped == ("tfds:negclip_ccneg", 2, "image")
+  assert "negclip_ccneg-train.array_record-00000-of-00001#" in bad.skipped[0].reason
+
+
 def test_examples_without_usable_text_go_to_the_bad_record_policy(tmp_path):
   class BadTexts(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
@@ -198,23 +320,38 @@ def test_examples_without_usable_text_go_to_the_bad_record_policy(tmp_path):
   records = tfds_shards.load_presence("bad_texts", data_dir=str(tmp_path), bad=bad)
   assert sorted(r.negated for r in records) == ["no cat", "no dog"]
   assert [(e.key, e.reason) for e in bad.skipped] == [("negated", "empty string")]
-  # The same dataset as ArrayRecord files: refused, naming the rebuild option.
+  # The same dataset as ArrayRecord files: the same records, the same example skipped.
   BadTexts(data_dir=str(tmp_path / "ar"), file_format="array_record").download_and_prepare()
-  with pytest.raises(DataError, match=r"stored as array_record; .*--file_format tfrecord"):
+  with pytest.raises(DataError, match=r"bad_texts-train\.array_record.*record \d, key 'negated'"):
     tfds_shards.load_presence("bad_texts", data_dir=str(tmp_path / "ar"))
+  bad = BadRecords("skip")
+  records = tfds_shards.load_presence("bad_texts", data_dir=str(tmp_path / "ar"), bad=bad)
+  assert sorted(r.negated for r in records) == ["no cat", "no dog"]
+  assert [(e.key, e.reason) for e in bad.skipped] == [("negated", "empty string")]
+  # As Parquet files: refused, naming dataset_info.json, its file format and the rebuild option.
+  BadTexts(data_dir=str(tmp_path / "pq"), file_format="parquet").download_and_prepare()
+  info = os.path.join(
+    tfds.builder("bad_texts", data_dir=str(tmp_path / "pq")).data_dir, "dataset_info.json"
+  )
+  with pytest.raises(DataError) as error:
+    tfds_shards.load_presence("bad_texts", data_dir=str(tmp_path / "pq"))
+  assert str(error.value).startswith(info) and "has file_format parquet; " in str(error.value)
+  assert "rebuild it with `tfds build --file_format=tfrecord`" in str(error.value)
 
 
-def test_each_process_reads_its_split_for_jax_process_share(data, monkeypatch):
+@pytest.mark.parametrize("file_format", FORMATS)
+def test_each_process_reads_its_split_for_jax_process_share(data, monkeypatch, file_format):
   import jax
 
   from negclip_jax import hosts
 
   read = {}
-  every = tfds_shards.load_presence("negclip_ccneg", data_dir=data.data_dir)
+  data_dir = data.dirs[file_format]
+  every = tfds_shards.load_presence("negclip_ccneg", data_dir=data_dir)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(hosts, "gather_json", lambda share: [share])  # this process's only
   for p in (0, 1):
     monkeypatch.setattr(jax, "process_index", lambda p=p: p)
-    read[p] = tfds_shards.load_presence("negclip_ccneg", data_dir=data.data_dir)
+    read[p] = tfds_shards.load_presence("negclip_ccneg", data_dir=data_dir)
   assert len(read[0]) == len(read[1]) == (N - EVAL) // 2
   assert sorted(r.index for r in read[0] + read[1]) == [r.index for r in every]

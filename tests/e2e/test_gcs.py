@@ -395,3 +395,16 @@ def test_tfds_dataset_in_a_bucket_read_as_a_local_one(gcs, tmp_path):
     assert (
       preprocess_image(b.image_path, 32).tobytes() == preprocess_image(a.image_path, 32).tobytes()
     )
+  # The same as ArrayRecord shards: read locally, refused in a bucket (the array_record
+  # reader opens local files only), naming dataset_info.json, the format and the fix.
+  tfds_builders.main(
+    ["ccneg", "--annotations", files["ccneg_path"], "--image-root", files["ccneg_image_root"]]
+    + ["--data-dir", str(tmp_path / "ar"), "--eval-size", "2", "--file-format", "array_record"]
+  )
+  assert len(tfds_shards.load_presence("negclip_ccneg", data_dir=str(tmp_path / "ar"))) == 4
+  _upload(gcs["fs"], tmp_path / "ar", f"{BUCKET}/ar")
+  info = f"gs://{BUCKET}/ar/negclip_ccneg/1.0.0/dataset_info.json"
+  with pytest.raises(records.DataError) as error:
+    tfds_shards.load_presence("negclip_ccneg", data_dir=f"gs://{BUCKET}/ar")
+  assert str(error.value).startswith(f"{info}: ") and "file_format array_record" in str(error.value)
+  assert "`tfds build --file_format=tfrecord`" in str(error.value)
