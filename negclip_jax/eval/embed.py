@@ -85,7 +85,9 @@ class Embedder:
   same ids in later calls: equal texts always get bitwise equal features (the tasks count
   ties as wrong). A model that overrides `get_text_features` is never packed.
   `read_threads` (`parallel_read.read_threads`; 0: from the CPU count, 1: serial) load the
-  images of `images` ahead of the device, a batch ahead (`read_window` images), in order.
+  images of `images` ahead of the device, in order, at most `read_window` images ahead: a
+  batch plus two per thread, so that images read but not yet consumed (waiting behind a
+  slow one) never leave readers idle.
   """
 
   def __init__(
@@ -107,7 +109,7 @@ class Embedder:
     self.batch_size = math.ceil(batch_size / self.n_local) * self.n_local
     self.normalize = normalize
     self.read_threads = parallel_read.read_threads(read_threads)
-    self.read_window = max(self.batch_size, self.read_threads)
+    self.read_window = self.batch_size + 2 * self.read_threads
     self.progress = progress and jax.process_index() == 0
     self.mesh = mesh
     if mesh is None:
@@ -165,9 +167,8 @@ class Embedder:
     """gather=False: only this process's `hosts.process_block` rows [hi - lo, D].
 
     `load(items[i])` runs on `read_threads` threads (`parallel_read.read_ahead`), at most
-    `read_window` (one batch, or the thread count if larger) items ahead of the batch being
-    embedded; an exception it raises is raised when its item's batch is built, as a serial
-    loop would.
+    `read_window` items ahead of the batch being embedded; an exception it raises is raised
+    when its item's batch is built, as a serial loop would.
     """
     load = load or (lambda x: x)
     lo, hi = hosts.process_block(len(items))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 import time
 
 import jax
@@ -154,7 +155,7 @@ def test_parallel_reading_equals_serial_bitwise_and_keeps_the_bad_record_policy(
   assert parallel[2] == serial[2] and len(serial[2]) == 1 and "record 6" in serial[2][0]
 
 
-def test_embedder_reads_one_batch_ahead_of_the_device_and_no_further(model, params, monkeypatch):
+def test_embedder_reads_a_window_ahead_of_the_device_and_no_further(model, params, monkeypatch):
   started, seen = [], []
   images = np.random.default_rng(0).integers(0, 256, (20, SIZE, SIZE, 3), np.uint8)
 
@@ -177,8 +178,29 @@ def test_embedder_reads_one_batch_ahead_of_the_device_and_no_further(model, para
     images, load
   )
   assert out.tobytes() == serial.tobytes()
-  # While batch k (items 4k..4k+3) is embedded, batch k + 1 has been read, nothing more.
-  assert reads_at_each_batch == [8, 12, 16, 20, 20]
+  # While batch k (items 4k..4k+3) is embedded, the window (a batch + 2 x 4 threads = 12
+  # items) past it has been read, nothing more.
+  assert reads_at_each_batch == [16, 20, 20, 20, 20]
+
+
+def test_embedder_readers_keep_reading_while_a_slow_image_holds_the_batch(model, params):
+  """A slow object (a bucket's tail latency) must not idle the other readers: they go on
+  reading the window past it (before: the window was one batch, so 4 threads read 4 items
+  and then waited with it)."""
+  lock, done, done_while_slow = threading.Lock(), [0], []
+  images = np.random.default_rng(0).integers(0, 256, (24, SIZE, SIZE, 3), np.uint8)
+
+  def load(i):
+    if i == 0:
+      time.sleep(0.5)
+      done_while_slow.append(done[0])
+    with lock:
+      done[0] += 1
+    return images[i].astype(np.float32) / 255
+
+  embedder = Embedder(model, params, batch_size=4, progress=False, read_threads=4)
+  embedder.images(list(range(24)), load)
+  assert done_while_slow == [12]  # the window: one batch + 2 x 4 threads
 
 
 @pytest.mark.parametrize("objective", ["omni_negclip", "conclip"])
