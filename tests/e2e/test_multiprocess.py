@@ -39,6 +39,7 @@ from helpers import (
   config_with_eval,
   keep_checkpoints_up_to,
   run_cluster,
+  small_pipeline,
   steps_on_disk,
   subprocess_env,
   write_file_datasets,
@@ -47,7 +48,6 @@ from helpers import (
 
 from negclip_jax import rundir
 from negclip_jax.data import negshapes
-from negclip_jax.model.tokenizer import ClipTokenizer
 from negclip_jax.train import pipeline, trainer
 
 STEPS = CLUSTER_STEPS
@@ -135,17 +135,17 @@ def killed_then_resumed(tmp_path_factory, env):
 def test_host_shards_are_disjoint_and_cover_each_epoch():
   data = negshapes.generate_pairs(40, seed=0, image_size=32, split="train")
   presence, absence = pipeline.negshapes_tables(data)
-  kwargs = dict(
-    tokenizer=ClipTokenizer(),
-    context_length=16,
-    global_batch=8,
-    seed=3,
-    image_size=32,
-    num_steps=10,
-    local_devices=2,
-  )
   hosts = [
-    pipeline.TrainPipeline(presence, absence, process_index=p, process_count=2, **kwargs)
+    small_pipeline(
+      presence,
+      absence,
+      context_length=16,
+      global_batch=8,
+      num_steps=10,
+      local_devices=2,
+      process_index=p,
+      process_count=2,
+    )
     for p in range(2)
   ]
   for stream, n in (("presence", len(presence)), ("absence", len(absence))):
