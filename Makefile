@@ -19,7 +19,7 @@ demo: $(VENV)/.installed
 	$(PY) -m negclip_jax.demo --workdir $(WORKDIR)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The style the tree is held to (pyproject.toml [tool.ruff]); `ruff format .` fixes layout.
 lint: $(VENV)/.installed
