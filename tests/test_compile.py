@@ -6,11 +6,22 @@ import subprocess
 import sys
 
 import helpers
+import jax
 import ml_collections
 import pytest
 
 from negclip_jax import compile as compile_lib
 from negclip_jax import configs
+
+
+@pytest.fixture(autouse=True)
+def _no_compilation_cache():
+  """As `negclip-compile` runs (its module doc): a compile-only executable cannot be read
+  back from JAX's persistent cache, so a program compiled twice would warn."""
+  was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  yield
+  jax.config.update("jax_enable_compilation_cache", was)
 
 
 def _tiny(**overrides):
