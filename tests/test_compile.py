@@ -1,6 +1,7 @@
 """negclip-compile: the tiny preset's training steps compiled by the TPU compiler (libtpu)
 for real TPU slices, on this CPU machine, through the command's own code path."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -197,3 +198,23 @@ def test_cli_reports_a_refused_step_as_json_and_exits_1():
   (row,) = result["programs"]
   assert result["fits"] is False and row["fits"] is False
   assert row["required_bytes"] > row["hbm_bytes"] and row["required_at_least"] is True
+
+
+def test_memory_table_shows_a_refused_row_as_does_not_fit(tmp_path):
+  """benchmarks/tpu_memory_table.py --markdown: a row the compiler refused (an error row
+  recorded before negclip-compile reported refusals) is DOES NOT FIT with its figure."""
+  spec = importlib.util.spec_from_file_location(
+    "tpu_memory_table", helpers.ROOT / "benchmarks" / "tpu_memory_table.py"
+  )
+  table = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(table)
+  row = {"model": "vit-bigg-14", "batch": 128, "slice": "v5e-8", "parallelism": "pmap"}
+  rows = tmp_path / "rows.jsonl"
+  rows.write_text(json.dumps({**row, "status": "error", "error": RECORDED_REFUSAL}) + "\n")
+  args = table.parse_args(["--out", str(rows), "--models", "vit-bigg-14", "--batches", "128"])
+  text = table.markdown(args)
+  assert (
+    "| vit-bigg-14 | 128 | v5e-8 (v5e:2x4, 8) | pmap | 16 | no figure | 16.00 | at least 16.00 | "
+    "**DOES NOT FIT** (16; refused by the compiler) |" in text
+  )
+  assert "RESOURCE_EXHAUSTED" not in text  # not listed as an error
