@@ -2,6 +2,7 @@ r"""negclip-compile: compile a run's programs for a TPU slice ahead of time, wit
 
 negclip-compile --config NAME_OR_FILE [--config.KEY=VALUE ...] --topology v5e:4x8
     [--num_slices N] [--json] [--packed_rows R] [--nofixes] [--programs train,cache,embedders]
+    [--nocost_model]
 negclip-compile --config NAME_OR_FILE [--config.KEY=VALUE ...] --gpu h100 [--gpus 8] ...
 (= python -m negclip_jax.compile; needs the `tpu` extra: pip install "negclip-jax[tpu]",
 or for --gpu JAX's CUDA plugin, the `cuda12` extra: pip install "negclip-jax[cuda12]")
@@ -32,12 +33,32 @@ Per program: per-chip bytes from the compiler's `memory_analysis()` (arguments, 
 temporaries; peak = arguments + outputs - donated aliases + temporaries) against the chip's
 HBM, FITS / DOES NOT FIT, FLOPs per chip from `cost_analysis()`, and the cost model's time
 ("optimal_seconds") with the examples/s and MFU it implies, or "no estimate" when the cost
-model gives none (missing or not positive). The last line is `fits: true|false` and the
-exit status 0 / 1. A train step that does not fit is compiled again with each change that
-could make it fit (fsdp, bfloat16, remat, a bigger slice, half the per-chip batch), and the peak
-each gives is printed. Compiles are slow (minutes for ViT-B/32 on 2 cores), one program
-at a time. JAX's persistent compilation cache is off here: with JAX 0.10.2 and libtpu
-0.0.42.1 an executable compiled for compile-only devices is written but cannot be read
+model gives none (missing or not positive; always for GPUs). A program the TPU compiler
+refuses (RESOURCE_EXHAUSTED: "the total memory required for HLO temporaries (16.00G)
+exceeds available HBM (15.75G)") is DOES NOT FIT with the bytes it named: the temporaries,
+so the peak is "at least" that (`parse_refusal`). The last line is `fits: true|false` and
+the exit status 0 / 1. A train step that does not fit (or is refused) is compiled again
+with each change that could make it fit (fsdp, bfloat16, remat, a bigger slice, half the
+per-chip batch), and the peak each gives, or its refusal's figure, is printed. Compiles
+are slow (minutes for ViT-B/32 on 2 cores), one program at a time.
+
+Two compiles per TPU program: bytes and FITS from the compiler's default form (the program
+`negclip-train` runs), the time from a second compile with sliced prefetching off
+(`NO_SLICED_PREFETCH`; `--nocost_model` skips it). In the default form the cost model
+prices none of the ConcatBitcast custom calls that sliced prefetching inserts and takes
+1 s off `optimal_seconds` for each (the `tiny` step: -2.9996 with 3 of them; ViT-B/32 on
+v5e:2x4: -301.96 with 302), so it gives no estimate. The two forms differ in memory, which
+is why the bytes are not taken from the second: sliced prefetch holds more temporaries
+(the `tiny` steps on v5e:2x2: 0.68 MB more, pmap 8.39 against 7.71 MB, fsdp 12.16 against
+11.48; the ViT-B/32 pmap step on v5e:2x4: 1.346 against 1.290 GiB, so a peak of 2.241
+against 2.185 GiB per chip, 2.5% less without sliced prefetch).
+The time is the cost model's for the form without sliced prefetch (ViT-B/32: 43.5 ms),
+probably a little above that of the program `negclip-train` runs: the default form's
+`optimal_seconds` + 302 would be 36.2 ms if each ConcatBitcast counts exactly -1 s
+(`tiny`: 0.430 against 0.460 ms); docs/performance.md has the figures.
+
+JAX's persistent compilation cache is off here: with JAX 0.10.2 and libtpu 0.0.42.1 an
+executable compiled for compile-only devices is written but cannot be read
 back ("PjRtCompiler must be constructed with a Client").
 """
 
