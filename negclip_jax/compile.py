@@ -523,7 +523,12 @@ def measure(program: Program, tpu: Slice, progress=None, cost_model=True) -> dic
   options = tpu.cost_model_options
   if cost_model and row["cost_model_seconds"] is None and options is not None:
     say(f"compiling {program.name} for {tpu.name} with {options} for the cost model's time ...")
-    compiled, seconds = compile_program(program, {**tpu.compiler_options, **options})
+    try:
+      compiled, seconds = compile_program(program, {**tpu.compiler_options, **options})
+    except jax.errors.JaxRuntimeError as e:  # refused in that form: no estimate
+      if parse_refusal(str(e)) is None:
+        raise
+      return row
     row.update(
       timing(_cost(compiled).get("optimal_seconds"), program.examples, row["flops_per_chip"], tpu)
     )
