@@ -159,6 +159,15 @@ def program_row(row: dict) -> dict | None:
   return {"program": "train step", "hbm_bytes": hbm, "fits": False, "compile_s": None, **refusal}
 
 
+def text_form(row: dict, r: dict) -> str:
+  """The train step's text batch as negclip-compile recorded it; rows written before it did
+  (all finished by 2026-12-03T05:02Z): "packed*" under pmap (the only form the paper's
+  config compiled there), "not recorded*" under fsdp (packing came to fsdp meanwhile)."""
+  if "text" in r:
+    return r["text"]
+  return "packed*" if row["parallelism"] == "pmap" else "not recorded*"
+
+
 def summary(row: dict) -> str:
   r = program_row(row)
   if r is None:
@@ -196,9 +205,9 @@ def markdown(args) -> str:
   as "not compiled" (stopped, failed or not reached), grouped by batch, slice and placement."""
   done = load(args.out)
   lines = [
-    "| model | global batch | slice (chips) | placement | per chip batch | arguments | temporaries "
-    "| peak | fits | TFLOP per chip | compile s |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "| model | global batch | slice (chips) | placement | text | per chip batch | arguments "
+    "| temporaries | peak | fits | TFLOP per chip | compile s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   missing = {}  # (batch, slice, mode) -> ["model (why)"]
   for model, batch, s, mode in value_order(args.models, args.batches, args.slices, args.modes):
@@ -226,7 +235,7 @@ def markdown(args) -> str:
     tflop = "no figure" if flops is None else f"{flops / 1e12:.3g}"
     compile_s = "no figure" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
     lines.append(
-      f"| {model} | {batch} | {s} ({where}) | {mode} | {batch // chips} | "
+      f"| {model} | {batch} | {s} ({where}) | {mode} | {text_form(row, r)} | {batch // chips} | "
       f"{' | '.join(memory)} | {fit} | {tflop} | {compile_s} |"
     )
   if missing:

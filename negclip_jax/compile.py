@@ -287,6 +287,7 @@ class Program:
   name: str
   lower: Callable[[], jax.stages.Lowered]
   examples: int  # examples (global) per call, for examples/s
+  text: str = ""  # the train step's text batch: "packed, R rows per chip" or "unpacked, L tokens"
 
 
 def _abstract(shape, dtype, mesh, spec=P()):
@@ -355,7 +356,9 @@ def train_step_program(config, devices, packed_rows: int = 0) -> Program:
     k: _abstract(shape, dtype, mesh, batch_spec)
     for k, (shape, dtype) in train_batch(config, model.config, per_chip, n, rows).items()
   }
-  return Program("train step", lambda: step.lower(state, batch), config.batch_size)
+  length = model.config.text.max_position_embeddings
+  text = f"packed, {rows} rows per chip" if rows else f"unpacked, {length} tokens"
+  return Program("train step", lambda: step.lower(state, batch), config.batch_size, text)
 
 
 def embed_program(
@@ -510,6 +513,7 @@ def measure(program: Program, tpu: Slice, progress=None, cost_model=True) -> dic
   a second compile with `tpu.cost_model_options` (its "cost_model_options", "cost_model_s")."""
   say = progress or (lambda _: None)
   say(f"compiling {program.name} for {tpu.name} ...")
+  named = {"program": program.name, **({"text": program.text} if program.text else {})}
   t0 = time.perf_counter()
   try:
     compiled, seconds = compile_program(program, tpu.compiler_options)
@@ -517,8 +521,8 @@ def measure(program: Program, tpu: Slice, progress=None, cost_model=True) -> dic
     refusal = parse_refusal(str(e))
     if refusal is None:
       raise
-    return {"program": program.name, **refused(refusal, tpu, time.perf_counter() - t0)}
-  row = {"program": program.name, **figures(compiled, program.examples, tpu, seconds)}
+    return {**named, **refused(refusal, tpu, time.perf_counter() - t0)}
+  row = {**named, **figures(compiled, program.examples, tpu, seconds)}
   del compiled
   options = tpu.cost_model_options
   if cost_model and row["cost_model_seconds"] is None and options is not None:

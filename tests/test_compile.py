@@ -13,6 +13,7 @@ import pytest
 
 from negclip_jax import compile as compile_lib
 from negclip_jax import configs
+from negclip_jax.train import packing
 
 
 @pytest.fixture(autouse=True)
@@ -162,6 +163,7 @@ def test_a_step_the_compiler_refuses_does_not_fit_and_its_fixes_are_compiled():
   assert not result["fits"] and not row["fits"] and row["peak_bytes"] is None
   assert row["required_at_least"] and row["required_bytes"] > row["hbm_bytes"]
   assert row["refusal"].startswith("RESOURCE_EXHAUSTED: ")
+  assert row["text"] == f"packed, {packing.ladder_rows(4 * 16384)} rows per chip"
   assert f"({row['required_bytes'] / 2**30:.2f}G)" in row["refusal"]
   tpu = _v5e_2x2()
   quick = [
@@ -214,7 +216,7 @@ def test_memory_table_shows_a_refused_row_as_does_not_fit(tmp_path):
   args = table.parse_args(["--out", str(rows), "--models", "vit-bigg-14", "--batches", "128"])
   text = table.markdown(args)
   assert (
-    "| vit-bigg-14 | 128 | v5e-8 (v5e:2x4, 8) | pmap | 16 | no figure | 16.00 | at least 16.00 | "
+    "| vit-bigg-14 | 128 | v5e-8 (v5e:2x4, 8) | pmap | packed* | 16 | no figure | 16.00 | at least 16.00 | "
     "**DOES NOT FIT** (16; refused by the compiler) |" in text
   )
   assert "RESOURCE_EXHAUSTED" not in text  # not listed as an error
