@@ -114,8 +114,9 @@ class CompileError(ValueError):
 # ------------------------------------------------------------------------- refusals
 
 # The TPU compiler refuses a program that does not fit with RESOURCE_EXHAUSTED, naming the
-# bytes it needed in XLA's binary units ("16.00G" = 16 GiB, rounded). The form seen with
-# libtpu 0.0.42.1 names the temporaries alone, so the peak is at least that:
+# bytes it needed in binary units ("16.00G" = 16 GiB, rounded; "15.75G" available on a
+# 16 GiB v5e chip). The form seen with libtpu 0.0.42.1 names the temporaries alone, so the
+# peak is at least that:
 #   "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO
 #    temporaries (16.00G) exceeds available HBM (15.75G)."
 _BYTES = r"([\d.]+)([KMGTPE]?)"
