@@ -13,7 +13,7 @@ roofline is ours, not the cost model's: it ignores collectives, overlap and the 
 shape efficiency; use it to rank variants, not as a step time. Chip figures: Google Cloud
 TPU documentation, system architecture pages (`compile.PEAK_BF16_TFLOPS`, `HBM_GBPS`).
 
-The step is compiled with sliced prefetching off (`NO_SLICED_PREFETCH`; `--sliced_prefetch`
+The step is compiled with sliced prefetching off (`compile.NO_SLICED_PREFETCH`; `--sliced_prefetch`
 restores the compiler's default): with it on, the cost model's `optimal_seconds` comes back
 as (its estimate - 1 s per ConcatBitcast custom call the prefetch slicing inserts), negative
 for every step here; with it off the cost model answers (docs/performance.md, "Speed
@@ -46,8 +46,6 @@ _SLICED_PREFETCH = flags.DEFINE_bool(
   "sliced prefetch adds a ConcatBitcast custom call that the cost model cannot price, and "
   "each such op takes 1 s off optimal_seconds (negative totals, no estimate).",
 )
-# The compiler option that turns sliced prefetching off (libtpu 0.0.42.1).
-NO_SLICED_PREFETCH = {"xla_tpu_sliced_prefetch_max_slices": 0}
 
 
 def roofline_seconds(flops: float, bytes_accessed: float, generation: str) -> float:
@@ -80,7 +78,7 @@ def main(argv):
   program = compile_lib.train_step_program(config, tpu.devices, flags.FLAGS.packed_rows)
   print(f"compiling the train step for {tpu.name} ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
-  options = None if _SLICED_PREFETCH.value else NO_SLICED_PREFETCH
+  options = None if _SLICED_PREFETCH.value else compile_lib.NO_SLICED_PREFETCH
   compiled = program.lower().compile(compiler_options=options)
   row = compile_lib.figures(compiled, program.examples, tpu, time.perf_counter() - t0)
   row["compiler_options"] = options or {}

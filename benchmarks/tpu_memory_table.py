@@ -2,15 +2,17 @@ r"""The TPU compiler's per-chip memory of the training step, preset x batch x sl
 
 python benchmarks/tpu_memory_table.py [--out benchmarks/tpu_memory_rows.jsonl]
     [--models vit-b-32,...] [--batches 128,4096] [--slices v5e-256,v5e-8,...]
-    [--modes fsdp,pmap] [--timeout 1800]
+    [--modes fsdp,pmap] [--timeout 1800] [--redo_before 2026-12-03T06:00:00Z]
 python benchmarks/tpu_memory_table.py --markdown [--out ...]
 
-One `negclip-compile --programs train --json --nofixes` process per row (the paper's
+One `negclip-compile --programs train --json --nofixes --nocost_model` process per row
+(bytes only: the cost model's time would take a second compile per row; the paper's
 config `omni_negclip_vitb32` with `--config.model`, `--config.batch_size` and
 `--config.parallelism` set; compiles take minutes on 2 cores, and one process per row keeps
 a slow or failing row from holding the others). Each finished row is appended to `--out`
 as one JSON line at once, so the matrix can be stopped and resumed: rows already in the
-file are skipped. Rows run in the order of the questions a user asks first (does preset X
+file are skipped (`--redo_before T`: except those finished before T, compiled again; the
+last line of a row wins). Rows run in the order of the questions a user asks first (does preset X
 at the pod batch fit a v5e-256 under fsdp; does the paper's batch fit a v5e-8; v4-8 and
 v6e-8; then the rest), smallest preset first within each group. A row whose global batch
 the slice's chips do not divide is not a configuration and is not run. Needs the `tpu`
@@ -18,7 +20,9 @@ extra (libtpu), no TPU; `--slices h100-8` (8 H100s, `negclip-compile --gpu h100`
 JAX's CUDA plugin instead (the `cuda12` extra), no GPU.
 
 `--markdown` prints the table for docs/performance.md from `--out`: every row of the
-matrix, compiled or "not compiled" (never estimated).
+matrix, compiled or "not compiled" (never estimated). A row the compiler refused for want of
+HBM is DOES NOT FIT with the bytes it named (`compile.parse_refusal`; also for error rows
+recorded before negclip-compile reported refusals).
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from negclip_jax import compile as compile_lib  # noqa: E402
+
 CONFIG = "omni_negclip_vitb32"
 MODELS = ("vit-b-32", "vit-l-14", "vit-h-14", "vit-bigg-14")
 BATCHES = (128, 4096)
@@ -101,6 +109,7 @@ def command(model: str, batch: int, slice_name: str, mode: str) -> list[str]:
     *SLICES[slice_name][0],
     "--programs=train",
     "--nofixes",
+    "--nocost_model",
     "--json",
   ]
 
@@ -132,20 +141,49 @@ def compile_row(model, batch, slice_name, mode, timeout: float) -> dict:
   return {**row, "status": "ok", "result": result}
 
 
+def program_row(row: dict) -> dict | None:
+  """The train step's `negclip-compile` figures of a JSONL row; for an error row that is
+  the compiler's out-of-memory refusal (rows compiled before negclip-compile reported it),
+  the refused figures `compile.refused` gives; None for any other error or timeout."""
+  if row["status"] == "ok":
+    return row["result"]["programs"][0]
+  refusal = row["status"] == "error" and compile_lib.parse_refusal(row["error"])
+  if not refusal:
+    return None
+  flag, target = SLICES[row["slice"]][0][0].lstrip("-").split("=")
+  hbm = (
+    compile_lib.gpu_memory_bytes(target)
+    if flag == "gpu"
+    else compile_lib.HBM_GIB[target.split(":")[0]] * GIB
+  )
+  return {"program": "train step", "hbm_bytes": hbm, "fits": False, "compile_s": None, **refusal}
+
+
+def text_form(row: dict, r: dict) -> str:
+  """The train step's text batch as negclip-compile recorded it; rows written before it did
+  (all finished by 2026-12-03T05:02Z): "packed*" under pmap (the only form the paper's
+  config compiled there), "not recorded*" under fsdp (packing came to fsdp meanwhile)."""
+  if "text" in r:
+    return r["text"]
+  return "packed*" if row["parallelism"] == "pmap" else "not recorded*"
+
+
 def summary(row: dict) -> str:
-  if row["status"] != "ok":
+  r = program_row(row)
+  if r is None:
     return row["status"] + (f": {row['error']}" if "error" in row else "")
-  r = row["result"]["programs"][0]
+  peak = compile_lib.memory_columns(r)[2]
   return (
-    f"peak {r['peak_bytes'] / GIB:.2f} of {r['hbm_bytes'] // GIB} GiB "
-    f"{'FITS' if r['fits'] else 'DOES NOT FIT'} (compile {r['compile_s']:.0f} s)"
+    f"peak {peak} of {r['hbm_bytes'] // GIB} GiB {compile_lib.fit_text(r)} "
+    f"(compile {r['compile_s'] or 0:.0f} s)"
   )
 
 
 def run_matrix(args) -> None:
   rows = value_order(args.models, args.batches, args.slices, args.modes)
   done = load(args.out)
-  todo = [r for r in rows if r not in done]
+  redo = lambda r: args.redo_before and done[r].get("finished", "") < args.redo_before
+  todo = [r for r in rows if r not in done or redo(r)]
   print(
     f"{len(rows)} rows, {len(rows) - len(todo)} in {args.out}, {len(todo)} to compile", flush=True
   )
@@ -167,14 +205,15 @@ def markdown(args) -> str:
   as "not compiled" (stopped, failed or not reached), grouped by batch, slice and placement."""
   done = load(args.out)
   lines = [
-    "| model | global batch | slice (chips) | placement | per chip batch | arguments | temporaries "
-    "| peak | fits | TFLOP per chip | compile s |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "| model | global batch | slice (chips) | placement | text | per chip batch | arguments "
+    "| temporaries | peak | fits | TFLOP per chip | compile s |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   missing = {}  # (batch, slice, mode) -> ["model (why)"]
   for model, batch, s, mode in value_order(args.models, args.batches, args.slices, args.modes):
     row = done.get((model, batch, s, mode))
-    if row is None or row["status"] != "ok":
+    r = None if row is None else program_row(row)
+    if r is None:
       if row is None:
         note = ""
       elif row["status"] == "timeout":
@@ -185,14 +224,19 @@ def markdown(args) -> str:
       continue
     target, chips = SLICES[s]
     where = f"{target[0].split('=')[1]}, {chips}" if s in TPU_SLICES else f"{chips} GPUs"
-    r = row["result"]["programs"][0]
     hbm = r["hbm_bytes"] // GIB
-    fit = f"FITS ({hbm})" if r["fits"] else f"**DOES NOT FIT** ({hbm})"
-    tflop = "no figure" if r["flops_per_chip"] is None else f"{r['flops_per_chip'] / 1e12:.3g}"
+    if "refusal" in r:  # the compiler's figure: the temporaries (the peak is at least that)
+      memory = compile_lib.memory_columns(r)
+      fit = f"**DOES NOT FIT** ({hbm}; refused by the compiler)"
+    else:
+      memory = (_gib(r["argument_bytes"]), _gib(r["temp_bytes"]), _gib(r["peak_bytes"]))
+      fit = f"FITS ({hbm})" if r["fits"] else f"**DOES NOT FIT** ({hbm})"
+    flops = r.get("flops_per_chip")
+    tflop = "no figure" if flops is None else f"{flops / 1e12:.3g}"
+    compile_s = "no figure" if r["compile_s"] is None else f"{r['compile_s']:.0f}"
     lines.append(
-      f"| {model} | {batch} | {s} ({where}) | {mode} | {batch // chips} | "
-      f"{_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | {_gib(r['peak_bytes'])} | "
-      f"{fit} | {tflop} | {r['compile_s']:.0f} |"
+      f"| {model} | {batch} | {s} ({where}) | {mode} | {text_form(row, r)} | {batch // chips} | "
+      f"{' | '.join(memory)} | {fit} | {tflop} | {compile_s} |"
     )
   if missing:
     lines += ["", "Not compiled (no figure):", ""]
@@ -210,6 +254,12 @@ def parse_args(argv=None):
   p.add_argument("--modes", default=",".join(MODES))
   p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
   p.add_argument("--markdown", action="store_true", help="print the docs table from --out")
+  p.add_argument(
+    "--redo_before",
+    default="",
+    help="also compile again the selected rows finished before this UTC time "
+    "(2026-12-03T06:00:00Z); the file's last line of a row wins",
+  )
   args = p.parse_args(argv)
   args.models = args.models.split(",")
   args.batches = [int(b) for b in args.batches.split(",")]

@@ -2,6 +2,7 @@ r"""negclip-compile: compile a run's programs for a TPU slice ahead of time, wit
 
 negclip-compile --config NAME_OR_FILE [--config.KEY=VALUE ...] --topology v5e:4x8
     [--num_slices N] [--json] [--packed_rows R] [--nofixes] [--programs train,cache,embedders]
+    [--nocost_model]
 negclip-compile --config NAME_OR_FILE [--config.KEY=VALUE ...] --gpu h100 [--gpus 8] ...
 (= python -m negclip_jax.compile; needs the `tpu` extra: pip install "negclip-jax[tpu]",
 or for --gpu JAX's CUDA plugin, the `cuda12` extra: pip install "negclip-jax[cuda12]")
@@ -32,12 +33,32 @@ Per program: per-chip bytes from the compiler's `memory_analysis()` (arguments, 
 temporaries; peak = arguments + outputs - donated aliases + temporaries) against the chip's
 HBM, FITS / DOES NOT FIT, FLOPs per chip from `cost_analysis()`, and the cost model's time
 ("optimal_seconds") with the examples/s and MFU it implies, or "no estimate" when the cost
-model gives none (missing or not positive). The last line is `fits: true|false` and the
-exit status 0 / 1. A train step that does not fit is compiled again with each change that
-could make it fit (fsdp, bfloat16, remat, a bigger slice, half the per-chip batch), and the peak
-each gives is printed. Compiles are slow (minutes for ViT-B/32 on 2 cores), one program
-at a time. JAX's persistent compilation cache is off here: with JAX 0.10.2 and libtpu
-0.0.42.1 an executable compiled for compile-only devices is written but cannot be read
+model gives none (missing or not positive; always for GPUs). A program the TPU compiler
+refuses (RESOURCE_EXHAUSTED: "the total memory required for HLO temporaries (16.00G)
+exceeds available HBM (15.75G)") is DOES NOT FIT with the bytes it named: the temporaries,
+so the peak is "at least" that (`parse_refusal`). The last line is `fits: true|false` and
+the exit status 0 / 1. A train step that does not fit (or is refused) is compiled again
+with each change that could make it fit (fsdp, bfloat16, remat, a bigger slice, half the
+per-chip batch), and the peak each gives, or its refusal's figure, is printed. Compiles
+are slow (minutes for ViT-B/32 on 2 cores), one program at a time.
+
+Two compiles per TPU program: bytes and FITS from the compiler's default form (the program
+`negclip-train` runs), the time from a second compile with sliced prefetching off
+(`NO_SLICED_PREFETCH`; `--nocost_model` skips it). In the default form the cost model
+prices none of the ConcatBitcast custom calls that sliced prefetching inserts and takes
+1 s off `optimal_seconds` for each (the `tiny` step: -2.9996 with 3 of them; ViT-B/32 on
+v5e:2x4: -301.96 with 302), so it gives no estimate. The two forms differ in memory, which
+is why the bytes are not taken from the second: sliced prefetch holds more temporaries
+(the `tiny` steps on v5e:2x2: 0.68 MB more, pmap 8.39 against 7.71 MB, fsdp 12.16 against
+11.48; the ViT-B/32 pmap step on v5e:2x4: 1.346 against 1.290 GiB, so a peak of 2.241
+against 2.185 GiB per chip, 2.5% less without sliced prefetch).
+The time is the cost model's for the form without sliced prefetch (ViT-B/32: 43.5 ms),
+probably a little above that of the program `negclip-train` runs: the default form's
+`optimal_seconds` + 302 would be 36.2 ms if each ConcatBitcast counts exactly -1 s
+(`tiny`: 0.430 against 0.460 ms); docs/performance.md has the figures.
+
+JAX's persistent compilation cache is off here: with JAX 0.10.2 and libtpu 0.0.42.1 an
+executable compiled for compile-only devices is written but cannot be read
 back ("PjRtCompiler must be constructed with a Client").
 """
 
@@ -80,10 +101,47 @@ SHAPES_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
 SHAPES_3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8")
 _ACCELERATOR_RE = re.compile(r"^(v4|v5p|v5litepod|v5e|v6e)-(\d+)$")
 _TOPOLOGY_RE = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+)+)$")
+# The TPU compiler option that turns sliced prefetching off (libtpu 0.0.42.1): with it on,
+# every sliced prefetch adds a ConcatBitcast custom call that the cost model cannot price,
+# and `optimal_seconds` comes back as its estimate - 1 s per such call (negative).
+NO_SLICED_PREFETCH = {"xla_tpu_sliced_prefetch_max_slices": 0}
 
 
 class CompileError(ValueError):
   """A topology or config negclip-compile cannot take (one line)."""
+
+
+# ------------------------------------------------------------------------- refusals
+
+# The TPU compiler refuses a program that does not fit with RESOURCE_EXHAUSTED, naming the
+# bytes it needed in binary units ("16.00G" = 16 GiB, rounded; "15.75G" available on a
+# 16 GiB v5e chip). The form seen with libtpu 0.0.42.1 names the temporaries alone, so the
+# peak is at least that:
+#   "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO
+#    temporaries (16.00G) exceeds available HBM (15.75G)."
+_BYTES = r"([\d.]+)([KMGTPE]?)"
+_TEMPORARIES = re.compile(rf"HLO temporaries \({_BYTES}\) exceeds available HBM \({_BYTES}\)")
+
+
+def _bytes(number: str, unit: str) -> int:
+  return round(float(number) * 1024 ** " KMGTPE".index(unit or " "))
+
+
+def parse_refusal(message: str) -> dict | None:
+  """The compiler's RESOURCE_EXHAUSTED refusal (an exception's text) -> {"refusal": its
+  line, "required_bytes", "required_at_least" (True: the figure is the temporaries alone),
+  "available_bytes"}, the figures None in a form not seen here; None for any other error."""
+  lines = [x for x in message.splitlines() if "RESOURCE_EXHAUSTED" in x]
+  if not lines:
+    return None
+  line = lines[0][lines[0].index("RESOURCE_EXHAUSTED") :].strip()
+  m = _TEMPORARIES.search(message)
+  return {
+    "refusal": line,
+    "required_bytes": _bytes(*m.group(1, 2)) if m else None,
+    "required_at_least": bool(m),
+    "available_bytes": _bytes(*m.group(3, 4)) if m else None,
+  }
 
 
 # ---------------------------------------------------------------------------- slice
@@ -142,6 +200,12 @@ class Slice:
     """XLA options of every compile. GPUs: no Triton GEMMs, which without a GPU to autotune
     on fail for some shapes ("Couldn't find output tile sizes"); cuBLAS runs those GEMMs."""
     return {"xla_gpu_enable_triton_gemm": False} if self.generation in GPU_SPECS else {}
+
+  @property
+  def cost_model_options(self) -> dict | None:
+    """XLA options of the compile that asks the cost model for a time (TPU:
+    `NO_SLICED_PREFETCH`); None for GPUs, whose compiler has no cost model."""
+    return None if self.generation in GPU_SPECS else NO_SLICED_PREFETCH
 
   @property
   def source(self) -> str:
@@ -224,6 +288,7 @@ class Program:
   name: str
   lower: Callable[[], jax.stages.Lowered]
   examples: int  # examples (global) per call, for examples/s
+  text: str = ""  # the train step's text batch: "packed, R rows per chip" or "unpacked, L tokens"
 
 
 def _abstract(shape, dtype, mesh, spec=P()):
@@ -292,7 +357,9 @@ def train_step_program(config, devices, packed_rows: int = 0) -> Program:
     k: _abstract(shape, dtype, mesh, batch_spec)
     for k, (shape, dtype) in train_batch(config, model.config, per_chip, n, rows).items()
   }
-  return Program("train step", lambda: step.lower(state, batch), config.batch_size)
+  length = model.config.text.max_position_embeddings
+  text = f"packed, {rows} rows per chip" if rows else f"unpacked, {length} tokens"
+  return Program("train step", lambda: step.lower(state, batch), config.batch_size, text)
 
 
 def embed_program(
@@ -375,15 +442,30 @@ def peak_bytes(m) -> int:
   )
 
 
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis() or {}
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def timing(optimal_seconds, examples: int, flops: float | None, tpu: Slice) -> dict:
+  """The cost model's step time and the examples/s and MFU it implies; None for each when
+  it gives no estimate (`optimal_seconds` missing or not positive)."""
+  ok = optimal_seconds is not None and optimal_seconds > 0
+  seconds = float(optimal_seconds) if ok else None
+  return {
+    "cost_model_seconds": seconds,  # None: no estimate
+    "optimal_seconds": None if optimal_seconds is None else float(optimal_seconds),  # as said
+    "examples_per_s": examples / seconds if seconds else None,
+    "mfu": flops / seconds / tpu.peak_flops if seconds and flops else None,
+  }
+
+
 def figures(compiled, examples: int, tpu: Slice, compile_s: float) -> dict:
   """Per-chip bytes, FITS, FLOPs and the cost model's time of one compiled program."""
   m = compiled.memory_analysis()
   peak = peak_bytes(m)
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = _cost(compiled)
   flops = float(cost["flops"]) if "flops" in cost else None  # None: no cost analysis (GPU)
-  raw = cost.get("optimal_seconds")
-  seconds = float(raw) if raw is not None and raw > 0 else None
   return {
     "argument_bytes": int(m.argument_size_in_bytes),
     "output_bytes": int(m.output_size_in_bytes),
@@ -393,11 +475,27 @@ def figures(compiled, examples: int, tpu: Slice, compile_s: float) -> dict:
     "hbm_bytes": tpu.hbm_bytes,
     "fits": bool(peak <= tpu.hbm_bytes),
     "flops_per_chip": flops,
-    "cost_model_seconds": seconds,  # None: no estimate
-    "optimal_seconds": None if raw is None else float(raw),  # as the cost model said
-    "examples_per_s": examples / seconds if seconds else None,
-    "mfu": flops / seconds / tpu.peak_flops if seconds and flops else None,
+    **timing(cost.get("optimal_seconds"), examples, flops, tpu),
+    "cost_model_options": tpu.compiler_options,  # the compile the time is from
     "compile_s": round(compile_s, 1),
+  }
+
+
+MEMORY_KEYS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "peak_bytes")
+
+
+def refused(refusal: dict, tpu: Slice, compile_s: float) -> dict:
+  """The figures of a program the compiler refused for want of memory (`parse_refusal`):
+  DOES NOT FIT, the bytes it named, no other figure."""
+  return {
+    **dict.fromkeys(MEMORY_KEYS),
+    "hbm_bytes": tpu.hbm_bytes,
+    "fits": False,
+    "flops_per_chip": None,
+    **timing(None, 0, None, tpu),
+    "cost_model_options": None,
+    "compile_s": round(compile_s, 1),
+    **refusal,
   }
 
 
@@ -408,16 +506,44 @@ def compile_program(program: Program, options=None) -> tuple[jax.stages.Compiled
   return compiled, time.perf_counter() - t0
 
 
-def measure(program: Program, tpu: Slice, progress=None) -> dict:
-  """Compiles `program` for `tpu` -> `figures` (with "program")."""
-  if progress:
-    progress(f"compiling {program.name} for {tpu.name} ...")
-  compiled, seconds = compile_program(program, tpu.compiler_options)
-  return {"program": program.name, **figures(compiled, program.examples, tpu, seconds)}
+def measure(program: Program, tpu: Slice, progress=None, cost_model=True) -> dict:
+  """Compiles `program` for `tpu` -> `figures` (with "program"), or `refused` when the
+  compiler refuses it for want of memory. Bytes and FITS are the compile `negclip-train`
+  runs (the compiler's defaults); with `cost_model`, where that compile's cost model gives
+  no time (TPU: sliced prefetch, see the module doc), the time, examples/s and MFU are from
+  a second compile with `tpu.cost_model_options` (its "cost_model_options", "cost_model_s")."""
+  say = progress or (lambda _: None)
+  say(f"compiling {program.name} for {tpu.name} ...")
+  named = {"program": program.name, **({"text": program.text} if program.text else {})}
+  t0 = time.perf_counter()
+  try:
+    compiled, seconds = compile_program(program, tpu.compiler_options)
+  except jax.errors.JaxRuntimeError as e:
+    refusal = parse_refusal(str(e))
+    if refusal is None:
+      raise
+    return {**named, **refused(refusal, tpu, time.perf_counter() - t0)}
+  row = {**named, **figures(compiled, program.examples, tpu, seconds)}
+  del compiled
+  options = tpu.cost_model_options
+  if cost_model and row["cost_model_seconds"] is None and options is not None:
+    say(f"compiling {program.name} for {tpu.name} with {options} for the cost model's time ...")
+    try:
+      compiled, seconds = compile_program(program, {**tpu.compiler_options, **options})
+    except jax.errors.JaxRuntimeError as e:  # refused in that form: no estimate
+      if parse_refusal(str(e)) is None:
+        raise
+      return row
+    row.update(
+      timing(_cost(compiled).get("optimal_seconds"), program.examples, row["flops_per_chip"], tpu)
+    )
+    row.update(cost_model_options=options, cost_model_s=round(seconds, 1))
+  return row
 
 
-def fixes(config, tpu: Slice, num_slices: int, packed_rows: int = 0, progress=None) -> list:
-  """Each change that could make the train step fit, compiled: [{change, peak_bytes, fits}]."""
+def fix_candidates(config, tpu: Slice) -> list[tuple[str, dict, str | None]]:
+  """Each change that could make the train step fit: (the flag to give, config overrides,
+  a bigger topology or None)."""
   candidates = []
   if config.parallelism == "pmap" and config.global_negatives:
     candidates.append(("--config.parallelism=fsdp", {"parallelism": "fsdp"}, None))
@@ -434,17 +560,26 @@ def fixes(config, tpu: Slice, num_slices: int, packed_rows: int = 0, progress=No
     candidates.append(
       (f"--config.batch_size={half} (half the per-chip batch)", {"batch_size": half}, None)
     )
+  return candidates
+
+
+def fixes(
+  config, tpu: Slice, num_slices: int, packed_rows: int = 0, progress=None, candidates=None
+) -> list:
+  """Each of `candidates` (default `fix_candidates`) compiled: [{change, peak_bytes, fits}],
+  or {change, fits: False, refusal, required_bytes, ...} where the compiler refuses it."""
   out = []
-  for change, overrides, topology in candidates:
+  for change, overrides, topology in candidates or fix_candidates(config, tpu):
     c = ml_collections.ConfigDict(config.to_dict())
     c.update(overrides)
     target = describe_slice(topology, num_slices) if topology else tpu
     try:
-      r = measure(train_step_program(c, target.devices, packed_rows), target, progress)
+      r = measure(train_step_program(c, target.devices, packed_rows), target, progress, False)
     except CompileError as e:
       out.append({"change": change, "error": str(e)})
       continue
-    out.append({"change": change, "peak_bytes": r["peak_bytes"], "fits": r["fits"]})
+    keys = ("peak_bytes", "fits", "required_bytes", "required_at_least", "refusal")
+    out.append({"change": change, **{k: r[k] for k in keys if k in r}})
   return out
 
 
@@ -459,6 +594,27 @@ def _tflop(flops: float | None) -> str:
   return "no figure" if flops is None else f"{flops / 1e12:.3g}"
 
 
+def memory_columns(r: dict) -> tuple[str, str, str]:
+  """(arguments, temporaries, peak) in GiB of a `measure` row; for a program the compiler
+  refused, the bytes it named: the temporaries and "at least" that peak, or the peak."""
+  if "refusal" not in r:
+    return _gib(r["argument_bytes"]), _gib(r["temp_bytes"]), _gib(r["peak_bytes"])
+  if r["required_bytes"] is None:
+    return "no figure", "no figure", "no figure"
+  required = _gib(r["required_bytes"])
+  return "no figure", required, f"at least {required}"
+
+
+def fit_text(r: dict) -> str:
+  """FITS, DOES NOT FIT, or DOES NOT FIT with the refusal's figure (a row or a fix)."""
+  if "refusal" in r and r["required_bytes"] is None:
+    return "DOES NOT FIT (refused by the compiler)"
+  if "refusal" in r:
+    what = "at least " * r["required_at_least"] + f"{_gib(r['required_bytes'])} GiB"
+    return f"DOES NOT FIT (refused by the compiler: needs {what})"
+  return "FITS" if r["fits"] else "DOES NOT FIT"
+
+
 def table(rows: list[dict]) -> str:
   """Markdown table of `measure` results (GiB per chip)."""
   lines = [
@@ -468,15 +624,15 @@ def table(rows: list[dict]) -> str:
   ]
   for r in rows:
     timing = (
-      f"{r['cost_model_seconds']:.4g} | {r['examples_per_s']:,.0f} | {r['mfu']:.0%}"
+      f"{r['cost_model_seconds']:.4g} | {r['examples_per_s']:,.0f} | "
+      + ("no figure" if r["mfu"] is None else f"{r['mfu']:.0%}")
       if r["cost_model_seconds"]
       else "no estimate | no estimate | no estimate"
     )
+    compile_s = r["compile_s"] + r.get("cost_model_s", 0)
     lines.append(
-      f"| {r['program']} | {_gib(r['argument_bytes'])} | {_gib(r['temp_bytes'])} | "
-      f"{_gib(r['peak_bytes'])} | {r['hbm_bytes'] // GIB} | "
-      f"{'FITS' if r['fits'] else 'DOES NOT FIT'} | {_tflop(r['flops_per_chip'])} | "
-      f"{timing} | {r['compile_s']:.0f} |"
+      f"| {r['program']} | {' | '.join(memory_columns(r))} | {r['hbm_bytes'] // GIB} | "
+      f"{fit_text(r)} | {_tflop(r['flops_per_chip'])} | {timing} | {compile_s:.0f} |"
     )
   return "\n".join(lines)
 
@@ -491,11 +647,13 @@ def run(
   which=PROGRAMS,
   gpu: str | None = None,
   gpus: int = GPUS_PER_HOST,
+  cost_model: bool = True,
 ) -> dict:
   """Compiles the programs `which` of `config` for the slice (or `gpus` GPUs `gpu`) ->
   {"slice", "programs", "fits", "fixes"}."""
   tpu = describe_gpus(gpu, gpus) if gpu else describe_slice(topology, num_slices)
-  rows = [measure(p, tpu, progress) for p in programs(config, tpu, packed_rows, which)]
+  progs = programs(config, tpu, packed_rows, which)
+  rows = [measure(p, tpu, progress, cost_model) for p in progs]
   fits = all(r["fits"] for r in rows)
   result = {
     "slice": tpu.name,
@@ -526,6 +684,40 @@ _PACKED_ROWS = flags.DEFINE_integer(
 )
 _FIXES = flags.DEFINE_bool("fixes", True, "If the step does not fit, compile each fix.")
 _PROGRAMS = flags.DEFINE_list("programs", list(PROGRAMS), f"Programs to compile: {PROGRAMS}.")
+_COST_MODEL = flags.DEFINE_bool(
+  "cost_model",
+  True,
+  "TPU: where the cost model gives no time, compile the program again with sliced prefetch "
+  "off for it (twice the compile time); --nocost_model: bytes only.",
+)
+
+
+def report(config, result: dict) -> str:
+  """The plain output of `run`'s result: a header, the table, refusals, fixes, `fits:`."""
+  c = config
+  lines = [
+    f"{c.model} ({c.parallelism}, {c.dtype}, batch {c.batch_size}, layers {c.layers}) on "
+    f"{result['slice']}: {result['chips']} x {result['chip']}, "
+    f"{result['hbm_gib_per_chip']:g} GiB HBM and {result['peak_bf16_tflops_per_chip']:g} bf16 "
+    f"TFLOP/s per chip ({result['figures_from']}); per chip:",
+    table(result["programs"]),
+  ]
+  for r in result["programs"]:
+    if "refusal" in r:
+      lines.append(f"{r['program']}: the compiler refused it: {r['refusal']}")
+    if r.get("cost_model_s") is not None:
+      options = ", ".join(f"{k}={v}" for k, v in r["cost_model_options"].items())
+      lines.append(f"{r['program']}: cost-model time from a second compile with {options}")
+  for fix in result.get("fixes", []):
+    if "error" in fix:
+      figure = fix["error"]
+    elif "refusal" in fix:
+      figure = fit_text(fix)
+    else:
+      figure = f"peak {_gib(fix['peak_bytes'])} GiB per chip: {fit_text(fix)}"
+    lines.append(f"  try {fix['change']}: {figure}")
+  lines.append(f"fits: {str(result['fits']).lower()}")
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -544,26 +736,11 @@ def main(argv):
       tuple(_PROGRAMS.value),
       _GPU.value,
       _GPUS.value,
+      _COST_MODEL.value,
     )
   except (CompileError, trainer.ConfigError) as e:
     sys.exit(f"error: {e}")
-  if _JSON.value:
-    print(json.dumps(result, indent=1))
-  else:
-    c = config
-    print(
-      f"{c.model} ({c.parallelism}, {c.dtype}, batch {c.batch_size}, layers {c.layers}) on "
-      f"{result['slice']}: {result['chips']} x {result['chip']}, "
-      f"{result['hbm_gib_per_chip']:g} GiB HBM and {result['peak_bf16_tflops_per_chip']:g} bf16 "
-      f"TFLOP/s per chip ({result['figures_from']}); per chip:"
-    )
-    print(table(result["programs"]))
-    for fix in result.get("fixes", []):
-      figure = fix.get("error") or (
-        f"peak {_gib(fix['peak_bytes'])} GiB per chip: {'FITS' if fix['fits'] else 'DOES NOT FIT'}"
-      )
-      print(f"  try {fix['change']}: {figure}")
-    print(f"fits: {str(result['fits']).lower()}")
+  print(json.dumps(result, indent=1) if _JSON.value else report(config, result))
   sys.exit(0 if result["fits"] else 1)
 
 
@@ -574,7 +751,7 @@ def cli():
   flags.mark_flags_as_required(["config"])
   flags.mark_flags_as_mutual_exclusive(["topology", "gpu"], required=True)
   names = ("config", "topology", "gpu", "gpus", "num_slices", "json", "packed_rows", "fixes")
-  names += ("programs",)
+  names += ("programs", "cost_model")
   app.run(main, flags_parser=lambda argv: trainer.parse_flags(argv, __doc__, names))
 
 
