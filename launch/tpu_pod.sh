@@ -88,7 +88,8 @@ source "$(dirname "$0")/_common.sh"  # quote, quote_all, run
 # ---------------------------------------------------------------------- 0. preflight
 if ((preflight && !teardown)); then
   py=${PREFLIGHT_PYTHON:-$([[ -x $root/.venv/bin/python ]] && echo "$root/.venv/bin/python" || echo python3)}
-  check=("$py" -m negclip_jax.compile --config "$config" --topology "$accelerator" "${extra_args[@]}")
+  check=("$py" -m negclip_jax.compile --config "$config" --topology "$accelerator" --nocost_model
+    "${extra_args[@]}")  # the fit check: no second compile for the cost model's time
   if ((dry_run)); then
     echo "(cd $(quote "$root") && $(quote_all "${check[@]}"))"
   else
