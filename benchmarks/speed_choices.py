@@ -85,8 +85,7 @@ def main(argv):
   text = compiled.as_text()
   row["unpriced_concat_bitcasts"] = text.count('custom_call_target="ConcatBitcast"')
   row["estimated_cycles_by_op"] = cycles_by_op(text)
-  cost = compiled.cost_analysis() or {}
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  cost = compile_lib.cost_analysis(compiled)
   row["bytes_accessed_per_chip"] = float(cost.get("bytes accessed", 0.0))
   row["roofline_seconds"] = roofline_seconds(
     row["flops_per_chip"], row["bytes_accessed_per_chip"], tpu.generation

@@ -442,7 +442,8 @@ def peak_bytes(m) -> int:
   )
 
 
-def _cost(compiled) -> dict:
+def cost_analysis(compiled) -> dict:
+  """`compiled.cost_analysis()` as one dict ({} when the compiler gives none)."""
   cost = compiled.cost_analysis() or {}
   return cost[0] if isinstance(cost, (list, tuple)) else cost
 
@@ -464,7 +465,7 @@ def figures(compiled, examples: int, tpu: Slice, compile_s: float) -> dict:
   """Per-chip bytes, FITS, FLOPs and the cost model's time of one compiled program."""
   m = compiled.memory_analysis()
   peak = peak_bytes(m)
-  cost = _cost(compiled)
+  cost = cost_analysis(compiled)
   flops = float(cost["flops"]) if "flops" in cost else None  # None: no cost analysis (GPU)
   return {
     "argument_bytes": int(m.argument_size_in_bytes),
@@ -535,7 +536,9 @@ def measure(program: Program, tpu: Slice, progress=None, cost_model=True) -> dic
         raise
       return row
     row.update(
-      timing(_cost(compiled).get("optimal_seconds"), program.examples, row["flops_per_chip"], tpu)
+      timing(
+        cost_analysis(compiled).get("optimal_seconds"), program.examples, row["flops_per_chip"], tpu
+      )
     )
     row.update(cost_model_options=options, cost_model_s=round(seconds, 1))
   return row
