@@ -18,8 +18,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) -m negclip_jax.demo --workdir $(WORKDIR)
 
+# One worker per CPU (at most 4), each module on one worker (its module fixtures run once).
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n auto --maxprocesses=4 --dist loadscope --durations=15 tests
 
 # The style the tree is held to (pyproject.toml [tool.ruff]); `ruff format .` fixes layout.
 lint: $(VENV)/.installed

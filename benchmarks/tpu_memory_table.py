@@ -156,7 +156,7 @@ def program_row(row: dict) -> dict | None:
     if flag == "gpu"
     else compile_lib.HBM_GIB[target.split(":")[0]] * GIB
   )
-  return {"program": "train step", "hbm_bytes": hbm, "fits": False, "compile_s": None, **refusal}
+  return {"program": "train step", **compile_lib.refused(refusal, hbm, None)}
 
 
 def text_form(row: dict, r: dict) -> str:

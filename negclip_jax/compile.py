@@ -448,9 +448,9 @@ def cost_analysis(compiled) -> dict:
   return cost[0] if isinstance(cost, (list, tuple)) else cost
 
 
-def timing(optimal_seconds, examples: int, flops: float | None, tpu: Slice) -> dict:
+def timing(optimal_seconds, examples: int, flops: float | None, tpu: Slice | None) -> dict:
   """The cost model's step time and the examples/s and MFU it implies; None for each when
-  it gives no estimate (`optimal_seconds` missing or not positive)."""
+  it gives no estimate (`optimal_seconds` missing or not positive; `tpu` is then unused)."""
   ok = optimal_seconds is not None and optimal_seconds > 0
   seconds = float(optimal_seconds) if ok else None
   return {
@@ -485,17 +485,17 @@ def figures(compiled, examples: int, tpu: Slice, compile_s: float) -> dict:
 MEMORY_KEYS = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "peak_bytes")
 
 
-def refused(refusal: dict, tpu: Slice, compile_s: float) -> dict:
-  """The figures of a program the compiler refused for want of memory (`parse_refusal`):
-  DOES NOT FIT, the bytes it named, no other figure."""
+def refused(refusal: dict, hbm_bytes: int, compile_s: float | None) -> dict:
+  """The figures of a program the compiler refused for want of memory (`parse_refusal`) on
+  a chip of `hbm_bytes`: DOES NOT FIT, the bytes it named, no other figure."""
   return {
     **dict.fromkeys(MEMORY_KEYS),
-    "hbm_bytes": tpu.hbm_bytes,
+    "hbm_bytes": hbm_bytes,
     "fits": False,
     "flops_per_chip": None,
-    **timing(None, 0, None, tpu),
+    **timing(None, 0, None, None),
     "cost_model_options": None,
-    "compile_s": round(compile_s, 1),
+    "compile_s": None if compile_s is None else round(compile_s, 1),
     **refusal,
   }
 
@@ -523,7 +523,7 @@ def measure(program: Program, tpu: Slice, progress=None, cost_model=True) -> dic
     refusal = parse_refusal(str(e))
     if refusal is None:
       raise
-    return {**named, **refused(refusal, tpu, time.perf_counter() - t0)}
+    return {**named, **refused(refusal, tpu.hbm_bytes, time.perf_counter() - t0)}
   row = {**named, **figures(compiled, program.examples, tpu, seconds)}
   del compiled
   options = tpu.cost_model_options

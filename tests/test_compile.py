@@ -142,7 +142,7 @@ def test_parse_refusal_reads_the_compilers_figures():
   assert compile_lib.parse_refusal("INTERNAL: something else") is None
   other = compile_lib.parse_refusal("RESOURCE_EXHAUSTED: a form not seen here")
   assert other["required_bytes"] is None and not other["required_at_least"]
-  row = {"program": "train step", **compile_lib.refused(got, _v5e_2x2(), 1.0)}
+  row = {"program": "train step", **compile_lib.refused(got, _v5e_2x2().hbm_bytes, 1.0)}
   assert compile_lib.memory_columns(row) == ("no figure", "16.00", "at least 16.00")
   assert (
     compile_lib.fit_text(row) == "DOES NOT FIT (refused by the compiler: needs at least 16.00 GiB)"
