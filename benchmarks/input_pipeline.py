@@ -2,7 +2,7 @@
 """Image input throughput: serial vs parallel reading (`negclip_jax.data.parallel_read`).
 
     python benchmarks/input_pipeline.py                 # CPU defaults, a few minutes
-    python benchmarks/input_pipeline.py --num-images 256 --latencies 0,30 --sources local
+    python benchmarks/input_pipeline.py --num-images 768 --latencies 0,30 --sources local
     python benchmarks/input_pipeline.py --latencies 30 --sources local --passes cache --train-steps 0
 
 Images: `--num-images` JPEGs of 500x375 px (quality 90; smooth colour fields plus noise, so
@@ -15,8 +15,13 @@ random weights), images preprocessed at its image size.
               evaluation task embeds its image files.
   decode      `preprocess_image(path, size)` alone (read + decode + resize + normalize), no
               model: the bound of the local-disk rows.
-Each runs with `read_threads=1` (serial: the code before parallel reading) and with the
-default thread count (`parallel_read.read_threads(0)`), from local disk and with a per-object
+Each runs with `read_threads=1` (serial: the code before parallel reading) over the first
+`--serial-images` images, and with the default thread count (`parallel_read.read_threads(0)`)
+over all `--num-images`: a serial pass reads one image at a time, so its rate does not depend
+on its length, while a parallel pass needs about 2 x (L + c) to fill and drain its readers,
+which a short pass cannot hide (cache pass at 30 ms, measured 2026-12-03: 192 images 450
+img/s, 768 images 500, 1536 images 573; a 228k-image pass is all steady state). Rows give
+both rates, from local disk and with a per-object
 latency injected into `preprocess.load_image` (`--latencies` ms: a sleep before each read,
 what a bucket object costs from a TPU VM), and from the local fake-gcs-server the tests
 start (gs:// paths through gcsfs, one GET per image; `--sources` picks local / fake-gcs,
@@ -32,10 +37,11 @@ lines give that bound for this machine's CPUs, whatever its load.
 stages      `--stage-sizes` px: CPU per image of each step of `preprocess_image` (open,
               JPEG decode, bicubic resize, crop, normalize), one thread.
 
-train step idle  `TrainPipeline` over tables of image files (the image cache off) feeding the
-              real train step (`--train-batch` presence + absence examples, pmap), at
-              `--idle-latency` ms: the fraction of the loop's wall time spent waiting for the
-              next batch (the device idle), serial vs parallel reading.
+train step idle  `TrainPipeline` over tables of the first `--serial-images` image files (the
+              image cache off) feeding the real train step (`--train-batch` presence +
+              absence examples, pmap), at `--idle-latency` ms: the fraction of the loop's
+              wall time spent waiting for the next batch (the device idle), serial vs
+              parallel reading.
 
 Every figure is images / median seconds of `--repeats` passes, after one untimed warm-up pass
 (compilation). The last lines are `name: value` headline figures, ending with
@@ -78,7 +84,8 @@ PAPER_IMAGES = 228_000  # CC-Neg's training split
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--num-images", type=int, default=96)
+  p.add_argument("--num-images", type=int, default=1536, help="images of a parallel pass")
+  p.add_argument("--serial-images", type=int, default=96, help="the first N, serial passes")
   p.add_argument("--preset", default="tiny")
   p.add_argument("--batch", type=int, default=32, help="cache / eval pass batch")
   p.add_argument("--latencies", default="0,10,30,100", help="injected ms per object")
@@ -253,7 +260,11 @@ def main(argv=None):
   folder = tempfile.mkdtemp(prefix="negclip-input-bench-")
   paths = write_images(folder, args.num_images)
   n = len(paths)
-  print(f"{n} JPEGs 500x375 in {folder}; preset {args.preset} ({size}px), batch {args.batch}")
+  k = min(n, args.serial_images)
+  print(
+    f"{n} JPEGs 500x375 in {folder} (serial passes: the first {k}); preset {args.preset} "
+    f"({size}px), batch {args.batch}"
+  )
 
   def cache_pass(files, t):
     with contextlib.redirect_stderr(io.StringIO()):  # the cache pass's progress bar
@@ -269,7 +280,7 @@ def main(argv=None):
     return list(parallel_read.read_ahead(lambda p: preprocess.preprocess_image(p, size), files, t))
 
   for px in [int(x) for x in args.stage_sizes.split(",") if x]:
-    costs = stage_costs(paths, px)
+    costs = stage_costs(paths[:k], px)
     print(
       f"CPU ms per image, preprocess_image at {px} px: "
       + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()),
@@ -287,15 +298,16 @@ def main(argv=None):
     nonlocal equal
     with injected_latency(ms):
       for name, fn in passes:
-        serial_s, serial_cpu, serial = timed(lambda: fn(files, 1), args.repeats)
+        serial_s, serial_cpu, serial = timed(lambda: fn(files[:k], 1), args.repeats)
         parallel_s, parallel_cpu, parallel = timed(lambda: fn(files, threads), args.repeats)
-        if name != "decode":
-          same = np.asarray(parallel).tobytes() == np.asarray(serial).tobytes()
+        if name != "decode":  # the serial images' features, bitwise
+          same = np.asarray(parallel)[:k].tobytes() == np.asarray(serial).tobytes()
         else:
-          same = all(a.tobytes() == b.tobytes() for a, b in zip(serial, parallel, strict=True))
+          same = all(a.tobytes() == b.tobytes() for a, b in zip(serial, parallel[:k], strict=True))
         equal &= same
-        row = (where, ms, name, n / serial_s, n / parallel_s, serial_s / parallel_s, same)
-        row += (1e3 * serial_cpu / n, 1e3 * parallel_cpu / n)
+        serial_rate, parallel_rate = k / serial_s, n / parallel_s
+        row = (where, ms, name, serial_rate, parallel_rate, parallel_rate / serial_rate, same)
+        row += (1e3 * serial_cpu / k, 1e3 * parallel_cpu / n)
         rows.append(row)
         row_of[row[:3]] = row
         print(
@@ -333,7 +345,7 @@ def main(argv=None):
   if args.train_steps:
     with injected_latency(args.idle_latency):
       for label, t in (("serial", 1), ("parallel", threads)):
-        idle[label] = idle_fraction(model, params, paths, size, args, t)
+        idle[label] = idle_fraction(model, params, paths[:k], size, args, t)
         print(
           f"train step fed from files, cache off, {args.idle_latency:.0f} ms/object, {label}: "
           f"device idle {idle[label][0]:.1%} of the loop, {idle[label][1]:.2f} steps/s "
