@@ -21,7 +21,7 @@ over all `--num-images`: a serial pass reads one image at a time, so its rate do
 on its length, while a parallel pass needs about 2 x (L + c) to fill and drain its readers,
 which a short pass cannot hide (cache pass at 30 ms, measured 2026-12-03: 192 images 450
 img/s, 768 images 500, 1536 images 573; a 228k-image pass is all steady state). Rows give
-both rates, from local disk and with a per-object
+both rates. Passes read from local disk and with a per-object
 latency injected into `preprocess.load_image` (`--latencies` ms: a sleep before each read,
 what a bucket object costs from a TPU VM), and from the local fake-gcs-server the tests
 start (gs:// paths through gcsfs, one GET per image; `--sources` picks local / fake-gcs,
