@@ -260,9 +260,9 @@ def main(argv=None):
   folder = tempfile.mkdtemp(prefix="negclip-input-bench-")
   paths = write_images(folder, args.num_images)
   n = len(paths)
-  k = min(n, args.serial_images)
+  n_serial = min(n, args.serial_images)
   print(
-    f"{n} JPEGs 500x375 in {folder} (serial passes: the first {k}); preset {args.preset} "
+    f"{n} JPEGs 500x375 in {folder} (serial passes: the first {n_serial}); preset {args.preset} "
     f"({size}px), batch {args.batch}"
   )
 
@@ -280,7 +280,7 @@ def main(argv=None):
     return list(parallel_read.read_ahead(lambda p: preprocess.preprocess_image(p, size), files, t))
 
   for px in [int(x) for x in args.stage_sizes.split(",") if x]:
-    costs = stage_costs(paths[:k], px)
+    costs = stage_costs(paths[:n_serial], px)
     print(
       f"CPU ms per image, preprocess_image at {px} px: "
       + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()),
@@ -298,16 +298,18 @@ def main(argv=None):
     nonlocal equal
     with injected_latency(ms):
       for name, fn in passes:
-        serial_s, serial_cpu, serial = timed(lambda: fn(files[:k], 1), args.repeats)
+        serial_s, serial_cpu, serial = timed(lambda: fn(files[:n_serial], 1), args.repeats)
         parallel_s, parallel_cpu, parallel = timed(lambda: fn(files, threads), args.repeats)
         if name != "decode":  # the serial images' features, bitwise
-          same = np.asarray(parallel)[:k].tobytes() == np.asarray(serial).tobytes()
+          same = np.asarray(parallel)[:n_serial].tobytes() == np.asarray(serial).tobytes()
         else:
-          same = all(a.tobytes() == b.tobytes() for a, b in zip(serial, parallel[:k], strict=True))
+          same = all(
+            a.tobytes() == b.tobytes() for a, b in zip(serial, parallel[:n_serial], strict=True)
+          )
         equal &= same
-        serial_rate, parallel_rate = k / serial_s, n / parallel_s
+        serial_rate, parallel_rate = n_serial / serial_s, n / parallel_s
         row = (where, ms, name, serial_rate, parallel_rate, parallel_rate / serial_rate, same)
-        row += (1e3 * serial_cpu / k, 1e3 * parallel_cpu / n)
+        row += (1e3 * serial_cpu / n_serial, 1e3 * parallel_cpu / n)
         rows.append(row)
         row_of[row[:3]] = row
         print(
@@ -345,7 +347,7 @@ def main(argv=None):
   if args.train_steps:
     with injected_latency(args.idle_latency):
       for label, t in (("serial", 1), ("parallel", threads)):
-        idle[label] = idle_fraction(model, params, paths[:k], size, args, t)
+        idle[label] = idle_fraction(model, params, paths[:n_serial], size, args, t)
         print(
           f"train step fed from files, cache off, {args.idle_latency:.0f} ms/object, {label}: "
           f"device idle {idle[label][0]:.1%} of the loop, {idle[label][1]:.2f} steps/s "
