@@ -17,19 +17,21 @@ random weights), images preprocessed at its image size.
               model: the bound of the local-disk rows.
 Each runs with `read_threads=1` (serial: the code before parallel reading) over the first
 `--serial-images` images, and with the default thread count (`parallel_read.read_threads(0)`)
-over all `--num-images`: a serial pass reads one image at a time, so its rate does not depend
+and `--decode-processes` decoding processes (each setting in turn, interleaved: an A/B on one
+machine state) over all `--num-images`: a serial pass reads one image at a time, so its rate does not depend
 on its length, while a parallel pass needs about 2 x (L + c) to fill and drain its readers,
 which a short pass cannot hide (cache pass at 30 ms, measured 2026-12-03: 192 images 450
 img/s, 768 images 500, 1536 images 573; a 228k-image pass is all steady state). Rows give
 both rates. Passes read from local disk and with a per-object
-latency injected into `preprocess.load_image` (`--latencies` ms: a sleep before each read,
+latency injected into `preprocess.read_image_bytes` (`--latencies` ms: a sleep before each read,
 what a bucket object costs from a TPU VM), and from the local fake-gcs-server the tests
 start (gs:// paths through gcsfs, one GET per image; `--sources` picks local / fake-gcs,
 `--passes` the passes).
 
-Beside wall-clock rates every row gives c, the CPU time per image (`time.process_time` of
-the whole process over the pass / images: read + decode + resize + crop + normalize + the
-model's share), which a shared machine's load barely changes. With `cores` CPUs the
+Beside wall-clock rates every row gives c, the CPU time per image (CPU time of the whole
+process and its decoding processes over the pass / images: read + decode + resize + crop +
+normalize + the hand-over to a decoding process + the model's share), which a shared
+machine's load barely changes. With `cores` CPUs the
 parallel rate is at most cores / c (and threads / (L + c)), and a serial image costs L + c,
 so the speed-up at latency L is at most about cores * (L + c) / c; the `*_bound` headline
 lines give that bound for this machine's CPUs, whatever its load.
@@ -67,6 +69,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -91,6 +94,12 @@ def parse_args(argv=None):
   p.add_argument("--latencies", default="0,10,30,100", help="injected ms per object")
   p.add_argument("--repeats", type=int, default=1)
   p.add_argument("--threads", type=int, default=0, help="parallel readers (0: default count)")
+  p.add_argument(
+    "--decode-processes",
+    default="-1",
+    help="decoding processes of the parallel passes, comma-separated settings measured in turn "
+    "(-1: the default count; 0: the reader threads decode); headlines from the first",
+  )
   p.add_argument("--sources", default="local,fake-gcs", help="local and/or fake-gcs rows")
   p.add_argument("--passes", default="cache,eval,decode", help="cache, eval and/or decode")
   p.add_argument("--gcs-latencies", default="0,30", help="injected ms, fake-gcs-server rows")
@@ -117,14 +126,26 @@ def write_images(folder: str, n: int) -> list[str]:
 
 @contextlib.contextmanager
 def injected_latency(ms: float):
-  """Every `preprocess.load_image` sleeps `ms` first (a bucket object's round trip)."""
-  original = preprocess.load_image
+  """Every `preprocess.read_image_bytes` sleeps `ms` first (a bucket object's round trip)."""
+  original = preprocess.read_image_bytes
   if ms:
-    preprocess.load_image = lambda path: (time.sleep(ms / 1e3), original(path))[1]
+    preprocess.read_image_bytes = lambda path: (time.sleep(ms / 1e3), original(path))[1]
   try:
     yield
   finally:
-    preprocess.load_image = original
+    preprocess.read_image_bytes = original
+
+
+_CHILD_CPU: dict[int, float] = {}  # pid -> CPU seconds when last seen
+
+
+def cpu_seconds() -> float:
+  """CPU time of this process and of every child seen so far (the decoding processes; a
+  child that has exited counts with its CPU time when last seen)."""
+  for child in psutil.Process().children(recursive=True):
+    with contextlib.suppress(psutil.Error):  # exited meanwhile
+      _CHILD_CPU[child.pid] = sum(child.cpu_times()[:2])
+  return time.process_time() + sum(_CHILD_CPU.values())
 
 
 def stage_costs(paths: list[str], size: int) -> dict[str, float]:
@@ -154,13 +175,14 @@ def stage_costs(paths: list[str], size: int) -> dict[str, float]:
 
 
 def timed(fn, repeats: int):
-  """(median wall seconds, median CPU seconds of the process, last result) of `repeats` calls."""
+  """(median wall seconds, median CPU seconds of the process and its decoding processes, last
+  result) of `repeats` calls."""
   times, cpu, out = [], [], None
   for _ in range(repeats):
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     out = fn()
     times.append(time.perf_counter() - t0)
-    cpu.append(time.process_time() - c0)
+    cpu.append(cpu_seconds() - c0)
   return common.median(times), common.median(cpu), out
 
 
@@ -251,8 +273,14 @@ def main(argv=None):
     if not set(values.split(",")) <= set(allowed):
       raise SystemExit(f"error: {option} {values!r}: a comma-separated subset of {allowed}")
   threads = parallel_read.read_threads(args.threads)
+  settings = [int(x) for x in args.decode_processes.split(",")]
+  parallel_read.set_decode_processes(settings[0])
   print(f"machine: {common.machine_description()}", flush=True)
-  print(f"cpus: {os.cpu_count()}, parallel readers: {threads}", flush=True)
+  print(
+    f"cpus: {os.cpu_count()}, parallel readers: {threads}, decoding processes: "
+    f"{parallel_read.decode_processes()}",
+    flush=True,
+  )
   config = model_lib.get_config(args.preset)
   model = model_lib.CLIP(config)
   params = jax.device_get(model_lib.init_params(model, jax.random.key(0)))
@@ -299,25 +327,30 @@ def main(argv=None):
     with injected_latency(ms):
       for name, fn in passes:
         serial_s, serial_cpu, serial = timed(lambda: fn(files[:n_serial], 1), args.repeats)
-        parallel_s, parallel_cpu, parallel = timed(lambda: fn(files, threads), args.repeats)
-        if name != "decode":  # the serial images' features, bitwise
-          same = np.asarray(parallel)[:n_serial].tobytes() == np.asarray(serial).tobytes()
-        else:
-          same = all(
-            a.tobytes() == b.tobytes() for a, b in zip(serial, parallel[:n_serial], strict=True)
+        for setting in settings:
+          parallel_read.set_decode_processes(setting)
+          decode(files[: 2 * threads], threads)  # start the decoding processes, untimed
+          parallel_s, parallel_cpu, parallel = timed(lambda: fn(files, threads), args.repeats)
+          if name != "decode":  # the serial images' features, bitwise
+            same = np.asarray(parallel)[:n_serial].tobytes() == np.asarray(serial).tobytes()
+          else:
+            same = all(
+              a.tobytes() == b.tobytes() for a, b in zip(serial, parallel[:n_serial], strict=True)
+            )
+          equal &= same
+          serial_rate, parallel_rate = n_serial / serial_s, n / parallel_s
+          row = (where, ms, name, serial_rate, parallel_rate, parallel_rate / serial_rate, same)
+          row += (1e3 * serial_cpu / n_serial, 1e3 * parallel_cpu / n)
+          row += (parallel_read.decode_processes(),)
+          rows.append(row)
+          row_of.setdefault(row[:3], row)  # the first setting's row: the headlines
+          print(
+            f"{where:>10} {ms:>5.0f} ms  {name:<10} serial {row[3]:8.1f} img/s  "
+            f"parallel {row[4]:8.1f} img/s ({row[9]} decoding processes)  x{row[5]:5.1f}  "
+            f"equal={same}  CPU {row[8]:.2f} ms/img (serial {row[7]:.2f})",
+            flush=True,
           )
-        equal &= same
-        serial_rate, parallel_rate = n_serial / serial_s, n / parallel_s
-        row = (where, ms, name, serial_rate, parallel_rate, parallel_rate / serial_rate, same)
-        row += (1e3 * serial_cpu / n_serial, 1e3 * parallel_cpu / n)
-        rows.append(row)
-        row_of[row[:3]] = row
-        print(
-          f"{where:>10} {ms:>5.0f} ms  {name:<10} serial {row[3]:8.1f} img/s  "
-          f"parallel {row[4]:8.1f} img/s  x{row[5]:5.1f}  equal={same}  "
-          f"CPU {row[8]:.2f} ms/img (serial {row[7]:.2f})",
-          flush=True,
-        )
+      parallel_read.set_decode_processes(settings[0])
 
   sources = args.sources.split(",")
   if "local" in sources:
@@ -334,13 +367,14 @@ def main(argv=None):
         measure("fake-gcs", remote, ms)
 
   print(
-    "\n| source | latency ms | pass | serial img/s | parallel img/s | speed-up | equal "
-    "| CPU ms/img serial | CPU ms/img parallel |"
+    "\n| source | latency ms | pass | decoding processes | serial img/s | parallel img/s "
+    "| speed-up | equal | CPU ms/img serial | CPU ms/img parallel |"
   )
-  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-  for where, ms, name, s, p, x, same, cs, cp in rows:
+  print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+  for where, ms, name, s, p, x, same, cs, cp, procs in rows:
     print(
-      f"| {where} | {ms:.0f} | {name} | {s:.1f} | {p:.1f} | {x:.1f}x | {same} | {cs:.2f} | {cp:.2f} |"
+      f"| {where} | {ms:.0f} | {name} | {procs} | {s:.1f} | {p:.1f} | {x:.1f}x | {same} "
+      f"| {cs:.2f} | {cp:.2f} |"
     )
 
   idle = {}

@@ -25,6 +25,7 @@ import sys
 import jax
 
 from negclip_jax import console, rundir, storage
+from negclip_jax.data import parallel_read
 from negclip_jax.data.ccneg import CCNEG_EVAL_SIZE
 from negclip_jax.eval import results as results_json
 from negclip_jax.eval.embed import DTYPES, Embedder
@@ -48,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     type=int,
     default=0,
     help="threads reading images ahead of the device (0: from the CPU count; 1: serial)",
+  )
+  p.add_argument(
+    "--decode-processes",
+    type=int,
+    default=-1,
+    help="processes decoding the images the threads read (-1: one per CPU up to 16; 0: none, "
+    "the threads decode)",
   )
   p.add_argument(
     "--fsdp",
@@ -166,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   out = storage.path(args.out) if args.out else None
   plot_path = str(out.with_name(out.stem + "_layers.png")) if out else None
+  if args.read_threads < 0 or args.decode_processes < -1:
+    parser.error("--read-threads must be >= 0 and --decode-processes >= -1")
   if args.task == "all":
     if args.data or args.image_root:
       parser.error(
@@ -186,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     from negclip_jax.train import sharding
 
     mesh = sharding.make_mesh(args.fsdp)
+  parallel_read.set_decode_processes(args.decode_processes)
   embedder = Embedder(
     model, params, args.batch_size, dtype=args.dtype, mesh=mesh, read_threads=args.read_threads
   )

@@ -21,14 +21,16 @@ pixel's lookup has the same bits as its arithmetic.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from typing import Callable, Sequence, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from negclip_jax import storage
+from negclip_jax.data import parallel_read
 
 CLIP_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 CLIP_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
@@ -50,31 +52,68 @@ def set_max_image_pixels(limit: int | None) -> None:
   Image.MAX_IMAGE_PIXELS = limit
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-  """Decode the image file at `path` (pixels loaded, mode unchanged).
-
-  One open, no stat first (a ``gs://`` object: one read, no existence check). Raises
-  FileNotFoundError if `path` does not exist and ValueError for anything else that goes
-  wrong opening or decoding it: a corrupt or truncated file, an image of more pixels than
-  `set_max_image_pixels` allows (checked before decoding), a NUL byte in the path.
-  """
+def read_image_bytes(path: str | os.PathLike) -> bytes:
+  """The bytes of the image file at `path`: one open, no stat first (a ``gs://`` object:
+  one read, no existence check). FileNotFoundError if it does not exist, ValueError for
+  anything else that goes wrong opening or reading it (e.g. a NUL byte in the path)."""
   try:
     with storage.open(path, "rb") as file:
-      image = Image.open(file)
-      limit = Image.MAX_IMAGE_PIXELS
-      if limit is not None and image.width * image.height > limit:
-        raise ValueError(
-          f"{image.width}x{image.height} = {image.width * image.height} pixels, more than "
-          f"the limit {limit} (data.max_image_pixels)"
-        )
-      image.load()  # the pixels are in memory: the image outlives the file, no copy
-      return image
+      return file.read()
   except (FileNotFoundError, IsADirectoryError) as e:
     raise FileNotFoundError(f"image file not found: {path}") from e
-  except Exception as e:  # noqa: BLE001 - every decoder fault is this file's
-    if isinstance(e, Image.DecompressionBombError):
-      e = f"{e} (data.max_image_pixels)"
+  except Exception as e:  # noqa: BLE001 - every fault opening the file is this file's
     raise ValueError(f"cannot decode image file {path}: {e}") from e
+
+
+def decode_image(data: bytes, path: str | os.PathLike) -> Image.Image:
+  """Decode the bytes `data` of the image file `path` (pixels loaded, mode unchanged).
+
+  ValueError naming `path` for anything that goes wrong: a corrupt or truncated file, an
+  image of more pixels than `set_max_image_pixels` allows (checked before decoding).
+  """
+  try:
+    image = Image.open(io.BytesIO(data))
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > limit:
+      raise ValueError(
+        f"{image.width}x{image.height} = {image.width * image.height} pixels, more than "
+        f"the limit {limit} (data.max_image_pixels)"
+      )
+    image.load()
+    return image
+  except Exception as e:  # noqa: BLE001 - every decoder fault is this file's
+    reason = str(e)
+    if isinstance(e, UnidentifiedImageError):  # PIL's message names the BytesIO object
+      reason = "not an image file PIL can identify"
+    elif isinstance(e, Image.DecompressionBombError):
+      reason = f"{e} (data.max_image_pixels)"
+    raise ValueError(f"cannot decode image file {path}: {reason}") from e
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+  """Read and decode the image file at `path` in this thread (`read_image_bytes`, then
+  `decode_image`, with their errors)."""
+  return decode_image(read_image_bytes(path), path)
+
+
+def preprocess_encoded(
+  data: bytes, path: str, protocol: str, image_size: int, max_pixels: int | None
+) -> np.ndarray:
+  """An image file's bytes -> `protocol`'s float32 [S, S, 3], under the pixel limit
+  `max_pixels`: what a decoding process runs (picklable); raises as `decode_image`."""
+  Image.MAX_IMAGE_PIXELS = max_pixels
+  return PREPROCESS[protocol](decode_image(data, path), image_size)
+
+
+def _decoded_elsewhere(protocol: str, image: ImageLike, image_size: int) -> np.ndarray | None:
+  """`image` preprocessed by this reader thread's decoding processes if it is a path and the
+  thread has them (`parallel_read.thread_decoder`), else None. The thread reads the bytes."""
+  pool = parallel_read.thread_decoder()
+  if pool is None or not isinstance(image, (str, os.PathLike)):
+    return None
+  data = read_image_bytes(image)
+  limit = Image.MAX_IMAGE_PIXELS
+  return pool.submit(preprocess_encoded, data, str(image), protocol, image_size, limit).result()
 
 
 def _to_rgb(image: ImageLike) -> Image.Image:
@@ -144,6 +183,8 @@ def _lookup(values: np.ndarray, pixels: np.ndarray) -> np.ndarray:
 
 def preprocess_image(image: ImageLike, image_size: int = 224) -> np.ndarray:
   """One image -> normalized float32 [image_size, image_size, 3], as `CLIPImageProcessor`."""
+  if (pixels := _decoded_elsewhere("hf", image, image_size)) is not None:
+    return pixels
   resized = _resize_short_side(_to_rgb(image), image_size)
   pixels = np.asarray(_center_crop(resized, image_size, lambda extra: extra // 2))
   return _lookup(_HF_VALUES, pixels)
@@ -164,6 +205,8 @@ def _as_pil(image: ImageLike) -> Image.Image:
 
 def preprocess_image_openai(image: ImageLike, image_size: int = 224) -> np.ndarray:
   """One image -> normalized float32 [image_size, image_size, 3], as OpenAI `clip`'s transform."""
+  if (pixels := _decoded_elsewhere("original", image, image_size)) is not None:
+    return pixels
   resized = _resize_short_side(_as_pil(image), image_size)
   crop = _center_crop(resized, image_size, lambda extra: int(round(extra / 2.0)))
   return _lookup(_OPENAI_VALUES, np.asarray(crop.convert("RGB")))

@@ -18,6 +18,7 @@ STATE_NEUTRAL_KEYS = (
   "restart",
   "data.cache_dir",
   "data.read_threads",
+  "data.decode_processes",
   "data.pack_text",
   "parallelism",
   "fsdp",

@@ -28,7 +28,7 @@ from absl import logging as absl_logging
 from etils import epath
 
 from negclip_jax import configs, console, rundir, storage
-from negclip_jax.data import negshapes
+from negclip_jax.data import negshapes, parallel_read
 from negclip_jax.data.records import BadRecords
 from negclip_jax.eval import evaluators, registry
 from negclip_jax.eval import results as results_json
@@ -68,7 +68,7 @@ NAMED_SOURCES = {"presence": ("ccneg", "negshapes"), "absence": ("coco_negation"
 
 def validate_config(config):
   """ConfigError (one line) for a bad `objective`, `layers`, `attention`, `parallelism`,
-  `data.presence` / `data.absence`, `data.max_image_pixels` or
+  `data.presence` / `data.absence`, `data.max_image_pixels`, `data.decode_processes` or
   `data.negshapes_image_hard_fraction` value."""
   if config.objective not in losses.OBJECTIVES:
     raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
@@ -92,6 +92,11 @@ def validate_config(config):
   if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1:
     raise ConfigError(
       f"config.data.max_image_pixels={max_pixels!r}; give a positive number of pixels"
+    )
+  processes = config.data.get("decode_processes", -1)
+  if not isinstance(processes, int) or isinstance(processes, bool) or processes < -1:
+    raise ConfigError(
+      f"config.data.decode_processes={processes!r}; give -1 (one per CPU), 0 (none) or a count"
     )
   attention = config.get("attention", "einsum")
   if attention not in model_lib.ATTENTIONS:
@@ -428,6 +433,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
   bad = BadRecords(config.data.on_error)
   if "max_image_pixels" in config.data:
     preprocess.set_max_image_pixels(config.data.max_image_pixels)
+  parallel_read.set_decode_processes(config.data.get("decode_processes", -1))
   presence, absence = load_tables(config, image_size, bad)
 
   labels = param_groups.label_params(params, config.layers, extra_trainable=config.extra_trainable)

@@ -1,11 +1,16 @@
-"""parallel_read.read_ahead: order, bounded in-flight loads, errors in order, serial mode."""
+"""parallel_read.read_ahead: order, bounded in-flight loads, errors in order, serial mode,
+images decoded in processes."""
 
+import os
 import threading
 import time
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from negclip_jax.data import parallel_read
+from negclip_jax.model import preprocess
 
 
 def test_results_come_in_order_whatever_finishes_first():
@@ -85,3 +90,50 @@ def test_thread_count():
   assert 32 <= parallel_read.read_threads(0) <= parallel_read.MAX_AUTO_THREADS
   with pytest.raises(ValueError, match="read_threads must be >= 0"):
     parallel_read.read_threads(-1)
+
+
+def test_decode_process_count():
+  try:
+    parallel_read.set_decode_processes(3)
+    assert parallel_read.decode_processes() == 3
+    parallel_read.set_decode_processes(0)
+    assert parallel_read.decode_processes() == 0 and parallel_read.decode_pool() is None
+    parallel_read.set_decode_processes(-1)
+    cpus = len(os.sched_getaffinity(0))
+    assert parallel_read.decode_processes() == (min(cpus, 16) if cpus > 1 else 0)
+    with pytest.raises(ValueError, match="decode_processes must be >= -1"):
+      parallel_read.set_decode_processes(-2)
+  finally:
+    parallel_read.set_decode_processes(-1)
+
+
+def test_reader_threads_decode_image_files_in_the_pool_and_in_order(tmp_path):
+  """Image files read on the reader threads are decoded in `decode_pool()`'s processes:
+  the same bits as a serial pass, in order; a bad file raises at its item, naming it."""
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(12):
+    paths.append(tmp_path / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), np.uint8)).save(paths[-1])
+  (tmp_path / "bad.png").write_bytes(b"not a png")
+  used = set()
+
+  def load(path):
+    used.add(parallel_read.thread_decoder())
+    return preprocess.preprocess_image(path, 16)
+
+  try:
+    parallel_read.set_decode_processes(2)
+    serial = list(parallel_read.read_ahead(load, paths, threads=1))
+    assert used == {None}
+    used.clear()
+    parallel = list(parallel_read.read_ahead(load, paths, threads=4))
+    assert used == {parallel_read.decode_pool()} != {None}
+    assert [a.tobytes() for a in parallel] == [a.tobytes() for a in serial]
+    got = []
+    with pytest.raises(ValueError, match=r"bad.png: not an image file"):
+      for x in parallel_read.read_ahead(load, paths[:3] + [tmp_path / "bad.png"] + paths, 4):
+        got.append(x)
+    assert len(got) == 3
+  finally:
+    parallel_read.set_decode_processes(-1)

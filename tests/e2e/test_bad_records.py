@@ -299,3 +299,9 @@ def test_metrics_log_keeps_one_row_per_step_after_a_fallback(tmp_path):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   rundir.drop_rows_after(path, 4)
   assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("value", [-2, True])
+def test_decode_processes_must_be_a_count(tmp_path, value):
+  with pytest.raises(trainer.ConfigError, match=r"config.data.decode_processes="):
+    trainer.train(_config({}, **{"data.decode_processes": value}), tmp_path / "run")

@@ -14,6 +14,9 @@ images are written out from their definitions (`_compute_resized_output_size`,
 
 from __future__ import annotations
 
+import concurrent.futures
+import multiprocessing
+
 import numpy as np
 import pytest
 import skimage.data
@@ -21,6 +24,8 @@ import torch
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from negclip_jax.data import parallel_read
+from negclip_jax.model import preprocess
 from negclip_jax.model.preprocess import (
   CLIP_MEAN,
   CLIP_STD,
@@ -218,3 +223,54 @@ def test_files_match_the_references(tmp_path, name):
     hf, original = hf_nhwc(decoded, 64)[0], openai_clip_transform(decoded, 64)
   np.testing.assert_array_equal(preprocess_image_openai(path, 64), original)
   np.testing.assert_array_equal(preprocess_image(str(path), 64), hf)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+  """A process pool decoding this thread's image files (as reader threads do)."""
+  pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+  parallel_read.set_thread_decoder(pool)
+  yield pool
+  parallel_read.set_thread_decoder(None)
+  pool.shutdown()
+
+
+@pytest.mark.parametrize("name", list(_file_images()))
+def test_files_decoded_in_a_process_are_bitwise_the_same(tmp_path, name, decoder):
+  path = tmp_path / name
+  _file_images()[name].save(path)
+  in_process = preprocess_image_openai(path, 64), preprocess_image(str(path), 64)
+  parallel_read.set_thread_decoder(None)
+  try:
+    here = preprocess_image_openai(path, 64), preprocess_image(str(path), 64)
+  finally:
+    parallel_read.set_thread_decoder(decoder)
+  for a, b in zip(in_process, here):
+    assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_faults_read_the_same_decoded_anywhere(tmp_path, where, decoder):
+  """The same exception and message whether this thread or a decoding process decodes;
+  an image of more than twice the pixel limit (PIL's own DecompressionBombError) is a
+  ValueError naming the file and the config key, like one between 1x and 2x the limit."""
+  parallel_read.set_thread_decoder(decoder if where == "process" else None)
+  default_limit = Image.MAX_IMAGE_PIXELS
+  try:
+    garbage = tmp_path / "garbage.jpg"
+    garbage.write_bytes(b"this is not a jpeg" * 10)
+    with pytest.raises(ValueError, match=r"garbage.jpg: not an image file PIL can identify$"):
+      preprocess_image(garbage)
+    with pytest.raises(FileNotFoundError, match="image file not found: .*missing.jpg"):
+      preprocess_image_openai(tmp_path / "missing.jpg")
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(big)  # 4800 pixels
+    preprocess.set_max_image_pixels(3000)  # 1x-2x: refused by the size check
+    with pytest.raises(ValueError, match=r"big.png: 80x60 = 4800 pixels, more than the limit 3000"):
+      preprocess_image(big)
+    preprocess.set_max_image_pixels(2000)  # > 2x: PIL's DecompressionBombError
+    with pytest.raises(ValueError, match=r"big.png: .*4800 pixels.*\(data.max_image_pixels\)$"):
+      preprocess_image(big)
+  finally:
+    preprocess.set_max_image_pixels(default_limit)
+    parallel_read.set_thread_decoder(None)
