@@ -25,6 +25,7 @@ import concurrent.futures
 import multiprocessing
 import os
 import threading
+import time
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -76,9 +77,26 @@ def decode_pool() -> concurrent.futures.ProcessPoolExecutor | None:
     _decode_pool[1].shutdown(wait=False, cancel_futures=True)
     _decode_pool = None
   if n and _decode_pool is None:
-    spawn = multiprocessing.get_context("spawn")
-    _decode_pool = n, concurrent.futures.ProcessPoolExecutor(n, mp_context=spawn)
+    pool = concurrent.futures.ProcessPoolExecutor(
+      n,
+      mp_context=multiprocessing.get_context("spawn"),
+      initializer=_exit_with_parent,
+      initargs=(os.getpid(),),
+    )
+    _decode_pool = n, pool
   return _decode_pool and _decode_pool[1]
+
+
+def _exit_with_parent(parent: int) -> None:
+  """A decoding process exits within a second of `parent`'s end, however it ends (a
+  SIGKILLed parent closes no pipe the pool's processes wait on: they would wait forever)."""
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(1)
+    os._exit(1)
+
+  threading.Thread(target=watch, name="negclip-parent-watch", daemon=True).start()
 
 
 def set_thread_decoder(pool: concurrent.futures.Executor | None) -> None:

@@ -2,10 +2,13 @@
 images decoded in processes."""
 
 import os
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -137,3 +140,30 @@ def test_reader_threads_decode_image_files_in_the_pool_and_in_order(tmp_path):
     assert len(got) == 3
   finally:
     parallel_read.set_decode_processes(-1)
+
+
+def test_decoding_processes_exit_when_their_parent_is_killed(tmp_path):
+  """A SIGKILLed trainer (a preempted host) leaves no decoding process behind."""
+  script = (
+    "import sys, time\n"
+    "from negclip_jax.data import parallel_read\n"
+    "if __name__ == '__main__':\n"
+    "  parallel_read.set_decode_processes(2)\n"
+    "  list(parallel_read.decode_pool().map(abs, range(8)))\n"
+    "  print('ready', flush=True)\n"
+    "  time.sleep(600)\n"
+  )
+  (tmp_path / "parent.py").write_text(script)
+  parent = subprocess.Popen(
+    [sys.executable, str(tmp_path / "parent.py")], stdout=subprocess.PIPE, text=True
+  )
+  try:
+    assert parent.stdout.readline() == "ready\n"
+    children = psutil.Process(parent.pid).children(recursive=True)
+    decoders = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+    assert len(decoders) == 2
+  finally:
+    parent.kill()
+    parent.wait()
+  gone, alive = psutil.wait_procs(decoders, timeout=10)
+  assert alive == []
