@@ -96,9 +96,9 @@ def parse_args(argv=None):
   p.add_argument("--threads", type=int, default=0, help="parallel readers (0: default count)")
   p.add_argument(
     "--decode-processes",
-    default="-1",
+    default="0",
     help="decoding processes of the parallel passes, comma-separated settings measured in turn "
-    "(-1: the default count; 0: the reader threads decode); headlines from the first",
+    "(0: none, the reader threads decode; -1: one per CPU); headlines from the first",
   )
   p.add_argument("--sources", default="local,fake-gcs", help="local and/or fake-gcs rows")
   p.add_argument("--passes", default="cache,eval,decode", help="cache, eval and/or decode")

@@ -46,7 +46,7 @@ def get_config():
   c.data.tfds_data_dir = ""  # tfds:NAME: the TFDS data_dir it is prepared in (local or gs://)
   c.data.tfds_split = "train"  # tfds:NAME: the split read (TFDS syntax: "train[:90%]" too)
   c.data.read_threads = 0  # image reader threads (0: max(32, 4 * CPUs), up to 128; 1: serial)
-  c.data.decode_processes = -1  # decoding for the readers (-1: 1 per CPU, <= 16; 0: the readers)
+  c.data.decode_processes = 0  # processes decoding for the readers (0: none; -1: 1 per CPU, <= 16)
 
   # Optimization: the original recipe, exactly (`torch.optim.AdamW(trainable, lr, weight_decay)`
   # with torch's betas/eps, decay on every trainable tensor, and the original `cosine_lr`).

@@ -34,7 +34,7 @@ R = TypeVar("R")
 MAX_AUTO_THREADS = 128
 MAX_AUTO_PROCESSES = 16
 
-_decode_processes = -1  # `set_decode_processes`
+_decode_processes = 0  # `set_decode_processes`
 _decode_pool: tuple[int, concurrent.futures.ProcessPoolExecutor] | None = None  # (size, pool)
 _thread = threading.local()  # .decoder: the pool this reader thread decodes images in
 
@@ -51,8 +51,8 @@ def read_threads(configured: int = 0) -> int:
 
 def set_decode_processes(processes: int) -> None:
   """Processes decoding images for the reader threads, process-wide (config key
-  ``data.decode_processes``, ``negclip-eval --decode-processes``): -1 (default) one per CPU
-  up to MAX_AUTO_PROCESSES, none on a 1-CPU host; 0: the reader threads decode."""
+  ``data.decode_processes``, ``negclip-eval --decode-processes``): 0 (default) none, the
+  reader threads decode; -1 one per CPU up to MAX_AUTO_PROCESSES (none on a 1-CPU host)."""
   global _decode_processes
   if processes < -1:
     raise ValueError(f"decode_processes must be >= -1 (-1: from the CPU count), got {processes}")

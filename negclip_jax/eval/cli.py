@@ -53,9 +53,9 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--decode-processes",
     type=int,
-    default=-1,
-    help="processes decoding the images the threads read (-1: one per CPU up to 16; 0: none, "
-    "the threads decode)",
+    default=0,
+    help="processes decoding the images the threads read (0: none, the threads decode; -1: one "
+    "per CPU up to 16)",
   )
   p.add_argument(
     "--fsdp",

@@ -93,7 +93,7 @@ def validate_config(config):
     raise ConfigError(
       f"config.data.max_image_pixels={max_pixels!r}; give a positive number of pixels"
     )
-  processes = config.data.get("decode_processes", -1)
+  processes = config.data.get("decode_processes", 0)
   if not isinstance(processes, int) or isinstance(processes, bool) or processes < -1:
     raise ConfigError(
       f"config.data.decode_processes={processes!r}; give -1 (one per CPU), 0 (none) or a count"
@@ -433,7 +433,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Run:
   bad = BadRecords(config.data.on_error)
   if "max_image_pixels" in config.data:
     preprocess.set_max_image_pixels(config.data.max_image_pixels)
-  parallel_read.set_decode_processes(config.data.get("decode_processes", -1))
+  parallel_read.set_decode_processes(config.data.get("decode_processes", 0))
   presence, absence = load_tables(config, image_size, bad)
 
   labels = param_groups.label_params(params, config.layers, extra_trainable=config.extra_trainable)

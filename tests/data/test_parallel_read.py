@@ -107,7 +107,7 @@ def test_decode_process_count():
     with pytest.raises(ValueError, match="decode_processes must be >= -1"):
       parallel_read.set_decode_processes(-2)
   finally:
-    parallel_read.set_decode_processes(-1)
+    parallel_read.set_decode_processes(0)
 
 
 def test_reader_threads_decode_image_files_in_the_pool_and_in_order(tmp_path):
@@ -139,7 +139,7 @@ def test_reader_threads_decode_image_files_in_the_pool_and_in_order(tmp_path):
         got.append(x)
     assert len(got) == 3
   finally:
-    parallel_read.set_decode_processes(-1)
+    parallel_read.set_decode_processes(0)
 
 
 def test_decoding_processes_exit_when_their_parent_is_killed(tmp_path):

@@ -12,7 +12,7 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from negclip_jax.data import negshapes
+from negclip_jax.data import negshapes, parallel_read
 from negclip_jax.data.records import BadRecords, DataError
 from negclip_jax.eval.embed import Embedder
 from negclip_jax.model.clip import CLIP, get_config, init_params
@@ -128,9 +128,12 @@ def test_unreadable_images_raise_or_are_skipped(model, params, tmp_path, monkeyp
   np.testing.assert_array_equal(embedded.image_emb, emb)
 
 
+@pytest.mark.parametrize("decode_processes", [0, 2])
 def test_parallel_reading_equals_serial_bitwise_and_keeps_the_bad_record_policy(
-  model, params, tmp_path
+  model, params, tmp_path, decode_processes, monkeypatch
 ):
+  """Reader threads that decode, or that hand decoding to processes: the same."""
+  monkeypatch.setattr(parallel_read, "_decode_processes", decode_processes)
   paths = []
   for i in range(11):
     paths.append(str(tmp_path / f"{i}.png"))
