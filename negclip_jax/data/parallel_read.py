@@ -69,7 +69,7 @@ def decode_processes() -> int:
 
 def decode_pool() -> concurrent.futures.ProcessPoolExecutor | None:
   """The process-wide pool of `decode_processes()` processes (None if 0), started on first
-  use and kept: a process starts in ~0.3 s (spawned: a fresh interpreter importing
+  use and kept: a process starts in ~0.4 s (spawned: a fresh interpreter importing
   `preprocess` and the main module, as `multiprocessing` does; JAX's threads rule out fork)."""
   global _decode_pool
   n = decode_processes()
