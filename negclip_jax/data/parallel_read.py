@@ -1,13 +1,13 @@
 """Ordered, bounded, overlapped reading: `read_ahead(load, items)` on a pool of threads.
 
 Reading an image is mostly waiting (a bucket object costs ~30 ms from a TPU VM), so many
-threads read; decoding is CPU, and the Python parts of PIL's open and of preprocessing hold
-the GIL, so the threads hand the bytes they read to `decode_processes()` processes
-(`thread_decoder`: a path given to `preprocess_image` on a reader thread is read there and
-decoded, resized and normalized in a process; results are bitwise those of the same call
-in this process). Every image the package reads goes through here: the
-image-cache pass and the evaluators (`eval.embed.Embedder.images`) and the training
-batches without the cache (`train.pipeline.TrainPipeline`).
+threads read. Decoding is CPU, and the Python parts of PIL's open and of preprocessing hold
+the GIL; with `set_decode_processes(n)` (config ``data.decode_processes``; default 0: the
+threads decode) the threads hand the bytes they read to n processes (`thread_decoder`: a path
+given to `preprocess_image` on a reader thread is read there and decoded, resized and
+normalized in a process, bitwise as the same call here). Every image the package reads goes
+through here: the image-cache pass and the evaluators (`eval.embed.Embedder.images`) and the
+training batches without the cache (`train.pipeline.TrainPipeline`).
 
 `read_ahead` yields ``load(item)`` in the order of `items`, reading at most `window` items
 ahead of the one last handed out: reading runs ahead of the consumer (e.g. the next batch

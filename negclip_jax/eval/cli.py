@@ -174,8 +174,10 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   out = storage.path(args.out) if args.out else None
   plot_path = str(out.with_name(out.stem + "_layers.png")) if out else None
-  if args.read_threads < 0 or args.decode_processes < -1:
-    parser.error("--read-threads must be >= 0 and --decode-processes >= -1")
+  if args.read_threads < 0:
+    parser.error(f"--read-threads {args.read_threads}: give >= 0 (0: from the CPU count)")
+  if args.decode_processes < -1:
+    parser.error(f"--decode-processes {args.decode_processes}: give >= -1 (-1: one per CPU)")
   if args.task == "all":
     if args.data or args.image_root:
       parser.error(

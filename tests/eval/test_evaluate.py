@@ -28,7 +28,7 @@ from flax import traverse_util
 from helpers import NEGBENCH_MCQ_HEADER, ROOT
 from PIL import Image
 
-from negclip_jax.data import negshapes, tfds_builders
+from negclip_jax.data import negshapes, parallel_read, tfds_builders
 from negclip_jax.data.records import DataError
 from negclip_jax.eval import cli as eval_cli
 from negclip_jax.eval import embed, metrics, registry
@@ -689,7 +689,12 @@ def test_dtype_sets_inference_precision(dtype, clip):
   assert b.dtype == np.float32 and 0 < np.abs(a - b).max() < 0.05
 
 
-def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path, capsys):
+def test_cli_all_writes_json_markdown_and_plot(
+  clip, files, reference, tmp_path, capsys, monkeypatch
+):
+  """Every task, its image files decoded in 2 processes (`--decode-processes`), equals the
+  references."""
+  monkeypatch.setattr(parallel_read, "_decode_processes", 0)  # restored after the test
   argv = [
     "--model",
     clip.dir,
@@ -713,6 +718,8 @@ def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path,
     "--mcq-layout",
     "synthetic",
     "--embeddings",
+    "--decode-processes",
+    "2",
   ]
   for task, options in files.options.items():
     if "image_root" in options:
@@ -720,6 +727,7 @@ def test_cli_all_writes_json_markdown_and_plot(clip, files, reference, tmp_path,
   argv += ["--layers-data", "negshapes", "--ccneg-wds-data", files.options["ccneg-wds"]["data"]]
   argv += ["--tfds-data-dir", files.options["ccneg-tfds"]["tfds_data_dir"]]
   results = eval_cli.main(argv)
+  assert parallel_read.decode_processes() == 2
   assert list(results) == [t for t in registry.TASKS if t != "zeroshot"]  # no --zeroshot-data
   # The file: strict JSON (NaN written as null) with a header saying what was evaluated.
   reject = lambda name: pytest.fail(f"non-strict JSON constant {name}")
@@ -805,6 +813,9 @@ def test_missing_data_is_a_clear_error(clip, files, capsys):
   with pytest.raises(SystemExit):
     eval_cli.main(["--model", clip.dir, "--task", "all", "--data", "x.json"])
   assert "ambiguous with --task all" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    eval_cli.main(["--model", clip.dir, "--task", "negshapes", "--decode-processes", "-2"])
+  assert "--decode-processes -2: give >= -1" in capsys.readouterr().err
 
 
 _DEVICE_CHECK = textwrap.dedent("""
