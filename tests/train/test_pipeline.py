@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from helpers import small_pipeline
 
+from negclip_jax.data import parallel_read
 from negclip_jax.data.records import DataError, PresenceRecord
 from negclip_jax.model.preprocess import preprocess_image
 from negclip_jax.model.tokenizer import ClipTokenizer
@@ -265,7 +266,8 @@ def test_corrupt_image_raises_naming_path_and_record(tmp_path, tokenizer):
       list(pipe)
 
 
-def test_batches_read_by_threads_equal_serial_ones(tmp_path, tokenizer):
+def test_batches_read_by_threads_equal_serial_ones(tmp_path, tokenizer, monkeypatch):
+  """Serial, 8 reader threads, and 8 threads handing the decoding to 2 processes."""
   from PIL import Image
 
   paths = [str(tmp_path / f"{i}.png") for i in range(12)]
@@ -277,8 +279,11 @@ def test_batches_read_by_threads_equal_serial_ones(tmp_path, tokenizer):
   serial, threaded = (
     list(_pipeline(tokenizer, presence, absence, num_steps=3, read_threads=t)) for t in (1, 8)
   )
-  for a, b in zip(serial, threaded, strict=True):
+  monkeypatch.setattr(parallel_read, "_decode_processes", 2)
+  in_processes = list(_pipeline(tokenizer, presence, absence, num_steps=3, read_threads=8))
+  for a, b, c in zip(serial, threaded, in_processes, strict=True):
     _assert_batches_equal(a, b)
+    _assert_batches_equal(a, c)
   assert serial[0]["presence_pixels"].shape == (1, 4, SIZE, SIZE, 3)
 
 
