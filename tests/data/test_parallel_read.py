@@ -145,7 +145,7 @@ def test_reader_threads_decode_image_files_in_the_pool_and_in_order(tmp_path):
 def test_decoding_processes_exit_when_their_parent_is_killed(tmp_path):
   """A SIGKILLed trainer (a preempted host) leaves no decoding process behind."""
   script = (
-    "import sys, time\n"
+    "import time\n"
     "from negclip_jax.data import parallel_read\n"
     "if __name__ == '__main__':\n"
     "  parallel_read.set_decode_processes(2)\n"
@@ -165,5 +165,5 @@ def test_decoding_processes_exit_when_their_parent_is_killed(tmp_path):
   finally:
     parent.kill()
     parent.wait()
-  gone, alive = psutil.wait_procs(decoders, timeout=10)
+  _, alive = psutil.wait_procs(decoders, timeout=10)
   assert alive == []

@@ -226,13 +226,18 @@ def test_files_match_the_references(tmp_path, name):
 
 
 @pytest.fixture(scope="module")
-def decoder():
-  """A process pool decoding this thread's image files (as reader threads do)."""
+def process_pool():
   pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-  parallel_read.set_thread_decoder(pool)
   yield pool
-  parallel_read.set_thread_decoder(None)
   pool.shutdown()
+
+
+@pytest.fixture
+def decoder(process_pool):
+  """A process pool decoding this thread's image files (as reader threads do), for one test."""
+  parallel_read.set_thread_decoder(process_pool)
+  yield process_pool
+  parallel_read.set_thread_decoder(None)
 
 
 @pytest.mark.parametrize("name", list(_file_images()))
