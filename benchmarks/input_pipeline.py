@@ -16,25 +16,25 @@ random weights), images preprocessed at its image size.
   decode      `preprocess_image(path, size)` alone (read + decode + resize + normalize), no
               model: the bound of the local-disk rows.
 Each runs with `read_threads=1` (serial: the code before parallel reading) over the first
-`--serial-images` images, and with the default thread count (`parallel_read.read_threads(0)`)
-and `--decode-processes` decoding processes (each setting in turn, interleaved: an A/B on one
-machine state) over all `--num-images`: a serial pass reads one image at a time, so its rate does not depend
-on its length, while a parallel pass needs about 2 x (L + c) to fill and drain its readers,
-which a short pass cannot hide (cache pass at 30 ms, measured 2026-12-03: 192 images 450
-img/s, 768 images 500, 1536 images 573; a 228k-image pass is all steady state). Rows give
-both rates. Passes read from local disk and with a per-object
-latency injected into `preprocess.read_image_bytes` (`--latencies` ms: a sleep before each read,
-what a bucket object costs from a TPU VM), and from the local fake-gcs-server the tests
-start (gs:// paths through gcsfs, one GET per image; `--sources` picks local / fake-gcs,
-`--passes` the passes).
+`--serial-images` images, and with the default thread count
+(`parallel_read.read_threads(0)`) and `--decode-processes` decoding processes (each setting
+in turn, interleaved: an A/B on one machine state) over all `--num-images`: a serial pass
+reads one image at a time, so its rate does not depend on its length, while a parallel pass
+needs about 2 x (L + c) to fill and drain its readers, which a short pass cannot hide (cache
+pass at 30 ms, measured 2026-12-03: 192 images 450 img/s, 768 images 500, 1536 images 573; a
+228k-image pass is all steady state). Rows give both rates. Passes read from local disk and
+with a per-object latency injected into `preprocess.read_image_bytes` (`--latencies` ms: a
+sleep before each read, what a bucket object costs from a TPU VM), and from the local
+fake-gcs-server the tests start (gs:// paths through gcsfs, one GET per image; `--sources`
+picks local / fake-gcs, `--passes` the passes).
 
 Beside wall-clock rates every row gives c, the CPU time per image (CPU time of the whole
 process and its decoding processes over the pass / images: read + decode + resize + crop +
 normalize + the hand-over to a decoding process + the model's share), which a shared
-machine's load barely changes. With `cores` CPUs the
-parallel rate is at most cores / c (and threads / (L + c)), and a serial image costs L + c,
-so the speed-up at latency L is at most about cores * (L + c) / c; the `*_bound` headline
-lines give that bound for this machine's CPUs, whatever its load.
+machine's load barely changes. With `cores` CPUs the parallel rate is at most cores / c (and
+threads / (L + c)), and a serial image costs L + c, so the speed-up at latency L is at most
+about cores * (L + c) / c; the `*_bound` headline lines give that bound for this machine's
+CPUs, whatever its load.
 
 stages      `--stage-sizes` px: CPU per image of each step of `preprocess_image` (open,
               JPEG decode, bicubic resize, crop, normalize), one thread.
