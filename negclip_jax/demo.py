@@ -212,6 +212,7 @@ VARIANT_TAGS = {  # variant option -> its output-name suffix
   "hard_fraction": lambda v: f"_hard{v:g}" if v else "",
   "image_hard_fraction": lambda v: f"_imghard{v:g}" if v else "",
   "lambda_text": lambda v: f"_ltext{v:g}" if v is not None else "",
+  "lambda_stage2": lambda v: f"_lstage2{v:g}" if v is not None else "",
   "objective": lambda v: f"_{v}" if v else "",
   "layers": lambda v: f"_{v}" if v else "",
   "learning_rate": lambda v: f"_lr{v:g}" if v else "",
@@ -244,8 +245,9 @@ def _setup(workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **vari
   config.seed = seed
   config.data.negshapes_hard_fraction = variant.get("hard_fraction") or 0.0
   config.data.negshapes_image_hard_fraction = variant.get("image_hard_fraction") or 0.0
-  if variant.get("lambda_text") is not None:
-    config.lambda_text = variant["lambda_text"]
+  for key in ("lambda_text", "lambda_stage2"):
+    if variant.get(key) is not None:
+      config[key] = variant[key]
   config.objective = variant.get("objective") or config.objective
   config.layers = variant.get("layers") or config.layers
   config.learning_rate = variant.get("learning_rate") or config.learning_rate
@@ -281,8 +283,9 @@ def run(
   (`VARIANT_TAGS`) changes the fine-tuning, and the outputs get its suffix:
   `hard_fraction` > 0 makes that fraction of the presence pairs shortcut-free hard
   negatives ("_hard<f>"), `image_hard_fraction` that fraction image-hard
-  (`negshapes.generate_pairs`; objective conclip; "_imghard<f>"), `lambda_text` the weight
-  of L_text ("_ltext<v>"), `objective`, `layers` and `learning_rate` the config's keys.
+  (`negshapes.generate_pairs`; objective conclip; "_imghard<f>"), `lambda_text` and
+  `lambda_stage2` the weights of L_text and of the absence loss ("_ltext<v>",
+  "_lstage2<v>"), `objective`, `layers` and `learning_rate` the config's keys.
   """
   t_start = time.perf_counter()
   workdir = Path(workdir).absolute()
@@ -316,6 +319,7 @@ def run(
     "hard_fraction": config.data.negshapes_hard_fraction,
     "image_hard_fraction": config.data.negshapes_image_hard_fraction,
     "lambda_text": config.lambda_text,
+    "lambda_stage2": config.lambda_stage2,
     "objective": config.objective,
     "layers": config.layers,
     "learning_rate": config.learning_rate,
@@ -403,7 +407,10 @@ def diagnose(
     "fit": {str(k): v for k, v in sorted(fit.items())},
   }
   (workdir / f"diagnose{tag}.json").write_text(json.dumps(results, indent=2))
-  print("\n" + probe_table(perception) + "\n\n" + fit_table(fit), flush=True)
+  print(
+    "\n" + "\n\n".join([probe_table(perception), oracle_table(perception), fit_table(fit)]),
+    flush=True,
+  )
   print(
     f"\nwrote {workdir / f'diagnose{tag}.json'} in {time.perf_counter() - t_start:.0f} s",
     flush=True,
@@ -434,6 +441,26 @@ def probe_table(perception: dict) -> str:
   return "\n".join(rows)
 
 
+def oracle_table(perception: dict) -> str:
+  """Markdown: per NegShapes task, the text oracle's accuracy on the frozen image features."""
+  rows = [
+    "text oracle on the frozen image features (additive text side, no tower; ties wrong)",
+    "| task | n | chance | accuracy +- s.e. | (accuracy - chance) / s.e. |",
+    "|---|---:|---:|---:|---:|",
+  ]
+  names = [*negshapes_task.TASKS]
+  names += [f"mcq{s}_{t}" for s in ("", "_heldout") for t in negshapes.MCQ_TEMPLATES]
+  for name in names:
+    acc, se = perception[f"oracle_{name}_acc"], perception[f"oracle_{name}_se"]
+    task = name if name in negshapes_task.TASKS else name.rsplit("_", 1)[0]  # mcq per template
+    chance = perception[f"oracle_{task}_chance"]
+    rows.append(
+      f"| {_label(name + '_acc')} | {perception[f'oracle_{name}_n']} | {chance:.2f} | "
+      f"{acc:.3f} +- {se:.3f} | {(acc - chance) / max(se, 1e-12):+.1f} |"
+    )
+  return "\n".join(rows)
+
+
 def fit_table(fit: dict) -> str:
   """Markdown: accuracy on the training split's own pairs over fine-tuning steps."""
   rows = [
@@ -458,6 +485,14 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
     "learning_rate": 1e-4,
     "finetune_steps": 400,
     "hard_fraction": 0.5,
+  },
+  # capacity on the hard pairs alone: every presence pair hard, no absence stream
+  "whole_hard_only": {
+    "layers": "whole",
+    "learning_rate": 1e-4,
+    "finetune_steps": 400,
+    "hard_fraction": 1.0,
+    "lambda_stage2": 0.0,
   },
   "longer_pretraining": {"pretrain_steps": 1600},  # a stronger stand-in (4x pretraining)
   "conclip": {"objective": "conclip"},
@@ -679,6 +714,9 @@ def main(argv=None):
     help="fraction of fine-tuning presence examples that are image-hard (objective conclip)",
   )
   parser.add_argument("--lambda-text", type=float, help="weight of L_text (config default)")
+  parser.add_argument(
+    "--lambda-stage2", type=float, help="weight of the absence loss (config default)"
+  )
   parser.add_argument("--objective", help="config.objective (default: the demo config's)")
   parser.add_argument("--layers", help="config.layers (front|middle|back|whole)")
   parser.add_argument("--learning-rate", type=float, help="config.learning_rate")
@@ -711,6 +749,7 @@ def main(argv=None):
     hard_fraction=args.hard_fraction or None,
     image_hard_fraction=args.image_hard_fraction or None,
     lambda_text=args.lambda_text,
+    lambda_stage2=args.lambda_stage2,
     objective=args.objective,
     layers=args.layers,
     learning_rate=args.learning_rate,

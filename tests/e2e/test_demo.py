@@ -96,9 +96,12 @@ def test_demo_diagnose_prints_probes_and_fit_over_steps(tmp_path, capsys):
   )
   printed = capsys.readouterr().out
   assert "| red circle |" in printed and "presence_hard" in printed
+  assert "text oracle on the frozen image features" in printed
+  assert "| mcq_negation (held-out) |" in printed
   perception = out["perception"]
   assert all(0.0 <= perception[k] <= 1.0 for k in perception if "_probe_" in k)
   assert perception["n"] == 120
+  assert all(0.0 <= perception[f"oracle_{t}_acc"] <= 1.0 for t in negshapes_task.TASKS)
   # step 0 (the pretrained model) and every log_every (2) of the 4 fast steps
   assert list(out["fit"]) == ["0", "2", "4"]
   assert all(0.0 <= row["presence_hard_train_acc"] <= 1.0 for row in out["fit"].values())

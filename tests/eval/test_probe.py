@@ -85,3 +85,69 @@ def test_fit_reports_the_negation_count_rule_on_its_items():
   assert out["presence_train_rule_fewer_negations"] == 1.0
   assert out["presence_hard_train_rule_fewer_negations"] == 0.5
   assert out["n"] == out["presence_hard_train_n"] == 32
+
+
+def test_mention_counts_reads_present_and_denied_objects():
+  counts = P.mention_counts(["a photo of a red circle but not a blue square", "no red circle"])
+  k = len(P.OBJECTS)
+  red, blue = P.OBJECTS.index(("red", "circle")), P.OBJECTS.index(("blue", "square"))
+  assert counts[0, red] == counts[0, k + blue] == 1 and counts[0].sum() == 2
+  assert counts[1, k + red] == 1 and counts[1].sum() == 1
+  with pytest.raises(ValueError, match="not a NegShapes caption"):
+    P.mention_counts(["a dog"])
+
+
+def _features_by_scene(seed: int, num: int, eval_num: int, size: int, blind: bool):
+  """image_features for `text_oracle`: every image it embeds (found by its bytes in the
+  same generators' outputs) -> its scene's normalised object indicators, or, `blind`, a
+  random unit vector that does not depend on the scene."""
+  from negclip_jax.eval.tasks import negshapes_task
+
+  scenes = {}
+  train = negshapes.generate_pairs(num, seed, size, split="train", hard_fraction=1.0)
+  image_hard = negshapes.generate_pairs(
+    num, seed, size, split="train", distractors=True, image_hard_fraction=1.0
+  )
+  pairs = [
+    (train["images"], train["scenes"]),
+    (image_hard["distractor_images"], image_hard["distractor_scenes"]),
+  ]
+  for name, task in negshapes_task.generate(eval_num, seed, size).items():
+    if name in negshapes_task.TASKS:
+      keys = ("images_pos", "images_neg") if "texts" in task else ("images",)
+      pairs += [(task[k], task[k.replace("images", "scenes")]) for k in keys]
+  for images, scene_list in pairs:
+    scenes.update({image.tobytes(): scene for image, scene in zip(images, scene_list)})
+  rng = np.random.default_rng(0)
+  cache = {}
+
+  def features(images):
+    rows = []
+    for image in images:
+      scene = scenes[image.tobytes()]
+      if blind:
+        row = cache.setdefault(image.tobytes(), rng.normal(size=len(P.OBJECTS)))
+      else:
+        row = P._object_labels([scene])[0].astype(float)
+      rows.append(row / np.linalg.norm(row))
+    return np.array(rows)
+
+  return features
+
+
+def test_text_oracle_on_perfect_and_blind_image_features():
+  """Image features that are the scene's object indicators admit an additive text side
+  ("no X" = -X) that solves every shortcut-free task, held-out compositions included;
+  features that do not depend on the scene leave it at chance."""
+  args = dict(num=300, eval_num=120, seed=2, image_size=16)
+  perfect = P.text_oracle(_features_by_scene(2, 300, 120, 16, blind=False), **args)
+  for name in ("presence_hard", "absence_hard", "presence", "absence"):
+    for split in ("", "_heldout"):
+      assert perfect[f"oracle_{name}{split}_acc"] >= 0.98, (name, split, perfect)
+      assert perfect[f"oracle_{name}{split}_n"] == 120
+  assert perfect["oracle_mcq_heldout_negation_acc"] > 0.9
+  assert perfect["oracle_mcq_heldout_chance"] == 0.25
+  blind = P.text_oracle(_features_by_scene(2, 300, 120, 16, blind=True), **args)
+  for name in ("presence_hard_heldout", "absence_hard_heldout"):
+    acc, se = blind[f"oracle_{name}_acc"], blind[f"oracle_{name}_se"]
+    assert abs(acc - 0.5) < 4 * max(se, 0.045), (name, acc, se)

@@ -19,6 +19,17 @@ fit         ("negshapes-fit") Accuracy on the *training* split's own images (tie
             With the run's `seed`, `num` <= config.data.negshapes_num and
             `hard_fraction` = config.data.negshapes_hard_fraction, the hard pairs are the
             very pairs the run trains on (`generate_pairs`: item i does not depend on num).
+text oracle ("oracle_<task>_acc" in "negshapes-probe", with "_se", "_n", "_chance") A text
+            side without a tower, fit to the frozen image features: a text's embedding is
+            the sum of a_o over the objects it asserts present and of n_x over those it
+            denies (`mention_counts`; 2 x 24 free vectors of the feature width), its score
+            <image feature, embedding>. W = (a, n) is one logistic regression
+            (`fit_text_oracle`) over the training split's comparisons: paper-style and
+            shortcut-free presence pairs, and image-hard pairs both ways (text choice on A+Y
+            and on A+X, image choice for "A, no X" and for "A, no Y"). Scored on every
+            `negshapes_task.TASKS` item (held-out compositions included, ties wrong), it
+            shows what a text side that composes "no X" as a vector reaches on these image
+            features: an existence proof, where the image probe is the perception bound.
 """
 
 from __future__ import annotations
@@ -56,7 +67,7 @@ def probe_objects(train_x, train_scenes, test_x, test_scenes, prefix: str) -> di
 def perception(
   embedder, tokenizer, context_length: int, *, num: int = 2000, seed: int = 0, image_size=None
 ) -> dict:
-  """The image and text probes of the module docstring."""
+  """The image and text probes and the text oracle of the module docstring."""
   size = image_size or embed.image_size(embedder)
   train = negshapes.generate_pairs(num, seed, size, split="train")
   test = negshapes.generate_pairs(max(num // 2, 1), seed, size, split="eval")
@@ -74,6 +85,10 @@ def perception(
         features["train"][k], train["scenes"], features["test"][k], test["scenes"], prefix
       )
     )
+  image_features = lambda images: embed.embed_arrays(embedder, images, "oracle images")
+  out.update(
+    text_oracle(image_features, num=num, eval_num=len(test["scenes"]), seed=seed, image_size=size)
+  )
   return out
 
 
@@ -120,4 +135,86 @@ def fit(
         f"{name}_rule_fewer_negations": negshapes_task.choice_stats(negations, labels)["guess"],
       }
     )
+  return out
+
+
+# ----------------------------------------------------------------------------- text oracle
+
+
+def mention_counts(texts) -> np.ndarray:
+  """float [N, 2 len(OBJECTS)]: per text, how often it asserts each object present (first
+  half) and absent (second half), by `negshapes.parse_caption`."""
+  index = {o: j for j, o in enumerate(OBJECTS)}
+  counts = np.zeros((len(texts), 2 * len(OBJECTS)))
+  for i, text in enumerate(texts):
+    present, absent = negshapes.parse_caption(text)
+    for o in present:
+      counts[i, index[o]] += 1
+    for o in absent:
+      counts[i, len(OBJECTS) + index[o]] += 1
+  return counts
+
+
+def _design(image_f: np.ndarray, counts: np.ndarray) -> np.ndarray:
+  """[N, 2K D]: <image_f, counts @ W> = design @ W.ravel() for W [2K, D]."""
+  return (counts[:, :, None] * image_f[:, None, :]).reshape(len(image_f), -1)
+
+
+def fit_text_oracle(true_f, true_counts, false_f, false_counts, l2: float = 1e-3) -> np.ndarray:
+  """W float [2K, D] making each comparison's true option score higher: the logistic
+  regression of "option 1 wins" on the difference of the two options' design rows.
+
+  true_f / false_f: image features [N, D] of each comparison's true / false option (the
+  same image twice for a text choice); true_counts / false_counts: `mention_counts` [N, 2K]
+  of their texts (the same text twice for an image choice)."""
+  x = _design(true_f, true_counts) - _design(false_f, false_counts)
+  w = probe.fit_logistic(x, np.ones(len(x)), l2=l2)
+  return w.reshape(true_counts.shape[1], true_f.shape[1])
+
+
+def oracle_scores(w: np.ndarray, task: dict, image_features) -> np.ndarray:
+  """float [N, K]: the oracle's score of each option of a NegShapes task (as
+  `negshapes_task.model_scores`); image_features: uint8 images -> float [N, D]."""
+  if "texts" in task:
+    images, _, _ = negshapes_task.image_choices(task)
+    text = mention_counts(task["texts"]) @ w
+    return np.stack([np.sum(text * image_features(x), -1) for x in images], 1)
+  options, _ = negshapes_task.text_choices(task)
+  text = (mention_counts([t for row in options for t in row]) @ w).reshape(
+    len(options), -1, w.shape[1]
+  )
+  return np.einsum("nd,nkd->nk", image_features(task["images"]), text)
+
+
+def text_oracle(image_features, *, num: int, eval_num: int, seed: int, image_size: int) -> dict:
+  """ "oracle_<task>_acc/_se/_n/_chance" (every `negshapes_task.TASKS` item, per mcq
+  template too) of `fit_text_oracle` fit on `num` training scenes of `seed`;
+  image_features: uint8 images [N, S, S, 3] -> float [N, D] (the model's, L2-normalised)."""
+  hard = negshapes.generate_pairs(num, seed, image_size, split="train", hard_fraction=1.0)
+  image_hard = negshapes.generate_pairs(
+    num, seed, image_size, split="train", distractors=True, image_hard_fraction=1.0
+  )
+  f, f_distractor = image_features(hard["images"]), image_features(image_hard["distractor_images"])
+  c = {k: mention_counts(hard[k]) for k in ("captions", "negated")}
+  c |= {k: mention_counts(hard[k]) for k in ("presence_captions", "presence_negated")}
+  no_x, no_y = (mention_counts(image_hard[k]) for k in ("presence_captions", "presence_negated"))
+  # (true image, true text, false image, false text); image_hard["images"] == hard["images"]
+  f_image_hard = image_features(image_hard["images"])
+  comparisons = [
+    (f, c["captions"], f, c["negated"]),  # paper-style presence
+    (f, c["presence_captions"], f, c["presence_negated"]),  # shortcut-free presence
+    (f_image_hard, no_x, f_image_hard, no_y),  # A+Y: "A, no X" over "A, no Y"
+    (f_distractor, no_y, f_distractor, no_x),  # A+X: "A, no Y" over "A, no X"
+    (f_image_hard, no_x, f_distractor, no_x),  # "A, no X": A+Y over A+X
+    (f_distractor, no_y, f_image_hard, no_y),  # "A, no Y": A+X over A+Y
+  ]
+  w = fit_text_oracle(*(np.concatenate(parts) for parts in zip(*comparisons)))
+  data = negshapes_task.generate(eval_num, seed, image_size)
+  out = {}
+  for name in negshapes_task.TASKS:
+    scores = oracle_scores(w, data[name], image_features)
+    out.update(
+      {f"oracle_{k}": v for k, v in negshapes_task.task_metrics(name, data[name], scores).items()}
+    )
+    out[f"oracle_{name}_chance"] = 1 / scores.shape[1]
   return out
