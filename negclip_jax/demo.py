@@ -494,6 +494,15 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
     "hard_fraction": 1.0,
     "lambda_stage2": 0.0,
   },
+  # the 2-way choice alone (L3), on hard pairs only: can the text tower fit them at all?
+  "whole_hard_l3_only": {
+    "layers": "whole",
+    "learning_rate": 1e-4,
+    "finetune_steps": 400,
+    "hard_fraction": 1.0,
+    "lambda_stage2": 0.0,
+    "objective": "presence_l3_only",
+  },
   "longer_pretraining": {"pretrain_steps": 1600},  # a stronger stand-in (4x pretraining)
   "conclip": {"objective": "conclip"},
   # image-side hard negatives: half the presence examples are absence_hard-style pairs

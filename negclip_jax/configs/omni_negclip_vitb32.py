@@ -67,7 +67,7 @@ def get_config():
   c.extra_trainable = ()  # regexes over "/"-joined parameter paths
 
   # Objective.
-  c.objective = "omni_negclip"  # omni_negclip | presence_no_l3 | plain_clip | conclip
+  c.objective = "omni_negclip"  # or presence_no_l3 | presence_l3_only | plain_clip | conclip
   c.lambda_stage2 = 1.0  # weight of the absence loss in the total
   c.lambda_orig = 1.0  # weight of CLIP(image, caption) in the absence loss
   c.lambda_text = 1.0  # weight of the caption-vs-updated text margin term L_text

@@ -92,7 +92,7 @@ def conclip_loss(image_emb, caption_emb, negated_emb, distractor_emb, logit_scal
   return loss, {"L1": l1, "L2": l2, "L3": l3, "presence": loss}
 
 
-OBJECTIVES = ("omni_negclip", "presence_no_l3", "plain_clip", "conclip")
+OBJECTIVES = ("omni_negclip", "presence_no_l3", "presence_l3_only", "plain_clip", "conclip")
 
 
 def total_loss(
@@ -112,6 +112,8 @@ def total_loss(
   objective:
     omni_negclip: presence + lambda_stage2 * absence (the paper).
     presence_no_l3: presence without L3, + lambda_stage2 * absence.
+    presence_l3_only: L3 alone (the 2-way choice caption vs negated) + lambda_stage2 *
+      absence (a diagnosis of NegShapes' hard pairs, not the paper's).
     plain_clip: CLIP loss on true captions of both batches (plain fine-tuning).
     conclip: CoN-CLIP's loss on the presence batch + lambda_stage2 * absence.
   """
@@ -136,6 +138,11 @@ def total_loss(
       logit_scale,
       use_l3=objective == "omni_negclip",
     )
+  elif objective == "presence_l3_only":
+    _, metrics = presence_loss(
+      emb["presence_image"], emb["presence_caption"], emb["presence_negated"], logit_scale
+    )
+    presence = metrics["presence"] = metrics["L3"]
   else:
     raise ValueError(f"Unknown objective {objective!r}; choose from {OBJECTIVES}")
   absence, absence_metrics = absence_loss(

@@ -100,6 +100,14 @@ def test_total_combines_presence_and_absence():
     / 2,
     rtol=1e-5,
   )
+  l3_only, m = losses.total_loss(e, 10.0, objective="presence_l3_only", lambda_stage2=0.7)
+  img, cap, neg = (e[f"presence_{k}"] for k in ("image", "caption", "negated"))
+  pair = 10.0 * np.stack([(img * cap).sum(1), (img * neg).sum(1)], 1)
+  want = np_ce(pair, np.zeros(6, int)) + 0.7 * np_absence(
+    e["absence_image"], e["absence_caption"], e["absence_updated"], 10.0, 1.0, 1.0, 0.9
+  )
+  np.testing.assert_allclose(l3_only, want, rtol=1e-5)
+  assert m["presence"] == m["L3"]
   e["presence_distractor"] = unit(rng, 6, 8)
   con, m = losses.total_loss(e, 10.0, objective="conclip", lambda_stage2=0.7)
   want = losses.conclip_loss(
