@@ -198,9 +198,8 @@ def text_oracle(image_features, *, num: int, eval_num: int, seed: int, image_siz
   c = {k: mention_counts(hard[k]) for k in ("captions", "negated")}
   c |= {k: mention_counts(hard[k]) for k in ("presence_captions", "presence_negated")}
   no_x, no_y = (mention_counts(image_hard[k]) for k in ("presence_captions", "presence_negated"))
-  # (true image, true text, false image, false text); image_hard["images"] == hard["images"]
-  f_image_hard = image_features(image_hard["images"])
-  comparisons = [
+  f_image_hard = image_features(image_hard["images"])  # A+Y; distractors A+X
+  comparisons = [  # (true image, true text, false image, false text)
     (f, c["captions"], f, c["negated"]),  # paper-style presence
     (f, c["presence_captions"], f, c["presence_negated"]),  # shortcut-free presence
     (f_image_hard, no_x, f_image_hard, no_y),  # A+Y: "A, no X" over "A, no Y"
