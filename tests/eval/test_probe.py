@@ -135,6 +135,16 @@ def _features_by_scene(seed: int, num: int, eval_num: int, size: int, blind: boo
   return features
 
 
+def test_the_oracles_hard_and_image_hard_draws_share_their_images():
+  """`text_oracle` embeds the training images once for both kinds of comparison."""
+  hard = negshapes.generate_pairs(64, 5, 16, split="train", hard_fraction=1.0)
+  image_hard = negshapes.generate_pairs(
+    64, 5, 16, split="train", distractors=True, image_hard_fraction=1.0
+  )
+  np.testing.assert_array_equal(hard["images"], image_hard["images"])
+  assert hard["scenes"] == image_hard["scenes"]
+
+
 def test_text_oracle_on_perfect_and_blind_image_features():
   """Image features that are the scene's object indicators admit an additive text side
   ("no X" = -X) that solves every shortcut-free task, held-out compositions included;
