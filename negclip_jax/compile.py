@@ -83,7 +83,7 @@ from jax.sharding import PartitionSpec as P
 from negclip_jax.eval import embed, evaluators
 from negclip_jax.model import clip as model_lib
 from negclip_jax.train import batch as batch_lib
-from negclip_jax.train import image_cache, packing, param_groups, sharding, trainer
+from negclip_jax.train import image_cache, losses, packing, param_groups, sharding, trainer
 from negclip_jax.train import step as train_step
 
 GIB = 2**30
@@ -315,7 +315,9 @@ def train_batch(config, model_config, per_chip: int, n: int, packed_rows: int | 
     out[packing.PACKED_POOL] = (pool, batch_lib.TEXT_DTYPE)  # as `Fsdp.batch` / pmap give it
   else:
     out = {k: ((b, length), batch_lib.TEXT_DTYPE) for k in batch_lib.TEXT_KEYS}
-  prefixes = ["presence", "absence"] + (["presence_distractor"] * (config.objective == "conclip"))
+  prefixes = ["presence", "absence"] + (
+    ["presence_distractor"] * (config.objective in losses.DISTRACTOR_OBJECTIVES)
+  )
   for prefix in prefixes:
     if config.data.image_cache:
       out[batch_lib.image_emb_key(prefix)] = ((b, model_config.projection_dim), np.float32)

@@ -283,7 +283,7 @@ def run(
   (`VARIANT_TAGS`) changes the fine-tuning, and the outputs get its suffix:
   `hard_fraction` > 0 makes that fraction of the presence pairs shortcut-free hard
   negatives ("_hard<f>"), `image_hard_fraction` that fraction image-hard
-  (`negshapes.generate_pairs`; objective conclip; "_imghard<f>"), `lambda_text` and
+  (`negshapes.generate_pairs`; a distractor objective; "_imghard<f>"), `lambda_text` and
   `lambda_stage2` the weights of L_text and of the absence loss ("_ltext<v>",
   "_lstage2<v>"), `objective`, `layers` and `learning_rate` the config's keys.
   """
@@ -503,6 +503,40 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
     "lambda_stage2": 0.0,
     "objective": "presence_l3_only",
   },
+  # L3 on the presence pairs, the batch-contrastive terms only on the absence stream's
+  # plain captions (no negated text among them); all / half the presence pairs hard
+  "whole_hard_l3_plain": {
+    "layers": "whole",
+    "learning_rate": 1e-4,
+    "finetune_steps": 400,
+    "hard_fraction": 1.0,
+    "objective": "l3_plain_clip",
+  },
+  "whole_half_hard_l3_plain": {
+    "layers": "whole",
+    "learning_rate": 1e-4,
+    "finetune_steps": 400,
+    "hard_fraction": 0.5,
+    "objective": "l3_plain_clip",
+  },
+  # every 2-way choice of (image, distractor) x (caption, negated), nothing across
+  # examples; all / half the presence examples image-hard, absence stream off
+  "whole_image_hard_paired": {
+    "layers": "whole",
+    "learning_rate": 1e-4,
+    "finetune_steps": 400,
+    "image_hard_fraction": 1.0,
+    "lambda_stage2": 0.0,
+    "objective": "paired_choices",
+  },
+  "whole_half_image_hard_paired": {
+    "layers": "whole",
+    "learning_rate": 1e-4,
+    "finetune_steps": 400,
+    "image_hard_fraction": 0.5,
+    "lambda_stage2": 0.0,
+    "objective": "paired_choices",
+  },
   "longer_pretraining": {"pretrain_steps": 1600},  # a stronger stand-in (4x pretraining)
   "conclip": {"objective": "conclip"},
   # image-side hard negatives: half the presence examples are absence_hard-style pairs
@@ -720,7 +754,7 @@ def main(argv=None):
     "--image-hard-fraction",
     type=float,
     default=0.0,
-    help="fraction of fine-tuning presence examples that are image-hard (objective conclip)",
+    help="fraction of fine-tuning presence examples that are image-hard (distractor objectives)",
   )
   parser.add_argument("--lambda-text", type=float, help="weight of L_text (config default)")
   parser.add_argument(

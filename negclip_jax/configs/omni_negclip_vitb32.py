@@ -30,8 +30,8 @@ def get_config():
   c.data.coco_image_dir = ""  # folder of the COCO images of coco_json
   c.data.negshapes_num = 20000  # generated examples when a stream is negshapes
   c.data.negshapes_hard_fraction = 0.0  # presence pairs replaced by shortcut-free hard pairs
-  c.data.negshapes_image_hard_fraction = 0.0  # image-hard presence examples (conclip only)
-  # Distractor images, read only for objective "conclip" with presence "ccneg".
+  c.data.negshapes_image_hard_fraction = 0.0  # image-hard presence examples (distractor objectives)
+  # Distractor images, read only for distractor objectives with presence "ccneg".
   c.data.distractor_mapping = ""  # CoN-CLIP's distractor_image_mapping.pt
   c.data.distractor_coco_json = ""  # captions_train2017.json: the index order of the mapping
   c.data.distractor_image_dir = ""  # COCO train2017 images
@@ -67,7 +67,7 @@ def get_config():
   c.extra_trainable = ()  # regexes over "/"-joined parameter paths
 
   # Objective.
-  c.objective = "omni_negclip"  # or presence_no_l3 | presence_l3_only | plain_clip | conclip
+  c.objective = "omni_negclip"  # the paper's; or an ablation of losses.OBJECTIVES (README)
   c.lambda_stage2 = 1.0  # weight of the absence loss in the total
   c.lambda_orig = 1.0  # weight of CLIP(image, caption) in the absence loss
   c.lambda_text = 1.0  # weight of the caption-vs-updated text margin term L_text

@@ -9,7 +9,7 @@ input pipeline adds a leading local-device axis, the pmapped step sees one devic
   image_emb_key(p) = f"{p}_image_emb": float32 [b, D] (`get_image_features`, from the
       frozen-tower cache), for each image prefix p in IMAGE_PREFIXES present:
       "presence", "absence", and "presence_distractor" (an image for which the negated
-      caption is true; objective "conclip" only)
+      caption is true; `losses.DISTRACTOR_OBJECTIVES` only)
   STEP_KEY = "step": int32, the global step (pipeline batches only)
 """
 

@@ -92,7 +92,39 @@ def conclip_loss(image_emb, caption_emb, negated_emb, distractor_emb, logit_scal
   return loss, {"L1": l1, "L2": l2, "L3": l3, "presence": loss}
 
 
-OBJECTIVES = ("omni_negclip", "presence_no_l3", "presence_l3_only", "plain_clip", "conclip")
+def paired_choices_loss(image_emb, caption_emb, negated_emb, distractor_emb, logit_scale):
+  """Every 2-way choice of the square (image, distractor) x (caption, negated), averaged.
+
+  caption_i is true for image_i and false for distractor_i; negated_i the reverse
+  (`conclip_loss`'s distractors). Each term is a 2-way CE, label 0, over logit_scale *
+  [sim(true pair), sim(false pair)] that share one side: texts of image_i (as L3), texts of
+  distractor_i, images of caption_i, images of negated_i. No term compares across examples.
+  """
+  sim = lambda a, b: jnp.sum(a * b, -1)
+  zeros = jnp.zeros(image_emb.shape[0], jnp.int32)
+  choose = lambda true, false: cross_entropy(logit_scale * jnp.stack([true, false], -1), zeros)
+  pos, neg = sim(image_emb, caption_emb), sim(image_emb, negated_emb)
+  d_pos, d_neg = sim(distractor_emb, negated_emb), sim(distractor_emb, caption_emb)
+  terms = {
+    "L3": choose(pos, neg),
+    "distractor_texts": choose(d_pos, d_neg),
+    "caption_images": choose(pos, d_neg),
+    "negated_images": choose(d_pos, neg),
+  }
+  loss = sum(terms.values()) / 4
+  return loss, {**terms, "presence": loss}
+
+
+OBJECTIVES = (
+  "omni_negclip",
+  "presence_no_l3",
+  "presence_l3_only",
+  "l3_plain_clip",
+  "paired_choices",
+  "plain_clip",
+  "conclip",
+)
+DISTRACTOR_OBJECTIVES = ("conclip", "paired_choices")  # the presence batch has distractors
 
 
 def total_loss(
@@ -107,23 +139,35 @@ def total_loss(
   """The training objective on one presence and one absence batch.
 
   emb: dict of normalized [B, D] embeddings with keys `presence_image`, `presence_caption`,
-    `presence_negated` (and `presence_distractor` for "conclip"), `absence_image`,
+    `presence_negated` (and `presence_distractor` for `DISTRACTOR_OBJECTIVES`), `absence_image`,
     `absence_caption`, `absence_updated`.
   objective:
     omni_negclip: presence + lambda_stage2 * absence (the paper).
     presence_no_l3: presence without L3, + lambda_stage2 * absence.
     presence_l3_only: L3 alone (the 2-way choice caption vs negated) + lambda_stage2 *
       absence (a diagnosis of NegShapes' hard pairs, not the paper's).
+    l3_plain_clip: L3 on the presence batch + lambda_stage2 * CLIP loss image <-> plain
+      caption on the absence batch: batch-contrastive terms only where no text negates
+      (issue #29's treatment, not the paper's).
     plain_clip: CLIP loss on true captions of both batches (plain fine-tuning).
     conclip: CoN-CLIP's loss on the presence batch + lambda_stage2 * absence.
+    paired_choices: `paired_choices_loss` on the presence batch + lambda_stage2 * absence
+      (issue #29's treatment, not the paper's).
   """
   if objective == "plain_clip":
     lp, _ = clip_loss(emb["presence_image"], emb["presence_caption"], logit_scale)
     la, _ = clip_loss(emb["absence_image"], emb["absence_caption"], logit_scale)
     loss = (lp + la) / 2
     return loss, {"clip_presence": lp, "clip_absence": la, "total": loss}
-  if objective == "conclip":
-    presence, metrics = conclip_loss(
+  if objective == "l3_plain_clip":
+    _, metrics = presence_loss(
+      emb["presence_image"], emb["presence_caption"], emb["presence_negated"], logit_scale
+    )
+    plain, _ = clip_loss(emb["absence_image"], emb["absence_caption"], logit_scale)
+    loss = metrics["L3"] + lambda_stage2 * plain
+    return loss, {**metrics, "presence": metrics["L3"], "clip_absence": plain, "total": loss}
+  if objective in DISTRACTOR_OBJECTIVES:
+    presence, metrics = (conclip_loss if objective == "conclip" else paired_choices_loss)(
       emb["presence_image"],
       emb["presence_caption"],
       emb["presence_negated"],

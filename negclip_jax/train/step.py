@@ -131,9 +131,9 @@ def make_train_step(
       k: gather(losses.l2_normalize(v))
       for k, v in image_embeddings(model, state.params, batch).items()
     }
-    if objective == "conclip" and "presence_distractor" not in images:
+    if objective in losses.DISTRACTOR_OBJECTIVES and "presence_distractor" not in images:
       raise ValueError(
-        "objective 'conclip' needs presence_distractor_pixels or "
+        f"objective {objective!r} needs presence_distractor_pixels or "
         f"presence_distractor_image_emb in the batch; got keys {sorted(batch)}"
       )
     rows = (

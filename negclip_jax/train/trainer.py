@@ -83,9 +83,10 @@ def validate_config(config):
         f"config.data.{stream}={source!r}; choose from {', '.join(named)}, "
         f"'{WEBDATASET}SHARDS' or '{TFDS}NAME'"
       )
-  if config.objective == "conclip" and config.data.presence not in NAMED_SOURCES["presence"]:
+  distractors = config.objective in losses.DISTRACTOR_OBJECTIVES
+  if distractors and config.data.presence not in NAMED_SOURCES["presence"]:
     raise ConfigError(
-      f"config.objective='conclip' needs distractor images, which config.data.presence="
+      f"config.objective={config.objective!r} needs distractor images, which config.data.presence="
       f"{config.data.presence!r} does not have; use 'ccneg' or 'negshapes'"
     )
   max_pixels = config.data.get("max_image_pixels", 1)
@@ -102,10 +103,10 @@ def validate_config(config):
   if attention not in model_lib.ATTENTIONS:
     raise ConfigError(f"config.attention={attention!r}; choose from {model_lib.ATTENTIONS}")
   if config.data.get("negshapes_image_hard_fraction", 0.0) > 0:
-    if config.objective != "conclip":
+    if not distractors:
       raise ConfigError(
-        "config.data.negshapes_image_hard_fraction > 0 needs config.objective='conclip' "
-        f"(its distractor terms compare the A+X images), got {config.objective!r}"
+        "config.data.negshapes_image_hard_fraction > 0 needs config.objective in "
+        f"{losses.DISTRACTOR_OBJECTIVES} (their distractor terms compare the A+X images), got {config.objective!r}"
       )
     if config.data.get("negshapes_hard_fraction", 0.0) > 0:
       raise ConfigError(
@@ -167,12 +168,12 @@ def load_tables(config, image_size: int, bad: BadRecords | None = None):
 def _load_tables(config, image_size: int, bad: BadRecords | None = None):
   """(PresenceTable, AbsenceTable) from `config.data`, every bad record reported to `bad`
   (default: `config.data.on_error`; see `pipeline.validate`); the presence table holds distractor images when
-  `config.objective` is "conclip". Without the image cache, a "skip" run decodes every
+  `config.objective` is one of `losses.DISTRACTOR_OBJECTIVES`. Without the image cache, a "skip" run decodes every
   image once here, so a corrupt file cannot stop training later."""
   d = config.data
   bad = bad or BadRecords(d.on_error)
   need = lambda key: getattr(d, key) or _missing(key)
-  distractors = config.objective == "conclip"
+  distractors = config.objective in losses.DISTRACTOR_OBJECTIVES
   # Without the image cache, a "skip" run decodes every image once here.
   file_table = dict(on_error=bad, decode=bad.skip and not d.image_cache, image_size=image_size)
   if "negshapes" in (d.presence, d.absence):

@@ -215,15 +215,18 @@ def test_data_sources_are_validated_before_anything_loads():
       trainer.validate_config(tiny_config(objective="conclip", **{"data.presence": source}))
 
 
-def test_image_hard_fraction_needs_conclip_and_excludes_hard_fraction():
+def test_image_hard_fraction_needs_a_distractor_objective_and_excludes_hard_fraction():
   image_hard = {"data.negshapes_image_hard_fraction": 0.5}
-  with pytest.raises(trainer.ConfigError, match="needs config.objective='conclip'"):
+  with pytest.raises(trainer.ConfigError, match=r"needs config.objective in \('conclip', 'paired"):
     trainer.validate_config(tiny_config(**image_hard))
   with pytest.raises(trainer.ConfigError, match="not both"):
     trainer.validate_config(
       tiny_config(objective="conclip", **image_hard, **{"data.negshapes_hard_fraction": 0.5})
     )
-  trainer.validate_config(tiny_config(objective="conclip", **image_hard))
+  for objective in ("conclip", "paired_choices"):
+    trainer.validate_config(tiny_config(objective=objective, **image_hard))
+  with pytest.raises(trainer.ConfigError, match=r"^config.objective='paired_choices' needs dis"):
+    trainer.validate_config(tiny_config(objective="paired_choices", **{"data.presence": "wds:x"}))
 
 
 def test_cli_config_errors_are_one_line(tmp_path):

@@ -108,6 +108,12 @@ def test_total_combines_presence_and_absence():
   )
   np.testing.assert_allclose(l3_only, want, rtol=1e-5)
   assert m["presence"] == m["L3"]
+  l3_plain, m = losses.total_loss(e, 10.0, objective="l3_plain_clip", lambda_stage2=0.7)
+  want = np_ce(pair, np.zeros(6, int)) + 0.7 * np_clip(
+    e["absence_image"], e["absence_caption"], 10.0
+  )
+  np.testing.assert_allclose(l3_plain, want, rtol=1e-5)
+  assert m["presence"] == m["L3"] and "L_neg" not in m
   e["presence_distractor"] = unit(rng, 6, 8)
   con, m = losses.total_loss(e, 10.0, objective="conclip", lambda_stage2=0.7)
   want = losses.conclip_loss(
@@ -120,8 +126,36 @@ def test_total_combines_presence_and_absence():
     e["absence_image"], e["absence_caption"], e["absence_updated"], 10.0, 1.0, 1.0, 0.9
   )
   np.testing.assert_allclose(con, want, rtol=1e-5)
+  paired, m = losses.total_loss(e, 10.0, objective="paired_choices", lambda_stage2=0.7)
+  dis = e["presence_distractor"]
+  two_way = lambda true, false: np_ce(
+    10.0 * np.stack([(true[0] * true[1]).sum(1), (false[0] * false[1]).sum(1)], 1), np.zeros(6, int)
+  )
+  want = (
+    two_way((img, cap), (img, neg))  # image_i: its caption over its negated text
+    + two_way((dis, neg), (dis, cap))  # distractor_i: the negated text over the caption
+    + two_way((img, cap), (dis, cap))  # caption_i: image_i over distractor_i
+    + two_way((dis, neg), (img, neg))  # negated_i: distractor_i over image_i
+  ) / 4 + 0.7 * np_absence(
+    e["absence_image"], e["absence_caption"], e["absence_updated"], 10.0, 1.0, 1.0, 0.9
+  )
+  np.testing.assert_allclose(paired, want, rtol=1e-5)
+  assert set(m) >= {"L3", "distractor_texts", "caption_images", "negated_images", "absence"}
   with pytest.raises(ValueError, match="Unknown objective 'bogus'"):
     losses.total_loss(e, 10.0, objective="bogus")
+
+
+def test_paired_choices_is_blind_to_other_examples():
+  """No term compares across examples: each example's loss depends on its own rows only."""
+  rng = np.random.default_rng(1)
+  rows = [unit(rng, 5, 8) for _ in range(4)]
+  full, _ = losses.paired_choices_loss(*rows, 7.0)
+  each = [losses.paired_choices_loss(*(r[i : i + 1] for r in rows), 7.0)[0] for i in range(5)]
+  np.testing.assert_allclose(full, np.mean(each), rtol=1e-5)
+  # A perfect square (cos 1 for the true pairs, -1 for the false) costs log(1 + e^(-2s)).
+  v = np.eye(8, dtype=np.float32)
+  perfect, _ = losses.paired_choices_loss(v[:1], v[:1], -v[:1], -v[:1], 1.5)
+  np.testing.assert_allclose(perfect, np.log1p(np.exp(-3.0)), rtol=1e-5)
 
 
 def test_hand_checked_values():

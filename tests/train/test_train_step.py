@@ -7,7 +7,7 @@ import pytest
 from flax import jax_utils, traverse_util
 
 from negclip_jax.model import clip as model_lib
-from negclip_jax.train import optim, param_groups
+from negclip_jax.train import losses, optim, param_groups
 from negclip_jax.train import step as train_step
 
 CONFIG = model_lib.get_config("tiny")
@@ -152,17 +152,25 @@ def test_frozen_weight_gradients_are_not_computed():
 
 
 @pytest.mark.parametrize(
-  "pixels,objective", [(True, "omni_negclip"), (False, "omni_negclip"), (False, "conclip")]
+  "pixels,objective",
+  [(True, "omni_negclip"), (False, "omni_negclip"), (False, "conclip"), (False, "paired_choices")],
 )
 def test_one_and_four_devices_agree(pixels, objective):
   params, _, tx, step = setup(objective=objective)
-  batches = [make_batch(8, s, pixels, distractors=objective == "conclip") for s in range(2)]
+  batches = [
+    make_batch(8, s, pixels, distractors=objective in losses.DISTRACTOR_OBJECTIVES)
+    for s in range(2)
+  ]
   one, m1 = run_pmap(step, params, tx, batches, jax.devices()[:1])
   four, m4 = run_pmap(step, params, tx, batches, jax.devices()[:4])
   for a, b in zip(m1, m4):
     np.testing.assert_allclose(a["total"], b["total"], rtol=1e-5, atol=1e-5)
+  # paired_choices' loss is a mean of per-example terms, so a token seen in one example
+  # gets a tiny gradient whose float noise Adam's normalization turns into ~1e-5 of update
+  # (measured: 1 of 1.58M token-embedding entries off by 1.03e-5).
+  atol = 2e-5 if objective == "paired_choices" else 1e-5
   for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(four.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=atol)
 
 
 def test_local_negatives_differ_from_global():
