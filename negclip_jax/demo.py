@@ -475,67 +475,52 @@ def fit_table(fit: dict) -> str:
   return "\n".join(rows)
 
 
+# Capacity: every text layer, a 5x smaller peak rate than front's, 2x steps.
+WHOLE = {"layers": "whole", "learning_rate": 1e-4, "finetune_steps": 400}
 RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
   "paper": {},
   "hard": {"hard_fraction": 0.5},
   "hard_no_ltext": {"hard_fraction": 0.5, "lambda_text": 0.0},
-  # capacity: every text layer, a 5x smaller peak rate than front's, 2x steps, hard pairs
-  "whole_hard": {
-    "layers": "whole",
-    "learning_rate": 1e-4,
-    "finetune_steps": 400,
-    "hard_fraction": 0.5,
-  },
+  # capacity (WHOLE) with hard pairs
+  "whole_hard": {**WHOLE, "hard_fraction": 0.5},
   # capacity on the hard pairs alone: every presence pair hard, no absence stream
-  "whole_hard_only": {
-    "layers": "whole",
-    "learning_rate": 1e-4,
-    "finetune_steps": 400,
-    "hard_fraction": 1.0,
-    "lambda_stage2": 0.0,
-  },
+  "whole_hard_only": {**WHOLE, "hard_fraction": 1.0, "lambda_stage2": 0.0},
   # the 2-way choice alone (L3), on hard pairs only: can the text tower fit them at all?
   "whole_hard_l3_only": {
-    "layers": "whole",
-    "learning_rate": 1e-4,
-    "finetune_steps": 400,
+    **WHOLE,
     "hard_fraction": 1.0,
     "lambda_stage2": 0.0,
     "objective": "presence_l3_only",
   },
   # L3 on the presence pairs, the batch-contrastive terms only on the absence stream's
   # plain captions (no negated text among them); all / half the presence pairs hard
-  "whole_hard_l3_plain": {
-    "layers": "whole",
-    "learning_rate": 1e-4,
-    "finetune_steps": 400,
-    "hard_fraction": 1.0,
-    "objective": "l3_plain_clip",
-  },
-  "whole_half_hard_l3_plain": {
-    "layers": "whole",
-    "learning_rate": 1e-4,
-    "finetune_steps": 400,
-    "hard_fraction": 0.5,
-    "objective": "l3_plain_clip",
-  },
+  "whole_hard_l3_plain": {**WHOLE, "hard_fraction": 1.0, "objective": "l3_plain_clip"},
+  "whole_half_hard_l3_plain": {**WHOLE, "hard_fraction": 0.5, "objective": "l3_plain_clip"},
   # every 2-way choice of (image, distractor) x (caption, negated), nothing across
   # examples; all / half the presence examples image-hard, absence stream off
   "whole_image_hard_paired": {
-    "layers": "whole",
-    "learning_rate": 1e-4,
-    "finetune_steps": 400,
+    **WHOLE,
     "image_hard_fraction": 1.0,
     "lambda_stage2": 0.0,
     "objective": "paired_choices",
   },
   "whole_half_image_hard_paired": {
-    "layers": "whole",
-    "learning_rate": 1e-4,
-    "finetune_steps": 400,
+    **WHOLE,
     "image_hard_fraction": 0.5,
     "lambda_stage2": 0.0,
     "objective": "paired_choices",
+  },
+  # the same choices, with the absence stream's batch-contrastive loss on plain captions
+  # (keeps image <-> caption retrieval and affirmation; nothing negated in it)
+  "whole_image_hard_paired_plain": {
+    **WHOLE,
+    "image_hard_fraction": 1.0,
+    "objective": "paired_plain_clip",
+  },
+  "whole_half_image_hard_paired_plain": {
+    **WHOLE,
+    "image_hard_fraction": 0.5,
+    "objective": "paired_plain_clip",
   },
   "longer_pretraining": {"pretrain_steps": 1600},  # a stronger stand-in (4x pretraining)
   "conclip": {"objective": "conclip"},

@@ -115,16 +115,51 @@ def paired_choices_loss(image_emb, caption_emb, negated_emb, distractor_emb, log
   return loss, {**terms, "presence": loss}
 
 
-OBJECTIVES = (
-  "omni_negclip",
-  "presence_no_l3",
-  "presence_l3_only",
-  "l3_plain_clip",
-  "paired_choices",
-  "plain_clip",
-  "conclip",
+def _presence_term(name, emb, logit_scale):
+  """(loss, metrics) of the presence batch under term `name` of `OBJECTIVES`."""
+  image, caption, negated = (emb[f"presence_{k}"] for k in ("image", "caption", "negated"))
+  if name in ("conclip", "paired_choices"):
+    fn = conclip_loss if name == "conclip" else paired_choices_loss
+    return fn(image, caption, negated, emb["presence_distractor"], logit_scale)
+  loss, metrics = presence_loss(image, caption, negated, logit_scale, use_l3=name != "no_l3")
+  if name == "l3":  # L1 and L2 stay as metrics
+    loss = metrics["presence"] = metrics["L3"]
+  return loss, metrics
+
+
+def _absence_term(name, emb, logit_scale, lambda_orig, lambda_text, margin):
+  """(loss, metrics) of the absence batch under term `name` of `OBJECTIVES`."""
+  if name == "plain_clip":  # image <-> plain caption; no negated text
+    loss, _ = clip_loss(emb["absence_image"], emb["absence_caption"], logit_scale)
+    return loss, {"clip_absence": loss}
+  return absence_loss(
+    emb["absence_image"],
+    emb["absence_caption"],
+    emb["absence_updated"],
+    logit_scale,
+    lambda_orig,
+    lambda_text,
+    margin,
+  )
+
+
+# objective -> (presence-batch term, absence-batch term); total = presence + lambda_stage2 *
+# absence. "plain_clip" (plain fine-tuning) is the mean of the CLIP losses of both batches.
+OBJECTIVES = {
+  "omni_negclip": ("omni", "negationclip"),  # the paper
+  "presence_no_l3": ("no_l3", "negationclip"),  # ablation: (L1 + L2) / 2
+  # issue #29's diagnoses and treatments, not the paper's:
+  "presence_l3_only": ("l3", "negationclip"),  # the 2-way choice caption vs negated alone
+  # batch-contrastive terms only where no text negates
+  "l3_plain_clip": ("l3", "plain_clip"),
+  "paired_choices": ("paired_choices", "negationclip"),  # `paired_choices_loss`
+  "paired_plain_clip": ("paired_choices", "plain_clip"),
+  "conclip": ("conclip", "negationclip"),  # CoN-CLIP's distractor objective
+  "plain_clip": (None, None),
+}
+DISTRACTOR_OBJECTIVES = tuple(  # the presence batch has distractor images
+  k for k, (term, _) in OBJECTIVES.items() if term in ("conclip", "paired_choices")
 )
-DISTRACTOR_OBJECTIVES = ("conclip", "paired_choices")  # the presence batch has distractors
 
 
 def total_loss(
@@ -136,67 +171,26 @@ def total_loss(
   lambda_text=1.0,
   margin=0.9,
 ):
-  """The training objective on one presence and one absence batch.
+  """The training objective (a key of `OBJECTIVES`) on one presence and one absence batch.
 
   emb: dict of normalized [B, D] embeddings with keys `presence_image`, `presence_caption`,
     `presence_negated` (and `presence_distractor` for `DISTRACTOR_OBJECTIVES`), `absence_image`,
     `absence_caption`, `absence_updated`.
-  objective:
-    omni_negclip: presence + lambda_stage2 * absence (the paper).
-    presence_no_l3: presence without L3, + lambda_stage2 * absence.
-    presence_l3_only: L3 alone (the 2-way choice caption vs negated) + lambda_stage2 *
-      absence (a diagnosis of NegShapes' hard pairs, not the paper's).
-    l3_plain_clip: L3 on the presence batch + lambda_stage2 * CLIP loss image <-> plain
-      caption on the absence batch: batch-contrastive terms only where no text negates
-      (issue #29's treatment, not the paper's).
-    plain_clip: CLIP loss on true captions of both batches (plain fine-tuning).
-    conclip: CoN-CLIP's loss on the presence batch + lambda_stage2 * absence.
-    paired_choices: `paired_choices_loss` on the presence batch + lambda_stage2 * absence
-      (issue #29's treatment, not the paper's).
+  Presence terms: omni (L1 + L2 + L3) / 3; no_l3 (L1 + L2) / 2; l3 the 2-way choice alone;
+  conclip `conclip_loss`; paired_choices `paired_choices_loss`. Absence terms: negationclip
+  `absence_loss`; plain_clip the CLIP loss image <-> plain caption.
   """
+  if objective not in OBJECTIVES:
+    raise ValueError(f"Unknown objective {objective!r}; choose from {tuple(OBJECTIVES)}")
   if objective == "plain_clip":
     lp, _ = clip_loss(emb["presence_image"], emb["presence_caption"], logit_scale)
     la, _ = clip_loss(emb["absence_image"], emb["absence_caption"], logit_scale)
     loss = (lp + la) / 2
     return loss, {"clip_presence": lp, "clip_absence": la, "total": loss}
-  if objective == "l3_plain_clip":
-    _, metrics = presence_loss(
-      emb["presence_image"], emb["presence_caption"], emb["presence_negated"], logit_scale
-    )
-    plain, _ = clip_loss(emb["absence_image"], emb["absence_caption"], logit_scale)
-    loss = metrics["L3"] + lambda_stage2 * plain
-    return loss, {**metrics, "presence": metrics["L3"], "clip_absence": plain, "total": loss}
-  if objective in DISTRACTOR_OBJECTIVES:
-    presence, metrics = (conclip_loss if objective == "conclip" else paired_choices_loss)(
-      emb["presence_image"],
-      emb["presence_caption"],
-      emb["presence_negated"],
-      emb["presence_distractor"],
-      logit_scale,
-    )
-  elif objective in ("omni_negclip", "presence_no_l3"):
-    presence, metrics = presence_loss(
-      emb["presence_image"],
-      emb["presence_caption"],
-      emb["presence_negated"],
-      logit_scale,
-      use_l3=objective == "omni_negclip",
-    )
-  elif objective == "presence_l3_only":
-    _, metrics = presence_loss(
-      emb["presence_image"], emb["presence_caption"], emb["presence_negated"], logit_scale
-    )
-    presence = metrics["presence"] = metrics["L3"]
-  else:
-    raise ValueError(f"Unknown objective {objective!r}; choose from {OBJECTIVES}")
-  absence, absence_metrics = absence_loss(
-    emb["absence_image"],
-    emb["absence_caption"],
-    emb["absence_updated"],
-    logit_scale,
-    lambda_orig,
-    lambda_text,
-    margin,
+  presence_term, absence_term = OBJECTIVES[objective]
+  presence, metrics = _presence_term(presence_term, emb, logit_scale)
+  absence, absence_metrics = _absence_term(
+    absence_term, emb, logit_scale, lambda_orig, lambda_text, margin
   )
   loss = presence + lambda_stage2 * absence
   return loss, {**metrics, **absence_metrics, "total": loss}

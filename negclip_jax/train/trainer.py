@@ -71,7 +71,9 @@ def validate_config(config):
   `data.presence` / `data.absence`, `data.max_image_pixels`, `data.decode_processes` or
   `data.negshapes_image_hard_fraction` value."""
   if config.objective not in losses.OBJECTIVES:
-    raise ConfigError(f"config.objective={config.objective!r}; choose from {losses.OBJECTIVES}")
+    raise ConfigError(
+      f"config.objective={config.objective!r}; choose from {tuple(losses.OBJECTIVES)}"
+    )
   try:
     param_groups.parse_layers(config.layers)
   except ValueError as e:

@@ -141,6 +141,11 @@ def test_total_combines_presence_and_absence():
   )
   np.testing.assert_allclose(paired, want, rtol=1e-5)
   assert set(m) >= {"L3", "distractor_texts", "caption_images", "negated_images", "absence"}
+  paired_plain, m = losses.total_loss(e, 10.0, objective="paired_plain_clip", lambda_stage2=0.7)
+  want_paired = losses.paired_choices_loss(img, cap, neg, dis, 10.0)[0]
+  want = want_paired + 0.7 * np_clip(e["absence_image"], e["absence_caption"], 10.0)
+  np.testing.assert_allclose(paired_plain, want, rtol=1e-5)
+  assert "clip_absence" in m and "L_neg" not in m
   with pytest.raises(ValueError, match="Unknown objective 'bogus'"):
     losses.total_loss(e, 10.0, objective="bogus")
 
