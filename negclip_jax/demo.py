@@ -230,10 +230,7 @@ def _setup(workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **vari
   unknown = set(variant) - set(VARIANT_TAGS)
   if unknown:
     raise ValueError(f"unknown demo variant options {sorted(unknown)}; known: {list(VARIANT_TAGS)}")
-  tag = "".join(VARIANT_TAGS[k](variant.get(k)) for k in VARIANT_TAGS)
-  tag += (f"_pre{pretrain_steps}" if pretrain_steps else "") + (
-    f"_steps{finetune_steps}" if finetune_steps else ""
-  )
+  tag = _setup_tag(variant, {"pretrain_steps": pretrain_steps, "finetune_steps": finetune_steps})
   config = demo_config.get_config()
   if fast:
     config.model, config.data.negshapes_num, config.batch_size = "tiny", 256, 32
@@ -521,6 +518,21 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
     **WHOLE,
     "image_hard_fraction": 0.5,
     "objective": "paired_plain_clip",
+  },
+  # ... with that loss at a tenth of the weight
+  "whole_image_hard_paired_plain_light": {
+    **WHOLE,
+    "image_hard_fraction": 1.0,
+    "lambda_stage2": 0.1,
+    "objective": "paired_plain_clip",
+  },
+  # the choices alone for 3x the steps: do the seeds settle on one solution?
+  "whole_image_hard_paired_long": {
+    **WHOLE,
+    "finetune_steps": 1200,
+    "image_hard_fraction": 1.0,
+    "lambda_stage2": 0.0,
+    "objective": "paired_choices",
   },
   "longer_pretraining": {"pretrain_steps": 1600},  # a stronger stand-in (4x pretraining)
   "conclip": {"objective": "conclip"},

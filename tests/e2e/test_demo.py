@@ -11,7 +11,7 @@ import transformers
 from negclip_jax import demo, load_pretrained, rundir
 from negclip_jax.data import negshapes
 from negclip_jax.eval.tasks import negshapes_task
-from negclip_jax.train import pipeline, trainer
+from negclip_jax.train import losses, pipeline, trainer
 
 
 def _recording(monkeypatch, module, name, phase, seen, seed_of):
@@ -144,6 +144,21 @@ def test_bar_table_known_answers():
   assert rows["learns"].endswith("| yes |")
   assert rows["paper"].endswith("| no |") and rows["at_chance"].endswith("| no |")
   assert rows["forgets"].endswith("| no |") and "(absence)" in rows["forgets"]
+
+
+def test_every_recipe_is_a_valid_distinct_variant():
+  """Each recipe names known `run` options and a known objective, its image-hard data only
+  with a distractor objective, and its outputs a suffix of their own."""
+  tags = {}
+  for name, options in demo.RECIPES.items():
+    assert set(options) <= {*demo.VARIANT_TAGS, "pretrain_steps", "finetune_steps"}, name
+    objective = options.get("objective", "omni_negclip")
+    assert objective in losses.OBJECTIVES, name
+    if options.get("image_hard_fraction"):
+      assert objective in losses.DISTRACTOR_OBJECTIVES, name
+    tags.setdefault(demo._setup_tag(options, options), []).append(name)
+  assert all(len(names) == 1 for names in tags.values()), tags
+  assert set(demo.VARIANTS) <= set(demo.RECIPES)
 
 
 def test_demo_compare_recipe_prints_the_bar_and_reuses_runs(tmp_path, capsys, monkeypatch):
