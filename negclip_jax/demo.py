@@ -211,6 +211,7 @@ def _pretrained(root: Path, config, model, tokenizer, steps: int, batch_size: in
 VARIANT_TAGS = {  # variant option -> its output-name suffix
   "hard_fraction": lambda v: f"_hard{v:g}" if v else "",
   "image_hard_fraction": lambda v: f"_imghard{v:g}" if v else "",
+  "image_hard_affirmed_fraction": lambda v: f"_affirmed{v:g}" if v else "",
   "lambda_text": lambda v: f"_ltext{v:g}" if v is not None else "",
   "lambda_stage2": lambda v: f"_lstage2{v:g}" if v is not None else "",
   "objective": lambda v: f"_{v}" if v else "",
@@ -242,6 +243,9 @@ def _setup(workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **vari
   config.seed = seed
   config.data.negshapes_hard_fraction = variant.get("hard_fraction") or 0.0
   config.data.negshapes_image_hard_fraction = variant.get("image_hard_fraction") or 0.0
+  config.data.negshapes_image_hard_affirmed_fraction = (
+    variant.get("image_hard_affirmed_fraction") or 0.0
+  )
   for key in ("lambda_text", "lambda_stage2"):
     if variant.get(key) is not None:
       config[key] = variant[key]
@@ -315,6 +319,7 @@ def run(
     "options": options,
     "hard_fraction": config.data.negshapes_hard_fraction,
     "image_hard_fraction": config.data.negshapes_image_hard_fraction,
+    "image_hard_affirmed_fraction": config.data.negshapes_image_hard_affirmed_fraction,
     "lambda_text": config.lambda_text,
     "lambda_stage2": config.lambda_stage2,
     "objective": config.objective,
@@ -504,6 +509,15 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
   "whole_half_image_hard_paired": {
     **WHOLE,
     "image_hard_fraction": 0.5,
+    "lambda_stage2": 0.0,
+    "objective": "paired_choices",
+  },
+  # the same, half the image-hard examples affirmed ("A and Y" vs "A and X"): "prefer the
+  # text naming fewer shown objects" fails those, so only reading "no" fits both halves
+  "whole_image_hard_paired_affirmed": {
+    **WHOLE,
+    "image_hard_fraction": 1.0,
+    "image_hard_affirmed_fraction": 0.5,
     "lambda_stage2": 0.0,
     "objective": "paired_choices",
   },
@@ -753,6 +767,12 @@ def main(argv=None):
     default=0.0,
     help="fraction of fine-tuning presence examples that are image-hard (distractor objectives)",
   )
+  parser.add_argument(
+    "--image-hard-affirmed-fraction",
+    type=float,
+    default=0.0,
+    help='fraction of the image-hard examples whose texts are affirmed ("A and Y" vs "A and X")',
+  )
   parser.add_argument("--lambda-text", type=float, help="weight of L_text (config default)")
   parser.add_argument(
     "--lambda-stage2", type=float, help="weight of the absence loss (config default)"
@@ -788,6 +808,7 @@ def main(argv=None):
   flags = dict(
     hard_fraction=args.hard_fraction or None,
     image_hard_fraction=args.image_hard_fraction or None,
+    image_hard_affirmed_fraction=args.image_hard_affirmed_fraction or None,
     lambda_text=args.lambda_text,
     lambda_stage2=args.lambda_stage2,
     objective=args.objective,

@@ -31,6 +31,7 @@ def get_config():
   c.data.negshapes_num = 20000  # generated examples when a stream is negshapes
   c.data.negshapes_hard_fraction = 0.0  # presence pairs replaced by shortcut-free hard pairs
   c.data.negshapes_image_hard_fraction = 0.0  # image-hard presence examples (distractor objectives)
+  c.data.negshapes_image_hard_affirmed_fraction = 0.0  # of those, affirmed ("A and Y" vs "A and X")
   # Distractor images, read only for distractor objectives with presence "ccneg".
   c.data.distractor_mapping = ""  # CoN-CLIP's distractor_image_mapping.pt
   c.data.distractor_coco_json = ""  # captions_train2017.json: the index order of the mapping

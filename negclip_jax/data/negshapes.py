@@ -110,6 +110,7 @@ _STREAMS = {
   "mcq": 7,
   "train_hard": 8,
   "train_image_hard": 9,
+  "train_image_hard_affirmed": 10,
 }
 COMPOSITIONS = ("any", "in_distribution", "held_out")
 MCQ_TEMPLATES = ("affirmation", "negation", "hybrid")
@@ -248,6 +249,17 @@ def _negation_pair(
     head = _plain_caption(positives, rng)
     template = head + _pick(NEGATION_CLAUSES, rng)
   return tuple(template.format(f"{c} {s}") for c, s in (first, second))
+
+
+def _affirmation_pair(
+  positives: Sequence[Object], first: Object, second: Object, rng: np.random.Generator
+) -> tuple[str, str]:
+  """Two plain captions listing `positives` and `first` / `second`, with the same prefix
+  and object order (they differ in one object)."""
+  prefix = _pick(PREFIXES, rng)
+  order = rng.permutation(len(positives) + 1)
+  listed = lambda obj: prefix + _object_list([[*positives, obj][i] for i in order])
+  return listed(first), listed(second)
 
 
 # ------------------------------------------------------------------------------- scenes
@@ -406,6 +418,7 @@ def generate_pairs(
   distractors: bool = False,
   hard_fraction: float = 0.0,
   image_hard_fraction: float = 0.0,
+  image_hard_affirmed_fraction: float = 0.0,
 ) -> dict:
   """Training data for the plain, negated and updated objectives (seed >= 0).
 
@@ -423,8 +436,11 @@ def generate_pairs(
   With `image_hard_fraction` > 0 (needs `distractors`; not with `hard_fraction`), the
   same outputs, with probability `image_hard_fraction` (own stream) an image-hard
   example (module docstring): presence pair ("A, no X", "A, no Y"), distractor image
-  A+X; and image_hard: list[bool]. With `distractors`, distractor_scenes: list[Scene],
-  what each distractor image shows.
+  A+X; and image_hard: list[bool]. With `image_hard_affirmed_fraction` > 0, that fraction
+  of the image-hard examples (own stream) is affirmed: the pair ("A and Y", "A and X")
+  instead, equal word and object counts, true for the image and the distractor
+  respectively as the negated pair is; and affirmed: list[bool]. With `distractors`,
+  distractor_scenes: list[Scene], what each distractor image shows.
   `split` is "train" or "eval" (independent streams). Scenes have 1-3 objects, uniformly.
   "train" never shows or mentions both objects of a held-out pair (`HELD_OUT_PAIRS`):
   such scenes are redrawn with the same object count.
@@ -435,9 +451,12 @@ def generate_pairs(
     raise ValueError("image_hard_fraction > 0 needs distractors=True (the A+X images)")
   if image_hard_fraction > 0 and hard_fraction > 0:
     raise ValueError("use hard_fraction or image_hard_fraction, not both")
+  if image_hard_affirmed_fraction > 0 and not image_hard_fraction > 0:
+    raise ValueError("image_hard_affirmed_fraction > 0 needs image_hard_fraction > 0")
   rng = _rng(seed, split)
   hard_rng = _rng(seed, "train_hard")
   image_rng = _rng(seed, "train_image_hard")
+  affirmed_rng = _rng(seed, "train_image_hard_affirmed")
   seen_only = split == "train"
   accept = (lambda scene: not has_held_out_pair(scene)) if seen_only else (lambda scene: True)
   out = {
@@ -453,6 +472,7 @@ def generate_pairs(
     )
   }
   hard = {k: [] for k in ("presence_captions", "presence_negated", "hard", "image_hard")}
+  affirmed = []
   distractor_scenes = []
   images = np.empty((num, image_size, image_size, 3), np.uint8)
   distractor_images = np.empty_like(images) if distractors else None
@@ -482,21 +502,31 @@ def generate_pairs(
     out["centres"].append(drawing.centres)
     if hard_fraction > 0 or image_hard_fraction > 0:
       is_hard = bool(hard_fraction > 0 and hard_rng.random() < hard_fraction)
+      is_affirmed = bool(
+        image_hard
+        and image_hard_affirmed_fraction > 0
+        and affirmed_rng.random() < image_hard_affirmed_fraction
+      )
       if is_hard:
         other = _sample_new_shape(scene, hard_rng, seen_only=seen_only)
         true, false = _negation_pair(rest, other, negated, hard_rng)
       elif image_hard:
         true, false = _negation_pair(rest, swapped, negated, image_rng)
+        if is_affirmed:  # after the draw above: the image-hard stream stays as it was
+          true, false = _affirmation_pair(rest, negated, swapped, affirmed_rng)
       else:
         true, false = caption, out["negated"][-1]
       hard["presence_captions"].append(true)
       hard["presence_negated"].append(false)
       hard["hard"].append(is_hard)
       hard["image_hard"].append(image_hard)
+      affirmed.append(is_affirmed)
   if hard_fraction > 0:
     del hard["image_hard"]
   elif image_hard_fraction > 0:
     del hard["hard"]
+    if image_hard_affirmed_fraction > 0:
+      hard["affirmed"] = affirmed
   else:
     hard = {}
   extra = (

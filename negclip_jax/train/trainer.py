@@ -114,6 +114,11 @@ def validate_config(config):
       raise ConfigError(
         "set config.data.negshapes_hard_fraction or negshapes_image_hard_fraction, not both"
       )
+  elif config.data.get("negshapes_image_hard_affirmed_fraction", 0.0) > 0:
+    raise ConfigError(
+      "config.data.negshapes_image_hard_affirmed_fraction > 0 needs "
+      "config.data.negshapes_image_hard_fraction > 0 (it is a fraction of those examples)"
+    )
   parallelism = config.get("parallelism", "pmap")
   if parallelism not in sharding.PARALLELISMS:
     raise ConfigError(f"config.parallelism={parallelism!r}; choose from {sharding.PARALLELISMS}")
@@ -188,6 +193,7 @@ def _load_tables(config, image_size: int, bad: BadRecords | None = None):
         distractors=distractors,
         hard_fraction=d.negshapes_hard_fraction,
         image_hard_fraction=d.get("negshapes_image_hard_fraction", 0.0),
+        image_hard_affirmed_fraction=d.get("negshapes_image_hard_affirmed_fraction", 0.0),
       ),
       on_error=bad,
       distractors=distractors,

@@ -362,6 +362,32 @@ def test_image_hard_pairs(pairs):
     assert np.abs(distractor[int(cy), int(cx)] - ns.RGB[x[0]]).max() <= 15
 
 
+def test_affirmed_image_hard_pairs():
+  """Half the image-hard examples affirmed: ("A and Y", "A and X"), true for the image and
+  the distractor respectively, equal word and object counts; nothing else changes."""
+  negated = ns.generate_pairs(N, seed=0, distractors=True, image_hard_fraction=1.0)
+  data = ns.generate_pairs(
+    N, seed=0, distractors=True, image_hard_fraction=1.0, image_hard_affirmed_fraction=0.5
+  )
+  assert 0.3 * N < sum(data["affirmed"]) < 0.7 * N and "affirmed" not in negated
+  np.testing.assert_array_equal(data["distractor_images"], negated["distractor_images"])
+  assert data["distractor_scenes"] == negated["distractor_scenes"]
+  for i, affirmed in enumerate(data["affirmed"]):
+    true, false = data["presence_captions"][i], data["presence_negated"][i]
+    if not affirmed:
+      assert (true, false) == (negated["presence_captions"][i], negated["presence_negated"][i])
+      continue
+    scene, shown = data["scenes"][i], data["distractor_scenes"][i]
+    (x,), y = set(shown) - set(scene), data["negated_objects"][i]
+    assert set(ns.parse_caption(true)[0]) == set(scene) and not ns.parse_caption(true)[1]
+    assert set(ns.parse_caption(false)[0]) == set(shown) and not ns.parse_caption(false)[1]
+    assert ns.caption_is_true(true, scene) and not ns.caption_is_true(false, scene)
+    assert ns.caption_is_true(false, shown) and not ns.caption_is_true(true, shown)
+    assert true.replace(f"{y[0]} {y[1]}", f"{x[0]} {x[1]}") == false  # one object differs
+  with pytest.raises(ValueError, match="needs image_hard_fraction"):
+    ns.generate_pairs(8, seed=0, distractors=True, image_hard_affirmed_fraction=0.5)
+
+
 def test_image_hard_needs_distractors_and_excludes_hard_fraction():
   with pytest.raises(ValueError, match="distractors=True"):
     ns.generate_pairs(8, seed=0, image_hard_fraction=0.5)

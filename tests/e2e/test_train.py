@@ -217,7 +217,7 @@ def test_data_sources_are_validated_before_anything_loads():
 
 def test_image_hard_fraction_needs_a_distractor_objective_and_excludes_hard_fraction():
   image_hard = {"data.negshapes_image_hard_fraction": 0.5}
-  with pytest.raises(trainer.ConfigError, match=r"needs config.objective in \('conclip', 'paired"):
+  with pytest.raises(trainer.ConfigError, match=r"needs config.objective in \(.*'conclip'"):
     trainer.validate_config(tiny_config(**image_hard))
   with pytest.raises(trainer.ConfigError, match="not both"):
     trainer.validate_config(
@@ -227,6 +227,10 @@ def test_image_hard_fraction_needs_a_distractor_objective_and_excludes_hard_frac
     trainer.validate_config(tiny_config(objective=objective, **image_hard))
   with pytest.raises(trainer.ConfigError, match=r"^config.objective='paired_choices' needs dis"):
     trainer.validate_config(tiny_config(objective="paired_choices", **{"data.presence": "wds:x"}))
+  affirmed = {"data.negshapes_image_hard_affirmed_fraction": 0.5}
+  with pytest.raises(trainer.ConfigError, match="needs config.data.negshapes_image_hard_fraction"):
+    trainer.validate_config(tiny_config(objective="paired_choices", **affirmed))
+  trainer.validate_config(tiny_config(objective="paired_choices", **image_hard, **affirmed))
 
 
 def test_cli_config_errors_are_one_line(tmp_path):
