@@ -624,22 +624,19 @@ def mean_se(results: Sequence[dict], name: str) -> tuple[float, float]:
   return float(acc.mean()), float(max(items, seeds))
 
 
-def _audit(runs: dict, name: str) -> tuple[str, str]:
-  """(best trivial rule, negation-blind perceiver) on task `name`, mean over seeds; the
-  audit does not depend on the model."""
+def _audit(runs: dict, name: str) -> tuple[str, str, str]:
+  """(best trivial rule, negation-blind perceiver, its mirror `negation_inverted`) on task
+  `name`, mean over seeds; the audit does not depend on the model."""
   first = [r["omni_negclip"] for r in next(iter(runs.values()))]
+  trivial = ("fewer_negations", "text_only", "fewer_pixels")
   best = [
-    max(
-      r[f"{name}_rule_{rule}"]
-      for rule in ("fewer_negations", "text_only", "fewer_pixels")
-      if f"{name}_rule_{rule}" in r
-    )
+    max(r[f"{name}_rule_{rule}"] for rule in trivial if f"{name}_rule_{rule}" in r)
     for r in first
-    if any(f"{name}_rule_{rule}" in r for rule in ("fewer_negations", "text_only", "fewer_pixels"))
+    if any(f"{name}_rule_{rule}" in r for rule in trivial)
   ]
-  blind = [r[f"{name}_rule_negation_blind"] for r in first if f"{name}_rule_negation_blind" in r]
+  rule = lambda rule: [r[f"{name}_rule_{rule}"] for r in first if f"{name}_rule_{rule}" in r]
   fmt = lambda v: f"{np.mean(v):.3f}" if v else "-"
-  return fmt(best), fmt(blind)
+  return fmt(best), fmt(rule("negation_blind")), fmt(rule("negation_inverted"))
 
 
 def compare_table(runs: dict) -> str:
@@ -650,8 +647,10 @@ def compare_table(runs: dict) -> str:
   own = [v for v in names[1:] if pretraining(v) != pretraining(names[0])]
   header = ["pretrained", *names, *(f"{v} (its pretrained)" for v in own)]
   rows = [
-    "| task | chance | best trivial rule | negation-blind | " + " | ".join(header) + " |",
-    "|---|---:|---:|---:|" + "---:|" * len(header),
+    "| task | chance | best trivial rule | negation-blind | negation-inverted | "
+    + " | ".join(header)
+    + " |",
+    "|---|---:|---:|---:|---:|" + "---:|" * len(header),
   ]
   first = runs[names[0]][0]["omni_negclip"]
   for key in METRICS:
@@ -659,13 +658,15 @@ def compare_table(runs: dict) -> str:
     cells = [_mean_sd([r["pretrained"][key] for r in runs[names[0]]])]
     cells += [_mean_sd([r["omni_negclip"][key] for r in runs[v]]) for v in names]
     cells += [_mean_sd([r["pretrained"][key] for r in runs[v]]) for v in own]
-    best, blind = _audit(runs, name) if not key.startswith("retrieval") else ("-", "-")
+    audit = _audit(runs, name) if not key.startswith("retrieval") else ("-", "-", "-")
     rows.append(
-      f"| {_label(key)} | {_chance(first, name)} | {best} | {blind} | " + " | ".join(cells) + " |"
+      f"| {_label(key)} | {_chance(first, name)} | {' | '.join(audit)} | "
+      + " | ".join(cells)
+      + " |"
     )
   seconds = [sum(r.get("seconds") or 0 for r in runs[v]) for v in names]
   rows.append(
-    "| wall seconds, all seeds (with any pretraining the run did) | | | | - | "
+    "| wall seconds, all seeds (with any pretraining the run did) | | | | | - | "
     + " | ".join(f"{t:.0f}" for t in seconds)
     + " |"
   )

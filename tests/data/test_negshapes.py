@@ -526,6 +526,8 @@ def test_trivial_rules_at_chance_on_shortcut_free_tasks(audited):
     # Ignoring negation is worse than chance on the two-way hard tasks.
     if not name.startswith("mcq"):
       assert audit[name][f"{name}_rule_negation_blind"] == 0.0
+      # ... and its mirror, preferring the option that names fewer shown objects, solves them
+      assert audit[name][f"{name}_rule_negation_inverted"] == 1.0
 
 
 def test_text_only_rule_fit_on_the_task_itself_is_at_chance(audited):

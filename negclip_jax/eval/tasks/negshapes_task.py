@@ -25,6 +25,9 @@ is the expected accuracy of that guess ("<task>_rule_<rule>_ties": how often it 
   fewer_pixels     prefer the image with fewer object pixels (image choices); never reads.
   negation_blind   the ground-truth scene, matched to every object a text mentions with
                    negation ignored: what a perfect perceiver that ignores "no" scores.
+  negation_inverted  its mirror: prefers the option whose texts name the fewest shown
+                   objects, "no" ignored. Solves the two-way hard tasks with no notion of
+                   negation, and fails affirmation: a model must not be credited for it.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ TASKS = tuple(
   for split in ("", "_heldout")
 )
 RULES = {
-  "text": ("fewer_negations", "text_only", "negation_blind"),
-  "image": ("fewer_pixels", "negation_blind"),
+  "text": ("fewer_negations", "text_only", "negation_blind", "negation_inverted"),
+  "image": ("fewer_pixels", "negation_blind", "negation_inverted"),
 }
 _GENERATORS = {
   "presence": negshapes.presence_task,
@@ -173,6 +176,8 @@ def text_rule_scores(rule: dict, texts: Sequence[str]) -> np.ndarray:
 
 def rule_scores(rule: str, task: dict, text_rule: dict | None = None) -> np.ndarray:
   """float [N, K]: `rule`'s preference for each option of `task` (higher = chosen)."""
+  if rule == "negation_inverted":
+    return -rule_scores("negation_blind", task, text_rule)
   if "texts" in task:  # one text, K images
     images, scenes, _ = image_choices(task)
     if rule == "fewer_pixels":
@@ -284,7 +289,7 @@ def evaluate(embedder, tokenizer, context_length: int, data: dict) -> dict:
 
 def report(results: dict) -> str:
   """Markdown: per task, the model's accuracy +- s.e. and the shortcut audit."""
-  rules = ("fewer_negations", "text_only", "fewer_pixels", "negation_blind")
+  rules = ("fewer_negations", "text_only", "fewer_pixels", "negation_blind", "negation_inverted")
   rows = [
     "| task | n | chance | accuracy +- s.e. | ties | " + " | ".join(rules) + " |",
     "|---|---:|---:|---:|---:|" + "---:|" * len(rules),
