@@ -521,6 +521,14 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
     "lambda_stage2": 0.0,
     "objective": "paired_choices",
   },
+  "whole_image_hard_paired_affirmed_long": {
+    **WHOLE,
+    "finetune_steps": 1200,
+    "image_hard_fraction": 1.0,
+    "image_hard_affirmed_fraction": 0.5,
+    "lambda_stage2": 0.0,
+    "objective": "paired_choices",
+  },
   # the same choices, with the absence stream's batch-contrastive loss on plain captions
   # (keeps image <-> caption retrieval and affirmation; nothing negated in it)
   "whole_image_hard_paired_plain": {
@@ -557,6 +565,9 @@ VARIANTS = ("paper", "hard", "hard_no_ltext")  # `compare`'s default recipes
 # The bar of "learns negation": the shortcut-free tasks on held-out compositions.
 BAR_TASKS = ("presence_hard_heldout", "absence_hard_heldout", "mcq_heldout_negation")
 PAPER_STYLE = ("presence", "absence", "presence_heldout", "absence_heldout")
+# What a variant must not lose against `paper` (the bar: > -3 SEs each): the paper-style
+# gains, and affirmation, which the `negation_inverted` rule fails while it solves BAR_TASKS.
+KEPT_TASKS = (*PAPER_STYLE, "mcq_affirmation", "mcq_heldout_affirmation")
 
 
 def _reusable(path: Path, options: dict) -> dict | None:
@@ -675,12 +686,12 @@ def compare_table(runs: dict) -> str:
 
 def bar_table(runs: dict, reference: str = "paper") -> str:
   """Markdown: per variant, the `BAR_TASKS` above chance in standard errors of the
-  seed mean (`mean_se`; the bar: >= 3 each) and the paper-style tasks' change against
+  seed mean (`mean_se`; the bar: >= 3 each) and the `KEPT_TASKS`' change against
   `reference` in standard errors of the difference (the bar: > -3 each)."""
   rows = [
     "| variant | seeds | "
     + " | ".join(f"{_label(t + '_acc')} - chance (SEs)" for t in BAR_TASKS)
-    + " | worst paper-style change vs "
+    + " | worst change of a kept task vs "
     + reference
     + " (SEs) | passes |",
     "|---|---:|" + "---:|" * (len(BAR_TASKS) + 2),
@@ -702,7 +713,7 @@ def bar_table(runs: dict, reference: str = "paper") -> str:
           / np.hypot(mean_se(after, t)[1], mean_se(ref, t)[1]),
           t,
         )
-        for t in PAPER_STYLE
+        for t in KEPT_TASKS
       )
       ok &= worst[0] > -3
       cells.append(f"{worst[0]:+.1f} ({_label(worst[1] + '_acc')})")

@@ -111,7 +111,7 @@ def test_demo_diagnose_prints_probes_and_fit_over_steps(tmp_path, capsys):
 
 def _fake_runs(accs: dict, se: float = 0.01) -> dict:
   """{variant: 3 seeds of results} with accuracy accs[variant][task] (+ seed noise)."""
-  tasks = (*demo.BAR_TASKS, *demo.PAPER_STYLE)
+  tasks = (*demo.BAR_TASKS, *demo.KEPT_TASKS)
   runs = {}
   for name, acc in accs.items():
     runs[name] = []
@@ -138,12 +138,14 @@ def test_bar_table_known_answers():
       "learns": learns,
       "at_chance": {**learns, "absence_hard_heldout": 0.5},  # ties with chance fail
       "forgets": {**learns, "absence": 0.6},  # loses the paper-style gain
+      "inverts": {**learns, "mcq_heldout_affirmation": 0.3},  # `negation_inverted`-like
     }
   )
   rows = {r.split(" | ")[0].strip("| "): r for r in demo.bar_table(runs).splitlines()[2:]}
   assert rows["learns"].endswith("| yes |")
   assert rows["paper"].endswith("| no |") and rows["at_chance"].endswith("| no |")
   assert rows["forgets"].endswith("| no |") and "(absence)" in rows["forgets"]
+  assert rows["inverts"].endswith("| no |") and "(mcq_affirmation (held-out))" in rows["inverts"]
 
 
 def test_every_recipe_is_a_valid_distinct_variant():
