@@ -521,7 +521,7 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
     "lambda_stage2": 0.0,
     "objective": "paired_choices",
   },
-  "whole_image_hard_paired_affirmed_long": {
+  "whole_image_hard_paired_affirmed_long": {  # and for 3x the steps
     **WHOLE,
     "finetune_steps": 1200,
     "image_hard_fraction": 1.0,
@@ -534,11 +534,6 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
   "whole_image_hard_paired_plain": {
     **WHOLE,
     "image_hard_fraction": 1.0,
-    "objective": "paired_plain_clip",
-  },
-  "whole_half_image_hard_paired_plain": {
-    **WHOLE,
-    "image_hard_fraction": 0.5,
     "objective": "paired_plain_clip",
   },
   # ... with that loss at a tenth of the weight
