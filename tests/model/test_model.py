@@ -163,7 +163,10 @@ def test_remat_gives_the_same_features_and_gradients():
   leaves = jax.tree_util.tree_leaves_with_path(plain[1])
   assert len(leaves) == len(jax.tree.leaves(remat[1]))
   for (path, g), r in zip(leaves, jax.tree.leaves(remat[1])):
-    np.testing.assert_allclose(r, g, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    # Remat reorders float32 sums: an element's error scales with its leaf's largest terms
+    # (gradients up to ~20 here), not with the element itself.
+    atol = 1e-6 * max(1.0, float(np.abs(g).max()))
+    np.testing.assert_allclose(r, g, rtol=1e-5, atol=atol, err_msg=jax.tree_util.keystr(path))
   # The backward pass recomputes the blocks: the jaxpr holds remat (checkpoint) calls.
   jaxpr = jax.make_jaxpr(jax.grad(lambda p: loss(model_lib.CLIP(config, remat=True), p)))(params)
   assert "checkpoint" in str(jaxpr) or "remat" in str(jaxpr)
