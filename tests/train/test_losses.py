@@ -131,19 +131,19 @@ def test_total_combines_presence_and_absence():
   two_way = lambda true, false: np_ce(
     10.0 * np.stack([(true[0] * true[1]).sum(1), (false[0] * false[1]).sum(1)], 1), np.zeros(6, int)
   )
-  want = (
+  paired_choices = (
     two_way((img, cap), (img, neg))  # image_i: its caption over its negated text
     + two_way((dis, neg), (dis, cap))  # distractor_i: the negated text over the caption
     + two_way((img, cap), (dis, cap))  # caption_i: image_i over distractor_i
     + two_way((dis, neg), (img, neg))  # negated_i: distractor_i over image_i
-  ) / 4 + 0.7 * np_absence(
+  ) / 4
+  want = paired_choices + 0.7 * np_absence(
     e["absence_image"], e["absence_caption"], e["absence_updated"], 10.0, 1.0, 1.0, 0.9
   )
   np.testing.assert_allclose(paired, want, rtol=1e-5)
   assert set(m) >= {"L3", "distractor_texts", "caption_images", "negated_images", "absence"}
   paired_plain, m = losses.total_loss(e, 10.0, objective="paired_plain_clip", lambda_stage2=0.7)
-  want_paired = losses.paired_choices_loss(img, cap, neg, dis, 10.0)[0]
-  want = want_paired + 0.7 * np_clip(e["absence_image"], e["absence_caption"], 10.0)
+  want = paired_choices + 0.7 * np_clip(e["absence_image"], e["absence_caption"], 10.0)
   np.testing.assert_allclose(paired_plain, want, rtol=1e-5)
   assert "clip_absence" in m and "L_neg" not in m
   with pytest.raises(ValueError, match="Unknown objective 'bogus'"):
