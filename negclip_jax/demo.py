@@ -217,6 +217,7 @@ VARIANT_TAGS = {  # variant option -> its output-name suffix
   "objective": lambda v: f"_{v}" if v else "",
   "layers": lambda v: f"_{v}" if v else "",
   "learning_rate": lambda v: f"_lr{v:g}" if v else "",
+  "grad_clip_norm": lambda v: f"_clip{v:g}" if v else "",
 }
 
 
@@ -252,6 +253,7 @@ def _setup(workdir, fast, pretrain_steps, finetune_steps, eval_num, seed, **vari
   config.objective = variant.get("objective") or config.objective
   config.layers = variant.get("layers") or config.layers
   config.learning_rate = variant.get("learning_rate") or config.learning_rate
+  config.grad_clip_norm = variant.get("grad_clip_norm") or config.grad_clip_norm
   config.evals = ml_collections.ConfigDict()  # evaluated separately, on the items of `seed`
   tokenizer = ClipTokenizer()
   model = model_lib.CLIP(model_lib.get_config(config.model))
@@ -286,7 +288,8 @@ def run(
   negatives ("_hard<f>"), `image_hard_fraction` that fraction image-hard
   (`negshapes.generate_pairs`; a distractor objective; "_imghard<f>"), `lambda_text` and
   `lambda_stage2` the weights of L_text and of the absence loss ("_ltext<v>",
-  "_lstage2<v>"), `objective`, `layers` and `learning_rate` the config's keys.
+  "_lstage2<v>"), `objective`, `layers`, `learning_rate` and `grad_clip_norm` the
+  config's keys.
   """
   t_start = time.perf_counter()
   workdir = Path(workdir).absolute()
@@ -325,6 +328,7 @@ def run(
     "objective": config.objective,
     "layers": config.layers,
     "learning_rate": config.learning_rate,
+    "grad_clip_norm": config.grad_clip_norm,
     "finetune_steps": config.total_steps,
     "seconds": None,
     "pretrained": before,
@@ -524,6 +528,33 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
   "whole_image_hard_paired_affirmed_long": {  # and for 3x the steps
     **WHOLE,
     "finetune_steps": 1200,
+    "image_hard_fraction": 1.0,
+    "image_hard_affirmed_fraction": 0.5,
+    "lambda_stage2": 0.0,
+    "objective": "paired_choices",
+  },
+  "whole_image_hard_paired_affirmed_long_fast": {  # ... at 3x the peak learning rate
+    **WHOLE,
+    "learning_rate": 3e-4,
+    "finetune_steps": 1200,
+    "image_hard_fraction": 1.0,
+    "image_hard_affirmed_fraction": 0.5,
+    "lambda_stage2": 0.0,
+    "objective": "paired_choices",
+  },
+  "whole_image_hard_paired_affirmed_long_fast_clipped": {  # ... gradients clipped to norm 1
+    **WHOLE,
+    "learning_rate": 3e-4,
+    "grad_clip_norm": 1.0,
+    "finetune_steps": 1200,
+    "image_hard_fraction": 1.0,
+    "image_hard_affirmed_fraction": 0.5,
+    "lambda_stage2": 0.0,
+    "objective": "paired_choices",
+  },
+  "whole_image_hard_paired_affirmed_xlong": {  # ... or for 9x the steps
+    **WHOLE,
+    "finetune_steps": 3600,
     "image_hard_fraction": 1.0,
     "image_hard_affirmed_fraction": 0.5,
     "lambda_stage2": 0.0,
@@ -787,6 +818,7 @@ def main(argv=None):
   parser.add_argument("--objective", help="config.objective (default: the demo config's)")
   parser.add_argument("--layers", help="config.layers (front|middle|back|whole)")
   parser.add_argument("--learning-rate", type=float, help="config.learning_rate")
+  parser.add_argument("--grad-clip-norm", type=float, help="config.grad_clip_norm (0: off)")
   parser.add_argument(
     "--recipe",
     nargs="+",
@@ -821,6 +853,7 @@ def main(argv=None):
     objective=args.objective,
     layers=args.layers,
     learning_rate=args.learning_rate,
+    grad_clip_norm=args.grad_clip_norm,
   )
   flags = {k: v for k, v in flags.items() if v is not None}
   if args.compare_seeds:

@@ -194,3 +194,21 @@ def test_a_fine_tuning_stopped_early_ends_the_demo_before_any_evaluation(
   assert "stopped at step 41 of 200" in capsys.readouterr().err
   monkeypatch.setattr(trainer, "train", lambda config, workdir: {**stopped, "stopped_early": False})
   assert demo.train_to_the_end(None, tmp_path / "finetune")["step"] == 41
+
+
+def test_demo_flags_reach_the_fine_tuning_config_and_name_its_outputs(tmp_path, monkeypatch):
+  seen = {}
+
+  def train(config, workdir):
+    seen.update(config=config, workdir=workdir)
+    return {"stopped_early": True, "step": 0, "total_steps": config.total_steps}
+
+  monkeypatch.setattr(trainer, "train", train)
+  argv = ["--workdir", str(tmp_path), "--fast", "--layers", "whole", "--learning-rate", "2e-4"]
+  with pytest.raises(SystemExit) as stopped:  # the fake trainer stops before any evaluation
+    demo.main([*argv, "--grad-clip-norm", "0.5", "--image-hard-affirmed-fraction", "0.5"])
+  assert stopped.value.code == 130
+  config = seen["config"]
+  assert (config.layers, config.learning_rate, config.grad_clip_norm) == ("whole", 2e-4, 0.5)
+  assert config.data.negshapes_image_hard_affirmed_fraction == 0.5
+  assert seen["workdir"].name == "finetune_affirmed0.5_whole_lr0.0002_clip0.5"
