@@ -212,3 +212,11 @@ def test_demo_flags_reach_the_fine_tuning_config_and_name_its_outputs(tmp_path, 
   assert (config.layers, config.learning_rate, config.grad_clip_norm) == ("whole", 2e-4, 0.5)
   assert config.data.negshapes_image_hard_affirmed_fraction == 0.5
   assert seen["workdir"].name == "finetune_affirmed0.5_whole_lr0.0002_clip0.5"
+
+
+def test_the_shipped_config_is_the_recipe_that_passes_the_bar():
+  from negclip_jax import configs
+
+  recipe = demo.finetune_config(**demo.RECIPES["negshapes_learns_negation"])
+  assert recipe.to_dict() == configs.load("negshapes_learns_negation").to_dict()
+  assert recipe.to_dict() != demo.finetune_config().to_dict()
