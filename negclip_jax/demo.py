@@ -492,6 +492,13 @@ def fit_table(fit: dict) -> str:
 
 # Capacity: every text layer, a 5x smaller peak rate than front's, 2x steps.
 WHOLE = {"layers": "whole", "learning_rate": 1e-4, "finetune_steps": 400}
+AFFIRMED = {  # paired choices on image-hard examples, half of them affirmed
+  **WHOLE,
+  "image_hard_fraction": 1.0,
+  "image_hard_affirmed_fraction": 0.5,
+  "lambda_stage2": 0.0,
+  "objective": "paired_choices",
+}
 RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
   "paper": {},
   "hard": {"hard_fraction": 0.5},
@@ -527,48 +534,21 @@ RECIPES = {  # name -> `run` options (a variant); `compare` runs each over seeds
   },
   # the same, half the image-hard examples affirmed ("A and Y" vs "A and X"): "prefer the
   # text naming fewer shown objects" fails those, so only reading "no" fits both halves
-  "whole_image_hard_paired_affirmed": {
-    **WHOLE,
-    "image_hard_fraction": 1.0,
-    "image_hard_affirmed_fraction": 0.5,
-    "lambda_stage2": 0.0,
-    "objective": "paired_choices",
-  },
-  "whole_image_hard_paired_affirmed_long": {  # and for 3x the steps
-    **WHOLE,
-    "finetune_steps": 1200,
-    "image_hard_fraction": 1.0,
-    "image_hard_affirmed_fraction": 0.5,
-    "lambda_stage2": 0.0,
-    "objective": "paired_choices",
-  },
-  "whole_image_hard_paired_affirmed_long_fast": {  # ... at 3x the peak learning rate
-    **WHOLE,
+  "whole_image_hard_paired_affirmed": AFFIRMED,
+  "whole_image_hard_paired_affirmed_long": {**AFFIRMED, "finetune_steps": 1200},  # 3x the steps
+  "whole_image_hard_paired_affirmed_xlong": {**AFFIRMED, "finetune_steps": 3600},  # 9x
+  # 3x the steps at 3x the peak learning rate
+  "whole_image_hard_paired_affirmed_long_fast": {
+    **AFFIRMED,
     "learning_rate": 3e-4,
     "finetune_steps": 1200,
-    "image_hard_fraction": 1.0,
-    "image_hard_affirmed_fraction": 0.5,
-    "lambda_stage2": 0.0,
-    "objective": "paired_choices",
   },
   # ... with gradients clipped to norm 1: passes the bar (the shipped config of that name)
   "negshapes_learns_negation": {
-    **WHOLE,
+    **AFFIRMED,
     "learning_rate": 3e-4,
     "grad_clip_norm": 1.0,
     "finetune_steps": 1200,
-    "image_hard_fraction": 1.0,
-    "image_hard_affirmed_fraction": 0.5,
-    "lambda_stage2": 0.0,
-    "objective": "paired_choices",
-  },
-  "whole_image_hard_paired_affirmed_xlong": {  # ... or for 9x the steps
-    **WHOLE,
-    "finetune_steps": 3600,
-    "image_hard_fraction": 1.0,
-    "image_hard_affirmed_fraction": 0.5,
-    "lambda_stage2": 0.0,
-    "objective": "paired_choices",
   },
   # the same choices, with the absence stream's batch-contrastive loss on plain captions
   # (keeps image <-> caption retrieval and affirmation; nothing negated in it)
